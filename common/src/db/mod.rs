@@ -1,0 +1,77 @@
+//! The PostgreSQL connection pool and the embedded schema migrations, which
+//! run once across a rolling deploy under the migrations lock.
+
+use std::str::FromStr;
+use std::time::Duration;
+
+use deadpool_postgres::{Manager, ManagerConfig, RecyclingMethod};
+use tokio_postgres::NoTls;
+use tracing::info;
+
+use crate::locks::{LockClass, LockError, LockKey, LockManager};
+
+pub type Pool = deadpool_postgres::Pool;
+pub type PoolError = deadpool_postgres::PoolError;
+
+mod embedded {
+    refinery::embed_migrations!("migrations");
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum DbError {
+    #[error("invalid database URL: {0}")]
+    InvalidUrl(#[source] tokio_postgres::Error),
+    #[error("cannot build the connection pool: {0}")]
+    Pool(String),
+    #[error("cannot get a database connection: {0}")]
+    Connection(#[from] PoolError),
+    #[error("taking the migrations lock: {0}")]
+    Lock(#[from] LockError),
+    #[error("applying schema migrations: {0}")]
+    Migration(#[from] refinery::Error),
+}
+
+/// Parses a `postgres://` URL or key=value connection string.
+pub fn parse_url(url: &str) -> Result<tokio_postgres::Config, DbError> {
+    tokio_postgres::Config::from_str(url).map_err(DbError::InvalidUrl)
+}
+
+pub fn pool(config: &tokio_postgres::Config, max_size: usize) -> Result<Pool, DbError> {
+    let mut config = config.clone();
+    config.application_name("stowage");
+    let manager = Manager::from_config(
+        config,
+        NoTls,
+        ManagerConfig {
+            recycling_method: RecyclingMethod::Fast,
+        },
+    );
+    Pool::builder(manager)
+        .max_size(max_size)
+        .wait_timeout(Some(Duration::from_secs(30)))
+        .runtime(deadpool_postgres::Runtime::Tokio1)
+        .build()
+        .map_err(|e| DbError::Pool(e.to_string()))
+}
+
+/// Applies the embedded migrations. Every replica calls this at start-up; the
+/// migrations lock makes the others wait until the first one is done, after
+/// which they find nothing left to apply.
+pub async fn migrate(pool: &Pool, locks: &LockManager) -> Result<(), DbError> {
+    let lock = locks
+        .lock_with_timeout(
+            LockKey::new(LockClass::Migrations, "schema"),
+            Duration::from_secs(300),
+        )
+        .await?;
+    let mut client = pool.get().await?;
+    let report = embedded::migrations::runner()
+        .set_grouped(true)
+        .run_async(&mut **client)
+        .await?;
+    for m in report.applied_migrations() {
+        info!(version = m.version(), name = m.name(), "applied migration");
+    }
+    lock.release().await?;
+    Ok(())
+}

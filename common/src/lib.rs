@@ -1,0 +1,21 @@
+//! The Kubernetes-free core that every Stowage binary shares.
+//!
+//! - [`locks`]: PostgreSQL advisory locks — the only place that calls `pg_*advisory*`.
+//! - [`db`]: the connection pool and the embedded schema migrations.
+//! - [`state`]: jobs, items, multipart progress and object history in PostgreSQL.
+//! - [`queue`]: the JetStream task queue, dead letters and events.
+//! - [`spec`]: the UploadJob specification shared by the operator, worker and CLI.
+//! - [`telemetry`]: logs, Prometheus metrics and health endpoints.
+//! - [`errors`]: the retryable / permanent classification that drives retries.
+
+pub mod config;
+pub mod db;
+pub mod errors;
+pub mod locks;
+pub mod queue;
+pub mod spec;
+pub mod state;
+pub mod telemetry;
+
+#[cfg(any(test, feature = "testing"))]
+pub mod testing;

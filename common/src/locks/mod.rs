@@ -1,0 +1,496 @@
+//! PostgreSQL advisory locks: the one place in Stowage that calls `pg_*advisory*`.
+//!
+//! A lock key is two 32-bit integers: a [`LockClass`] and a stable hash of the
+//! resource id (see [`LockKey`]). Two kinds of lock exist:
+//!
+//! - **Session locks** ([`LockManager::try_lock`], [`LockManager::lock`],
+//!   [`LockManager::lock_with_timeout`]) each hold a dedicated connection for as
+//!   long as the returned [`SessionLock`] lives. The lock dies with that session:
+//!   dropping the guard closes the connection, so nothing can leak. The session
+//!   is watched (connection task + heartbeat); when it is lost, the guard's
+//!   [`SessionLock::lost`] future resolves and the holder must stop (fencing).
+//! - **Transaction locks** ([`xact_lock`], [`try_xact_lock`]) for critical
+//!   sections that are a single transaction; they end with the transaction.
+//!
+//! [`LockManager::check_server`] refuses databases where advisory locks would
+//! be silently ineffective (a pooler in transaction mode, a fake server).
+
+mod metrics;
+
+pub use metrics::LockMetrics;
+
+use std::fmt;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use sha2::{Digest, Sha256};
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+use tokio_postgres::{Client, NoTls};
+use tracing::{debug, warn};
+
+/// What a lock protects. The discriminant is the first key of the advisory lock,
+/// so the values are part of the on-database contract: never renumber them.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[repr(i32)]
+pub enum LockClass {
+    /// Schema migrations: run once across a rolling deploy.
+    Migrations = 1,
+    /// The single active operator replica.
+    Leader = 2,
+    /// One writer per destination `bucket/key`.
+    ObjectKey = 3,
+    /// One indexer per document.
+    Document = 4,
+    /// One sync run per collection.
+    CollectionSync = 5,
+    /// One sweeper of orphaned multipart uploads per bucket.
+    Sweeper = 6,
+    /// The start-up probe of [`LockManager::check_server`].
+    Probe = 7,
+}
+
+impl LockClass {
+    /// The label used in metrics and logs.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            LockClass::Migrations => "migrations",
+            LockClass::Leader => "leader",
+            LockClass::ObjectKey => "object_key",
+            LockClass::Document => "document",
+            LockClass::CollectionSync => "collection_sync",
+            LockClass::Sweeper => "sweeper",
+            LockClass::Probe => "probe",
+        }
+    }
+}
+
+/// A fully qualified advisory lock key: `(class, hash(resource))`.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct LockKey {
+    class: LockClass,
+    id: i32,
+    resource: String,
+}
+
+impl LockKey {
+    /// The key for `resource` (e.g. `bucket/key`) in `class`. The hash is the
+    /// first four bytes of SHA-256, so it is stable across processes, builds
+    /// and versions (unlike `std`'s `Hasher`).
+    pub fn new(class: LockClass, resource: impl Into<String>) -> Self {
+        let resource = resource.into();
+        let digest = Sha256::digest(resource.as_bytes());
+        let id = i32::from_be_bytes([digest[0], digest[1], digest[2], digest[3]]);
+        LockKey {
+            class,
+            id,
+            resource,
+        }
+    }
+
+    pub fn class(&self) -> LockClass {
+        self.class
+    }
+
+    /// The two integers passed to `pg_advisory_lock(int4, int4)`.
+    pub fn pair(&self) -> (i32, i32) {
+        (self.class as i32, self.id)
+    }
+
+    pub fn resource(&self) -> &str {
+        &self.resource
+    }
+}
+
+impl fmt::Display for LockKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}:{}", self.class.as_str(), self.resource)
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum LockError {
+    #[error("cannot open a lock session to PostgreSQL: {0}")]
+    Connect(#[source] tokio_postgres::Error),
+    #[error("advisory lock query for {key} failed: {source}")]
+    Query {
+        key: String,
+        #[source]
+        source: tokio_postgres::Error,
+    },
+    #[error("timed out after {timeout:?} waiting for lock {key}")]
+    Timeout { key: String, timeout: Duration },
+    #[error("lock {key} was released by the server before release() was called")]
+    NotHeld { key: String },
+    #[error("advisory locks do not work on this database: {0}")]
+    Ineffective(String),
+}
+
+impl LockError {
+    fn query(key: &LockKey) -> impl FnOnce(tokio_postgres::Error) -> LockError + '_ {
+        move |source| LockError::Query {
+            key: key.to_string(),
+            source,
+        }
+    }
+}
+
+/// Hands out advisory locks. Cheap to clone.
+#[derive(Clone)]
+pub struct LockManager {
+    config: Arc<tokio_postgres::Config>,
+    metrics: LockMetrics,
+    heartbeat: Duration,
+}
+
+impl LockManager {
+    /// `heartbeat` bounds how long a silently dead session (a network
+    /// partition rather than a closed socket) goes unnoticed.
+    pub fn new(config: tokio_postgres::Config, metrics: LockMetrics, heartbeat: Duration) -> Self {
+        let mut config = config;
+        config
+            .keepalives(true)
+            .keepalives_idle(Duration::from_secs(5))
+            .application_name("stowage-lock");
+        LockManager {
+            config: Arc::new(config),
+            metrics,
+            heartbeat,
+        }
+    }
+
+    pub fn metrics(&self) -> &LockMetrics {
+        &self.metrics
+    }
+
+    /// Takes `key` if it is free, without waiting.
+    pub async fn try_lock(&self, key: LockKey) -> Result<Option<SessionLock>, LockError> {
+        let session = self.open_session().await?;
+        let (a, b) = key.pair();
+        let row = session
+            .client
+            .query_one("SELECT pg_try_advisory_lock($1, $2)", &[&a, &b])
+            .await
+            .map_err(LockError::query(&key))?;
+        if row.get::<_, bool>(0) {
+            Ok(Some(self.held(session, key, Duration::ZERO)))
+        } else {
+            self.metrics.contended(key.class());
+            Ok(None)
+        }
+    }
+
+    /// Waits for `key` as long as it takes.
+    pub async fn lock(&self, key: LockKey) -> Result<SessionLock, LockError> {
+        self.acquire(key, None).await
+    }
+
+    /// Waits for `key` at most `timeout`, then fails with [`LockError::Timeout`].
+    pub async fn lock_with_timeout(
+        &self,
+        key: LockKey,
+        timeout: Duration,
+    ) -> Result<SessionLock, LockError> {
+        self.acquire(key, Some(timeout)).await
+    }
+
+    async fn acquire(
+        &self,
+        key: LockKey,
+        timeout: Option<Duration>,
+    ) -> Result<SessionLock, LockError> {
+        let started = Instant::now();
+        let session = self.open_session().await?;
+        let (a, b) = key.pair();
+        let free = session
+            .client
+            .query_one("SELECT pg_try_advisory_lock($1, $2)", &[&a, &b])
+            .await
+            .map_err(LockError::query(&key))?
+            .get::<_, bool>(0);
+        if free {
+            return Ok(self.held(session, key, started.elapsed()));
+        }
+        self.metrics.contended(key.class());
+        // The server does the waiting: `lock_timeout` applies to advisory lock
+        // waits too and fails them with SQLSTATE 55P03.
+        let millis = timeout.map_or(0, |t| t.as_millis().max(1));
+        session
+            .client
+            .batch_execute(&format!("SET lock_timeout = {millis}"))
+            .await
+            .map_err(LockError::query(&key))?;
+        match session
+            .client
+            .execute("SELECT pg_advisory_lock($1, $2)", &[&a, &b])
+            .await
+        {
+            Ok(_) => {
+                session
+                    .client
+                    .batch_execute("SET lock_timeout = 0")
+                    .await
+                    .map_err(LockError::query(&key))?;
+                Ok(self.held(session, key, started.elapsed()))
+            }
+            Err(e) if e.code() == Some(&tokio_postgres::error::SqlState::LOCK_NOT_AVAILABLE) => {
+                self.metrics.timed_out(key.class());
+                Err(LockError::Timeout {
+                    key: key.to_string(),
+                    timeout: timeout.unwrap_or_default(),
+                })
+            }
+            Err(e) => Err(LockError::query(&key)(e)),
+        }
+    }
+
+    /// Refuses to run where advisory locks would silently do nothing: a
+    /// pooler in transaction mode (statements of one "session" land on
+    /// different backends) or a server that accepts the calls as no-ops.
+    pub async fn check_server(&self) -> Result<(), LockError> {
+        let key = LockKey::new(LockClass::Probe, format!("probe-{}", uuid::Uuid::new_v4()));
+        let (a, b) = key.pair();
+        let holder = self.open_session().await?;
+        let other = self.open_session().await?;
+        let q = LockError::query(&key);
+        let pid_before: i32 = holder
+            .client
+            .query_one("SELECT pg_backend_pid()", &[])
+            .await
+            .map_err(q)?
+            .get(0);
+        let got: bool = holder
+            .client
+            .query_one("SELECT pg_try_advisory_lock($1, $2)", &[&a, &b])
+            .await
+            .map_err(LockError::query(&key))?
+            .get(0);
+        if !got {
+            return Err(LockError::Ineffective(
+                "a fresh probe lock could not be taken".into(),
+            ));
+        }
+        let pid_after: i32 = holder
+            .client
+            .query_one("SELECT pg_backend_pid()", &[])
+            .await
+            .map_err(LockError::query(&key))?
+            .get(0);
+        if pid_before != pid_after {
+            return Err(LockError::Ineffective(format!(
+                "consecutive statements of one session ran on backends {pid_before} and {pid_after}: \
+                 a connection pooler in transaction or statement mode is in the way; \
+                 point Stowage at PostgreSQL directly or at a session-mode pool"
+            )));
+        }
+        let visible: i64 = holder
+            .client
+            .query_one(
+                "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND pid = $1 \
+                 AND classid = $2::int::oid AND objid = $3::int::oid AND granted",
+                &[&pid_after, &a, &b],
+            )
+            .await
+            .map_err(LockError::query(&key))?
+            .get(0);
+        let stolen: bool = other
+            .client
+            .query_one("SELECT pg_try_advisory_lock($1, $2)", &[&a, &b])
+            .await
+            .map_err(LockError::query(&key))?
+            .get(0);
+        if visible != 1 || stolen {
+            return Err(LockError::Ineffective(format!(
+                "a probe lock held by one session was {} in pg_locks and {} by a second session",
+                if visible == 1 { "visible" } else { "not visible" },
+                if stolen { "taken again" } else { "refused" },
+            )));
+        }
+        Ok(())
+    }
+
+    async fn open_session(&self) -> Result<Session, LockError> {
+        let (client, connection) = self.config.connect(NoTls).await.map_err(LockError::Connect)?;
+        let client = Arc::new(client);
+        let (lost_tx, lost_rx) = watch::channel(None::<String>);
+        let heartbeat = self.heartbeat;
+        let pinger = Arc::clone(&client);
+        let watchdog = tokio::spawn(async move {
+            let mut connection = std::pin::pin!(connection);
+            let mut tick = tokio::time::interval(heartbeat);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            let reason = loop {
+                tokio::select! {
+                    result = &mut connection => {
+                        break match result {
+                            Ok(()) => "the lock session's connection closed".to_string(),
+                            Err(e) => format!("the lock session's connection failed: {e}"),
+                        };
+                    }
+                    _ = tick.tick() => {
+                        match tokio::time::timeout(heartbeat, pinger.simple_query("")).await {
+                            Ok(Ok(_)) => {}
+                            Ok(Err(e)) => break format!("lock session heartbeat failed: {e}"),
+                            Err(_) => break format!("lock session heartbeat got no answer within {heartbeat:?}"),
+                        }
+                    }
+                }
+            };
+            let _ = lost_tx.send(Some(reason));
+        });
+        Ok(Session {
+            client,
+            watchdog,
+            lost: lost_rx,
+        })
+    }
+
+    fn held(&self, session: Session, key: LockKey, waited: Duration) -> SessionLock {
+        self.metrics.acquired(key.class(), waited);
+        debug!(lock = %key, ?waited, "advisory lock acquired");
+        SessionLock {
+            key,
+            session: Some(session),
+            acquired_at: Instant::now(),
+            metrics: self.metrics.clone(),
+        }
+    }
+}
+
+struct Session {
+    client: Arc<Client>,
+    watchdog: JoinHandle<()>,
+    lost: watch::Receiver<Option<String>>,
+}
+
+/// A held session lock. Dropping it closes its connection, which releases the
+/// lock on the server; [`SessionLock::release`] does it explicitly and checks.
+pub struct SessionLock {
+    key: LockKey,
+    session: Option<Session>,
+    acquired_at: Instant,
+    metrics: LockMetrics,
+}
+
+impl SessionLock {
+    pub fn key(&self) -> &LockKey {
+        &self.key
+    }
+
+    /// False once the session that holds the lock is gone.
+    pub fn is_held(&self) -> bool {
+        self.session
+            .as_ref()
+            .is_some_and(|s| s.lost.borrow().is_none())
+    }
+
+    /// Resolves, with the reason, once the session holding the lock is lost.
+    /// A holder races its work against this and stops when it fires.
+    pub async fn lost(&self) -> String {
+        let Some(session) = &self.session else {
+            return "the lock was released".into();
+        };
+        let mut lost = session.lost.clone();
+        match lost.wait_for(Option::is_some).await {
+            Ok(reason) => reason.clone().unwrap_or_default(),
+            Err(_) => "the lock session watchdog stopped".into(),
+        }
+    }
+
+    /// Fails with [`LockError::NotHeld`] when the lock was already lost.
+    pub fn ensure_held(&self) -> Result<(), LockError> {
+        if self.is_held() {
+            Ok(())
+        } else {
+            self.metrics.lost(self.key.class());
+            Err(LockError::NotHeld {
+                key: self.key.to_string(),
+            })
+        }
+    }
+
+    /// Releases the lock and closes its session.
+    pub async fn release(mut self) -> Result<(), LockError> {
+        let Some(session) = self.session.take() else {
+            return Ok(());
+        };
+        let (a, b) = self.key.pair();
+        let result = session
+            .client
+            .query_one("SELECT pg_advisory_unlock($1, $2)", &[&a, &b])
+            .await;
+        session.watchdog.abort();
+        self.metrics
+            .released(self.key.class(), self.acquired_at.elapsed());
+        match result {
+            Ok(row) if row.get::<_, bool>(0) => Ok(()),
+            Ok(_) => Err(LockError::NotHeld {
+                key: self.key.to_string(),
+            }),
+            Err(e) => Err(LockError::query(&self.key)(e)),
+        }
+    }
+}
+
+impl Drop for SessionLock {
+    fn drop(&mut self) {
+        if let Some(session) = self.session.take() {
+            // Aborting the watchdog drops the connection: the server ends the
+            // session and with it every lock the session held.
+            session.watchdog.abort();
+            self.metrics
+                .released(self.key.class(), self.acquired_at.elapsed());
+            if session.lost.borrow().is_some() {
+                warn!(lock = %self.key, "dropping a lock whose session was already lost");
+            }
+        }
+    }
+}
+
+impl fmt::Debug for SessionLock {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("SessionLock")
+            .field("key", &self.key)
+            .field("held", &self.is_held())
+            .finish()
+    }
+}
+
+/// Takes `key` for the rest of `tx`, waiting as long as it takes.
+pub async fn xact_lock(tx: &tokio_postgres::Transaction<'_>, key: &LockKey) -> Result<(), LockError> {
+    let (a, b) = key.pair();
+    tx.execute("SELECT pg_advisory_xact_lock($1, $2)", &[&a, &b])
+        .await
+        .map_err(LockError::query(key))?;
+    Ok(())
+}
+
+/// Takes `key` for the rest of `tx` if it is free.
+pub async fn try_xact_lock(
+    tx: &tokio_postgres::Transaction<'_>,
+    key: &LockKey,
+) -> Result<bool, LockError> {
+    let (a, b) = key.pair();
+    let row = tx
+        .query_one("SELECT pg_try_advisory_xact_lock($1, $2)", &[&a, &b])
+        .await
+        .map_err(LockError::query(key))?;
+    Ok(row.get(0))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn keys_are_stable_and_class_scoped() {
+        let a = LockKey::new(LockClass::ObjectKey, "bucket/a.txt");
+        let b = LockKey::new(LockClass::ObjectKey, "bucket/a.txt");
+        let c = LockKey::new(LockClass::Document, "bucket/a.txt");
+        assert_eq!(a.pair(), b.pair());
+        assert_eq!(a.pair().1, c.pair().1);
+        assert_ne!(a.pair().0, c.pair().0);
+        // Pinned: the hash is part of the contract between versions.
+        assert_eq!(LockKey::new(LockClass::Leader, "stowage").pair(), (2, 264_906_849));
+    }
+}

@@ -1,0 +1,458 @@
+//! The task queue on NATS JetStream.
+//!
+//! - Stream `<P>_TASKS` (work-queue retention, file storage) on subjects
+//!   `<p>.task.<kind>.<namespace>.<name>`; every message is a protobuf
+//!   [`Task`] published with `Nats-Msg-Id` = its deterministic task id, so a
+//!   re-publish within the duplicate window is dropped by the server.
+//! - Durable pull consumer `workers`, explicit acks; the worker sends progress
+//!   acks on long work and NAKs with [`backoff_delay`] on retryable errors.
+//! - Stream `<P>_DEAD` (limits retention) on `<p>.dead.<kind>.<namespace>.<name>`
+//!   keeps [`DeadLetter`]s until a person replays or discards them.
+//! - Subjects `<p>.event.>` carry object-landed and progress events.
+//!
+//! `<p>` is the configurable prefix (`stowage` by default), `<P>` its upper case.
+
+use std::time::Duration;
+
+use async_nats::HeaderMap;
+use async_nats::jetstream::{self, consumer, stream};
+use bytes::Bytes;
+use futures::StreamExt;
+use prost::Message as _;
+use rand::Rng;
+use stowage_proto::v1::{DeadLetter, Task};
+use tracing::info;
+
+pub use async_nats::jetstream::AckKind;
+pub use async_nats::jetstream::Message;
+
+/// Name of the durable consumer every worker pulls from.
+pub const WORKER_CONSUMER: &str = "workers";
+
+#[derive(Debug, thiserror::Error)]
+pub enum QueueError {
+    #[error("cannot connect to NATS at {url}: {source}")]
+    Connect {
+        url: String,
+        #[source]
+        source: async_nats::ConnectError,
+    },
+    #[error("JetStream {what} failed: {message}")]
+    JetStream { what: &'static str, message: String },
+    #[error("message on {subject} is not a valid {kind}: {source}")]
+    Decode {
+        subject: String,
+        kind: &'static str,
+        #[source]
+        source: prost::DecodeError,
+    },
+    #[error("no dead letter with sequence {0}")]
+    NoSuchDeadLetter(u64),
+}
+
+fn js_err(what: &'static str) -> impl FnOnce(&dyn std::fmt::Display) -> QueueError {
+    move |e| QueueError::JetStream {
+        what,
+        message: e.to_string(),
+    }
+}
+
+macro_rules! js {
+    ($what:literal, $e:expr) => {
+        $e.map_err(|e| js_err($what)(&e))
+    };
+}
+
+/// The kinds of task, as they appear in subjects.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum TaskKind {
+    UploadPlan,
+    Upload,
+}
+
+impl TaskKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            TaskKind::UploadPlan => "upload-plan",
+            TaskKind::Upload => "upload",
+        }
+    }
+}
+
+/// Names of streams and subjects for one prefix.
+#[derive(Clone, Debug)]
+pub struct Topology {
+    prefix: String,
+}
+
+impl Topology {
+    pub fn new(prefix: impl Into<String>) -> Self {
+        Topology {
+            prefix: subject_token(&prefix.into()),
+        }
+    }
+
+    pub fn tasks_stream(&self) -> String {
+        format!("{}_TASKS", self.prefix.to_uppercase().replace('-', "_"))
+    }
+
+    pub fn dead_stream(&self) -> String {
+        format!("{}_DEAD", self.prefix.to_uppercase().replace('-', "_"))
+    }
+
+    pub fn task_subject(&self, kind: TaskKind, namespace: &str, name: &str) -> String {
+        format!(
+            "{}.task.{}.{}.{}",
+            self.prefix,
+            kind.as_str(),
+            subject_token(namespace),
+            subject_token(name)
+        )
+    }
+
+    /// The dead-letter subject for a task subject: `.task.` becomes `.dead.`.
+    pub fn dead_subject(&self, task_subject: &str) -> String {
+        let rest = task_subject
+            .strip_prefix(&format!("{}.task.", self.prefix))
+            .unwrap_or(task_subject);
+        format!("{}.dead.{rest}", self.prefix)
+    }
+
+    pub fn progress_subject(&self, namespace: &str, name: &str) -> String {
+        format!(
+            "{}.event.progress.{}.{}",
+            self.prefix,
+            subject_token(namespace),
+            subject_token(name)
+        )
+    }
+
+    pub fn object_subject(&self, bucket: &str) -> String {
+        format!("{}.event.object.{}", self.prefix, subject_token(bucket))
+    }
+
+    pub fn event_wildcard(&self) -> String {
+        format!("{}.event.>", self.prefix)
+    }
+}
+
+/// Makes `s` a single subject token: `.`, wildcards and whitespace become `_`.
+pub fn subject_token(s: &str) -> String {
+    let t: String = s
+        .chars()
+        .map(|c| match c {
+            '.' | '*' | '>' => '_',
+            c if c.is_whitespace() || c.is_control() => '_',
+            c => c,
+        })
+        .collect();
+    if t.is_empty() { "_".into() } else { t }
+}
+
+/// Delay before retry `attempt` (1-based): a uniformly random time in
+/// `[base/2, min(max, base·2^(attempt-1))]` — exponential with jitter, so a
+/// burst of failures does not come back as a burst.
+pub fn backoff_delay(attempt: u32, base: Duration, max: Duration) -> Duration {
+    let exp = base.saturating_mul(1u32 << attempt.saturating_sub(1).min(20));
+    let ceiling = exp.min(max).max(base / 2);
+    let floor = base / 2;
+    let millis = rand::rng().random_range(floor.as_millis()..=ceiling.as_millis());
+    Duration::from_millis(u64::try_from(millis).unwrap_or(u64::MAX))
+}
+
+/// How the worker consumer behaves.
+#[derive(Clone, Debug)]
+pub struct ConsumerSettings {
+    /// Redelivery after this long without an ack or progress ack.
+    pub ack_wait: Duration,
+}
+
+impl Default for ConsumerSettings {
+    fn default() -> Self {
+        ConsumerSettings {
+            ack_wait: Duration::from_secs(30),
+        }
+    }
+}
+
+#[derive(Clone)]
+pub struct Queue {
+    client: async_nats::Client,
+    js: jetstream::Context,
+    topology: Topology,
+}
+
+/// What came back from publishing a task.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Published {
+    pub sequence: u64,
+    /// The server had already seen this task id: nothing new was queued.
+    pub duplicate: bool,
+}
+
+impl Queue {
+    pub async fn connect(url: &str, prefix: &str) -> Result<Self, QueueError> {
+        let client = async_nats::ConnectOptions::new()
+            .name("stowage")
+            .retry_on_initial_connect()
+            .connection_timeout(Duration::from_secs(5))
+            .connect(url)
+            .await
+            .map_err(|source| QueueError::Connect {
+                url: url.to_string(),
+                source,
+            })?;
+        // `retry_on_initial_connect` returns at once; wait for the first
+        // connection so a wrong URL fails with a clear error.
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        while client.connection_state() != async_nats::connection::State::Connected {
+            if tokio::time::Instant::now() > deadline {
+                return Err(QueueError::JetStream {
+                    what: "connect",
+                    message: format!("NATS at {url} did not accept a connection within 10s"),
+                });
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        Ok(Queue {
+            js: jetstream::new(client.clone()),
+            client,
+            topology: Topology::new(prefix),
+        })
+    }
+
+    pub fn topology(&self) -> &Topology {
+        &self.topology
+    }
+
+    pub fn client(&self) -> &async_nats::Client {
+        &self.client
+    }
+
+    /// Creates or updates the streams and the worker consumer. Safe to call
+    /// from every process at start-up.
+    pub async fn ensure(&self, settings: &ConsumerSettings) -> Result<(), QueueError> {
+        let t = &self.topology;
+        let tasks = stream::Config {
+            name: t.tasks_stream(),
+            subjects: vec![format!("{}.task.>", t.prefix)],
+            retention: stream::RetentionPolicy::WorkQueue,
+            storage: stream::StorageType::File,
+            duplicate_window: Duration::from_secs(300),
+            ..Default::default()
+        };
+        let dead = stream::Config {
+            name: t.dead_stream(),
+            subjects: vec![format!("{}.dead.>", t.prefix)],
+            retention: stream::RetentionPolicy::Limits,
+            storage: stream::StorageType::File,
+            max_age: Duration::from_secs(30 * 24 * 3600),
+            ..Default::default()
+        };
+        for config in [tasks, dead] {
+            let name = config.name.clone();
+            match self.js.get_stream(&name).await {
+                Ok(_) => {
+                    js!("update stream", self.js.update_stream(&config).await)?;
+                }
+                Err(_) => {
+                    js!("create stream", self.js.create_stream(config).await)?;
+                    info!(stream = name, "created JetStream stream");
+                }
+            }
+        }
+        let stream = js!("get stream", self.js.get_stream(t.tasks_stream()).await)?;
+        js!(
+            "create consumer",
+            stream
+                .get_or_create_consumer(
+                    WORKER_CONSUMER,
+                    consumer::pull::Config {
+                        durable_name: Some(WORKER_CONSUMER.into()),
+                        ack_policy: consumer::AckPolicy::Explicit,
+                        ack_wait: settings.ack_wait,
+                        filter_subject: format!("{}.task.>", t.prefix),
+                        max_ack_pending: 10_000,
+                        ..Default::default()
+                    },
+                )
+                .await
+        )?;
+        Ok(())
+    }
+
+    /// The worker consumer (after [`Queue::ensure`]).
+    pub async fn worker_consumer(&self) -> Result<consumer::PullConsumer, QueueError> {
+        let stream = js!("get stream", self.js.get_stream(self.topology.tasks_stream()).await)?;
+        js!("get consumer", stream.get_consumer(WORKER_CONSUMER).await)
+    }
+
+    /// Publishes `task` with `Nats-Msg-Id` = its task id.
+    pub async fn publish_task(&self, subject: &str, task: &Task) -> Result<Published, QueueError> {
+        let mut headers = HeaderMap::new();
+        headers.insert("Nats-Msg-Id", task.task_id.as_str());
+        let ack = js!(
+            "publish",
+            self.js
+                .publish_with_headers(subject.to_string(), headers, Bytes::from(task.encode_to_vec()))
+                .await
+        )?;
+        let ack = js!("publish ack", ack.await)?;
+        Ok(Published {
+            sequence: ack.sequence,
+            duplicate: ack.duplicate,
+        })
+    }
+
+    /// Moves a failed task to the dead-letter stream.
+    pub async fn dead_letter(&self, letter: &DeadLetter) -> Result<u64, QueueError> {
+        let subject = self.topology.dead_subject(&letter.subject);
+        let ack = js!(
+            "publish dead letter",
+            self.js
+                .publish(subject, Bytes::from(letter.encode_to_vec()))
+                .await
+        )?;
+        Ok(js!("dead letter ack", ack.await)?.sequence)
+    }
+
+    /// Every dead letter still stored, oldest first, with its sequence.
+    pub async fn dead_letters(&self) -> Result<Vec<(u64, DeadLetter)>, QueueError> {
+        let mut stream = js!("get stream", self.js.get_stream(self.topology.dead_stream()).await)?;
+        let info = js!("stream info", stream.info().await)?;
+        let (first, last) = (info.state.first_sequence, info.state.last_sequence);
+        let mut out = Vec::new();
+        if info.state.messages == 0 {
+            return Ok(out);
+        }
+        for seq in first..=last {
+            let Ok(raw) = stream.get_raw_message(seq).await else {
+                continue; // deleted (replayed or discarded)
+            };
+            let letter =
+                DeadLetter::decode(raw.payload.as_ref()).map_err(|source| QueueError::Decode {
+                    subject: raw.subject.to_string(),
+                    kind: "DeadLetter",
+                    source,
+                })?;
+            out.push((seq, letter));
+        }
+        Ok(out)
+    }
+
+    /// Re-publishes the task of dead letter `seq` under a fresh task id and
+    /// removes the dead letter. Returns the re-published task.
+    pub async fn replay_dead_letter(&self, seq: u64) -> Result<Task, QueueError> {
+        let stream = js!("get stream", self.js.get_stream(self.topology.dead_stream()).await)?;
+        let raw = stream
+            .get_raw_message(seq)
+            .await
+            .map_err(|_| QueueError::NoSuchDeadLetter(seq))?;
+        let letter =
+            DeadLetter::decode(raw.payload.as_ref()).map_err(|source| QueueError::Decode {
+                subject: raw.subject.to_string(),
+                kind: "DeadLetter",
+                source,
+            })?;
+        let mut task = letter.task.unwrap_or_default();
+        task.task_id = format!("{}/replay-{seq}", task.task_id);
+        self.publish_task(&letter.subject, &task).await?;
+        js!("delete dead letter", stream.delete_message(seq).await)?;
+        Ok(task)
+    }
+
+    /// Drops every queued task whose subject matches `filter` (e.g. all tasks
+    /// of one job when it is deleted). Returns how many were dropped.
+    pub async fn purge_tasks(&self, filter: &str) -> Result<u64, QueueError> {
+        let stream = js!("get stream", self.js.get_stream(self.topology.tasks_stream()).await)?;
+        Ok(js!("purge", stream.purge().filter(filter).await)?.purged)
+    }
+
+    /// Fire-and-forget event on core NATS.
+    pub async fn publish_event(&self, subject: String, payload: Vec<u8>) -> Result<(), QueueError> {
+        js!("publish event", self.client.publish(subject, payload.into()).await)
+    }
+
+    /// Pending + un-acked tasks, the backlog the fleet has to work off.
+    pub async fn backlog(&self) -> Result<u64, QueueError> {
+        let mut consumer = self.worker_consumer().await?;
+        let info = js!("consumer info", consumer.info().await)?;
+        Ok(info.num_pending + info.num_ack_pending as u64)
+    }
+
+    /// Subscribes to every event subject.
+    pub async fn subscribe_events(&self) -> Result<async_nats::Subscriber, QueueError> {
+        js!(
+            "subscribe",
+            self.client.subscribe(self.topology.event_wildcard()).await
+        )
+    }
+
+    /// Waits until everything published on this connection reached the server.
+    pub async fn flush(&self) -> Result<(), QueueError> {
+        js!("flush", self.client.flush().await)
+    }
+}
+
+/// Decodes a task message.
+pub fn decode_task(msg: &Message) -> Result<Task, QueueError> {
+    Task::decode(msg.payload.as_ref()).map_err(|source| QueueError::Decode {
+        subject: msg.subject.to_string(),
+        kind: "Task",
+        source,
+    })
+}
+
+/// Drains a subscriber until `pred` matches or `timeout` passes (tests, CLI).
+pub async fn wait_for_message(
+    sub: &mut async_nats::Subscriber,
+    timeout: Duration,
+    mut pred: impl FnMut(&async_nats::Message) -> bool,
+) -> Option<async_nats::Message> {
+    tokio::time::timeout(timeout, async {
+        while let Some(m) = sub.next().await {
+            if pred(&m) {
+                return Some(m);
+            }
+        }
+        None
+    })
+    .await
+    .ok()
+    .flatten()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn subjects_are_single_tokens() {
+        let t = Topology::new("stowage");
+        assert_eq!(t.tasks_stream(), "STOWAGE_TASKS");
+        assert_eq!(
+            t.task_subject(TaskKind::Upload, "team-a", "nightly.docs"),
+            "stowage.task.upload.team-a.nightly_docs"
+        );
+        assert_eq!(
+            t.dead_subject("stowage.task.upload.team-a.x"),
+            "stowage.dead.upload.team-a.x"
+        );
+        assert_eq!(subject_token("a b>*"), "a_b__");
+    }
+
+    #[test]
+    fn backoff_grows_and_is_capped() {
+        let base = Duration::from_millis(100);
+        let max = Duration::from_millis(1_000);
+        for attempt in 1..30 {
+            let d = backoff_delay(attempt, base, max);
+            assert!(d >= base / 2 && d <= max, "attempt {attempt}: {d:?}");
+        }
+        // The ceiling of attempt 1 is the base itself.
+        assert!((0..50).all(|_| backoff_delay(1, base, max) <= base));
+        // Late attempts spread over the whole range up to the cap.
+        let late: Vec<_> = (0..200).map(|_| backoff_delay(10, base, max)).collect();
+        assert!(late.iter().any(|d| *d > Duration::from_millis(600)));
+    }
+}

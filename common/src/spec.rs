@@ -1,0 +1,384 @@
+//! The UploadJob specification: the shape the operator's custom resource,
+//! stowctl and the worker agree on. Stored as JSON with each job.
+
+use serde::{Deserialize, Serialize};
+
+/// S3's limits on multipart uploads.
+pub const MIN_PART_SIZE: u64 = 5 * 1024 * 1024;
+pub const MAX_PART_SIZE: u64 = 5 * 1024 * 1024 * 1024;
+pub const MAX_PARTS: u64 = 10_000;
+pub const MAX_KEY_BYTES: usize = 1024;
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct UploadJobSpec {
+    pub source: UploadSource,
+    pub destination: Destination,
+    /// Size of each multipart part; objects up to this size go in one PUT.
+    #[serde(default = "default_part_size")]
+    pub part_size_bytes: u64,
+    /// Parts of one file uploaded in parallel.
+    #[serde(default = "default_concurrency")]
+    pub concurrency: u32,
+    #[serde(default)]
+    pub conflict_policy: ConflictPolicy,
+    /// Skip content already stored in the destination bucket (same SHA-256):
+    /// the object is copied server-side instead of uploaded again.
+    #[serde(default)]
+    pub dedup: bool,
+    /// Checksum sent with every part for the server to verify.
+    #[serde(default)]
+    pub checksum: ChecksumAlgorithm,
+    #[serde(default)]
+    pub retry: RetryPolicy,
+}
+
+/// Exactly one of the fields is set.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct UploadSource {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub s3: Option<S3Source>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub http: Option<HttpSource>,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct S3Source {
+    pub bucket: String,
+    #[serde(default)]
+    pub prefix: String,
+    #[serde(flatten)]
+    pub endpoint: Endpoint,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct HttpSource {
+    pub urls: Vec<String>,
+    /// Allow loopback, private (RFC 1918/4193), link-local and other
+    /// non-public addresses. Off by default: a job must not become a way to
+    /// reach the cluster's internal services.
+    #[serde(default)]
+    pub allow_private_networks: bool,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Destination {
+    pub bucket: String,
+    #[serde(default)]
+    pub key_prefix: String,
+    #[serde(flatten)]
+    pub endpoint: Endpoint,
+}
+
+/// Where an S3-compatible service is and which credentials to use.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Endpoint {
+    /// `https://…` of an S3-compatible service; empty means AWS S3.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub endpoint: Option<String>,
+    #[serde(default = "default_region")]
+    pub region: String,
+    /// Path-style addressing (`endpoint/bucket/key`), which most
+    /// S3-compatible servers need.
+    #[serde(default = "default_true")]
+    pub force_path_style: bool,
+    /// Name of the credentials the worker was given (a mounted Secret).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub credentials_secret_ref: Option<SecretRef>,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct SecretRef {
+    pub name: String,
+}
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub enum ConflictPolicy {
+    /// Leave an existing object alone.
+    Skip,
+    /// Replace an existing object.
+    #[default]
+    Overwrite,
+    /// Preserve the existing object under `<key>.stowage-v<N>` (server-side
+    /// copy, recorded in the object history), then replace it. Works on stores
+    /// without bucket versioning.
+    Version,
+}
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub enum ChecksumAlgorithm {
+    #[default]
+    Crc32c,
+    Sha256,
+}
+
+impl ChecksumAlgorithm {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ChecksumAlgorithm::Crc32c => "crc32c",
+            ChecksumAlgorithm::Sha256 => "sha256",
+        }
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct RetryPolicy {
+    /// Attempts per file before it is dead-lettered.
+    pub max_attempts: u32,
+    pub backoff: Backoff,
+}
+
+impl Default for RetryPolicy {
+    fn default() -> Self {
+        RetryPolicy {
+            max_attempts: 5,
+            backoff: Backoff::default(),
+        }
+    }
+}
+
+/// Exponential backoff with full jitter: attempt n waits a random time in
+/// `[0, min(max, base·2ⁿ⁻¹)]`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Backoff {
+    pub base_millis: u64,
+    pub max_millis: u64,
+}
+
+impl Default for Backoff {
+    fn default() -> Self {
+        Backoff {
+            base_millis: 1_000,
+            max_millis: 300_000,
+        }
+    }
+}
+
+fn default_part_size() -> u64 {
+    16 * 1024 * 1024
+}
+fn default_concurrency() -> u32 {
+    4
+}
+fn default_region() -> String {
+    "us-east-1".into()
+}
+fn default_true() -> bool {
+    true
+}
+
+#[derive(Debug, PartialEq, thiserror::Error)]
+pub enum SpecError {
+    #[error("source: exactly one of `s3` or `http` must be set, found {0}")]
+    SourceKinds(usize),
+    #[error("{field}: {message}")]
+    Invalid { field: &'static str, message: String },
+}
+
+fn invalid(field: &'static str, message: impl Into<String>) -> SpecError {
+    SpecError::Invalid {
+        field,
+        message: message.into(),
+    }
+}
+
+impl UploadJobSpec {
+    /// Everything that can be judged from the spec alone; the message names
+    /// the field so it can be shown as an `InvalidSpec` condition.
+    pub fn validate(&self) -> Result<(), SpecError> {
+        let kinds = usize::from(self.source.s3.is_some()) + usize::from(self.source.http.is_some());
+        if kinds != 1 {
+            return Err(SpecError::SourceKinds(kinds));
+        }
+        if let Some(s3) = &self.source.s3 {
+            validate_bucket("source.s3.bucket", &s3.bucket)?;
+            validate_endpoint("source.s3.endpoint", &s3.endpoint)?;
+        }
+        if let Some(http) = &self.source.http {
+            if http.urls.is_empty() {
+                return Err(invalid("source.http.urls", "at least one URL is required"));
+            }
+            for u in &http.urls {
+                if !(u.starts_with("http://") || u.starts_with("https://")) {
+                    return Err(invalid(
+                        "source.http.urls",
+                        format!("{u:?} is not an http:// or https:// URL"),
+                    ));
+                }
+            }
+        }
+        validate_bucket("destination.bucket", &self.destination.bucket)?;
+        validate_endpoint("destination.endpoint", &self.destination.endpoint)?;
+        if !self.destination.key_prefix.is_empty() {
+            validate_key(&self.destination.key_prefix)
+                .map_err(|e| invalid("destination.keyPrefix", e.to_string()))?;
+        }
+        if !(MIN_PART_SIZE..=MAX_PART_SIZE).contains(&self.part_size_bytes) {
+            return Err(invalid(
+                "partSizeBytes",
+                format!(
+                    "{} is outside S3's part size limits [{MIN_PART_SIZE}, {MAX_PART_SIZE}]",
+                    self.part_size_bytes
+                ),
+            ));
+        }
+        if !(1..=64).contains(&self.concurrency) {
+            return Err(invalid(
+                "concurrency",
+                format!("{} is not within [1, 64]", self.concurrency),
+            ));
+        }
+        if !(1..=100).contains(&self.retry.max_attempts) {
+            return Err(invalid(
+                "retry.maxAttempts",
+                format!("{} is not within [1, 100]", self.retry.max_attempts),
+            ));
+        }
+        let b = &self.retry.backoff;
+        if b.base_millis == 0 || b.base_millis > b.max_millis {
+            return Err(invalid(
+                "retry.backoff",
+                format!(
+                    "baseMillis ({}) must be > 0 and <= maxMillis ({})",
+                    b.base_millis, b.max_millis
+                ),
+            ));
+        }
+        Ok(())
+    }
+}
+
+fn validate_endpoint(field: &'static str, e: &Endpoint) -> Result<(), SpecError> {
+    if let Some(url) = &e.endpoint
+        && !(url.starts_with("http://") || url.starts_with("https://"))
+    {
+        return Err(invalid(field, format!("{url:?} is not an http(s) URL")));
+    }
+    if e.region.is_empty() {
+        return Err(invalid(field, "region must not be empty"));
+    }
+    Ok(())
+}
+
+/// S3 bucket naming rules (3–63 chars, lowercase letters, digits, `-`, `.`).
+pub fn validate_bucket(field: &'static str, bucket: &str) -> Result<(), SpecError> {
+    let ok_chars = bucket
+        .bytes()
+        .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == b'-' || c == b'.');
+    let ok_ends = bucket
+        .bytes()
+        .next()
+        .zip(bucket.bytes().last())
+        .is_some_and(|(a, z)| a.is_ascii_alphanumeric() && z.is_ascii_alphanumeric());
+    if (3..=63).contains(&bucket.len()) && ok_chars && ok_ends {
+        Ok(())
+    } else {
+        Err(invalid(
+            field,
+            format!("{bucket:?} is not a valid bucket name (3-63 of a-z 0-9 . -)"),
+        ))
+    }
+}
+
+#[derive(Debug, PartialEq, thiserror::Error)]
+pub enum KeyError {
+    #[error("object key is empty")]
+    Empty,
+    #[error("object key is {0} bytes, more than S3's {MAX_KEY_BYTES}")]
+    TooLong(usize),
+    #[error("object key {0:?} contains a control character")]
+    ControlCharacter(String),
+    #[error("object key {0:?} contains a `.` or `..` path segment")]
+    DotSegment(String),
+    #[error("object key {0:?} starts with `/`")]
+    Absolute(String),
+    #[error("object key {0:?} contains a backslash")]
+    Backslash(String),
+}
+
+/// Refuses keys that would be dangerous or surprising for the many tools
+/// that map keys to file paths (`../`, control characters, `\`).
+pub fn validate_key(key: &str) -> Result<(), KeyError> {
+    if key.is_empty() {
+        return Err(KeyError::Empty);
+    }
+    if key.len() > MAX_KEY_BYTES {
+        return Err(KeyError::TooLong(key.len()));
+    }
+    if key.chars().any(char::is_control) {
+        return Err(KeyError::ControlCharacter(key.escape_debug().to_string()));
+    }
+    if key.starts_with('/') {
+        return Err(KeyError::Absolute(key.into()));
+    }
+    if key.contains('\\') {
+        return Err(KeyError::Backslash(key.into()));
+    }
+    if key.split('/').any(|seg| seg == ".." || seg == ".") {
+        return Err(KeyError::DotSegment(key.into()));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn spec() -> UploadJobSpec {
+        serde_json::from_value(serde_json::json!({
+            "source": {"http": {"urls": ["https://example.com/a.txt"]}},
+            "destination": {"bucket": "docs", "keyPrefix": "in/"},
+        }))
+        .expect("fixture parses")
+    }
+
+    #[test]
+    fn defaults_are_valid() {
+        let s = spec();
+        assert_eq!(s.part_size_bytes, 16 * 1024 * 1024);
+        assert_eq!(s.conflict_policy, ConflictPolicy::Overwrite);
+        assert_eq!(s.retry.max_attempts, 5);
+        assert_eq!(s.validate(), Ok(()));
+    }
+
+    #[test]
+    fn rejects_two_sources_and_bad_limits() {
+        let mut s = spec();
+        s.source.s3 = Some(S3Source {
+            bucket: "src".into(),
+            prefix: String::new(),
+            endpoint: Endpoint::default(),
+        });
+        assert_eq!(s.validate(), Err(SpecError::SourceKinds(2)));
+        let mut s = spec();
+        s.part_size_bytes = 1024;
+        assert!(s.validate().unwrap_err().to_string().starts_with("partSizeBytes:"));
+        let mut s = spec();
+        s.concurrency = 0;
+        assert!(s.validate().unwrap_err().to_string().starts_with("concurrency:"));
+        let mut s = spec();
+        s.destination.bucket = "Bad_Bucket".into();
+        assert!(s.validate().unwrap_err().to_string().contains("not a valid bucket name"));
+    }
+
+    #[test]
+    fn hostile_keys_are_refused() {
+        assert_eq!(validate_key("docs/a.txt"), Ok(()));
+        assert_eq!(validate_key("docs/..hidden"), Ok(()));
+        assert!(matches!(validate_key("docs/../etc/passwd"), Err(KeyError::DotSegment(_))));
+        assert!(matches!(validate_key("a\u{7}b"), Err(KeyError::ControlCharacter(_))));
+        assert!(matches!(validate_key("a\nb"), Err(KeyError::ControlCharacter(_))));
+        assert!(matches!(validate_key("/abs"), Err(KeyError::Absolute(_))));
+        assert!(matches!(validate_key(&"k".repeat(1025)), Err(KeyError::TooLong(1025))));
+        assert_eq!(validate_key(""), Err(KeyError::Empty));
+    }
+}

@@ -1,0 +1,659 @@
+//! Upload jobs, items, multipart parts and objects.
+
+use chrono::{DateTime, Utc};
+use tokio_postgres::{Client, Row};
+use uuid::Uuid;
+
+use super::StateError;
+use crate::spec::UploadJobSpec;
+
+/// Terminal and non-terminal states of an item, as stored.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ItemState {
+    Pending,
+    Running,
+    Succeeded,
+    SkippedDuplicate,
+    SkippedExists,
+    Failed,
+}
+
+impl ItemState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ItemState::Pending => "pending",
+            ItemState::Running => "running",
+            ItemState::Succeeded => "succeeded",
+            ItemState::SkippedDuplicate => "skipped_duplicate",
+            ItemState::SkippedExists => "skipped_exists",
+            ItemState::Failed => "failed",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Self> {
+        Some(match s {
+            "pending" => ItemState::Pending,
+            "running" => ItemState::Running,
+            "succeeded" => ItemState::Succeeded,
+            "skipped_duplicate" => ItemState::SkippedDuplicate,
+            "skipped_exists" => ItemState::SkippedExists,
+            "failed" => ItemState::Failed,
+            _ => return None,
+        })
+    }
+
+    pub fn is_terminal(self) -> bool {
+        !matches!(self, ItemState::Pending | ItemState::Running)
+    }
+}
+
+pub struct NewJob {
+    pub namespace: String,
+    pub name: String,
+    /// Kubernetes uid for resources; any unique string for stowctl jobs.
+    pub source_uid: String,
+    pub generation: i64,
+    pub spec: UploadJobSpec,
+}
+
+#[derive(Clone, Debug)]
+pub struct JobRecord {
+    pub id: Uuid,
+    pub namespace: String,
+    pub name: String,
+    pub spec: UploadJobSpec,
+    pub state: String,
+    pub planned: bool,
+    pub created_at: DateTime<Utc>,
+    pub started_at: Option<DateTime<Utc>>,
+    pub finished_at: Option<DateTime<Utc>>,
+}
+
+/// Registers a job once per `(source_uid, generation)`; registering it again
+/// returns the same id.
+pub async fn register_job(client: &Client, job: &NewJob) -> Result<Uuid, StateError> {
+    let spec = serde_json::to_value(&job.spec)?;
+    let row = client
+        .query_one(
+            "INSERT INTO upload_jobs (id, namespace, name, source_uid, generation, spec)
+             VALUES ($1, $2, $3, $4, $5, $6)
+             ON CONFLICT (source_uid, generation) DO UPDATE SET name = upload_jobs.name
+             RETURNING id",
+            &[
+                &Uuid::new_v4(),
+                &job.namespace,
+                &job.name,
+                &job.source_uid,
+                &job.generation,
+                &spec,
+            ],
+        )
+        .await?;
+    Ok(row.get(0))
+}
+
+pub async fn get_job(client: &Client, id: Uuid) -> Result<JobRecord, StateError> {
+    let row = client
+        .query_opt(
+            "SELECT id, namespace, name, spec, state, planned_at IS NOT NULL,
+                    created_at, started_at, finished_at
+             FROM upload_jobs WHERE id = $1",
+            &[&id],
+        )
+        .await?
+        .ok_or_else(|| StateError::NotFound {
+            what: "upload job",
+            id: id.to_string(),
+        })?;
+    Ok(JobRecord {
+        id: row.get(0),
+        namespace: row.get(1),
+        name: row.get(2),
+        spec: serde_json::from_value(row.get(3))?,
+        state: row.get(4),
+        planned: row.get(5),
+        created_at: row.get(6),
+        started_at: row.get(7),
+        finished_at: row.get(8),
+    })
+}
+
+pub struct NewItem {
+    pub source_ref: String,
+    pub dest_key: String,
+    pub size_bytes: Option<i64>,
+    /// Set when planning already knows the item cannot be uploaded (e.g. an
+    /// unsafe destination key): the item is stored as failed with this error.
+    pub invalid: Option<String>,
+}
+
+/// Inserts the items that are not registered yet (keyed by destination key)
+/// and returns every item of the job that still has to run.
+pub async fn add_items(
+    client: &Client,
+    job_id: Uuid,
+    items: &[NewItem],
+) -> Result<Vec<ItemRecord>, StateError> {
+    let stmt = client
+        .prepare(
+            "INSERT INTO upload_items (job_id, source_ref, dest_key, size_bytes, state,
+                                       last_error, error_class, finished_at)
+             VALUES ($1, $2, $3, $4, $5, $6, $7, CASE WHEN $6::text IS NULL THEN NULL ELSE now() END)
+             ON CONFLICT (job_id, dest_key) DO NOTHING",
+        )
+        .await?;
+    for item in items {
+        let (state, class) = match &item.invalid {
+            Some(_) => (ItemState::Failed.as_str(), Some("permanent")),
+            None => (ItemState::Pending.as_str(), None),
+        };
+        client
+            .execute(
+                &stmt,
+                &[
+                    &job_id,
+                    &item.source_ref,
+                    &item.dest_key,
+                    &item.size_bytes,
+                    &state,
+                    &item.invalid,
+                    &class,
+                ],
+            )
+            .await?;
+    }
+    let rows = client
+        .query(
+            &format!("{ITEM_SELECT} WHERE job_id = $1 AND state IN ('pending', 'running') ORDER BY id"),
+            &[&job_id],
+        )
+        .await?;
+    Ok(rows.iter().map(ItemRecord::from_row).collect())
+}
+
+pub async fn mark_planned(client: &Client, job_id: Uuid) -> Result<(), StateError> {
+    client
+        .execute(
+            "UPDATE upload_jobs SET planned_at = coalesce(planned_at, now()) WHERE id = $1",
+            &[&job_id],
+        )
+        .await?;
+    refresh_job_state(client, job_id).await?;
+    Ok(())
+}
+
+#[derive(Clone, Debug)]
+pub struct ItemRecord {
+    pub id: i64,
+    pub job_id: Uuid,
+    pub source_ref: String,
+    pub dest_key: String,
+    pub size_bytes: Option<i64>,
+    pub state: ItemState,
+    pub attempts: i32,
+    pub bytes_done: i64,
+    pub sha256_hex: Option<String>,
+    pub last_error: Option<String>,
+    pub error_class: Option<String>,
+    pub dead_lettered: bool,
+}
+
+const ITEM_SELECT: &str = "SELECT id, job_id, source_ref, dest_key, size_bytes, state, attempts,
+        bytes_done, sha256_hex, last_error, error_class, dead_lettered FROM upload_items";
+
+impl ItemRecord {
+    fn from_row(row: &Row) -> Self {
+        ItemRecord {
+            id: row.get(0),
+            job_id: row.get(1),
+            source_ref: row.get(2),
+            dest_key: row.get(3),
+            size_bytes: row.get(4),
+            state: ItemState::parse(row.get(5)).unwrap_or(ItemState::Failed),
+            attempts: row.get(6),
+            bytes_done: row.get(7),
+            sha256_hex: row.get(8),
+            last_error: row.get(9),
+            error_class: row.get(10),
+            dead_lettered: row.get(11),
+        }
+    }
+}
+
+pub async fn get_item(client: &Client, item_id: i64) -> Result<ItemRecord, StateError> {
+    client
+        .query_opt(&format!("{ITEM_SELECT} WHERE id = $1"), &[&item_id])
+        .await?
+        .map(|r| ItemRecord::from_row(&r))
+        .ok_or_else(|| StateError::NotFound {
+            what: "upload item",
+            id: item_id.to_string(),
+        })
+}
+
+pub async fn list_items(client: &Client, job_id: Uuid) -> Result<Vec<ItemRecord>, StateError> {
+    let rows = client
+        .query(&format!("{ITEM_SELECT} WHERE job_id = $1 ORDER BY id"), &[&job_id])
+        .await?;
+    Ok(rows.iter().map(ItemRecord::from_row).collect())
+}
+
+/// Marks the item running (and its job, the first time).
+pub async fn start_item(client: &Client, item: &ItemRecord) -> Result<(), StateError> {
+    client
+        .execute(
+            "UPDATE upload_items SET state = 'running', updated_at = now() WHERE id = $1",
+            &[&item.id],
+        )
+        .await?;
+    client
+        .execute(
+            "UPDATE upload_jobs SET state = 'running', started_at = coalesce(started_at, now())
+             WHERE id = $1 AND state = 'pending'",
+            &[&item.job_id],
+        )
+        .await?;
+    Ok(())
+}
+
+pub async fn set_progress(
+    client: &Client,
+    item_id: i64,
+    bytes_done: i64,
+    size: Option<i64>,
+) -> Result<(), StateError> {
+    client
+        .execute(
+            "UPDATE upload_items SET bytes_done = $2, size_bytes = coalesce($3, size_bytes),
+                    updated_at = now() WHERE id = $1",
+            &[&item_id, &bytes_done, &size],
+        )
+        .await?;
+    Ok(())
+}
+
+/// Records a successful end (uploaded or skipped) and rolls the job up.
+pub async fn finish_item(
+    client: &Client,
+    item: &ItemRecord,
+    state: ItemState,
+    sha256_hex: &str,
+    size: i64,
+) -> Result<(), StateError> {
+    client
+        .execute(
+            "UPDATE upload_items SET state = $2, sha256_hex = $3, size_bytes = $4, bytes_done = $4,
+                    last_error = NULL, error_class = NULL, updated_at = now(), finished_at = now()
+             WHERE id = $1",
+            &[&item.id, &state.as_str(), &sha256_hex, &size],
+        )
+        .await?;
+    refresh_job_state(client, item.job_id).await?;
+    Ok(())
+}
+
+/// Counts a failed attempt that will be retried; returns the attempts so far.
+pub async fn record_retry(
+    client: &Client,
+    item_id: i64,
+    error: &str,
+) -> Result<i32, StateError> {
+    let row = client
+        .query_one(
+            "UPDATE upload_items SET state = 'pending', attempts = attempts + 1, last_error = $2,
+                    error_class = 'retryable', updated_at = now()
+             WHERE id = $1 RETURNING attempts",
+            &[&item_id, &error],
+        )
+        .await?;
+    Ok(row.get(0))
+}
+
+/// Fails the item for good; `dead_lettered` says its task went to STOWAGE_DEAD.
+pub async fn fail_item(
+    client: &Client,
+    item: &ItemRecord,
+    error: &str,
+    class: &str,
+    dead_lettered: bool,
+) -> Result<i32, StateError> {
+    let row = client
+        .query_one(
+            "UPDATE upload_items SET state = 'failed', attempts = attempts + 1, last_error = $2,
+                    error_class = $3, dead_lettered = $4, updated_at = now(), finished_at = now()
+             WHERE id = $1 RETURNING attempts",
+            &[&item.id, &error, &class, &dead_lettered],
+        )
+        .await?;
+    refresh_job_state(client, item.job_id).await?;
+    Ok(row.get(0))
+}
+
+/// Puts a failed item back to pending for a replay of its dead letter.
+pub async fn reset_for_replay(client: &Client, item_id: i64) -> Result<(), StateError> {
+    let row = client
+        .query_one(
+            "UPDATE upload_items SET state = 'pending', attempts = 0, dead_lettered = false,
+                    finished_at = NULL, updated_at = now()
+             WHERE id = $1 RETURNING job_id",
+            &[&item_id],
+        )
+        .await?;
+    let job_id: Uuid = row.get(0);
+    client
+        .execute(
+            "UPDATE upload_jobs SET state = 'running', finished_at = NULL WHERE id = $1",
+            &[&job_id],
+        )
+        .await?;
+    Ok(())
+}
+
+/// Once the job is planned and no item is left to run, the job is finished:
+/// failed if any item failed, succeeded otherwise.
+pub async fn refresh_job_state(client: &Client, job_id: Uuid) -> Result<(), StateError> {
+    client
+        .execute(
+            "UPDATE upload_jobs j SET
+                state = CASE WHEN EXISTS (SELECT 1 FROM upload_items i
+                                          WHERE i.job_id = j.id AND i.state = 'failed')
+                             THEN 'failed' ELSE 'succeeded' END,
+                started_at = coalesce(started_at, now()),
+                finished_at = now()
+             WHERE j.id = $1 AND j.planned_at IS NOT NULL AND j.state IN ('pending', 'running')
+               AND NOT EXISTS (SELECT 1 FROM upload_items i
+                               WHERE i.job_id = j.id AND i.state IN ('pending', 'running'))",
+            &[&job_id],
+        )
+        .await?;
+    Ok(())
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct JobCounts {
+    pub total: i64,
+    pub pending: i64,
+    pub running: i64,
+    pub succeeded: i64,
+    pub skipped_duplicate: i64,
+    pub skipped_exists: i64,
+    pub failed: i64,
+    pub dead_lettered: i64,
+    pub bytes_total: i64,
+    pub bytes_done: i64,
+}
+
+pub async fn job_counts(client: &Client, job_id: Uuid) -> Result<JobCounts, StateError> {
+    let r = client
+        .query_one(
+            "SELECT count(*),
+                    count(*) FILTER (WHERE state = 'pending'),
+                    count(*) FILTER (WHERE state = 'running'),
+                    count(*) FILTER (WHERE state = 'succeeded'),
+                    count(*) FILTER (WHERE state = 'skipped_duplicate'),
+                    count(*) FILTER (WHERE state = 'skipped_exists'),
+                    count(*) FILTER (WHERE state = 'failed'),
+                    count(*) FILTER (WHERE dead_lettered),
+                    coalesce(sum(size_bytes), 0)::bigint,
+                    coalesce(sum(bytes_done), 0)::bigint
+             FROM upload_items WHERE job_id = $1",
+            &[&job_id],
+        )
+        .await?;
+    Ok(JobCounts {
+        total: r.get(0),
+        pending: r.get(1),
+        running: r.get(2),
+        succeeded: r.get(3),
+        skipped_duplicate: r.get(4),
+        skipped_exists: r.get(5),
+        failed: r.get(6),
+        dead_lettered: r.get(7),
+        bytes_total: r.get(8),
+        bytes_done: r.get(9),
+    })
+}
+
+/// A multipart upload in progress for an item: the resume point.
+#[derive(Clone, Debug, PartialEq)]
+pub struct MultipartRecord {
+    pub endpoint: String,
+    pub bucket: String,
+    pub object_key: String,
+    pub upload_id: String,
+    pub part_size_bytes: i64,
+    pub checksum_algorithm: String,
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct PartRecord {
+    pub part_number: i32,
+    pub etag: String,
+    pub checksum: String,
+    pub size_bytes: i64,
+}
+
+pub async fn get_multipart(
+    client: &Client,
+    item_id: i64,
+) -> Result<Option<(MultipartRecord, Vec<PartRecord>)>, StateError> {
+    let Some(r) = client
+        .query_opt(
+            "SELECT endpoint, bucket, object_key, upload_id, part_size_bytes, checksum_algorithm
+             FROM multipart_uploads WHERE item_id = $1",
+            &[&item_id],
+        )
+        .await?
+    else {
+        return Ok(None);
+    };
+    let upload = MultipartRecord {
+        endpoint: r.get(0),
+        bucket: r.get(1),
+        object_key: r.get(2),
+        upload_id: r.get(3),
+        part_size_bytes: r.get(4),
+        checksum_algorithm: r.get(5),
+    };
+    let parts = client
+        .query(
+            "SELECT part_number, etag, checksum, size_bytes FROM upload_parts
+             WHERE item_id = $1 ORDER BY part_number",
+            &[&item_id],
+        )
+        .await?
+        .iter()
+        .map(|r| PartRecord {
+            part_number: r.get(0),
+            etag: r.get(1),
+            checksum: r.get(2),
+            size_bytes: r.get(3),
+        })
+        .collect();
+    Ok(Some((upload, parts)))
+}
+
+pub async fn save_multipart(
+    client: &Client,
+    item_id: i64,
+    upload: &MultipartRecord,
+) -> Result<(), StateError> {
+    client
+        .execute(
+            "INSERT INTO multipart_uploads (item_id, endpoint, bucket, object_key, upload_id,
+                                            part_size_bytes, checksum_algorithm)
+             VALUES ($1, $2, $3, $4, $5, $6, $7)",
+            &[
+                &item_id,
+                &upload.endpoint,
+                &upload.bucket,
+                &upload.object_key,
+                &upload.upload_id,
+                &upload.part_size_bytes,
+                &upload.checksum_algorithm,
+            ],
+        )
+        .await?;
+    Ok(())
+}
+
+pub async fn save_part(client: &Client, item_id: i64, part: &PartRecord) -> Result<(), StateError> {
+    client
+        .execute(
+            "INSERT INTO upload_parts (item_id, part_number, etag, checksum, size_bytes)
+             VALUES ($1, $2, $3, $4, $5)
+             ON CONFLICT (item_id, part_number) DO UPDATE
+               SET etag = excluded.etag, checksum = excluded.checksum,
+                   size_bytes = excluded.size_bytes, uploaded_at = now()",
+            &[
+                &item_id,
+                &part.part_number,
+                &part.etag,
+                &part.checksum,
+                &part.size_bytes,
+            ],
+        )
+        .await?;
+    Ok(())
+}
+
+pub async fn delete_part(client: &Client, item_id: i64, part_number: i32) -> Result<(), StateError> {
+    client
+        .execute(
+            "DELETE FROM upload_parts WHERE item_id = $1 AND part_number = $2",
+            &[&item_id, &part_number],
+        )
+        .await?;
+    Ok(())
+}
+
+/// Forgets an item's multipart upload (and its parts).
+pub async fn delete_multipart(client: &Client, item_id: i64) -> Result<(), StateError> {
+    client
+        .execute("DELETE FROM multipart_uploads WHERE item_id = $1", &[&item_id])
+        .await?;
+    Ok(())
+}
+
+/// Upload ids the database still considers live for `bucket`: the sweeper
+/// leaves those alone.
+pub async fn live_upload_ids(
+    client: &Client,
+    bucket: &str,
+) -> Result<std::collections::HashSet<String>, StateError> {
+    let rows = client
+        .query(
+            "SELECT m.upload_id FROM multipart_uploads m JOIN upload_items i ON i.id = m.item_id
+             WHERE m.bucket = $1 AND i.state IN ('pending', 'running')",
+            &[&bucket],
+        )
+        .await?;
+    Ok(rows.iter().map(|r| r.get(0)).collect())
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct ObjectRecord {
+    pub bucket: String,
+    pub object_key: String,
+    pub version: i32,
+    pub sha256_hex: String,
+    pub size_bytes: i64,
+}
+
+fn object_from_row(r: &Row) -> ObjectRecord {
+    ObjectRecord {
+        bucket: r.get(0),
+        object_key: r.get(1),
+        version: r.get(2),
+        sha256_hex: r.get(3),
+        size_bytes: r.get(4),
+    }
+}
+
+pub async fn current_object(
+    client: &Client,
+    bucket: &str,
+    key: &str,
+) -> Result<Option<ObjectRecord>, StateError> {
+    Ok(client
+        .query_opt(
+            "SELECT bucket, object_key, version, sha256_hex, size_bytes FROM objects
+             WHERE bucket = $1 AND object_key = $2 AND current",
+            &[&bucket, &key],
+        )
+        .await?
+        .map(|r| object_from_row(&r)))
+}
+
+/// A current object in `bucket` with this content, to copy instead of upload.
+pub async fn object_with_content(
+    client: &Client,
+    bucket: &str,
+    sha256_hex: &str,
+) -> Result<Option<ObjectRecord>, StateError> {
+    Ok(client
+        .query_opt(
+            "SELECT bucket, object_key, version, sha256_hex, size_bytes FROM objects
+             WHERE bucket = $1 AND sha256_hex = $2 AND current
+             ORDER BY written_at LIMIT 1",
+            &[&bucket, &sha256_hex],
+        )
+        .await?
+        .map(|r| object_from_row(&r)))
+}
+
+pub async fn all_versions(
+    client: &Client,
+    bucket: &str,
+    key: &str,
+) -> Result<Vec<(ObjectRecord, Option<String>)>, StateError> {
+    let rows = client
+        .query(
+            "SELECT bucket, object_key, version, sha256_hex, size_bytes, archived_key FROM objects
+             WHERE bucket = $1 AND object_key = $2 ORDER BY version",
+            &[&bucket, &key],
+        )
+        .await?;
+    Ok(rows.iter().map(|r| (object_from_row(r), r.get(5))).collect())
+}
+
+pub struct ObjectWrite<'a> {
+    pub bucket: &'a str,
+    pub key: &'a str,
+    pub sha256_hex: &'a str,
+    pub size_bytes: i64,
+    pub etag: Option<&'a str>,
+    pub job_id: Uuid,
+    /// Where the previous current version was preserved, if it was.
+    pub archived_previous_to: Option<&'a str>,
+}
+
+/// Appends a version to the object's history and makes it current; returns
+/// the new version number.
+pub async fn record_object(client: &mut Client, w: &ObjectWrite<'_>) -> Result<i32, StateError> {
+    let tx = client.transaction().await?;
+    let prev = tx
+        .query_opt(
+            "UPDATE objects SET current = false, archived_key = coalesce($3, archived_key)
+             WHERE bucket = $1 AND object_key = $2 AND current RETURNING version",
+            &[&w.bucket, &w.key, &w.archived_previous_to],
+        )
+        .await?;
+    let version = prev.map_or(1, |r| r.get::<_, i32>(0) + 1);
+    tx.execute(
+        "INSERT INTO objects (bucket, object_key, version, sha256_hex, size_bytes, etag, job_id)
+         VALUES ($1, $2, $3, $4, $5, $6, $7)",
+        &[
+            &w.bucket,
+            &w.key,
+            &version,
+            &w.sha256_hex,
+            &w.size_bytes,
+            &w.etag,
+            &w.job_id,
+        ],
+    )
+    .await?;
+    tx.commit().await?;
+    Ok(version)
+}

@@ -1,0 +1,110 @@
+//! Support for integration tests that run on the real local stack started by
+//! `scripts/stack up`: connection settings, a fresh database per test, a
+//! unique queue prefix per test. Enabled by the `testing` feature.
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+
+/// The local stack's settings: the `STOWAGE_*` variables of the environment,
+/// falling back to the env file `scripts/stack up` writes.
+#[derive(Clone, Debug)]
+pub struct StackEnv {
+    vars: HashMap<String, String>,
+}
+
+impl StackEnv {
+    pub fn load() -> Self {
+        let mut vars: HashMap<String, String> = HashMap::new();
+        let file = std::env::var("STOWAGE_STACK_DIR")
+            .map(PathBuf::from)
+            .unwrap_or_else(|_| {
+                let cache = std::env::var("XDG_CACHE_HOME")
+                    .map(PathBuf::from)
+                    .unwrap_or_else(|_| {
+                        PathBuf::from(std::env::var("HOME").unwrap_or_else(|_| "/root".into()))
+                            .join(".cache")
+                    });
+                cache.join("stowage").join("stack")
+            })
+            .join("env");
+        if let Ok(text) = std::fs::read_to_string(&file) {
+            for line in text.lines() {
+                let line = line.trim().trim_start_matches("export ").trim();
+                if let Some((k, v)) = line.split_once('=') {
+                    vars.insert(k.to_string(), v.trim_matches(['"', '\'']).to_string());
+                }
+            }
+        }
+        for (k, v) in std::env::vars() {
+            if k.starts_with("STOWAGE_") {
+                vars.insert(k, v);
+            }
+        }
+        StackEnv { vars }
+    }
+
+    /// The variable, or a panic that says how to start the stack.
+    pub fn get(&self, key: &str) -> String {
+        self.vars.get(key).cloned().unwrap_or_else(|| {
+            panic!("{key} is not set: start the local stack with `scripts/stack up` (it writes the env file the tests read)")
+        })
+    }
+
+    pub fn try_get(&self, key: &str) -> Option<String> {
+        self.vars.get(key).cloned()
+    }
+
+    pub fn database_url(&self) -> String {
+        self.get("STOWAGE_DATABASE_URL")
+    }
+
+    pub fn nats_url(&self) -> String {
+        self.get("STOWAGE_NATS_URL")
+    }
+
+    /// Both S3-compatible servers of the stack; every upload test runs on each.
+    pub fn s3_targets(&self) -> Vec<S3Target> {
+        ["LOCALSTACK", "GARAGE"]
+            .into_iter()
+            .map(|name| S3Target {
+                name: name.to_lowercase(),
+                endpoint: self.get(&format!("STOWAGE_{name}_ENDPOINT")),
+                region: self.get(&format!("STOWAGE_{name}_REGION")),
+                access_key_id: self.get(&format!("STOWAGE_{name}_ACCESS_KEY_ID")),
+                secret_access_key: self.get(&format!("STOWAGE_{name}_SECRET_ACCESS_KEY")),
+            })
+            .collect()
+    }
+}
+
+#[derive(Clone, Debug)]
+pub struct S3Target {
+    pub name: String,
+    pub endpoint: String,
+    pub region: String,
+    pub access_key_id: String,
+    pub secret_access_key: String,
+}
+
+/// A short random suffix for names that must not collide between tests.
+pub fn unique(prefix: &str) -> String {
+    format!("{prefix}{}", &uuid::Uuid::new_v4().simple().to_string()[..12])
+}
+
+/// Creates an empty database for one test and returns its URL.
+pub async fn fresh_database(env: &StackEnv) -> String {
+    let admin = env.database_url();
+    let (client, conn) = tokio_postgres::connect(&admin, tokio_postgres::NoTls)
+        .await
+        .unwrap_or_else(|e| panic!("cannot reach the stack's PostgreSQL at {admin}: {e}"));
+    tokio::spawn(conn);
+    let name = unique("t_");
+    client
+        .batch_execute(&format!("CREATE DATABASE {name}"))
+        .await
+        .unwrap_or_else(|e| panic!("CREATE DATABASE {name}: {e}"));
+    match admin.rsplit_once('/') {
+        Some((base, _)) => format!("{base}/{name}"),
+        None => panic!("STOWAGE_DATABASE_URL must be a postgres:// URL ending in /<database>"),
+    }
+}
