@@ -75,7 +75,7 @@ pub struct Destination {
 }
 
 /// Where an S3-compatible service is and which credentials to use.
-#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct Endpoint {
     /// `https://…` of an S3-compatible service; empty means AWS S3.
@@ -92,7 +92,7 @@ pub struct Endpoint {
     pub credentials_secret_ref: Option<SecretRef>,
 }
 
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub struct SecretRef {
     pub name: String,
 }

@@ -1,0 +1,107 @@
+//! The worker's configuration: flags, each with an environment variable.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::Parser;
+use stowage_common::config::{DatabaseArgs, NatsArgs, TelemetryArgs};
+
+/// Stowage worker: pulls upload tasks from NATS JetStream and copies files
+/// into S3-compatible storage as verified, resumable multipart uploads, one
+/// writer per object key (PostgreSQL advisory locks). Serves gRPC (status,
+/// health, reflection) and Prometheus metrics.
+#[derive(Parser, Clone, Debug)]
+#[command(name = "stowage-worker", version)]
+pub struct WorkerArgs {
+    #[command(flatten)]
+    pub database: DatabaseArgs,
+
+    #[command(flatten)]
+    pub nats: NatsArgs,
+
+    #[command(flatten)]
+    pub telemetry: TelemetryArgs,
+
+    /// Address of the gRPC server (WorkerStatus, health, reflection).
+    #[arg(long, env = "STOWAGE_GRPC_ADDR", default_value = "127.0.0.1:50051")]
+    pub grpc_addr: SocketAddr,
+
+    /// Tasks this worker runs at once (each file upload also runs its own
+    /// parts in parallel, up to the job's `concurrency`).
+    #[arg(long, env = "STOWAGE_WORKER_CAPACITY", default_value_t = 4)]
+    pub capacity: usize,
+
+    /// Name of this worker in logs and status; defaults to hostname-pid.
+    #[arg(long, env = "STOWAGE_WORKER_ID")]
+    pub worker_id: Option<String>,
+
+    /// Redelivery deadline of a task without progress acks.
+    #[arg(long, env = "STOWAGE_ACK_WAIT", value_parser = parse_duration, default_value = "30s")]
+    pub ack_wait: Duration,
+
+    /// On SIGTERM, how long in-flight tasks may run before they are stopped
+    /// and handed back (NAK) to resume elsewhere from their recorded parts.
+    #[arg(long, env = "STOWAGE_DRAIN_TIMEOUT", value_parser = parse_duration, default_value = "20s")]
+    pub drain_timeout: Duration,
+
+    /// Directory of mounted credentials Secrets: `<dir>/<secret name>/access_key_id`
+    /// and `secret_access_key` (the keys `AWS_ACCESS_KEY_ID` /
+    /// `AWS_SECRET_ACCESS_KEY` work too). Jobs name a Secret in
+    /// `credentialsSecretRef`; without one the worker's own `AWS_*` variables apply.
+    #[arg(long, env = "STOWAGE_CREDENTIALS_DIR")]
+    pub credentials_dir: Option<PathBuf>,
+
+    /// How often the sweeper looks for orphaned multipart uploads.
+    #[arg(long, env = "STOWAGE_SWEEP_INTERVAL", value_parser = parse_duration, default_value = "10m")]
+    pub sweep_interval: Duration,
+
+    /// Multipart uploads older than this that no live item owns are aborted.
+    #[arg(long, env = "STOWAGE_ORPHAN_UPLOAD_AGE", value_parser = parse_duration, default_value = "24h")]
+    pub orphan_upload_age: Duration,
+
+    /// Lock session heartbeat: a lost database session is noticed within
+    /// about twice this.
+    #[arg(long, env = "STOWAGE_LOCK_HEARTBEAT", value_parser = parse_duration, default_value = "2s")]
+    pub lock_heartbeat: Duration,
+}
+
+/// Parses `250ms`, `30s`, `10m`, `24h` or a plain number of seconds.
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    let s = s.trim();
+    let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
+    let (num, unit) = s.split_at(split);
+    let n: u64 = num
+        .parse()
+        .map_err(|_| format!("{s:?} is not a duration like 500ms, 30s, 10m or 24h"))?;
+    Ok(match unit {
+        "ms" => Duration::from_millis(n),
+        "" | "s" => Duration::from_secs(n),
+        "m" => Duration::from_secs(n * 60),
+        "h" => Duration::from_secs(n * 3600),
+        _ => return Err(format!("{s:?}: unknown unit {unit:?} (use ms, s, m or h)")),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations() {
+        assert_eq!(parse_duration("250ms"), Ok(Duration::from_millis(250)));
+        assert_eq!(parse_duration("30"), Ok(Duration::from_secs(30)));
+        assert_eq!(parse_duration("10m"), Ok(Duration::from_secs(600)));
+        assert!(parse_duration("ten").is_err());
+        assert!(parse_duration("3d").is_err());
+    }
+
+    #[test]
+    fn help_explains_itself() {
+        use clap::CommandFactory;
+        let help = WorkerArgs::command().render_long_help().to_string();
+        for flag in ["--database-url", "--nats-url", "--capacity", "--drain-timeout", "STOWAGE_GRPC_ADDR"] {
+            assert!(help.contains(flag), "--help lacks {flag}");
+        }
+    }
+}

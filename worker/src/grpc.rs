@@ -1,0 +1,89 @@
+//! The worker's gRPC server: WorkerStatus, standard health and reflection.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+
+use stowage_proto::v1::worker_status_server::{WorkerStatus, WorkerStatusServer};
+use stowage_proto::v1::{GetStatusRequest, GetStatusResponse, InFlightTask};
+use tokio::sync::watch;
+use tonic::{Request, Response, Status};
+
+use crate::Context;
+
+struct StatusService {
+    ctx: Arc<Context>,
+}
+
+#[tonic::async_trait]
+impl WorkerStatus for StatusService {
+    async fn get_status(
+        &self,
+        _: Request<GetStatusRequest>,
+    ) -> Result<Response<GetStatusResponse>, Status> {
+        let ctx = &self.ctx;
+        Ok(Response::new(GetStatusResponse {
+            worker_id: ctx.worker_id.clone(),
+            capacity: ctx.capacity as u32,
+            draining: ctx.draining.load(Ordering::Relaxed),
+            in_flight: ctx
+                .in_flight
+                .snapshot()
+                .into_iter()
+                .map(|t| InFlightTask {
+                    task_id: t.task_id,
+                    kind: t.kind.into(),
+                    bytes_done: t.bytes_done.load(Ordering::Relaxed),
+                    running_seconds: t.started.elapsed().as_secs(),
+                })
+                .collect(),
+            version: env!("CARGO_PKG_VERSION").into(),
+        }))
+    }
+}
+
+/// Serves gRPC on `addr` until `shutdown` turns true; returns the bound address.
+pub async fn serve(
+    addr: SocketAddr,
+    ctx: Arc<Context>,
+    mut shutdown: watch::Receiver<bool>,
+) -> anyhow::Result<(SocketAddr, tokio::task::JoinHandle<()>)> {
+    let listener = tokio::net::TcpListener::bind(addr).await?;
+    let bound = listener.local_addr()?;
+    let (health_reporter, health) = tonic_health::server::health_reporter();
+    health_reporter
+        .set_serving::<WorkerStatusServer<StatusService>>()
+        .await;
+    let reflection = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(stowage_proto::v1::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1()?;
+    let server = tonic::transport::Server::builder()
+        .add_service(health)
+        .add_service(reflection)
+        .add_service(WorkerStatusServer::new(StatusService { ctx }))
+        .serve_with_incoming_shutdown(
+            tokio_stream_listener(listener),
+            async move {
+                let _ = shutdown.wait_for(|s| *s).await;
+                health_reporter
+                    .set_not_serving::<WorkerStatusServer<StatusService>>()
+                    .await;
+            },
+        );
+    let handle = tokio::spawn(async move {
+        if let Err(e) = server.await {
+            tracing::error!(error = %e, "gRPC server failed");
+        }
+    });
+    Ok((bound, handle))
+}
+
+fn tokio_stream_listener(
+    listener: tokio::net::TcpListener,
+) -> impl futures::Stream<Item = std::io::Result<tokio::net::TcpStream>> {
+    futures::stream::unfold(listener, |l| async move {
+        let r = l.accept().await.map(|(s, _)| s);
+        Some((r, l))
+    })
+}

@@ -1,0 +1,183 @@
+//! The Stowage worker: pulls tasks from JetStream and runs them.
+//!
+//! - [`tasks`]: the pull loop, acks, retries, dead letters, draining.
+//! - [`upload`]: where uploads happen (sources, multipart transfer, policies).
+//! - [`sweeper`]: aborts orphaned multipart uploads.
+//! - [`grpc`]: WorkerStatus, health and reflection.
+
+pub mod config;
+pub mod grpc;
+pub mod metrics;
+pub mod s3;
+pub mod sweeper;
+pub mod tasks;
+pub mod upload;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::AtomicBool;
+use std::time::Duration;
+
+use anyhow::Context as _;
+use prometheus_client::registry::Registry;
+use stowage_common::db::{self, Pool};
+use stowage_common::locks::{LockManager, LockMetrics};
+use stowage_common::queue::{ConsumerSettings, Queue};
+use stowage_common::telemetry::{Readiness, serve_http};
+use tokio::sync::watch;
+use tracing::{info, warn};
+
+use crate::config::WorkerArgs;
+use crate::metrics::WorkerMetrics;
+use crate::s3::S3Clients;
+use crate::tasks::InFlight;
+use crate::upload::multipart::PartHook;
+
+/// Everything a task needs, shared by all of them.
+pub struct Context {
+    pub db: Pool,
+    pub locks: LockManager,
+    pub queue: Queue,
+    pub s3: S3Clients,
+    pub metrics: WorkerMetrics,
+    pub hook: Option<PartHook>,
+    pub in_flight: InFlight,
+    pub worker_id: String,
+    pub capacity: usize,
+    pub ack_wait: Duration,
+    pub draining: AtomicBool,
+}
+
+/// A started worker.
+pub struct Worker {
+    pub grpc_addr: SocketAddr,
+    pub http_addr: SocketAddr,
+    pub context: Arc<Context>,
+    stop: watch::Sender<bool>,
+    tasks: tokio::task::JoinHandle<anyhow::Result<()>>,
+    grpc: tokio::task::JoinHandle<()>,
+}
+
+/// Connects to PostgreSQL and NATS, checks advisory locks, migrates, and
+/// starts the servers, the task loop and the sweeper.
+pub async fn start(args: WorkerArgs, hook: Option<PartHook>) -> anyhow::Result<Worker> {
+    let mut registry = Registry::default();
+    let lock_metrics = LockMetrics::register(&mut registry);
+    let metrics = WorkerMetrics::register(&mut registry);
+    let pg = db::parse_url(&args.database.database_url)?;
+    let locks = LockManager::new(pg.clone(), lock_metrics, args.lock_heartbeat);
+    locks
+        .check_server()
+        .await
+        .context("checking that PostgreSQL advisory locks work")?;
+    let pool = db::pool(&pg, args.database.database_pool_size)?;
+    db::migrate(&pool, &locks).await?;
+    let queue = Queue::connect(&args.nats.nats_url, &args.nats.queue_prefix).await?;
+    queue
+        .ensure(&ConsumerSettings {
+            ack_wait: args.ack_wait,
+        })
+        .await?;
+    let worker_id = args.worker_id.clone().unwrap_or_else(|| {
+        let host = std::fs::read_to_string("/etc/hostname").unwrap_or_else(|_| "worker".into());
+        format!("{}-{}", host.trim(), std::process::id())
+    });
+    let ctx = Arc::new(Context {
+        db: pool,
+        locks,
+        queue,
+        s3: S3Clients::new(args.credentials_dir.clone()),
+        metrics,
+        hook,
+        in_flight: InFlight::default(),
+        worker_id,
+        capacity: args.capacity.max(1),
+        ack_wait: args.ack_wait,
+        draining: AtomicBool::new(false),
+    });
+    let (stop, stopped) = watch::channel(false);
+    let ready = Readiness::default();
+    let http_addr = serve_http(
+        args.telemetry.metrics_addr,
+        Arc::new(registry),
+        ready.clone(),
+        stopped.clone(),
+    )
+    .await?;
+    let (grpc_addr, grpc) = grpc::serve(args.grpc_addr, Arc::clone(&ctx), stopped.clone()).await?;
+    let tasks = tokio::spawn(tasks::run_loop(
+        Arc::clone(&ctx),
+        stopped.clone(),
+        args.drain_timeout,
+    ));
+    tokio::spawn(sweep_periodically(
+        Arc::clone(&ctx),
+        args.sweep_interval,
+        args.orphan_upload_age,
+        stopped,
+    ));
+    ready.set(true);
+    info!(worker = ctx.worker_id, %grpc_addr, %http_addr, capacity = ctx.capacity, "worker started");
+    Ok(Worker {
+        grpc_addr,
+        http_addr,
+        context: ctx,
+        stop,
+        tasks,
+        grpc,
+    })
+}
+
+impl Worker {
+    /// Stops pulling, drains in-flight tasks and stops the servers.
+    pub async fn shutdown(self) -> anyhow::Result<()> {
+        let _ = self.stop.send(true);
+        let result = self.tasks.await.context("task loop panicked")?;
+        let _ = self.grpc.await;
+        info!("worker stopped");
+        result
+    }
+}
+
+async fn sweep_periodically(
+    ctx: Arc<Context>,
+    every: Duration,
+    older_than: Duration,
+    mut stop: watch::Receiver<bool>,
+) {
+    loop {
+        tokio::select! {
+            _ = tokio::time::sleep(every) => {}
+            _ = stop.wait_for(|s| *s) => return,
+        }
+        match sweeper::sweep_once(&ctx, older_than).await {
+            Ok(0) => {}
+            Ok(n) => info!(aborted = n, "sweeper aborted orphaned multipart uploads"),
+            Err(e) => warn!(error = %e, "sweeper pass failed"),
+        }
+    }
+}
+
+/// Runs a worker until `signal` resolves, then shuts it down gracefully.
+pub async fn run(args: WorkerArgs, signal: impl Future<Output = ()>) -> anyhow::Result<()> {
+    let worker = start(args, None).await?;
+    signal.await;
+    info!("shutdown requested");
+    worker.shutdown().await
+}
+
+/// Resolves on SIGTERM or SIGINT.
+pub async fn shutdown_signal() {
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    tokio::select! {
+        _ = term => {}
+        _ = tokio::signal::ctrl_c() => {}
+    }
+}

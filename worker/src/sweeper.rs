@@ -1,0 +1,122 @@
+//! Aborts orphaned multipart uploads: uploads in a bucket Stowage writes to
+//! that are older than a limit and that no live item owns (a worker died and
+//! its job was deleted or failed before anyone resumed it). One sweeper per
+//! bucket at a time, under a lock.
+
+use std::collections::HashSet;
+use std::time::Duration;
+
+use stowage_common::locks::{LockClass, LockKey};
+use stowage_common::spec::Endpoint;
+use stowage_common::state::StateError;
+use stowage_common::state::uploads as state;
+use tracing::{info, warn};
+
+use crate::Context;
+use crate::s3::s3_error;
+use crate::upload::UploadError;
+
+/// One pass over every destination of the last 30 days' jobs; returns how
+/// many uploads were aborted.
+pub async fn sweep_once(ctx: &Context, older_than: Duration) -> Result<u64, UploadError> {
+    let destinations: Vec<(Endpoint, String)> = {
+        let db = ctx.db.get().await.map_err(StateError::from)?;
+        let rows = db
+            .query(
+                "SELECT DISTINCT spec->'destination' FROM upload_jobs
+                 WHERE created_at > now() - interval '30 days'",
+                &[],
+            )
+            .await
+            .map_err(StateError::from)?;
+        rows.iter()
+            .filter_map(|r| {
+                let v: serde_json::Value = r.get(0);
+                let d: stowage_common::spec::Destination = serde_json::from_value(v).ok()?;
+                Some((d.endpoint, d.bucket))
+            })
+            .collect()
+    };
+    let mut aborted = 0;
+    let mut seen = HashSet::new();
+    for (endpoint, bucket) in destinations {
+        let label = format!("{}/{bucket}", endpoint.endpoint.as_deref().unwrap_or("aws"));
+        if !seen.insert(label.clone()) {
+            continue;
+        }
+        let Some(lock) = ctx
+            .locks
+            .try_lock(LockKey::new(LockClass::Sweeper, &label))
+            .await?
+        else {
+            continue; // another worker sweeps this bucket now
+        };
+        match sweep_bucket(ctx, &endpoint, &bucket, older_than).await {
+            Ok(n) => aborted += n,
+            Err(e) => warn!(bucket, error = %e, "sweeping failed"),
+        }
+        drop(lock);
+    }
+    Ok(aborted)
+}
+
+async fn sweep_bucket(
+    ctx: &Context,
+    endpoint: &Endpoint,
+    bucket: &str,
+    older_than: Duration,
+) -> Result<u64, UploadError> {
+    let client = ctx.s3.client(endpoint)?;
+    let live = {
+        let db = ctx.db.get().await.map_err(StateError::from)?;
+        state::live_upload_ids(&db, bucket).await?
+    };
+    let cutoff = std::time::SystemTime::now() - older_than;
+    let mut aborted = 0;
+    let (mut key_marker, mut id_marker) = (None::<String>, None::<String>);
+    loop {
+        let page = client
+            .list_multipart_uploads()
+            .bucket(bucket)
+            .set_key_marker(key_marker.clone())
+            .set_upload_id_marker(id_marker.clone())
+            .send()
+            .await
+            .map_err(|e| s3_error("ListMultipartUploads", e))?;
+        for u in page.uploads() {
+            let (Some(key), Some(id)) = (u.key(), u.upload_id()) else { continue };
+            let old = u
+                .initiated()
+                .and_then(|t| std::time::SystemTime::try_from(*t).ok())
+                .is_some_and(|t| t < cutoff);
+            if !old || live.contains(id) {
+                continue;
+            }
+            match client
+                .abort_multipart_upload()
+                .bucket(bucket)
+                .key(key)
+                .upload_id(id)
+                .send()
+                .await
+            {
+                Ok(_) => {
+                    aborted += 1;
+                    ctx.metrics.orphans_aborted.inc();
+                    info!(bucket, key, upload_id = id, "aborted orphaned multipart upload");
+                }
+                Err(e) => warn!(bucket, key, error = %s3_error("AbortMultipartUpload", e), "abort failed"),
+            }
+        }
+        if page.is_truncated() == Some(true) {
+            key_marker = page.next_key_marker().map(str::to_string);
+            id_marker = page.next_upload_id_marker().map(str::to_string);
+            if key_marker.is_none() {
+                break;
+            }
+        } else {
+            break;
+        }
+    }
+    Ok(aborted)
+}

@@ -1,0 +1,120 @@
+//! PlanUpload: list the job's source, register one item per file (keyed by
+//! destination key, so planning twice adds nothing), publish one UploadFile
+//! task per item still to do.
+
+use stowage_common::spec::{UploadJobSpec, validate_key};
+use stowage_common::state::uploads::{self as state, NewItem};
+use stowage_proto::v1::{Task, UploadFile, task};
+use uuid::Uuid;
+
+use crate::Context;
+use crate::s3::s3_error;
+use crate::upload::UploadError;
+
+pub async fn run(ctx: &Context, job_id: Uuid) -> Result<usize, UploadError> {
+    let job = {
+        let db = ctx.db.get().await.map_err(stowage_common::state::StateError::from)?;
+        state::get_job(&db, job_id).await?
+    };
+    job.spec
+        .validate()
+        .map_err(|e| UploadError::Invalid(e.to_string()))?;
+    let items = list_source(ctx, &job.spec).await?;
+    let todo = {
+        let db = ctx.db.get().await.map_err(stowage_common::state::StateError::from)?;
+        state::add_items(&db, job_id, &items).await?
+    };
+    let subject = ctx.queue.topology().task_subject(
+        stowage_common::queue::TaskKind::Upload,
+        &job.namespace,
+        &job.name,
+    );
+    for item in &todo {
+        let task = Task {
+            task_id: format!("upload/{job_id}/{}", item.id),
+            kind: Some(task::Kind::UploadFile(UploadFile {
+                job_id: job_id.to_string(),
+                item_id: item.id,
+            })),
+        };
+        ctx.queue
+            .publish_task(&subject, &task)
+            .await
+            .map_err(|e| UploadError::Invalid(format!("publishing upload tasks: {e}")))?;
+    }
+    let db = ctx.db.get().await.map_err(stowage_common::state::StateError::from)?;
+    state::mark_planned(&db, job_id).await?;
+    Ok(todo.len())
+}
+
+async fn list_source(ctx: &Context, spec: &UploadJobSpec) -> Result<Vec<NewItem>, UploadError> {
+    let prefix = &spec.destination.key_prefix;
+    if let Some(s3) = &spec.source.s3 {
+        let client = ctx.s3.client(&s3.endpoint)?;
+        let mut items = Vec::new();
+        let mut pages = client
+            .list_objects_v2()
+            .bucket(&s3.bucket)
+            .prefix(&s3.prefix)
+            .into_paginator()
+            .send();
+        while let Some(page) = pages.next().await {
+            let page = page.map_err(|e| s3_error("ListObjectsV2 (source)", e))?;
+            for o in page.contents() {
+                let Some(key) = o.key() else { continue };
+                if key.ends_with('/') {
+                    continue; // folder marker
+                }
+                let relative = key.strip_prefix(s3.prefix.as_str()).unwrap_or(key);
+                items.push(item(key.to_string(), prefix, relative, o.size()));
+            }
+        }
+        return Ok(items);
+    }
+    let http = spec.source.http.as_ref().ok_or_else(|| {
+        UploadError::Invalid("source: exactly one of s3 or http must be set".into())
+    })?;
+    Ok(http
+        .urls
+        .iter()
+        .map(|u| {
+            let path = reqwest::Url::parse(u)
+                .map(|url| {
+                    percent_encoding::percent_decode_str(url.path())
+                        .decode_utf8_lossy()
+                        .into_owned()
+                })
+                .unwrap_or_default();
+            item(u.clone(), prefix, &path, None)
+        })
+        .collect())
+}
+
+fn item(source_ref: String, prefix: &str, relative: &str, size: Option<i64>) -> NewItem {
+    let dest_key = format!("{prefix}{}", relative.trim_start_matches('/'));
+    let invalid = validate_key(&dest_key)
+        .err()
+        .map(|e| format!("invalid destination key: {e}"));
+    NewItem {
+        source_ref,
+        dest_key,
+        size_bytes: size,
+        invalid,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn destination_keys_are_checked_at_planning() {
+        let ok = item("u".into(), "in/", "/docs/a.txt", None);
+        assert_eq!(ok.dest_key, "in/docs/a.txt");
+        assert!(ok.invalid.is_none());
+        let bad = item("u".into(), "in/", "/docs/../../etc/passwd", None);
+        assert!(bad.invalid.as_deref().is_some_and(|m| m.contains("`..`")), "{:?}", bad.invalid);
+        let ctl = item("u".into(), "", "a\u{1b}[31m.txt", None);
+        assert!(ctl.invalid.as_deref().is_some_and(|m| m.contains("control character")));
+    }
+}

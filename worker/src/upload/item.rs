@@ -1,0 +1,359 @@
+//! One file of an UploadJob, start to finish: the destination key's lock,
+//! the conflict policy, dedup, the transfer, the object history, the events.
+
+use std::sync::Arc;
+use std::sync::atomic::AtomicU64;
+use std::time::Duration;
+
+use aws_sdk_s3::types::MetadataDirective;
+use prost::Message as _;
+use sha2::{Digest, Sha256};
+use stowage_common::errors::{Classify, ErrorClass};
+use stowage_common::locks::{LockClass, LockKey};
+use stowage_common::queue::backoff_delay;
+use stowage_common::spec::{ConflictPolicy, MAX_PART_SIZE, UploadJobSpec, validate_key};
+use stowage_common::state::StateError;
+use stowage_common::state::uploads::{self as state, ItemRecord, ItemState, ObjectWrite};
+use stowage_proto::v1::ObjectLanded;
+use tokio_util::sync::CancellationToken;
+use tracing::{info, warn};
+use uuid::Uuid;
+
+use super::UploadError;
+use super::multipart::{self, Options, SHA256_METADATA, Target, Transfer};
+use super::source::Source;
+use crate::Context;
+use crate::tasks::Outcome;
+
+/// Runs the item and decides what happens to its task.
+pub async fn run(
+    ctx: &Context,
+    job_id: Uuid,
+    item_id: i64,
+    cancel: &CancellationToken,
+    progress: Arc<AtomicU64>,
+) -> Outcome {
+    let (item, spec) = match load(ctx, job_id, item_id).await {
+        Ok(v) => v,
+        Err(e) => return retry_later(&e, 1),
+    };
+    if item.state.is_terminal() {
+        // A duplicate delivery of finished work.
+        return Outcome::Done { label: "ok" };
+    }
+    let result = process(ctx, &item, &spec, cancel, progress).await;
+    match result {
+        Ok(state) => Outcome::Done {
+            label: if state == ItemState::Succeeded { "ok" } else { "skipped" },
+        },
+        Err(UploadError::KeyBusy(key)) => Outcome::Retry {
+            delay: backoff_delay(1, Duration::from_secs(2), Duration::from_secs(2)),
+            reason: format!("destination {key} is being written by another worker"),
+        },
+        Err(UploadError::Cancelled) => {
+            // Hand the task back at once; the parts stored so far stay.
+            if let Ok(db) = ctx.db.get().await {
+                let _ = db
+                    .execute(
+                        "UPDATE upload_items SET state = 'pending' WHERE id = $1 AND state = 'running'",
+                        &[&item.id],
+                    )
+                    .await;
+            }
+            Outcome::Retry {
+                delay: Duration::ZERO,
+                reason: "worker shutting down".into(),
+            }
+        }
+        Err(e) => match fail(ctx, &item, &spec, &e).await {
+            Ok(outcome) => outcome,
+            Err(state_err) => retry_later(&state_err, item.attempts as u32 + 1),
+        },
+    }
+}
+
+fn retry_later(e: &dyn std::fmt::Display, attempt: u32) -> Outcome {
+    Outcome::Retry {
+        delay: backoff_delay(attempt, Duration::from_secs(1), Duration::from_secs(30)),
+        reason: e.to_string(),
+    }
+}
+
+async fn load(ctx: &Context, job_id: Uuid, item_id: i64) -> Result<(ItemRecord, UploadJobSpec), StateError> {
+    let db = ctx.db.get().await?;
+    let item = state::get_item(&db, item_id).await?;
+    let job = state::get_job(&db, job_id).await?;
+    Ok((item, job.spec))
+}
+
+/// Records a failed attempt: another try later, or the end of the item.
+async fn fail(
+    ctx: &Context,
+    item: &ItemRecord,
+    spec: &UploadJobSpec,
+    e: &UploadError,
+) -> Result<Outcome, StateError> {
+    let attempt = item.attempts as u32 + 1;
+    let class = e.class();
+    let message = e.to_string();
+    let db = ctx.db.get().await?;
+    if class == ErrorClass::Retryable && attempt < spec.retry.max_attempts {
+        state::record_retry(&db, item.id, &message).await?;
+        let b = &spec.retry.backoff;
+        let delay = backoff_delay(
+            attempt,
+            Duration::from_millis(b.base_millis),
+            Duration::from_millis(b.max_millis),
+        );
+        warn!(item = item.id, key = item.dest_key, attempt, ?delay, error = %message, "upload attempt failed; will retry");
+        return Ok(Outcome::Retry {
+            delay,
+            reason: message,
+        });
+    }
+    // Permanent, or out of attempts: abort what was started, then fail.
+    if let Some((rec, _)) = state::get_multipart(&db, item.id).await?
+        && let Ok(client) = ctx.s3.client(&spec.destination.endpoint)
+    {
+        multipart::abort(&client, &rec).await;
+    }
+    state::delete_multipart(&db, item.id).await?;
+    let attempts = state::fail_item(&db, item, &message, class.as_str(), true).await?;
+    warn!(item = item.id, key = item.dest_key, attempts, class = class.as_str(), error = %message, "upload failed for good; dead-lettering");
+    Ok(Outcome::Dead {
+        error: message,
+        class,
+        attempts: attempts as u32,
+    })
+}
+
+async fn process(
+    ctx: &Context,
+    item: &ItemRecord,
+    spec: &UploadJobSpec,
+    cancel: &CancellationToken,
+    progress: Arc<AtomicU64>,
+) -> Result<ItemState, UploadError> {
+    spec.validate().map_err(|e| UploadError::Invalid(e.to_string()))?;
+    validate_key(&item.dest_key)?;
+    let dest = &spec.destination;
+    let client = ctx.s3.client(&dest.endpoint)?;
+    let endpoint = dest.endpoint.endpoint.clone().unwrap_or_else(|| "aws".into());
+    let lock_key = LockKey::new(
+        LockClass::ObjectKey,
+        format!("{endpoint}/{}/{}", dest.bucket, item.dest_key),
+    );
+    let lock = ctx
+        .locks
+        .try_lock(lock_key)
+        .await?
+        .ok_or_else(|| UploadError::KeyBusy(format!("{}/{}", dest.bucket, item.dest_key)))?;
+    {
+        let db = ctx.db.get().await.map_err(StateError::from)?;
+        state::start_item(&db, item).await?;
+    }
+    let target = Target {
+        client: &client,
+        endpoint: &endpoint,
+        bucket: &dest.bucket,
+        key: &item.dest_key,
+    };
+    let result = tokio::select! {
+        r = transfer(ctx, item, spec, &target, &lock, progress) => r,
+        reason = lock.lost() => Err(UploadError::LockLost(reason)),
+        _ = cancel.cancelled() => Err(UploadError::Cancelled),
+    };
+    if lock.is_held()
+        && let Err(e) = lock.release().await
+    {
+        warn!(error = %e, "releasing the key lock failed; closing its session releases it");
+    }
+    result
+}
+
+struct Existing {
+    sha256: Option<String>,
+    size: i64,
+}
+
+async fn head(target: &Target<'_>, key: &str) -> Result<Option<Existing>, UploadError> {
+    match target
+        .client
+        .head_object()
+        .bucket(target.bucket)
+        .key(key)
+        .send()
+        .await
+    {
+        Ok(h) => Ok(Some(Existing {
+            sha256: h.metadata().and_then(|m| m.get(SHA256_METADATA)).cloned(),
+            size: h.content_length().unwrap_or(0),
+        })),
+        Err(e) => {
+            let e = crate::s3::s3_error("HeadObject", e);
+            if e.is_not_found() { Ok(None) } else { Err(e) }
+        }
+    }
+}
+
+async fn copy(target: &Target<'_>, from: &str, to: &str) -> Result<(), UploadError> {
+    target
+        .client
+        .copy_object()
+        .bucket(target.bucket)
+        .key(to)
+        .copy_source(multipart::copy_source(target.bucket, from))
+        .metadata_directive(MetadataDirective::Copy)
+        .send()
+        .await
+        .map_err(|e| crate::s3::s3_error("CopyObject", e))?;
+    Ok(())
+}
+
+async fn transfer(
+    ctx: &Context,
+    item: &ItemRecord,
+    spec: &UploadJobSpec,
+    target: &Target<'_>,
+    lock: &stowage_common::locks::SessionLock,
+    progress: Arc<AtomicU64>,
+) -> Result<ItemState, UploadError> {
+    let existing = head(target, target.key).await?;
+    if let Some(e) = &existing
+        && spec.conflict_policy == ConflictPolicy::Skip
+    {
+        info!(key = target.key, "destination exists; conflict policy skip");
+        return finish(ctx, item, ItemState::SkippedExists, e.sha256.as_deref().unwrap_or(""), e.size).await;
+    }
+    let source = Source::new(&spec.source, &ctx.s3)?;
+    let mut known_sha256 = None;
+    if spec.dedup {
+        let (sha, size) = hash_source(&source, &item.source_ref).await?;
+        if existing.as_ref().and_then(|e| e.sha256.as_deref()) == Some(sha.as_str()) {
+            info!(key = target.key, "destination already holds this content");
+            return finish(ctx, item, ItemState::SkippedExists, &sha, size as i64).await;
+        }
+        let twin = {
+            let db = ctx.db.get().await.map_err(StateError::from)?;
+            state::object_with_content(&db, target.bucket, &sha).await?
+        };
+        if let Some(twin) = twin.filter(|t| t.object_key != target.key && size <= MAX_PART_SIZE)
+            && head(target, &twin.object_key).await?.and_then(|h| h.sha256).as_deref() == Some(sha.as_str())
+        {
+            let archived = archive_if_versioned(ctx, spec, target, existing.is_some()).await?;
+            lock.ensure_held()?;
+            copy(target, &twin.object_key, target.key).await?;
+            info!(key = target.key, from = twin.object_key, "duplicate content copied server-side");
+            record(ctx, item, target, &sha, size as i64, None, archived.as_deref()).await?;
+            return finish(ctx, item, ItemState::SkippedDuplicate, &sha, size as i64).await;
+        }
+        known_sha256 = Some(sha);
+    }
+    let archived = archive_if_versioned(ctx, spec, target, existing.is_some()).await?;
+    let body = source.open(&item.source_ref).await?;
+    if let Some(size) = body.size {
+        let db = ctx.db.get().await.map_err(StateError::from)?;
+        state::set_progress(&db, item.id, 0, Some(size as i64)).await?;
+    }
+    let t = Transfer {
+        db: ctx.db.clone(),
+        metrics: ctx.metrics.clone(),
+        hook: ctx.hook.clone(),
+        progress,
+    };
+    let opts = Options {
+        part_size: spec.part_size_bytes,
+        concurrency: spec.concurrency as usize,
+        algorithm: spec.checksum,
+        known_sha256,
+    };
+    let up = t.run(item.id, target, &opts, body, lock).await?;
+    record(ctx, item, target, &up.sha256_hex, up.size as i64, up.etag.as_deref(), archived.as_deref()).await?;
+    finish(ctx, item, ItemState::Succeeded, &up.sha256_hex, up.size as i64).await
+}
+
+/// Conflict policy `version`: preserve the current object before replacing it.
+async fn archive_if_versioned(
+    ctx: &Context,
+    spec: &UploadJobSpec,
+    target: &Target<'_>,
+    exists: bool,
+) -> Result<Option<String>, UploadError> {
+    if !exists || spec.conflict_policy != ConflictPolicy::Version {
+        return Ok(None);
+    }
+    let current = {
+        let db = ctx.db.get().await.map_err(StateError::from)?;
+        state::current_object(&db, target.bucket, target.key).await?
+    };
+    let version = current.map_or(0, |c| c.version);
+    let archive = format!("{}.stowage-v{version}", target.key);
+    copy(target, target.key, &archive).await?;
+    info!(key = target.key, archive, "previous version preserved");
+    Ok(Some(archive))
+}
+
+async fn record(
+    ctx: &Context,
+    item: &ItemRecord,
+    target: &Target<'_>,
+    sha: &str,
+    size: i64,
+    etag: Option<&str>,
+    archived: Option<&str>,
+) -> Result<(), UploadError> {
+    let mut db = ctx.db.get().await.map_err(StateError::from)?;
+    let version = state::record_object(
+        &mut db,
+        &ObjectWrite {
+            bucket: target.bucket,
+            key: target.key,
+            sha256_hex: sha,
+            size_bytes: size,
+            etag,
+            job_id: item.job_id,
+            archived_previous_to: archived,
+        },
+    )
+    .await?;
+    state::delete_multipart(&db, item.id).await?;
+    let event = ObjectLanded {
+        bucket: target.bucket.to_string(),
+        key: target.key.to_string(),
+        sha256_hex: sha.to_string(),
+        size: size as u64,
+        job_id: item.job_id.to_string(),
+        version: version as u32,
+    };
+    let subject = ctx.queue.topology().object_subject(target.bucket);
+    if let Err(e) = ctx.queue.publish_event(subject, event.encode_to_vec()).await {
+        warn!(error = %e, "object-landed event not published");
+    }
+    Ok(())
+}
+
+async fn finish(
+    ctx: &Context,
+    item: &ItemRecord,
+    state: ItemState,
+    sha: &str,
+    size: i64,
+) -> Result<ItemState, UploadError> {
+    let db = ctx.db.get().await.map_err(StateError::from)?;
+    state::finish_item(&db, item, state, sha, size).await?;
+    Ok(state)
+}
+
+/// Reads the whole source once for its SHA-256 and size (dedup).
+async fn hash_source(source: &Source, source_ref: &str) -> Result<(String, u64), UploadError> {
+    use futures::StreamExt;
+    let mut body = source.open(source_ref).await?;
+    let mut h = Sha256::new();
+    let mut n = 0u64;
+    while let Some(chunk) = body.stream.next().await {
+        let chunk = chunk?;
+        n += chunk.len() as u64;
+        h.update(&chunk);
+    }
+    Ok((hex::encode(h.finalize()), n))
+}

@@ -1,0 +1,144 @@
+//! Where uploads happen: sources ([`source`]), the address policy for HTTP
+//! sources ([`net`]), checksums ([`checksum`]), the resumable multipart
+//! transfer ([`multipart`]) and the per-file flow around it — key lock,
+//! conflict policy, dedup, object history ([`item`]).
+
+pub mod checksum;
+pub mod item;
+pub mod multipart;
+pub mod net;
+pub mod source;
+
+use stowage_common::errors::{Classify, ErrorClass};
+use stowage_common::locks::LockError;
+use stowage_common::spec::KeyError;
+use stowage_common::state::StateError;
+
+#[derive(Debug, thiserror::Error)]
+pub enum UploadError {
+    #[error("source {source_ref} answered HTTP {status}")]
+    SourceStatus { source_ref: String, status: u16 },
+    #[error("reading source {source_ref}: {message}")]
+    SourceRead { source_ref: String, message: String },
+    #[error("{0}")]
+    Refused(String),
+    #[error("invalid destination key: {0}")]
+    InvalidKey(#[from] KeyError),
+    #[error("invalid job: {0}")]
+    Invalid(String),
+    #[error("credentials: {0}")]
+    Credentials(String),
+    #[error("S3 {op} failed{}{}: {message}", status.map(|s| format!(" (HTTP {s})")).unwrap_or_default(), code.as_ref().map(|c| format!(" [{c}]")).unwrap_or_default())]
+    S3 {
+        op: &'static str,
+        status: Option<u16>,
+        code: Option<String>,
+        message: String,
+        /// The request never got an HTTP answer (connect, timeout, reset).
+        transport: bool,
+    },
+    #[error("the object has {parts} parts at part size {part_size}; S3 allows 10000: raise partSizeBytes")]
+    TooManyParts { parts: u64, part_size: u64 },
+    #[error("the source changed while resuming: part {part} no longer matches its recorded checksum")]
+    SourceChanged { part: i32 },
+    #[error("verification failed for {key}: {message}")]
+    Verification { key: String, message: String },
+    #[error("state: {0}")]
+    State(#[from] StateError),
+    #[error("lock: {0}")]
+    Lock(#[from] LockError),
+    #[error("another worker is writing {0}")]
+    KeyBusy(String),
+    #[error("the key lock was lost ({0}); stopped writing")]
+    LockLost(String),
+    #[error("stopped: the worker is shutting down")]
+    Cancelled,
+}
+
+impl Classify for UploadError {
+    fn class(&self) -> ErrorClass {
+        use ErrorClass::*;
+        match self {
+            UploadError::SourceStatus { status, .. } => match status {
+                408 | 425 | 429 => Retryable,
+                s if *s >= 500 => Retryable,
+                _ => Permanent,
+            },
+            UploadError::S3 {
+                status,
+                code,
+                transport,
+                ..
+            } => {
+                if *transport {
+                    return Retryable;
+                }
+                match (status, code.as_deref()) {
+                    (_, Some("SlowDown" | "Throttling" | "RequestTimeout" | "InternalError"))
+                    | (_, Some("BadDigest" | "InvalidDigest" | "XAmzContentSHA256Mismatch")) => {
+                        Retryable
+                    }
+                    (Some(s), _) if *s >= 500 || *s == 429 || *s == 408 => Retryable,
+                    (Some(_), _) => Permanent,
+                    (None, _) => Retryable,
+                }
+            }
+            UploadError::Refused(_)
+            | UploadError::InvalidKey(_)
+            | UploadError::Invalid(_)
+            | UploadError::Credentials(_)
+            | UploadError::TooManyParts { .. } => Permanent,
+            UploadError::SourceRead { .. }
+            | UploadError::SourceChanged { .. }
+            | UploadError::Verification { .. }
+            | UploadError::State(_)
+            | UploadError::Lock(_)
+            | UploadError::KeyBusy(_)
+            | UploadError::LockLost(_)
+            | UploadError::Cancelled => Retryable,
+        }
+    }
+}
+
+impl UploadError {
+    /// True for an S3 "no such key / bucket / upload" answer.
+    pub fn is_not_found(&self) -> bool {
+        matches!(self, UploadError::S3 { status: Some(404), .. })
+            || matches!(self, UploadError::S3 { code: Some(c), .. } if c == "NoSuchKey" || c == "NoSuchUpload" || c == "NotFound")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn s3(status: Option<u16>, code: Option<&str>) -> UploadError {
+        UploadError::S3 {
+            op: "PutObject",
+            status,
+            code: code.map(str::to_string),
+            message: String::new(),
+            transport: false,
+        }
+    }
+
+    #[test]
+    fn classes() {
+        use ErrorClass::*;
+        let src = |status| UploadError::SourceStatus {
+            source_ref: "u".into(),
+            status,
+        };
+        assert_eq!(src(404).class(), Permanent);
+        assert_eq!(src(403).class(), Permanent);
+        assert_eq!(src(503).class(), Retryable);
+        assert_eq!(src(429).class(), Retryable);
+        assert_eq!(s3(Some(403), Some("AccessDenied")).class(), Permanent);
+        assert_eq!(s3(Some(404), Some("NoSuchBucket")).class(), Permanent);
+        assert_eq!(s3(Some(400), Some("BadDigest")).class(), Retryable);
+        assert_eq!(s3(Some(503), Some("SlowDown")).class(), Retryable);
+        assert_eq!(s3(Some(500), None).class(), Retryable);
+        assert_eq!(UploadError::Refused("x".into()).class(), Permanent);
+        assert_eq!(UploadError::KeyBusy("k".into()).class(), Retryable);
+    }
+}
