@@ -4,6 +4,7 @@
 //! - [`db`]: the connection pool and the embedded schema migrations.
 //! - [`state`]: jobs, items, multipart progress and object history in PostgreSQL.
 //! - [`queue`]: the JetStream task queue, dead letters and events.
+//! - [`jobs`]: submitting jobs and replaying dead letters (state + queue).
 //! - [`spec`]: the UploadJob specification shared by the operator, worker and CLI.
 //! - [`telemetry`]: logs, Prometheus metrics and health endpoints.
 //! - [`errors`]: the retryable / permanent classification that drives retries.
@@ -11,6 +12,7 @@
 pub mod config;
 pub mod db;
 pub mod errors;
+pub mod jobs;
 pub mod locks;
 pub mod queue;
 pub mod spec;

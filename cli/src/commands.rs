@@ -1,0 +1,293 @@
+//! The commands of stowctl. It talks to PostgreSQL and NATS directly, as the
+//! operator does, so it works with or without Kubernetes.
+
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use clap::{Args, Parser, Subcommand};
+use stowage_common::config::{DatabaseArgs, NatsArgs};
+use stowage_common::db::{self, Pool};
+use stowage_common::jobs;
+use stowage_common::locks::{LockManager, LockMetrics};
+use stowage_common::queue::Queue;
+use stowage_common::spec::{
+    Backoff, ChecksumAlgorithm, ConflictPolicy, Destination, Endpoint, HttpSource, RetryPolicy,
+    S3Source, SecretRef, UploadJobSpec, UploadSource,
+};
+use stowage_common::state::uploads::{self, NewJob};
+use uuid::Uuid;
+
+/// stowctl — submit uploads to Stowage workers, follow them, replay dead letters.
+#[derive(Parser)]
+#[command(name = "stowctl", version)]
+pub struct Cli {
+    #[command(flatten)]
+    database: DatabaseArgs,
+    #[command(flatten)]
+    nats: NatsArgs,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Copy files from a bucket prefix or a list of URLs into a bucket.
+    Upload(UploadArgs),
+    /// Show a job's state, counters and failed items.
+    Status {
+        /// Job id printed by `stowctl upload`.
+        job: Uuid,
+    },
+    /// List or replay dead-lettered tasks.
+    #[command(subcommand)]
+    DeadLetters(DeadLetterCommand),
+}
+
+#[derive(Subcommand)]
+enum DeadLetterCommand {
+    /// Print every dead letter with its error.
+    List,
+    /// Put the dead letters' items back to pending and queue their tasks again.
+    Replay {
+        /// Sequence numbers from `dead-letters list`.
+        #[arg(required = true)]
+        seq: Vec<u64>,
+    },
+}
+
+#[derive(Args)]
+struct UploadArgs {
+    /// Job name (shows in subjects and logs).
+    #[arg(long, default_value = "stowctl")]
+    name: String,
+    #[arg(long, default_value = "default")]
+    namespace: String,
+    /// Source bucket and prefix: `s3://bucket/prefix`.
+    #[arg(long, conflicts_with = "url", required_unless_present = "url")]
+    from: Option<String>,
+    /// Source endpoint (S3-compatible URL) when --from is used.
+    #[arg(long)]
+    from_endpoint: Option<String>,
+    /// Credentials Secret name for the source.
+    #[arg(long)]
+    from_credentials: Option<String>,
+    /// HTTP(S) URLs to copy (repeat the flag).
+    #[arg(long)]
+    url: Vec<String>,
+    /// Let HTTP sources reach loopback/private addresses.
+    #[arg(long)]
+    allow_private_networks: bool,
+    /// Destination: `s3://bucket/key-prefix`.
+    #[arg(long)]
+    to: String,
+    /// Destination endpoint (S3-compatible URL); empty means AWS.
+    #[arg(long)]
+    to_endpoint: Option<String>,
+    /// Credentials Secret name for the destination.
+    #[arg(long)]
+    to_credentials: Option<String>,
+    #[arg(long, default_value = "us-east-1")]
+    region: String,
+    #[arg(long, default_value_t = 16 * 1024 * 1024)]
+    part_size: u64,
+    #[arg(long, default_value_t = 4)]
+    concurrency: u32,
+    /// skip | overwrite | version
+    #[arg(long, default_value = "overwrite")]
+    conflict_policy: String,
+    #[arg(long)]
+    dedup: bool,
+    /// crc32c | sha256
+    #[arg(long, default_value = "crc32c")]
+    checksum: String,
+    #[arg(long, default_value_t = 5)]
+    max_attempts: u32,
+    /// Wait until the job finishes and print its objects; exit 1 if it failed.
+    #[arg(long)]
+    wait: bool,
+    /// Give up waiting after this many seconds.
+    #[arg(long, default_value_t = 3600)]
+    timeout: u64,
+}
+
+fn split_s3_url(s: &str) -> anyhow::Result<(String, String)> {
+    let rest = s
+        .strip_prefix("s3://")
+        .with_context(|| format!("{s:?} is not an s3://bucket/prefix URL"))?;
+    let (bucket, prefix) = rest.split_once('/').unwrap_or((rest, ""));
+    Ok((bucket.to_string(), prefix.to_string()))
+}
+
+impl UploadArgs {
+    fn spec(&self) -> anyhow::Result<UploadJobSpec> {
+        let endpoint = |url: &Option<String>, creds: &Option<String>| Endpoint {
+            endpoint: url.clone(),
+            region: self.region.clone(),
+            force_path_style: true,
+            credentials_secret_ref: creds.clone().map(|name| SecretRef { name }),
+        };
+        let source = match &self.from {
+            Some(from) => {
+                let (bucket, prefix) = split_s3_url(from)?;
+                UploadSource {
+                    s3: Some(S3Source {
+                        bucket,
+                        prefix,
+                        endpoint: endpoint(&self.from_endpoint, &self.from_credentials),
+                    }),
+                    http: None,
+                }
+            }
+            None => UploadSource {
+                s3: None,
+                http: Some(HttpSource {
+                    urls: self.url.clone(),
+                    allow_private_networks: self.allow_private_networks,
+                }),
+            },
+        };
+        let (bucket, key_prefix) = split_s3_url(&self.to)?;
+        let conflict_policy = match self.conflict_policy.as_str() {
+            "skip" => ConflictPolicy::Skip,
+            "overwrite" => ConflictPolicy::Overwrite,
+            "version" => ConflictPolicy::Version,
+            other => bail!("--conflict-policy {other:?}: use skip, overwrite or version"),
+        };
+        let checksum = match self.checksum.as_str() {
+            "crc32c" => ChecksumAlgorithm::Crc32c,
+            "sha256" => ChecksumAlgorithm::Sha256,
+            other => bail!("--checksum {other:?}: use crc32c or sha256"),
+        };
+        let spec = UploadJobSpec {
+            source,
+            destination: Destination {
+                bucket,
+                key_prefix,
+                endpoint: endpoint(&self.to_endpoint, &self.to_credentials),
+            },
+            part_size_bytes: self.part_size,
+            concurrency: self.concurrency,
+            conflict_policy,
+            dedup: self.dedup,
+            checksum,
+            retry: RetryPolicy {
+                max_attempts: self.max_attempts,
+                backoff: Backoff::default(),
+            },
+        };
+        spec.validate()?;
+        Ok(spec)
+    }
+}
+
+async fn connect(database: &DatabaseArgs) -> anyhow::Result<Pool> {
+    let pg = db::parse_url(&database.database_url)?;
+    let pool = db::pool(&pg, 4)?;
+    let locks = LockManager::new(pg, LockMetrics::default(), Duration::from_secs(5));
+    db::migrate(&pool, &locks).await?;
+    Ok(pool)
+}
+
+impl Cli {
+    pub async fn run(self) -> anyhow::Result<()> {
+        let pool = connect(&self.database).await?;
+        let queue = Queue::connect(&self.nats.nats_url, &self.nats.queue_prefix).await?;
+        queue.ensure(&Default::default()).await?;
+        match self.command {
+            Command::Upload(args) => upload(&pool, &queue, args).await,
+            Command::Status { job } => print_status(&pool, job).await.map(|_| ()),
+            Command::DeadLetters(DeadLetterCommand::List) => {
+                for (seq, l) in queue.dead_letters().await? {
+                    let task = l.task.map(|t| t.task_id).unwrap_or_default();
+                    println!(
+                        "{seq}\t{task}\t{} after {} attempt(s): {}",
+                        l.error_class, l.attempts, l.error
+                    );
+                }
+                Ok(())
+            }
+            Command::DeadLetters(DeadLetterCommand::Replay { seq }) => {
+                for s in seq {
+                    let task = jobs::replay_dead_letter(&pool, &queue, s).await?;
+                    println!("replayed {s} as {}", task.task_id);
+                }
+                Ok(())
+            }
+        }
+    }
+}
+
+async fn upload(pool: &Pool, queue: &Queue, args: UploadArgs) -> anyhow::Result<()> {
+    let spec = args.spec()?;
+    let id = jobs::submit_upload(
+        pool,
+        queue,
+        &NewJob {
+            namespace: args.namespace.clone(),
+            name: args.name.clone(),
+            source_uid: format!("stowctl-{}", Uuid::new_v4()),
+            generation: 1,
+            spec,
+        },
+    )
+    .await?;
+    println!("job {id} submitted");
+    if !args.wait {
+        return Ok(());
+    }
+    // Progress events wake us; the periodic check is the safety net.
+    let mut events = queue.subscribe_events().await?;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(args.timeout);
+    loop {
+        let db = pool.get().await?;
+        let job = uploads::get_job(&db, id).await?;
+        let c = uploads::job_counts(&db, id).await?;
+        eprintln!(
+            "  {}: {}/{} files done ({} skipped, {} failed), {} / {} bytes",
+            job.state,
+            c.succeeded + c.skipped_duplicate + c.skipped_exists + c.failed,
+            c.total,
+            c.skipped_duplicate + c.skipped_exists,
+            c.failed,
+            c.bytes_done,
+            c.bytes_total
+        );
+        if job.state == "succeeded" || job.state == "failed" {
+            drop(db);
+            let ok = print_status(pool, id).await?;
+            if !ok {
+                bail!("job {id} failed");
+            }
+            return Ok(());
+        }
+        if tokio::time::Instant::now() > deadline {
+            bail!("job {id} did not finish within {}s", args.timeout);
+        }
+        let _ = tokio::time::timeout(Duration::from_secs(2), futures::StreamExt::next(&mut events)).await;
+    }
+}
+
+/// Prints the job and its items; returns whether it succeeded.
+async fn print_status(pool: &Pool, id: Uuid) -> anyhow::Result<bool> {
+    let db = pool.get().await?;
+    let job = uploads::get_job(&db, id).await?;
+    let c = uploads::job_counts(&db, id).await?;
+    println!(
+        "job {id} ({}/{}): {} — {} uploaded, {} skipped (duplicate), {} skipped (exists), {} failed, {} dead-lettered",
+        job.namespace, job.name, job.state, c.succeeded, c.skipped_duplicate, c.skipped_exists, c.failed, c.dead_lettered
+    );
+    println!("{:<20} {:>10}  {:<64}  key", "state", "bytes", "sha256");
+    for item in uploads::list_items(&db, id).await? {
+        println!(
+            "{:<20} {:>10}  {:<64}  {}",
+            item.state.as_str(),
+            item.size_bytes.unwrap_or(0),
+            item.sha256_hex.as_deref().unwrap_or("-"),
+            item.dest_key
+        );
+        if let Some(e) = item.last_error.as_deref().filter(|_| item.state.as_str() == "failed") {
+            println!("    error: {e}");
+        }
+    }
+    Ok(job.state == "succeeded")
+}

@@ -1,0 +1,55 @@
+//! Submitting work and replaying dead letters: the steps that touch both the
+//! state in PostgreSQL and the queue, shared by the operator and stowctl.
+
+use stowage_proto::v1::{PlanUpload, Task, task};
+use uuid::Uuid;
+
+use crate::db::Pool;
+use crate::queue::{Queue, QueueError, TaskKind};
+use crate::spec::SpecError;
+use crate::state::StateError;
+use crate::state::uploads::{self, NewJob};
+
+#[derive(Debug, thiserror::Error)]
+pub enum JobError {
+    #[error("invalid spec: {0}")]
+    Spec(#[from] SpecError),
+    #[error(transparent)]
+    State(#[from] StateError),
+    #[error(transparent)]
+    Queue(#[from] QueueError),
+}
+
+/// Registers the job (once per source uid + generation) and publishes its
+/// planning task (once: the task id is deterministic). Safe to repeat.
+pub async fn submit_upload(pool: &Pool, queue: &Queue, job: &NewJob) -> Result<Uuid, JobError> {
+    job.spec.validate()?;
+    let db = pool.get().await.map_err(StateError::from)?;
+    let id = uploads::register_job(&db, job).await?;
+    let task = Task {
+        task_id: format!("upload-plan/{id}"),
+        kind: Some(task::Kind::PlanUpload(PlanUpload {
+            job_id: id.to_string(),
+        })),
+    };
+    let subject = queue
+        .topology()
+        .task_subject(TaskKind::UploadPlan, &job.namespace, &job.name);
+    queue.publish_task(&subject, &task).await?;
+    Ok(id)
+}
+
+/// Replays dead letter `seq`: its item goes back to pending, then its task is
+/// published again under a new id.
+pub async fn replay_dead_letter(pool: &Pool, queue: &Queue, seq: u64) -> Result<Task, JobError> {
+    let letters = queue.dead_letters().await?;
+    let (_, letter) = letters
+        .into_iter()
+        .find(|(s, _)| *s == seq)
+        .ok_or(QueueError::NoSuchDeadLetter(seq))?;
+    if let Some(task::Kind::UploadFile(u)) = letter.task.as_ref().and_then(|t| t.kind.as_ref()) {
+        let db = pool.get().await.map_err(StateError::from)?;
+        uploads::reset_for_replay(&db, u.item_id).await?;
+    }
+    Ok(queue.replay_dead_letter(seq).await?)
+}
