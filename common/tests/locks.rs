@@ -1,0 +1,140 @@
+//! The lock library against the stack's real PostgreSQL.
+
+use std::time::{Duration, Instant};
+
+use stowage_common::db;
+use stowage_common::locks::{LockClass, LockError, LockKey, LockManager, LockMetrics, try_xact_lock, xact_lock};
+use stowage_common::testing::{StackEnv, fresh_database, unique};
+
+async fn manager() -> (LockManager, tokio_postgres::Client) {
+    let url = fresh_database(&StackEnv::load()).await;
+    let pg = db::parse_url(&url).expect("url");
+    let (admin, conn) = pg.connect(tokio_postgres::NoTls).await.expect("connect");
+    tokio::spawn(conn);
+    (LockManager::new(pg, LockMetrics::default(), Duration::from_millis(500)), admin)
+}
+
+fn key(class: LockClass) -> LockKey {
+    LockKey::new(class, unique("res-"))
+}
+
+async fn advisory_locks_held(admin: &tokio_postgres::Client, k: &LockKey) -> i64 {
+    let (a, b) = k.pair();
+    admin
+        .query_one(
+            "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND granted
+             AND classid = $1::int::oid AND objid = $2::int::oid",
+            &[&a, &b],
+        )
+        .await
+        .expect("pg_locks")
+        .get(0)
+}
+
+#[tokio::test]
+async fn server_check_accepts_real_postgres() {
+    let (locks, _) = manager().await;
+    locks.check_server().await.expect("PostgreSQL has working advisory locks");
+}
+
+#[tokio::test]
+async fn contention_and_release_on_drop() {
+    let (locks, admin) = manager().await;
+    let k = key(LockClass::ObjectKey);
+    let held = locks.try_lock(k.clone()).await.expect("query").expect("free lock is taken");
+    assert!(held.is_held());
+    assert_eq!(advisory_locks_held(&admin, &k).await, 1);
+    assert!(locks.try_lock(k.clone()).await.expect("query").is_none(), "second holder refused");
+    assert_eq!(locks.metrics().contended_total(LockClass::ObjectKey), 1);
+    assert_eq!(locks.metrics().held_now(LockClass::ObjectKey), 1);
+
+    drop(held);
+    // The server releases the lock when the dropped guard's session closes.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let again = loop {
+        if let Some(l) = locks.try_lock(k.clone()).await.expect("query") {
+            break l;
+        }
+        assert!(Instant::now() < deadline, "lock not released after drop");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    again.release().await.expect("explicit release");
+    assert_eq!(advisory_locks_held(&admin, &k).await, 0, "nothing leaked");
+    assert_eq!(locks.metrics().held_now(LockClass::ObjectKey), 0);
+}
+
+#[tokio::test]
+async fn waiting_with_timeout_and_blocking() {
+    let (locks, _) = manager().await;
+    let k = key(LockClass::CollectionSync);
+    let holder = locks.lock(k.clone()).await.expect("free lock");
+    let started = Instant::now();
+    let err = locks
+        .lock_with_timeout(k.clone(), Duration::from_millis(300))
+        .await
+        .expect_err("held elsewhere");
+    assert!(matches!(err, LockError::Timeout { .. }), "{err}");
+    assert!(started.elapsed() >= Duration::from_millis(300));
+    assert_eq!(locks.metrics().timed_out_total(LockClass::CollectionSync), 1);
+
+    // A blocking waiter gets the lock as soon as the holder releases it.
+    let waiter = {
+        let locks = locks.clone();
+        let k = k.clone();
+        tokio::spawn(async move { locks.lock_with_timeout(k, Duration::from_secs(10)).await })
+    };
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert!(!waiter.is_finished(), "waiter must wait while the lock is held");
+    holder.release().await.expect("release");
+    let got = waiter.await.expect("join").expect("acquired after release");
+    assert!(got.is_held());
+}
+
+#[tokio::test]
+async fn lost_session_is_reported_to_the_holder() {
+    let (locks, admin) = manager().await;
+    let k = key(LockClass::Document);
+    let held = locks.try_lock(k.clone()).await.expect("query").expect("free");
+    let (a, b) = k.pair();
+    let pid: i32 = admin
+        .query_one(
+            "SELECT pid FROM pg_locks WHERE locktype = 'advisory' AND classid = $1::int::oid AND objid = $2::int::oid",
+            &[&a, &b],
+        )
+        .await
+        .expect("holder pid")
+        .get(0);
+    admin
+        .execute("SELECT pg_terminate_backend($1)", &[&pid])
+        .await
+        .expect("terminate");
+    let reason = tokio::time::timeout(Duration::from_secs(5), held.lost())
+        .await
+        .expect("the holder is told within seconds");
+    assert!(!reason.is_empty());
+    assert!(!held.is_held());
+    assert!(matches!(held.ensure_held(), Err(LockError::NotHeld { .. })));
+    // And the lock is free for someone else.
+    assert!(locks.try_lock(k).await.expect("query").is_some());
+}
+
+#[tokio::test]
+async fn transaction_locks_end_with_the_transaction() {
+    let url = fresh_database(&StackEnv::load()).await;
+    let pg = db::parse_url(&url).expect("url");
+    let pool = db::pool(&pg, 4).expect("pool");
+    let k = key(LockClass::Document);
+    let mut c1 = pool.get().await.expect("c1");
+    let mut c2 = pool.get().await.expect("c2");
+    let tx1 = c1.transaction().await.expect("tx1");
+    xact_lock(&tx1, &k).await.expect("lock in tx1");
+    {
+        let tx2 = c2.transaction().await.expect("tx2");
+        assert!(!try_xact_lock(&tx2, &k).await.expect("query"), "held by tx1");
+        tx2.rollback().await.expect("rollback");
+    }
+    tx1.commit().await.expect("commit");
+    let tx2 = c2.transaction().await.expect("tx2");
+    assert!(try_xact_lock(&tx2, &k).await.expect("query"), "free after commit");
+    tx2.commit().await.expect("commit");
+}
