@@ -149,7 +149,8 @@ async fn status_health_and_metrics_are_served() {
     assert!(upload.task_id.starts_with(&format!("upload/{job}/")));
     assert!(upload.bytes_done >= 5 * MIB as u64, "at least one part stored");
 
-    let mut health = tonic_health::pb::health_client::HealthClient::connect(url).await.expect("grpc");
+    let channel = tonic::transport::Endpoint::from_shared(url).expect("url").connect().await.expect("grpc");
+    let mut health = tonic_health::pb::health_client::HealthClient::new(channel);
     let served = health
         .check(tonic_health::pb::HealthCheckRequest {
             service: "stowage.v1.WorkerStatus".into(),
