@@ -316,25 +316,29 @@ impl LockManager {
         let heartbeat = self.heartbeat;
         let pinger = Arc::clone(&client);
         let watchdog = tokio::spawn(async move {
-            let mut connection = std::pin::pin!(connection);
-            let mut tick = tokio::time::interval(heartbeat);
-            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-            let reason = loop {
-                tokio::select! {
-                    result = &mut connection => {
-                        break match result {
-                            Ok(()) => "the lock session's connection closed".to_string(),
-                            Err(e) => format!("the lock session's connection failed: {e}"),
-                        };
-                    }
-                    _ = tick.tick() => {
-                        match tokio::time::timeout(heartbeat, pinger.simple_query("")).await {
-                            Ok(Ok(_)) => {}
-                            Ok(Err(e)) => break format!("lock session heartbeat failed: {e}"),
-                            Err(_) => break format!("lock session heartbeat got no answer within {heartbeat:?}"),
+            // The heartbeat runs beside the connection future, which must keep
+            // being polled for the heartbeat's own query to complete.
+            let heartbeat_loop = async {
+                let mut tick = tokio::time::interval(heartbeat);
+                tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+                tick.tick().await;
+                loop {
+                    tick.tick().await;
+                    match tokio::time::timeout(heartbeat, pinger.simple_query("SELECT 1")).await {
+                        Ok(Ok(_)) => {}
+                        Ok(Err(e)) => return format!("lock session heartbeat failed: {e}"),
+                        Err(_) => {
+                            return format!("lock session heartbeat got no answer within {heartbeat:?}");
                         }
                     }
                 }
+            };
+            let reason = tokio::select! {
+                result = connection => match result {
+                    Ok(()) => "the lock session's connection closed".to_string(),
+                    Err(e) => format!("the lock session's connection failed: {e}"),
+                },
+                reason = heartbeat_loop => reason,
             };
             let _ = lost_tx.send(Some(reason));
         });
