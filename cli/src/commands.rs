@@ -32,7 +32,7 @@ pub struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Copy files from a bucket prefix or a list of URLs into a bucket.
-    Upload(UploadArgs),
+    Upload(Box<UploadArgs>),
     /// Show a job's state, counters and failed items.
     Status {
         /// Job id printed by `stowctl upload`.
@@ -194,7 +194,7 @@ impl Cli {
         let queue = Queue::connect(&self.nats.nats_url, &self.nats.queue_prefix).await?;
         queue.ensure(&Default::default()).await?;
         match self.command {
-            Command::Upload(args) => upload(&pool, &queue, args).await,
+            Command::Upload(args) => upload(&pool, &queue, *args).await,
             Command::Status { job } => print_status(&pool, job).await.map(|_| ()),
             Command::DeadLetters(DeadLetterCommand::List) => {
                 for (seq, l) in queue.dead_letters().await? {
@@ -263,7 +263,11 @@ async fn upload(pool: &Pool, queue: &Queue, args: UploadArgs) -> anyhow::Result<
         if tokio::time::Instant::now() > deadline {
             bail!("job {id} did not finish within {}s", args.timeout);
         }
-        let _ = tokio::time::timeout(Duration::from_secs(2), futures::StreamExt::next(&mut events)).await;
+        let _ = tokio::time::timeout(
+            Duration::from_secs(2),
+            futures::StreamExt::next(&mut events),
+        )
+        .await;
     }
 }
 
@@ -274,7 +278,14 @@ async fn print_status(pool: &Pool, id: Uuid) -> anyhow::Result<bool> {
     let c = uploads::job_counts(&db, id).await?;
     println!(
         "job {id} ({}/{}): {} — {} uploaded, {} skipped (duplicate), {} skipped (exists), {} failed, {} dead-lettered",
-        job.namespace, job.name, job.state, c.succeeded, c.skipped_duplicate, c.skipped_exists, c.failed, c.dead_lettered
+        job.namespace,
+        job.name,
+        job.state,
+        c.succeeded,
+        c.skipped_duplicate,
+        c.skipped_exists,
+        c.failed,
+        c.dead_lettered
     );
     println!("{:<20} {:>10}  {:<64}  key", "state", "bytes", "sha256");
     for item in uploads::list_items(&db, id).await? {
@@ -285,7 +296,11 @@ async fn print_status(pool: &Pool, id: Uuid) -> anyhow::Result<bool> {
             item.sha256_hex.as_deref().unwrap_or("-"),
             item.dest_key
         );
-        if let Some(e) = item.last_error.as_deref().filter(|_| item.state.as_str() == "failed") {
+        if let Some(e) = item
+            .last_error
+            .as_deref()
+            .filter(|_| item.state.as_str() == "failed")
+        {
             println!("    error: {e}");
         }
     }

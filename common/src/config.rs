@@ -18,7 +18,11 @@ pub struct DatabaseArgs {
 #[derive(Args, Clone, Debug)]
 pub struct NatsArgs {
     /// NATS server URL with JetStream enabled.
-    #[arg(long, env = "STOWAGE_NATS_URL", default_value = "nats://127.0.0.1:4222")]
+    #[arg(
+        long,
+        env = "STOWAGE_NATS_URL",
+        default_value = "nats://127.0.0.1:4222"
+    )]
     pub nats_url: String,
 
     /// Prefix of every subject and stream name; lets several installations

@@ -181,7 +181,10 @@ pub enum SpecError {
     #[error("source: exactly one of `s3` or `http` must be set, found {0}")]
     SourceKinds(usize),
     #[error("{field}: {message}")]
-    Invalid { field: &'static str, message: String },
+    Invalid {
+        field: &'static str,
+        message: String,
+    },
 }
 
 fn invalid(field: &'static str, message: impl Into<String>) -> SpecError {
@@ -361,24 +364,51 @@ mod tests {
         assert_eq!(s.validate(), Err(SpecError::SourceKinds(2)));
         let mut s = spec();
         s.part_size_bytes = 1024;
-        assert!(s.validate().unwrap_err().to_string().starts_with("partSizeBytes:"));
+        assert!(
+            s.validate()
+                .expect_err("invalid")
+                .to_string()
+                .starts_with("partSizeBytes:")
+        );
         let mut s = spec();
         s.concurrency = 0;
-        assert!(s.validate().unwrap_err().to_string().starts_with("concurrency:"));
+        assert!(
+            s.validate()
+                .expect_err("invalid")
+                .to_string()
+                .starts_with("concurrency:")
+        );
         let mut s = spec();
         s.destination.bucket = "Bad_Bucket".into();
-        assert!(s.validate().unwrap_err().to_string().contains("not a valid bucket name"));
+        assert!(
+            s.validate()
+                .expect_err("invalid")
+                .to_string()
+                .contains("not a valid bucket name")
+        );
     }
 
     #[test]
     fn hostile_keys_are_refused() {
         assert_eq!(validate_key("docs/a.txt"), Ok(()));
         assert_eq!(validate_key("docs/..hidden"), Ok(()));
-        assert!(matches!(validate_key("docs/../etc/passwd"), Err(KeyError::DotSegment(_))));
-        assert!(matches!(validate_key("a\u{7}b"), Err(KeyError::ControlCharacter(_))));
-        assert!(matches!(validate_key("a\nb"), Err(KeyError::ControlCharacter(_))));
+        assert!(matches!(
+            validate_key("docs/../etc/passwd"),
+            Err(KeyError::DotSegment(_))
+        ));
+        assert!(matches!(
+            validate_key("a\u{7}b"),
+            Err(KeyError::ControlCharacter(_))
+        ));
+        assert!(matches!(
+            validate_key("a\nb"),
+            Err(KeyError::ControlCharacter(_))
+        ));
         assert!(matches!(validate_key("/abs"), Err(KeyError::Absolute(_))));
-        assert!(matches!(validate_key(&"k".repeat(1025)), Err(KeyError::TooLong(1025))));
+        assert!(matches!(
+            validate_key(&"k".repeat(1025)),
+            Err(KeyError::TooLong(1025))
+        ));
         assert_eq!(validate_key(""), Err(KeyError::Empty));
     }
 }

@@ -34,7 +34,9 @@ pub fn init_logging(args: &TelemetryArgs) -> Result<(), TelemetryError> {
         filter: args.log_filter.clone(),
         message: e.to_string(),
     })?;
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
     // A second init (tests starting several workers in one process) is harmless.
     let _ = match args.log_format {
         LogFormat::Plain => builder.try_init(),
@@ -85,7 +87,10 @@ pub async fn serve_http(
         let stop = async move {
             let _ = shutdown.wait_for(|stop| *stop).await;
         };
-        if let Err(e) = axum::serve(listener, app).with_graceful_shutdown(stop).await {
+        if let Err(e) = axum::serve(listener, app)
+            .with_graceful_shutdown(stop)
+            .await
+        {
             tracing::error!(error = %e, "telemetry HTTP server failed");
         }
     });

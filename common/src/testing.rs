@@ -88,7 +88,10 @@ pub struct S3Target {
 
 /// A short random suffix for names that must not collide between tests.
 pub fn unique(prefix: &str) -> String {
-    format!("{prefix}{}", &uuid::Uuid::new_v4().simple().to_string()[..12])
+    format!(
+        "{prefix}{}",
+        &uuid::Uuid::new_v4().simple().to_string()[..12]
+    )
 }
 
 /// Creates an empty database for one test and returns its URL.

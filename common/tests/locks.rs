@@ -3,7 +3,9 @@
 use std::time::{Duration, Instant};
 
 use stowage_common::db;
-use stowage_common::locks::{LockClass, LockError, LockKey, LockManager, LockMetrics, try_xact_lock, xact_lock};
+use stowage_common::locks::{
+    LockClass, LockError, LockKey, LockManager, LockMetrics, try_xact_lock, xact_lock,
+};
 use stowage_common::testing::{StackEnv, fresh_database, unique};
 
 async fn manager() -> (LockManager, tokio_postgres::Client) {
@@ -11,7 +13,10 @@ async fn manager() -> (LockManager, tokio_postgres::Client) {
     let pg = db::parse_url(&url).expect("url");
     let (admin, conn) = pg.connect(tokio_postgres::NoTls).await.expect("connect");
     tokio::spawn(conn);
-    (LockManager::new(pg, LockMetrics::default(), Duration::from_millis(500)), admin)
+    (
+        LockManager::new(pg, LockMetrics::default(), Duration::from_millis(500)),
+        admin,
+    )
 }
 
 fn key(class: LockClass) -> LockKey {
@@ -34,17 +39,27 @@ async fn advisory_locks_held(admin: &tokio_postgres::Client, k: &LockKey) -> i64
 #[tokio::test]
 async fn server_check_accepts_real_postgres() {
     let (locks, _) = manager().await;
-    locks.check_server().await.expect("PostgreSQL has working advisory locks");
+    locks
+        .check_server()
+        .await
+        .expect("PostgreSQL has working advisory locks");
 }
 
 #[tokio::test]
 async fn contention_and_release_on_drop() {
     let (locks, admin) = manager().await;
     let k = key(LockClass::ObjectKey);
-    let held = locks.try_lock(k.clone()).await.expect("query").expect("free lock is taken");
+    let held = locks
+        .try_lock(k.clone())
+        .await
+        .expect("query")
+        .expect("free lock is taken");
     assert!(held.is_held());
     assert_eq!(advisory_locks_held(&admin, &k).await, 1);
-    assert!(locks.try_lock(k.clone()).await.expect("query").is_none(), "second holder refused");
+    assert!(
+        locks.try_lock(k.clone()).await.expect("query").is_none(),
+        "second holder refused"
+    );
     assert_eq!(locks.metrics().contended_total(LockClass::ObjectKey), 1);
     assert_eq!(locks.metrics().held_now(LockClass::ObjectKey), 1);
 
@@ -75,7 +90,10 @@ async fn waiting_with_timeout_and_blocking() {
         .expect_err("held elsewhere");
     assert!(matches!(err, LockError::Timeout { .. }), "{err}");
     assert!(started.elapsed() >= Duration::from_millis(300));
-    assert_eq!(locks.metrics().timed_out_total(LockClass::CollectionSync), 1);
+    assert_eq!(
+        locks.metrics().timed_out_total(LockClass::CollectionSync),
+        1
+    );
 
     // A blocking waiter gets the lock as soon as the holder releases it.
     let waiter = {
@@ -84,7 +102,10 @@ async fn waiting_with_timeout_and_blocking() {
         tokio::spawn(async move { locks.lock_with_timeout(k, Duration::from_secs(10)).await })
     };
     tokio::time::sleep(Duration::from_millis(100)).await;
-    assert!(!waiter.is_finished(), "waiter must wait while the lock is held");
+    assert!(
+        !waiter.is_finished(),
+        "waiter must wait while the lock is held"
+    );
     holder.release().await.expect("release");
     let got = waiter.await.expect("join").expect("acquired after release");
     assert!(got.is_held());
@@ -94,7 +115,11 @@ async fn waiting_with_timeout_and_blocking() {
 async fn lost_session_is_reported_to_the_holder() {
     let (locks, admin) = manager().await;
     let k = key(LockClass::Document);
-    let held = locks.try_lock(k.clone()).await.expect("query").expect("free");
+    let held = locks
+        .try_lock(k.clone())
+        .await
+        .expect("query")
+        .expect("free");
     let (a, b) = k.pair();
     let pid: i32 = admin
         .query_one(
@@ -130,11 +155,17 @@ async fn transaction_locks_end_with_the_transaction() {
     xact_lock(&tx1, &k).await.expect("lock in tx1");
     {
         let tx2 = c2.transaction().await.expect("tx2");
-        assert!(!try_xact_lock(&tx2, &k).await.expect("query"), "held by tx1");
+        assert!(
+            !try_xact_lock(&tx2, &k).await.expect("query"),
+            "held by tx1"
+        );
         tx2.rollback().await.expect("rollback");
     }
     tx1.commit().await.expect("commit");
     let tx2 = c2.transaction().await.expect("tx2");
-    assert!(try_xact_lock(&tx2, &k).await.expect("query"), "free after commit");
+    assert!(
+        try_xact_lock(&tx2, &k).await.expect("query"),
+        "free after commit"
+    );
     tx2.commit().await.expect("commit");
 }

@@ -15,12 +15,24 @@ fn plan_task(id: &str) -> Task {
 
 #[tokio::test]
 async fn setup_is_idempotent_and_publishing_deduplicates() {
-    let q = Queue::connect(&StackEnv::load().nats_url(), &unique("q")).await.expect("connect");
-    q.ensure(&ConsumerSettings::default()).await.expect("first setup");
-    q.ensure(&ConsumerSettings::default()).await.expect("second setup changes nothing");
+    let q = Queue::connect(&StackEnv::load().nats_url(), &unique("q"))
+        .await
+        .expect("connect");
+    q.ensure(&ConsumerSettings::default())
+        .await
+        .expect("first setup");
+    q.ensure(&ConsumerSettings::default())
+        .await
+        .expect("second setup changes nothing");
     let subject = q.topology().task_subject(TaskKind::UploadPlan, "ns", "job");
-    let first = q.publish_task(&subject, &plan_task("upload-plan/1")).await.expect("publish");
-    let again = q.publish_task(&subject, &plan_task("upload-plan/1")).await.expect("publish");
+    let first = q
+        .publish_task(&subject, &plan_task("upload-plan/1"))
+        .await
+        .expect("publish");
+    let again = q
+        .publish_task(&subject, &plan_task("upload-plan/1"))
+        .await
+        .expect("publish");
     assert!(!first.duplicate);
     assert!(again.duplicate, "same task id within the window is dropped");
     assert_eq!(q.backlog().await.expect("backlog"), 1);
@@ -33,16 +45,24 @@ async fn setup_is_idempotent_and_publishing_deduplicates() {
         .messages()
         .await
         .expect("fetch");
-    let msg = futures::StreamExt::next(&mut batch).await.expect("one").expect("ok");
+    let msg = futures::StreamExt::next(&mut batch)
+        .await
+        .expect("one")
+        .expect("ok");
     let task = stowage_common::queue::decode_task(&msg).expect("decode");
     assert_eq!(task.task_id, "upload-plan/1");
     msg.ack().await.expect("ack");
-    assert!(futures::StreamExt::next(&mut batch).await.is_none(), "only one was queued");
+    assert!(
+        futures::StreamExt::next(&mut batch).await.is_none(),
+        "only one was queued"
+    );
 }
 
 #[tokio::test]
 async fn dead_letters_are_kept_and_replayed() {
-    let q = Queue::connect(&StackEnv::load().nats_url(), &unique("q")).await.expect("connect");
+    let q = Queue::connect(&StackEnv::load().nats_url(), &unique("q"))
+        .await
+        .expect("connect");
     q.ensure(&ConsumerSettings::default()).await.expect("setup");
     let subject = q.topology().task_subject(TaskKind::UploadPlan, "ns", "job");
     let seq = q
@@ -63,5 +83,9 @@ async fn dead_letters_are_kept_and_replayed() {
     let replayed = q.replay_dead_letter(seq).await.expect("replay");
     assert_eq!(replayed.task_id, format!("upload-plan/9/replay-{seq}"));
     assert!(q.dead_letters().await.expect("list").is_empty());
-    assert_eq!(q.backlog().await.expect("backlog"), 1, "the task is queued again");
+    assert_eq!(
+        q.backlog().await.expect("backlog"),
+        1,
+        "the task is queued again"
+    );
 }

@@ -7,7 +7,8 @@ pub mod v1 {
     tonic::include_proto!("stowage.v1");
 
     /// Encoded `FileDescriptorSet` of the package, for gRPC reflection.
-    pub const FILE_DESCRIPTOR_SET: &[u8] = tonic::include_file_descriptor_set!("stowage_descriptor");
+    pub const FILE_DESCRIPTOR_SET: &[u8] =
+        tonic::include_file_descriptor_set!("stowage_descriptor");
 }
 
 pub use prost::Message;

@@ -100,7 +100,13 @@ mod tests {
     fn help_explains_itself() {
         use clap::CommandFactory;
         let help = WorkerArgs::command().render_long_help().to_string();
-        for flag in ["--database-url", "--nats-url", "--capacity", "--drain-timeout", "STOWAGE_GRPC_ADDR"] {
+        for flag in [
+            "--database-url",
+            "--nats-url",
+            "--capacity",
+            "--drain-timeout",
+            "STOWAGE_GRPC_ADDR",
+        ] {
             assert!(help.contains(flag), "--help lacks {flag}");
         }
     }

@@ -62,15 +62,12 @@ pub async fn serve(
         .add_service(health)
         .add_service(reflection)
         .add_service(WorkerStatusServer::new(StatusService { ctx }))
-        .serve_with_incoming_shutdown(
-            tokio_stream_listener(listener),
-            async move {
-                let _ = shutdown.wait_for(|s| *s).await;
-                health_reporter
-                    .set_not_serving::<WorkerStatusServer<StatusService>>()
-                    .await;
-            },
-        );
+        .serve_with_incoming_shutdown(tokio_stream_listener(listener), async move {
+            let _ = shutdown.wait_for(|s| *s).await;
+            health_reporter
+                .set_not_serving::<WorkerStatusServer<StatusService>>()
+                .await;
+        });
     let handle = tokio::spawn(async move {
         if let Err(e) = server.await {
             tracing::error!(error = %e, "gRPC server failed");

@@ -28,7 +28,11 @@ impl WorkerMetrics {
     pub fn register(registry: &mut Registry) -> Self {
         let m = WorkerMetrics::default();
         let r = registry.sub_registry_with_prefix("stowage_worker");
-        r.register("tasks", "Tasks finished, by kind and outcome", m.tasks.clone());
+        r.register(
+            "tasks",
+            "Tasks finished, by kind and outcome",
+            m.tasks.clone(),
+        );
         r.register("in_flight", "Tasks running now", m.in_flight.clone());
         r.register(
             "uploaded_bytes",
@@ -59,6 +63,8 @@ impl WorkerMetrics {
     }
 
     pub fn task(&self, kind: &'static str, outcome: &'static str) {
-        self.tasks.get_or_create(&TaskLabels { kind, outcome }).inc();
+        self.tasks
+            .get_or_create(&TaskLabels { kind, outcome })
+            .inc();
     }
 }

@@ -30,7 +30,12 @@ impl S3Clients {
     }
 
     pub fn client(&self, endpoint: &Endpoint) -> Result<aws_sdk_s3::Client, UploadError> {
-        if let Some(c) = self.cache.lock().ok().and_then(|m| m.get(endpoint).cloned()) {
+        if let Some(c) = self
+            .cache
+            .lock()
+            .ok()
+            .and_then(|m| m.get(endpoint).cloned())
+        {
             return Ok(c);
         }
         let credentials = self.credentials(endpoint)?;
@@ -144,8 +149,14 @@ mod tests {
         std::fs::create_dir_all(dir.path().join("b")).expect("mkdir");
         std::fs::write(dir.path().join("b/AWS_ACCESS_KEY_ID"), "AK2").expect("write");
         std::fs::write(dir.path().join("b/AWS_SECRET_ACCESS_KEY"), "SK2").expect("write");
-        assert_eq!(read_secret(dir.path(), "a").expect("a"), ("AK".into(), "SK".into()));
-        assert_eq!(read_secret(dir.path(), "b").expect("b"), ("AK2".into(), "SK2".into()));
+        assert_eq!(
+            read_secret(dir.path(), "a").expect("a"),
+            ("AK".into(), "SK".into())
+        );
+        assert_eq!(
+            read_secret(dir.path(), "b").expect("b"),
+            ("AK2".into(), "SK2".into())
+        );
         assert!(read_secret(dir.path(), "c").is_err());
         assert!(read_secret(dir.path(), "../etc").is_err());
     }

@@ -84,7 +84,9 @@ async fn sweep_bucket(
             .await
             .map_err(|e| s3_error("ListMultipartUploads", e))?;
         for u in page.uploads() {
-            let (Some(key), Some(id)) = (u.key(), u.upload_id()) else { continue };
+            let (Some(key), Some(id)) = (u.key(), u.upload_id()) else {
+                continue;
+            };
             let old = u
                 .initiated()
                 .and_then(|t| std::time::SystemTime::try_from(*t).ok())
@@ -103,9 +105,16 @@ async fn sweep_bucket(
                 Ok(_) => {
                     aborted += 1;
                     ctx.metrics.orphans_aborted.inc();
-                    info!(bucket, key, upload_id = id, "aborted orphaned multipart upload");
+                    info!(
+                        bucket,
+                        key,
+                        upload_id = id,
+                        "aborted orphaned multipart upload"
+                    );
                 }
-                Err(e) => warn!(bucket, key, error = %s3_error("AbortMultipartUpload", e), "abort failed"),
+                Err(e) => {
+                    warn!(bucket, key, error = %s3_error("AbortMultipartUpload", e), "abort failed")
+                }
             }
         }
         if page.is_truncated() == Some(true) {

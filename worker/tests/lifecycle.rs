@@ -49,7 +49,10 @@ async fn wait_for_parts(h: &Harness, job: Uuid, n: i64) -> Vec<i32> {
         if rows.len() as i64 >= n {
             return rows.iter().map(|r| r.get(0)).collect();
         }
-        assert!(tokio::time::Instant::now() < deadline, "no {n} parts recorded in time");
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "no {n} parts recorded in time"
+        );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
@@ -85,12 +88,28 @@ async fn sigkill_mid_upload_resumes_from_recorded_parts(target: &str) {
     assert_eq!(done.state, "succeeded");
     let m = &second.context.metrics;
     let resumed = m.parts_resumed.get();
-    assert!(resumed >= recorded.len() as u64, "resumed {resumed} < {} recorded before the kill", recorded.len());
-    assert_eq!(m.parts_uploaded.get() + resumed, 8, "every part stored exactly once by the second worker or before");
+    assert!(
+        resumed >= recorded.len() as u64,
+        "resumed {resumed} < {} recorded before the kill",
+        recorded.len()
+    );
+    assert_eq!(
+        m.parts_uploaded.get() + resumed,
+        8,
+        "every part stored exactly once by the second worker or before"
+    );
     let expected = sha256_hex(&bytes);
-    assert_eq!(h.items(job).await[0].sha256_hex.as_deref(), Some(expected.as_str()));
+    assert_eq!(
+        h.items(job).await[0].sha256_hex.as_deref(),
+        Some(expected.as_str())
+    );
     assert_eq!(h.peer_sha256("slow.bin"), expected);
-    let open = h.s3.list_multipart_uploads().bucket(&h.bucket).send().await.expect("list");
+    let open =
+        h.s3.list_multipart_uploads()
+            .bucket(&h.bucket)
+            .send()
+            .await
+            .expect("list");
     assert!(open.uploads().is_empty());
     second.shutdown().await.expect("shutdown");
 }
@@ -105,7 +124,10 @@ async fn sigterm_drains_and_hands_work_back() {
     let mut worker = spawn_worker(&h);
     wait_for_parts(&h, job, 1).await;
     let pid = worker.id().to_string();
-    let stopped = Command::new("kill").args(["-TERM", &pid]).status().expect("kill");
+    let stopped = Command::new("kill")
+        .args(["-TERM", &pid])
+        .status()
+        .expect("kill");
     assert!(stopped.success());
     // Drain timeout is 2 s: the process stops the upload, NAKs it and exits 0.
     let deadline = std::time::Instant::now() + Duration::from_secs(20);
@@ -113,7 +135,10 @@ async fn sigterm_drains_and_hands_work_back() {
         if let Some(s) = worker.try_wait().expect("wait") {
             break s;
         }
-        assert!(std::time::Instant::now() < deadline, "worker did not exit after SIGTERM");
+        assert!(
+            std::time::Instant::now() < deadline,
+            "worker did not exit after SIGTERM"
+        );
         tokio::time::sleep(Duration::from_millis(50)).await;
     };
     assert!(status.success(), "graceful exit, got {status:?}");
@@ -122,7 +147,10 @@ async fn sigterm_drains_and_hands_work_back() {
     assert_eq!(item.attempts, 0, "a shutdown does not burn an attempt");
 
     let next = h.worker(None).await;
-    assert_eq!(h.wait_job(job, Duration::from_secs(120)).await.state, "succeeded");
+    assert_eq!(
+        h.wait_job(job, Duration::from_secs(120)).await.state,
+        "succeeded"
+    );
     assert!(next.context.metrics.parts_resumed.get() >= 1);
     assert_eq!(h.peer_sha256("slow.bin"), sha256_hex(&bytes));
     next.shutdown().await.expect("shutdown");
@@ -140,16 +168,33 @@ async fn status_health_and_metrics_are_served() {
     wait_for_parts(&h, job, 1).await;
 
     let url = format!("http://{}", worker.grpc_addr);
-    let mut client = WorkerStatusClient::connect(url.clone()).await.expect("grpc");
-    let status = client.get_status(GetStatusRequest {}).await.expect("status").into_inner();
+    let mut client = WorkerStatusClient::connect(url.clone())
+        .await
+        .expect("grpc");
+    let status = client
+        .get_status(GetStatusRequest {})
+        .await
+        .expect("status")
+        .into_inner();
     assert_eq!(status.capacity, 4);
     assert!(!status.draining);
     assert!(!status.worker_id.is_empty());
-    let upload = status.in_flight.iter().find(|t| t.kind == "upload").expect("the upload is in flight");
+    let upload = status
+        .in_flight
+        .iter()
+        .find(|t| t.kind == "upload")
+        .expect("the upload is in flight");
     assert!(upload.task_id.starts_with(&format!("upload/{job}/")));
-    assert!(upload.bytes_done >= 5 * MIB as u64, "at least one part stored");
+    assert!(
+        upload.bytes_done >= 5 * MIB as u64,
+        "at least one part stored"
+    );
 
-    let channel = tonic::transport::Endpoint::from_shared(url).expect("url").connect().await.expect("grpc");
+    let channel = tonic::transport::Endpoint::from_shared(url)
+        .expect("url")
+        .connect()
+        .await
+        .expect("grpc");
     let mut health = tonic_health::pb::health_client::HealthClient::new(channel);
     let served = health
         .check(tonic_health::pb::HealthCheckRequest {
@@ -158,15 +203,39 @@ async fn status_health_and_metrics_are_served() {
         .await
         .expect("health")
         .into_inner();
-    assert_eq!(served.status, tonic_health::pb::health_check_response::ServingStatus::Serving as i32);
+    assert_eq!(
+        served.status,
+        tonic_health::pb::health_check_response::ServingStatus::Serving as i32
+    );
 
     let base = format!("http://{}", worker.http_addr);
-    let body = reqwest::get(format!("{base}/metrics")).await.expect("metrics").text().await.expect("body");
-    for name in ["stowage_worker_parts_uploaded_total", "stowage_lock_acquired_total", "stowage_worker_in_flight"] {
+    let body = reqwest::get(format!("{base}/metrics"))
+        .await
+        .expect("metrics")
+        .text()
+        .await
+        .expect("body");
+    for name in [
+        "stowage_worker_parts_uploaded_total",
+        "stowage_lock_acquired_total",
+        "stowage_worker_in_flight",
+    ] {
         assert!(body.contains(name), "/metrics lacks {name}");
     }
-    assert_eq!(reqwest::get(format!("{base}/readyz")).await.expect("readyz").status(), 200);
-    assert_eq!(reqwest::get(format!("{base}/healthz")).await.expect("healthz").status(), 200);
+    assert_eq!(
+        reqwest::get(format!("{base}/readyz"))
+            .await
+            .expect("readyz")
+            .status(),
+        200
+    );
+    assert_eq!(
+        reqwest::get(format!("{base}/healthz"))
+            .await
+            .expect("healthz")
+            .status(),
+        200
+    );
     h.wait_job(job, Duration::from_secs(120)).await;
     worker.shutdown().await.expect("shutdown");
 }
@@ -174,18 +243,34 @@ async fn status_health_and_metrics_are_served() {
 async fn sweeper_aborts_orphans_and_keeps_live_uploads(target: &str) {
     let h = Harness::new(target).await;
     let src = SourceServer::start().await;
-    src.put("a.txt", FileBehaviour { data: data(1000, 40), ..Default::default() });
+    src.put(
+        "a.txt",
+        FileBehaviour {
+            data: data(1000, 40),
+            ..Default::default()
+        },
+    );
     let worker = h.worker(None).await;
     // A job makes the bucket one of Stowage's destinations.
     let job = h.submit("sweep", h.spec(http(src.url("a.txt")), "")).await;
-    assert_eq!(h.wait_job(job, Duration::from_secs(60)).await.state, "succeeded");
+    assert_eq!(
+        h.wait_job(job, Duration::from_secs(60)).await.state,
+        "succeeded"
+    );
 
     let create = |key: &'static str| {
         let s3 = h.s3.clone();
         let bucket = h.bucket.clone();
         async move {
-            s3.create_multipart_upload().bucket(bucket).key(key).send().await.expect("create")
-                .upload_id().expect("id").to_string()
+            s3.create_multipart_upload()
+                .bucket(bucket)
+                .key(key)
+                .send()
+                .await
+                .expect("create")
+                .upload_id()
+                .expect("id")
+                .to_string()
         }
     };
     let orphan = create("orphan.bin").await;
@@ -208,11 +293,26 @@ async fn sweeper_aborts_orphans_and_keeps_live_uploads(target: &str) {
     .await
     .expect("multipart row");
 
-    let aborted = stowage_worker::sweeper::sweep_once(&worker.context, Duration::ZERO).await.expect("sweep");
+    let aborted = stowage_worker::sweeper::sweep_once(&worker.context, Duration::ZERO)
+        .await
+        .expect("sweep");
     assert_eq!(aborted, 1);
-    let open = h.s3.list_multipart_uploads().bucket(&h.bucket).send().await.expect("list");
-    let ids: Vec<&str> = open.uploads().iter().filter_map(|u| u.upload_id()).collect();
-    assert_eq!(ids, vec![live.as_str()], "orphan {orphan} aborted, live upload kept");
+    let open =
+        h.s3.list_multipart_uploads()
+            .bucket(&h.bucket)
+            .send()
+            .await
+            .expect("list");
+    let ids: Vec<&str> = open
+        .uploads()
+        .iter()
+        .filter_map(|u| u.upload_id())
+        .collect();
+    assert_eq!(
+        ids,
+        vec![live.as_str()],
+        "orphan {orphan} aborted, live upload kept"
+    );
     worker.shutdown().await.expect("shutdown");
 }
 on_each_s3!(sweeper_aborts_orphans_and_keeps_live_uploads);

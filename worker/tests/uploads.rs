@@ -31,7 +31,13 @@ async fn big_file_in_8_mib_parts(target: &str) {
     let src = SourceServer::start().await;
     let bytes = data(200 * MIB, 1);
     let expected = sha256_hex(&bytes);
-    src.put("big.bin", FileBehaviour { data: bytes, ..Default::default() });
+    src.put(
+        "big.bin",
+        FileBehaviour {
+            data: bytes,
+            ..Default::default()
+        },
+    );
     let worker = h.worker(None).await;
     let mut spec = h.spec(http(vec![src.url("big.bin")]), "in/");
     spec.part_size_bytes = 8 * MIB as u64;
@@ -48,15 +54,34 @@ async fn big_file_in_8_mib_parts(target: &str) {
     let m = &worker.context.metrics;
     assert_eq!(m.parts_uploaded.get(), 25);
     assert_eq!(m.bytes_uploaded.get(), 200 * MIB as u64);
-    let head = h.s3.head_object().bucket(&h.bucket).key("in/big.bin").send().await.expect("head");
+    let head =
+        h.s3.head_object()
+            .bucket(&h.bucket)
+            .key("in/big.bin")
+            .send()
+            .await
+            .expect("head");
     assert_eq!(head.content_length(), Some(200 * MIB as i64));
-    assert_eq!(h.object_sha256_metadata("in/big.bin").await.as_deref(), Some(expected.as_str()));
+    assert_eq!(
+        h.object_sha256_metadata("in/big.bin").await.as_deref(),
+        Some(expected.as_str())
+    );
     assert_eq!(h.peer_sha256("in/big.bin"), expected);
     let db = h.pool.get().await.expect("db");
-    let obj = uploads::current_object(&db, &h.bucket, "in/big.bin").await.expect("q").expect("row");
-    assert_eq!((obj.version, obj.sha256_hex.as_str(), obj.size_bytes), (1, expected.as_str(), 200 * MIB as i64));
+    let obj = uploads::current_object(&db, &h.bucket, "in/big.bin")
+        .await
+        .expect("q")
+        .expect("row");
+    assert_eq!(
+        (obj.version, obj.sha256_hex.as_str(), obj.size_bytes),
+        (1, expected.as_str(), 200 * MIB as i64)
+    );
     // No multipart bookkeeping is left behind.
-    let left: i64 = db.query_one("SELECT count(*) FROM multipart_uploads", &[]).await.expect("q").get(0);
+    let left: i64 = db
+        .query_one("SELECT count(*) FROM multipart_uploads", &[])
+        .await
+        .expect("q")
+        .get(0);
     assert_eq!(left, 0);
     worker.shutdown().await.expect("shutdown");
 }
@@ -67,7 +92,13 @@ async fn corrupted_part_is_rejected_and_sent_again(target: &str) {
     let src = SourceServer::start().await;
     let bytes = data(12 * MIB, 2);
     let expected = sha256_hex(&bytes);
-    src.put("f.bin", FileBehaviour { data: bytes, ..Default::default() });
+    src.put(
+        "f.bin",
+        FileBehaviour {
+            data: bytes,
+            ..Default::default()
+        },
+    );
     // Part 2 has a byte flipped on its first attempt, after its checksum was
     // computed: in-flight corruption the server must catch.
     let corrupted = Arc::new(AtomicUsize::new(0));
@@ -86,8 +117,15 @@ async fn corrupted_part_is_rejected_and_sent_again(target: &str) {
     let mut spec = h.spec(http(vec![src.url("f.bin")]), "");
     spec.part_size_bytes = 5 * MIB as u64;
     let job = h.submit("corrupt", spec).await;
-    assert_eq!(h.wait_job(job, Duration::from_secs(120)).await.state, "succeeded");
-    assert_eq!(corrupted.load(Ordering::SeqCst), 1, "the corrupted part was sent");
+    assert_eq!(
+        h.wait_job(job, Duration::from_secs(120)).await.state,
+        "succeeded"
+    );
+    assert_eq!(
+        corrupted.load(Ordering::SeqCst),
+        1,
+        "the corrupted part was sent"
+    );
     let m = &worker.context.metrics;
     assert!(m.part_retries.get() >= 1, "the rejected part was retried");
     assert_eq!(m.parts_uploaded.get(), 3);
@@ -100,25 +138,54 @@ async fn source_failures_are_classified(target: &str) {
     let h = Harness::new(target).await;
     let src = SourceServer::start().await;
     let good = data(64 * 1024, 3);
-    src.put("flaky.txt", FileBehaviour { data: good.clone(), fail_first: 2, ..Default::default() });
-    src.put("down.txt", FileBehaviour { always: Some(503), ..Default::default() });
+    src.put(
+        "flaky.txt",
+        FileBehaviour {
+            data: good.clone(),
+            fail_first: 2,
+            ..Default::default()
+        },
+    );
+    src.put(
+        "down.txt",
+        FileBehaviour {
+            always: Some(503),
+            ..Default::default()
+        },
+    );
     let worker = h.worker(None).await;
     let mut spec = h.spec(
-        http(vec![src.url("missing.txt"), src.url("flaky.txt"), src.url("down.txt")]),
+        http(vec![
+            src.url("missing.txt"),
+            src.url("flaky.txt"),
+            src.url("down.txt"),
+        ]),
         "",
     );
     spec.retry.max_attempts = 3;
     let job = h.submit("failures", spec).await;
-    assert_eq!(h.wait_job(job, Duration::from_secs(120)).await.state, "failed");
+    assert_eq!(
+        h.wait_job(job, Duration::from_secs(120)).await.state,
+        "failed"
+    );
     let items = h.items(job).await;
-    let by_key = |k: &str| items.iter().find(|i| i.dest_key == k).expect("item").clone();
+    let by_key = |k: &str| {
+        items
+            .iter()
+            .find(|i| i.dest_key == k)
+            .expect("item")
+            .clone()
+    };
 
     // 404: permanent, one attempt, one request.
     let missing = by_key("missing.txt");
     assert_eq!(missing.state, ItemState::Failed);
     assert_eq!(missing.attempts, 1);
     assert_eq!(missing.error_class.as_deref(), Some("permanent"));
-    assert!(missing.last_error.as_deref().unwrap_or("").contains("404"), "{missing:?}");
+    assert!(
+        missing.last_error.as_deref().unwrap_or("").contains("404"),
+        "{missing:?}"
+    );
     assert_eq!(src.hits("missing.txt"), 1);
 
     // Two 503s, then success after backoff.
@@ -136,7 +203,11 @@ async fn source_failures_are_classified(target: &str) {
     assert_eq!(down.error_class.as_deref(), Some("retryable"));
     assert_eq!(src.hits("down.txt"), 3);
     let letters = h.queue.dead_letters().await.expect("dead letters");
-    assert_eq!(letters.len(), 2, "404 and exhausted retries are both dead-lettered");
+    assert_eq!(
+        letters.len(),
+        2,
+        "404 and exhausted retries are both dead-lettered"
+    );
     let (seq, letter) = letters
         .iter()
         .find(|(_, l)| l.error.contains("503"))
@@ -146,15 +217,32 @@ async fn source_failures_are_classified(target: &str) {
     assert_eq!(letter.error_class, "retryable");
 
     // Once the source recovers, replaying the dead letter finishes the file.
-    src.put("down.txt", FileBehaviour { data: good.clone(), ..Default::default() });
-    stowage_common::jobs::replay_dead_letter(&h.pool, &h.queue, seq).await.expect("replay");
+    src.put(
+        "down.txt",
+        FileBehaviour {
+            data: good.clone(),
+            ..Default::default()
+        },
+    );
+    stowage_common::jobs::replay_dead_letter(&h.pool, &h.queue, seq)
+        .await
+        .expect("replay");
     let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
     loop {
-        let item = h.items(job).await.into_iter().find(|i| i.dest_key == "down.txt").expect("item");
+        let item = h
+            .items(job)
+            .await
+            .into_iter()
+            .find(|i| i.dest_key == "down.txt")
+            .expect("item");
         if item.state == ItemState::Succeeded {
             break;
         }
-        assert!(tokio::time::Instant::now() < deadline, "replayed item still {:?}", item.state);
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "replayed item still {:?}",
+            item.state
+        );
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
     assert_eq!(h.peer_sha256("down.txt"), sha256_hex(&good));
@@ -180,9 +268,26 @@ async fn dedup_and_conflict_policies(target: &str) {
             h.items(job).await.remove(0)
         }
     };
-    src.put("a.txt", FileBehaviour { data: x.clone(), ..Default::default() });
-    src.put("b.txt", FileBehaviour { data: x.clone(), ..Default::default() });
-    assert_eq!(run("first", "a.txt", ConflictPolicy::Overwrite, false).await.state, ItemState::Succeeded);
+    src.put(
+        "a.txt",
+        FileBehaviour {
+            data: x.clone(),
+            ..Default::default()
+        },
+    );
+    src.put(
+        "b.txt",
+        FileBehaviour {
+            data: x.clone(),
+            ..Default::default()
+        },
+    );
+    assert_eq!(
+        run("first", "a.txt", ConflictPolicy::Overwrite, false)
+            .await
+            .state,
+        ItemState::Succeeded
+    );
     let uploaded_before = worker.context.metrics.bytes_uploaded.get();
 
     // dedup: same content under another key is copied server-side, not sent.
@@ -191,24 +296,58 @@ async fn dedup_and_conflict_policies(target: &str) {
     assert_eq!(worker.context.metrics.bytes_uploaded.get(), uploaded_before);
     assert_eq!(h.peer_sha256("b.txt"), sha256_hex(&x));
     // dedup: identical content already at the key is left alone.
-    assert_eq!(run("same", "a.txt", ConflictPolicy::Overwrite, true).await.state, ItemState::SkippedExists);
+    assert_eq!(
+        run("same", "a.txt", ConflictPolicy::Overwrite, true)
+            .await
+            .state,
+        ItemState::SkippedExists
+    );
 
     // skip: an existing key is not touched.
-    src.put("a.txt", FileBehaviour { data: y.clone(), ..Default::default() });
-    assert_eq!(run("skip", "a.txt", ConflictPolicy::Skip, false).await.state, ItemState::SkippedExists);
+    src.put(
+        "a.txt",
+        FileBehaviour {
+            data: y.clone(),
+            ..Default::default()
+        },
+    );
+    assert_eq!(
+        run("skip", "a.txt", ConflictPolicy::Skip, false)
+            .await
+            .state,
+        ItemState::SkippedExists
+    );
     assert_eq!(h.peer_sha256("a.txt"), sha256_hex(&x));
 
     // overwrite: replaced.
-    assert_eq!(run("overwrite", "a.txt", ConflictPolicy::Overwrite, false).await.state, ItemState::Succeeded);
+    assert_eq!(
+        run("overwrite", "a.txt", ConflictPolicy::Overwrite, false)
+            .await
+            .state,
+        ItemState::Succeeded
+    );
     assert_eq!(h.peer_sha256("a.txt"), sha256_hex(&y));
 
     // version: the previous content is preserved, then replaced.
-    src.put("a.txt", FileBehaviour { data: z.clone(), ..Default::default() });
-    assert_eq!(run("version", "a.txt", ConflictPolicy::Version, false).await.state, ItemState::Succeeded);
+    src.put(
+        "a.txt",
+        FileBehaviour {
+            data: z.clone(),
+            ..Default::default()
+        },
+    );
+    assert_eq!(
+        run("version", "a.txt", ConflictPolicy::Version, false)
+            .await
+            .state,
+        ItemState::Succeeded
+    );
     assert_eq!(h.peer_sha256("a.txt"), sha256_hex(&z));
     assert_eq!(h.peer_sha256("a.txt.stowage-v2"), sha256_hex(&y));
     let db = h.pool.get().await.expect("db");
-    let history = uploads::all_versions(&db, &h.bucket, "a.txt").await.expect("history");
+    let history = uploads::all_versions(&db, &h.bucket, "a.txt")
+        .await
+        .expect("history");
     let summary: Vec<_> = history
         .iter()
         .map(|(o, archived)| (o.version, o.sha256_hex.clone(), archived.clone()))
@@ -228,7 +367,13 @@ on_each_s3!(dedup_and_conflict_policies);
 async fn hostile_sources_and_keys_are_refused(target: &str) {
     let h = Harness::new(target).await;
     let src = SourceServer::start().await;
-    src.put("ok.txt", FileBehaviour { data: data(1000, 5), ..Default::default() });
+    src.put(
+        "ok.txt",
+        FileBehaviour {
+            data: data(1000, 5),
+            ..Default::default()
+        },
+    );
     let worker = h.worker(None).await;
 
     // Loopback without allowPrivateNetworks: refused, permanent, no request made.
@@ -237,11 +382,17 @@ async fn hostile_sources_and_keys_are_refused(target: &str) {
         http.allow_private_networks = false;
     }
     let job = h.submit("private", spec).await;
-    assert_eq!(h.wait_job(job, Duration::from_secs(60)).await.state, "failed");
+    assert_eq!(
+        h.wait_job(job, Duration::from_secs(60)).await.state,
+        "failed"
+    );
     let item = h.items(job).await.remove(0);
     assert_eq!(item.error_class.as_deref(), Some("permanent"));
     let err = item.last_error.unwrap_or_default();
-    assert!(err.contains("loopback") && err.contains("allowPrivateNetworks"), "{err}");
+    assert!(
+        err.contains("loopback") && err.contains("allowPrivateNetworks"),
+        "{err}"
+    );
     assert_eq!(src.hits("ok.txt"), 0);
 
     // Keys that climb out of their prefix or carry control characters.
@@ -249,19 +400,40 @@ async fn hostile_sources_and_keys_are_refused(target: &str) {
         .submit(
             "keys",
             h.spec(
-                http(vec![src.url("x/..%2F..%2Fetc%2Fpasswd"), src.url("bell%07.txt"), src.url("ok.txt")]),
+                http(vec![
+                    src.url("x/..%2F..%2Fetc%2Fpasswd"),
+                    src.url("bell%07.txt"),
+                    src.url("ok.txt"),
+                ]),
                 "in/",
             ),
         )
         .await;
-    assert_eq!(h.wait_job(job, Duration::from_secs(60)).await.state, "failed");
+    assert_eq!(
+        h.wait_job(job, Duration::from_secs(60)).await.state,
+        "failed"
+    );
     let items = h.items(job).await;
-    let find = |needle: &str| items.iter().find(|i| i.dest_key.contains(needle)).expect("item").clone();
+    let find = |needle: &str| {
+        items
+            .iter()
+            .find(|i| i.dest_key.contains(needle))
+            .expect("item")
+            .clone()
+    };
     let dots = find("passwd");
     assert_eq!(dots.state, ItemState::Failed);
-    assert!(dots.last_error.unwrap_or_default().contains("`..` path segment"));
+    assert!(
+        dots.last_error
+            .unwrap_or_default()
+            .contains("`..` path segment")
+    );
     let bell = find("bell");
-    assert!(bell.last_error.unwrap_or_default().contains("control character"));
+    assert!(
+        bell.last_error
+            .unwrap_or_default()
+            .contains("control character")
+    );
     assert_eq!(find("ok.txt").state, ItemState::Succeeded);
     assert_eq!(src.hits("x/..%2F..%2Fetc%2Fpasswd"), 0);
     worker.shutdown().await.expect("shutdown");
@@ -276,8 +448,22 @@ async fn two_workers_one_writer_per_key(target: &str) {
     let (a, b) = (data(12 * MIB, 20), data(12 * MIB, 21));
     // Slow sources keep both uploads in flight at the same time.
     let slow = Some(Duration::from_millis(150));
-    src1.put("shared.bin", FileBehaviour { data: a.clone(), trickle: slow, ..Default::default() });
-    src2.put("shared.bin", FileBehaviour { data: b.clone(), trickle: slow, ..Default::default() });
+    src1.put(
+        "shared.bin",
+        FileBehaviour {
+            data: a.clone(),
+            trickle: slow,
+            ..Default::default()
+        },
+    );
+    src2.put(
+        "shared.bin",
+        FileBehaviour {
+            data: b.clone(),
+            trickle: slow,
+            ..Default::default()
+        },
+    );
     let w1 = h.worker(None).await;
     let w2 = h.worker(None).await;
     let mut jobs = Vec::new();
@@ -287,17 +473,27 @@ async fn two_workers_one_writer_per_key(target: &str) {
         jobs.push(h.submit("same-key", spec).await);
     }
     for job in &jobs {
-        assert_eq!(h.wait_job(*job, Duration::from_secs(120)).await.state, "succeeded");
+        assert_eq!(
+            h.wait_job(*job, Duration::from_secs(120)).await.state,
+            "succeeded"
+        );
     }
     let contended: u64 = [&w1, &w2]
         .iter()
-        .map(|w| w.context.locks.metrics().contended_total(stowage_common::locks::LockClass::ObjectKey))
+        .map(|w| {
+            w.context
+                .locks
+                .metrics()
+                .contended_total(stowage_common::locks::LockClass::ObjectKey)
+        })
         .sum();
     assert!(contended >= 1, "the second writer found the key locked");
     // One write after the other: two complete versions, and the object is
     // exactly the current one (interleaved parts would match neither).
     let db = h.pool.get().await.expect("db");
-    let history = uploads::all_versions(&db, &h.bucket, "shared.bin").await.expect("history");
+    let history = uploads::all_versions(&db, &h.bucket, "shared.bin")
+        .await
+        .expect("history");
     let shas: Vec<String> = history.iter().map(|(o, _)| o.sha256_hex.clone()).collect();
     assert_eq!(shas.len(), 2);
     let mut expected = vec![sha256_hex(&a), sha256_hex(&b)];
@@ -306,8 +502,16 @@ async fn two_workers_one_writer_per_key(target: &str) {
     got.sort();
     assert_eq!(got, expected);
     assert_eq!(h.peer_sha256("shared.bin"), shas[1]);
-    let uploads = h.s3.list_multipart_uploads().bucket(&h.bucket).send().await.expect("list");
-    assert!(uploads.uploads().is_empty(), "no multipart upload left open");
+    let uploads =
+        h.s3.list_multipart_uploads()
+            .bucket(&h.bucket)
+            .send()
+            .await
+            .expect("list");
+    assert!(
+        uploads.uploads().is_empty(),
+        "no multipart upload left open"
+    );
     w1.shutdown().await.expect("shutdown");
     w2.shutdown().await.expect("shutdown");
 }

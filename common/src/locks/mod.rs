@@ -302,7 +302,11 @@ impl LockManager {
         if visible != 1 || stolen {
             return Err(LockError::Ineffective(format!(
                 "a probe lock held by one session was {} in pg_locks and {} by a second session",
-                if visible == 1 { "visible" } else { "not visible" },
+                if visible == 1 {
+                    "visible"
+                } else {
+                    "not visible"
+                },
                 if stolen { "taken again" } else { "refused" },
             )));
         }
@@ -310,7 +314,11 @@ impl LockManager {
     }
 
     async fn open_session(&self) -> Result<Session, LockError> {
-        let (client, connection) = self.config.connect(NoTls).await.map_err(LockError::Connect)?;
+        let (client, connection) = self
+            .config
+            .connect(NoTls)
+            .await
+            .map_err(LockError::Connect)?;
         let client = Arc::new(client);
         let (lost_tx, lost_rx) = watch::channel(None::<String>);
         let heartbeat = self.heartbeat;
@@ -328,7 +336,9 @@ impl LockManager {
                         Ok(Ok(_)) => {}
                         Ok(Err(e)) => return format!("lock session heartbeat failed: {e}"),
                         Err(_) => {
-                            return format!("lock session heartbeat got no answer within {heartbeat:?}");
+                            return format!(
+                                "lock session heartbeat got no answer within {heartbeat:?}"
+                            );
                         }
                     }
                 }
@@ -461,7 +471,10 @@ impl fmt::Debug for SessionLock {
 }
 
 /// Takes `key` for the rest of `tx`, waiting as long as it takes.
-pub async fn xact_lock(tx: &tokio_postgres::Transaction<'_>, key: &LockKey) -> Result<(), LockError> {
+pub async fn xact_lock(
+    tx: &tokio_postgres::Transaction<'_>,
+    key: &LockKey,
+) -> Result<(), LockError> {
     let (a, b) = key.pair();
     tx.execute("SELECT pg_advisory_xact_lock($1, $2)", &[&a, &b])
         .await
@@ -495,6 +508,9 @@ mod tests {
         assert_eq!(a.pair().1, c.pair().1);
         assert_ne!(a.pair().0, c.pair().0);
         // Pinned: the hash is part of the contract between versions.
-        assert_eq!(LockKey::new(LockClass::Leader, "stowage").pair(), (2, 264_906_849));
+        assert_eq!(
+            LockKey::new(LockClass::Leader, "stowage").pair(),
+            (2, 264_906_849)
+        );
     }
 }

@@ -283,7 +283,10 @@ impl Queue {
 
     /// The worker consumer (after [`Queue::ensure`]).
     pub async fn worker_consumer(&self) -> Result<consumer::PullConsumer, QueueError> {
-        let stream = js!("get stream", self.js.get_stream(self.topology.tasks_stream()).await)?;
+        let stream = js!(
+            "get stream",
+            self.js.get_stream(self.topology.tasks_stream()).await
+        )?;
         js!("get consumer", stream.get_consumer(WORKER_CONSUMER).await)
     }
 
@@ -294,7 +297,11 @@ impl Queue {
         let ack = js!(
             "publish",
             self.js
-                .publish_with_headers(subject.to_string(), headers, Bytes::from(task.encode_to_vec()))
+                .publish_with_headers(
+                    subject.to_string(),
+                    headers,
+                    Bytes::from(task.encode_to_vec())
+                )
                 .await
         )?;
         let ack = js!("publish ack", ack.await)?;
@@ -318,7 +325,10 @@ impl Queue {
 
     /// Every dead letter still stored, oldest first, with its sequence.
     pub async fn dead_letters(&self) -> Result<Vec<(u64, DeadLetter)>, QueueError> {
-        let mut stream = js!("get stream", self.js.get_stream(self.topology.dead_stream()).await)?;
+        let mut stream = js!(
+            "get stream",
+            self.js.get_stream(self.topology.dead_stream()).await
+        )?;
         let info = js!("stream info", stream.info().await)?;
         let (first, last) = (info.state.first_sequence, info.state.last_sequence);
         let mut out = Vec::new();
@@ -343,7 +353,10 @@ impl Queue {
     /// Re-publishes the task of dead letter `seq` under a fresh task id and
     /// removes the dead letter. Returns the re-published task.
     pub async fn replay_dead_letter(&self, seq: u64) -> Result<Task, QueueError> {
-        let stream = js!("get stream", self.js.get_stream(self.topology.dead_stream()).await)?;
+        let stream = js!(
+            "get stream",
+            self.js.get_stream(self.topology.dead_stream()).await
+        )?;
         let raw = stream
             .get_raw_message(seq)
             .await
@@ -364,13 +377,19 @@ impl Queue {
     /// Drops every queued task whose subject matches `filter` (e.g. all tasks
     /// of one job when it is deleted). Returns how many were dropped.
     pub async fn purge_tasks(&self, filter: &str) -> Result<u64, QueueError> {
-        let stream = js!("get stream", self.js.get_stream(self.topology.tasks_stream()).await)?;
+        let stream = js!(
+            "get stream",
+            self.js.get_stream(self.topology.tasks_stream()).await
+        )?;
         Ok(js!("purge", stream.purge().filter(filter).await)?.purged)
     }
 
     /// Fire-and-forget event on core NATS.
     pub async fn publish_event(&self, subject: String, payload: Vec<u8>) -> Result<(), QueueError> {
-        js!("publish event", self.client.publish(subject, payload.into()).await)
+        js!(
+            "publish event",
+            self.client.publish(subject, payload.into()).await
+        )
     }
 
     /// Pending + un-acked tasks, the backlog the fleet has to work off.

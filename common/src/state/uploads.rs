@@ -164,7 +164,9 @@ pub async fn add_items(
     }
     let rows = client
         .query(
-            &format!("{ITEM_SELECT} WHERE job_id = $1 AND state IN ('pending', 'running') ORDER BY id"),
+            &format!(
+                "{ITEM_SELECT} WHERE job_id = $1 AND state IN ('pending', 'running') ORDER BY id"
+            ),
             &[&job_id],
         )
         .await?;
@@ -233,7 +235,10 @@ pub async fn get_item(client: &Client, item_id: i64) -> Result<ItemRecord, State
 
 pub async fn list_items(client: &Client, job_id: Uuid) -> Result<Vec<ItemRecord>, StateError> {
     let rows = client
-        .query(&format!("{ITEM_SELECT} WHERE job_id = $1 ORDER BY id"), &[&job_id])
+        .query(
+            &format!("{ITEM_SELECT} WHERE job_id = $1 ORDER BY id"),
+            &[&job_id],
+        )
         .await?;
     Ok(rows.iter().map(ItemRecord::from_row).collect())
 }
@@ -293,11 +298,7 @@ pub async fn finish_item(
 }
 
 /// Counts a failed attempt that will be retried; returns the attempts so far.
-pub async fn record_retry(
-    client: &Client,
-    item_id: i64,
-    error: &str,
-) -> Result<i32, StateError> {
+pub async fn record_retry(client: &Client, item_id: i64, error: &str) -> Result<i32, StateError> {
     let row = client
         .query_one(
             "UPDATE upload_items SET state = 'pending', attempts = attempts + 1, last_error = $2,
@@ -517,7 +518,11 @@ pub async fn save_part(client: &Client, item_id: i64, part: &PartRecord) -> Resu
     Ok(())
 }
 
-pub async fn delete_part(client: &Client, item_id: i64, part_number: i32) -> Result<(), StateError> {
+pub async fn delete_part(
+    client: &Client,
+    item_id: i64,
+    part_number: i32,
+) -> Result<(), StateError> {
     client
         .execute(
             "DELETE FROM upload_parts WHERE item_id = $1 AND part_number = $2",
@@ -530,7 +535,10 @@ pub async fn delete_part(client: &Client, item_id: i64, part_number: i32) -> Res
 /// Forgets an item's multipart upload (and its parts).
 pub async fn delete_multipart(client: &Client, item_id: i64) -> Result<(), StateError> {
     client
-        .execute("DELETE FROM multipart_uploads WHERE item_id = $1", &[&item_id])
+        .execute(
+            "DELETE FROM multipart_uploads WHERE item_id = $1",
+            &[&item_id],
+        )
         .await?;
     Ok(())
 }
@@ -614,7 +622,10 @@ pub async fn all_versions(
             &[&bucket, &key],
         )
         .await?;
-    Ok(rows.iter().map(|r| (object_from_row(r), r.get(5))).collect())
+    Ok(rows
+        .iter()
+        .map(|r| (object_from_row(r), r.get(5)))
+        .collect())
 }
 
 pub struct ObjectWrite<'a> {

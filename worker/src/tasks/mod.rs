@@ -90,13 +90,20 @@ pub async fn run_loop(
         }
     }
     ctx.draining.store(true, Ordering::Relaxed);
-    info!(in_flight = running.len(), ?drain_timeout, "draining: no new tasks");
+    info!(
+        in_flight = running.len(),
+        ?drain_timeout,
+        "draining: no new tasks"
+    );
     let drained = tokio::time::timeout(drain_timeout, async {
         while running.join_next().await.is_some() {}
     })
     .await;
     if drained.is_err() {
-        warn!(in_flight = running.len(), "drain timeout: stopping in-flight tasks; they resume elsewhere");
+        warn!(
+            in_flight = running.len(),
+            "drain timeout: stopping in-flight tasks; they resume elsewhere"
+        );
         cancel.cancel();
         while running.join_next().await.is_some() {}
     }
@@ -120,7 +127,9 @@ async fn handle(ctx: Arc<Context>, msg: Message, cancel: CancellationToken) {
         None => "unknown",
     };
     let progress = Arc::new(AtomicU64::new(0));
-    let entry = ctx.in_flight.start(&task.task_id, kind, Arc::clone(&progress));
+    let entry = ctx
+        .in_flight
+        .start(&task.task_id, kind, Arc::clone(&progress));
     ctx.metrics.in_flight.inc();
     // Progress acks keep the task ours while it runs, however long.
     let ticker = {
@@ -214,7 +223,12 @@ async fn settle(ctx: &Context, msg: &Message, task: &Task, kind: &'static str, o
         }
         Outcome::Retry { delay, reason } => {
             ctx.metrics.task(kind, "retry");
-            info!(task = task.task_id, ?delay, reason, "task handed back for a retry");
+            info!(
+                task = task.task_id,
+                ?delay,
+                reason,
+                "task handed back for a retry"
+            );
             msg.ack_with(AckKind::Nak(Some(*delay))).await
         }
         Outcome::Dead {
@@ -239,7 +253,8 @@ async fn settle(ctx: &Context, msg: &Message, task: &Task, kind: &'static str, o
                 Err(e) => {
                     // Not stored as a dead letter: keep the task to try again.
                     error!(task = task.task_id, error = %e, "dead-lettering failed; NAKing");
-                    msg.ack_with(AckKind::Nak(Some(Duration::from_secs(10)))).await
+                    msg.ack_with(AckKind::Nak(Some(Duration::from_secs(10))))
+                        .await
                 }
             }
         }
@@ -255,9 +270,14 @@ async fn settle(ctx: &Context, msg: &Message, task: &Task, kind: &'static str, o
 }
 
 async fn publish_progress(ctx: &Context, job_id: &str, item_id: i64) {
-    let Ok(id) = Uuid::parse_str(job_id) else { return };
+    let Ok(id) = Uuid::parse_str(job_id) else {
+        return;
+    };
     let Ok(db) = ctx.db.get().await else { return };
-    let (Ok(job), Ok(item)) = (state::get_job(&db, id).await, state::get_item(&db, item_id).await) else {
+    let (Ok(job), Ok(item)) = (
+        state::get_job(&db, id).await,
+        state::get_item(&db, item_id).await,
+    ) else {
         return;
     };
     let event = JobProgress {
@@ -265,8 +285,15 @@ async fn publish_progress(ctx: &Context, job_id: &str, item_id: i64) {
         item_id,
         item_state: item.state.as_str().into(),
     };
-    let subject = ctx.queue.topology().progress_subject(&job.namespace, &job.name);
-    if let Err(e) = ctx.queue.publish_event(subject, event.encode_to_vec()).await {
+    let subject = ctx
+        .queue
+        .topology()
+        .progress_subject(&job.namespace, &job.name);
+    if let Err(e) = ctx
+        .queue
+        .publish_event(subject, event.encode_to_vec())
+        .await
+    {
         warn!(error = %e, "progress event not published");
     }
 }

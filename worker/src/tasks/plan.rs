@@ -13,7 +13,11 @@ use crate::upload::UploadError;
 
 pub async fn run(ctx: &Context, job_id: Uuid) -> Result<usize, UploadError> {
     let job = {
-        let db = ctx.db.get().await.map_err(stowage_common::state::StateError::from)?;
+        let db = ctx
+            .db
+            .get()
+            .await
+            .map_err(stowage_common::state::StateError::from)?;
         state::get_job(&db, job_id).await?
     };
     job.spec
@@ -21,7 +25,11 @@ pub async fn run(ctx: &Context, job_id: Uuid) -> Result<usize, UploadError> {
         .map_err(|e| UploadError::Invalid(e.to_string()))?;
     let items = list_source(ctx, &job.spec).await?;
     let todo = {
-        let db = ctx.db.get().await.map_err(stowage_common::state::StateError::from)?;
+        let db = ctx
+            .db
+            .get()
+            .await
+            .map_err(stowage_common::state::StateError::from)?;
         state::add_items(&db, job_id, &items).await?
     };
     let subject = ctx.queue.topology().task_subject(
@@ -42,7 +50,11 @@ pub async fn run(ctx: &Context, job_id: Uuid) -> Result<usize, UploadError> {
             .await
             .map_err(|e| UploadError::Invalid(format!("publishing upload tasks: {e}")))?;
     }
-    let db = ctx.db.get().await.map_err(stowage_common::state::StateError::from)?;
+    let db = ctx
+        .db
+        .get()
+        .await
+        .map_err(stowage_common::state::StateError::from)?;
     state::mark_planned(&db, job_id).await?;
     Ok(todo.len())
 }
@@ -113,8 +125,16 @@ mod tests {
         assert_eq!(ok.dest_key, "in/docs/a.txt");
         assert!(ok.invalid.is_none());
         let bad = item("u".into(), "in/", "/docs/../../etc/passwd", None);
-        assert!(bad.invalid.as_deref().is_some_and(|m| m.contains("`..`")), "{:?}", bad.invalid);
+        assert!(
+            bad.invalid.as_deref().is_some_and(|m| m.contains("`..`")),
+            "{:?}",
+            bad.invalid
+        );
         let ctl = item("u".into(), "", "a\u{1b}[31m.txt", None);
-        assert!(ctl.invalid.as_deref().is_some_and(|m| m.contains("control character")));
+        assert!(
+            ctl.invalid
+                .as_deref()
+                .is_some_and(|m| m.contains("control character"))
+        );
     }
 }

@@ -28,7 +28,11 @@ pub fn composite_checksum(algorithm: ChecksumAlgorithm, parts_b64: &[String]) ->
     for p in parts_b64 {
         concat.extend(B64.decode(p).ok()?);
     }
-    Some(format!("{}-{}", B64.encode(raw(algorithm, &concat)), parts_b64.len()))
+    Some(format!(
+        "{}-{}",
+        B64.encode(raw(algorithm, &concat)),
+        parts_b64.len()
+    ))
 }
 
 pub fn parse_algorithm(s: &str) -> Option<ChecksumAlgorithm> {

@@ -44,7 +44,11 @@ pub async fn run(
     let result = process(ctx, &item, &spec, cancel, progress).await;
     match result {
         Ok(state) => Outcome::Done {
-            label: if state == ItemState::Succeeded { "ok" } else { "skipped" },
+            label: if state == ItemState::Succeeded {
+                "ok"
+            } else {
+                "skipped"
+            },
         },
         Err(UploadError::KeyBusy(key)) => Outcome::Retry {
             delay: backoff_delay(1, Duration::from_secs(2), Duration::from_secs(2)),
@@ -79,7 +83,11 @@ fn retry_later(e: &dyn std::fmt::Display, attempt: u32) -> Outcome {
     }
 }
 
-async fn load(ctx: &Context, job_id: Uuid, item_id: i64) -> Result<(ItemRecord, UploadJobSpec), StateError> {
+async fn load(
+    ctx: &Context,
+    job_id: Uuid,
+    item_id: i64,
+) -> Result<(ItemRecord, UploadJobSpec), StateError> {
     let db = ctx.db.get().await?;
     let item = state::get_item(&db, item_id).await?;
     let job = state::get_job(&db, job_id).await?;
@@ -134,11 +142,16 @@ async fn process(
     cancel: &CancellationToken,
     progress: Arc<AtomicU64>,
 ) -> Result<ItemState, UploadError> {
-    spec.validate().map_err(|e| UploadError::Invalid(e.to_string()))?;
+    spec.validate()
+        .map_err(|e| UploadError::Invalid(e.to_string()))?;
     validate_key(&item.dest_key)?;
     let dest = &spec.destination;
     let client = ctx.s3.client(&dest.endpoint)?;
-    let endpoint = dest.endpoint.endpoint.clone().unwrap_or_else(|| "aws".into());
+    let endpoint = dest
+        .endpoint
+        .endpoint
+        .clone()
+        .unwrap_or_else(|| "aws".into());
     let lock_key = LockKey::new(
         LockClass::ObjectKey,
         format!("{endpoint}/{}/{}", dest.bucket, item.dest_key),
@@ -223,7 +236,14 @@ async fn transfer(
         && spec.conflict_policy == ConflictPolicy::Skip
     {
         info!(key = target.key, "destination exists; conflict policy skip");
-        return finish(ctx, item, ItemState::SkippedExists, e.sha256.as_deref().unwrap_or(""), e.size).await;
+        return finish(
+            ctx,
+            item,
+            ItemState::SkippedExists,
+            e.sha256.as_deref().unwrap_or(""),
+            e.size,
+        )
+        .await;
     }
     let source = Source::new(&spec.source, &ctx.s3)?;
     let mut known_sha256 = None;
@@ -238,13 +258,30 @@ async fn transfer(
             state::object_with_content(&db, target.bucket, &sha).await?
         };
         if let Some(twin) = twin.filter(|t| t.object_key != target.key && size <= MAX_PART_SIZE)
-            && head(target, &twin.object_key).await?.and_then(|h| h.sha256).as_deref() == Some(sha.as_str())
+            && head(target, &twin.object_key)
+                .await?
+                .and_then(|h| h.sha256)
+                .as_deref()
+                == Some(sha.as_str())
         {
             let archived = archive_if_versioned(ctx, spec, target, existing.is_some()).await?;
             lock.ensure_held()?;
             copy(target, &twin.object_key, target.key).await?;
-            info!(key = target.key, from = twin.object_key, "duplicate content copied server-side");
-            record(ctx, item, target, &sha, size as i64, None, archived.as_deref()).await?;
+            info!(
+                key = target.key,
+                from = twin.object_key,
+                "duplicate content copied server-side"
+            );
+            record(
+                ctx,
+                item,
+                target,
+                &sha,
+                size as i64,
+                None,
+                archived.as_deref(),
+            )
+            .await?;
             return finish(ctx, item, ItemState::SkippedDuplicate, &sha, size as i64).await;
         }
         known_sha256 = Some(sha);
@@ -268,8 +305,24 @@ async fn transfer(
         known_sha256,
     };
     let up = t.run(item.id, target, &opts, body, lock).await?;
-    record(ctx, item, target, &up.sha256_hex, up.size as i64, up.etag.as_deref(), archived.as_deref()).await?;
-    finish(ctx, item, ItemState::Succeeded, &up.sha256_hex, up.size as i64).await
+    record(
+        ctx,
+        item,
+        target,
+        &up.sha256_hex,
+        up.size as i64,
+        up.etag.as_deref(),
+        archived.as_deref(),
+    )
+    .await?;
+    finish(
+        ctx,
+        item,
+        ItemState::Succeeded,
+        &up.sha256_hex,
+        up.size as i64,
+    )
+    .await
 }
 
 /// Conflict policy `version`: preserve the current object before replacing it.
@@ -326,7 +379,11 @@ async fn record(
         version: version as u32,
     };
     let subject = ctx.queue.topology().object_subject(target.bucket);
-    if let Err(e) = ctx.queue.publish_event(subject, event.encode_to_vec()).await {
+    if let Err(e) = ctx
+        .queue
+        .publish_event(subject, event.encode_to_vec())
+        .await
+    {
         warn!(error = %e, "object-landed event not published");
     }
     Ok(())

@@ -37,9 +37,13 @@ pub enum UploadError {
         /// The request never got an HTTP answer (connect, timeout, reset).
         transport: bool,
     },
-    #[error("the object has {parts} parts at part size {part_size}; S3 allows 10000: raise partSizeBytes")]
+    #[error(
+        "the object has {parts} parts at part size {part_size}; S3 allows 10000: raise partSizeBytes"
+    )]
     TooManyParts { parts: u64, part_size: u64 },
-    #[error("the source changed while resuming: part {part} no longer matches its recorded checksum")]
+    #[error(
+        "the source changed while resuming: part {part} no longer matches its recorded checksum"
+    )]
     SourceChanged { part: i32 },
     #[error("verification failed for {key}: {message}")]
     Verification { key: String, message: String },
@@ -103,8 +107,13 @@ impl Classify for UploadError {
 impl UploadError {
     /// True for an S3 "no such key / bucket / upload" answer.
     pub fn is_not_found(&self) -> bool {
-        matches!(self, UploadError::S3 { status: Some(404), .. })
-            || matches!(self, UploadError::S3 { code: Some(c), .. } if c == "NoSuchKey" || c == "NoSuchUpload" || c == "NotFound")
+        matches!(
+            self,
+            UploadError::S3 {
+                status: Some(404),
+                ..
+            }
+        ) || matches!(self, UploadError::S3 { code: Some(c), .. } if c == "NoSuchKey" || c == "NoSuchUpload" || c == "NotFound")
     }
 }
 

@@ -138,7 +138,8 @@ impl Transfer {
                     return Err(UploadError::SourceChanged { part: number });
                 }
                 self.metrics.parts_resumed.inc();
-                self.progress.fetch_add(data.len() as u64, Ordering::Relaxed);
+                self.progress
+                    .fetch_add(data.len() as u64, Ordering::Relaxed);
                 kept.push(prev.clone());
             } else {
                 fence.ensure_held()?;
@@ -189,7 +190,13 @@ impl Transfer {
             .complete(target, opts, &upload_id, &kept, total, &sha)
             .await?;
         let resumed = done.len() as u32;
-        info!(key = target.key, parts = kept.len(), resumed, bytes = total, "multipart upload complete");
+        info!(
+            key = target.key,
+            parts = kept.len(),
+            resumed,
+            bytes = total,
+            "multipart upload complete"
+        );
         Ok(Uploaded {
             sha256_hex: sha,
             size: total,
@@ -207,7 +214,11 @@ impl Transfer {
         target: &Target<'_>,
         opts: &Options,
     ) -> Result<Option<(String, HashMap<i32, PartRecord>)>, UploadError> {
-        let db = self.db.get().await.map_err(stowage_common::state::StateError::from)?;
+        let db = self
+            .db
+            .get()
+            .await
+            .map_err(stowage_common::state::StateError::from)?;
         let Some((rec, parts)) = state::get_multipart(&db, item_id).await? else {
             return Ok(None);
         };
@@ -224,7 +235,11 @@ impl Transfer {
         let server = match list_parts(target.client, &rec).await {
             Ok(s) => s,
             Err(e) if e.is_not_found() => {
-                info!(key = target.key, upload_id = rec.upload_id, "recorded multipart upload is gone from the server; starting over");
+                info!(
+                    key = target.key,
+                    upload_id = rec.upload_id,
+                    "recorded multipart upload is gone from the server; starting over"
+                );
                 state::delete_multipart(&db, item_id).await?;
                 return Ok(None);
             }
@@ -233,13 +248,20 @@ impl Transfer {
         let mut done = HashMap::new();
         for p in parts {
             let on_server = server.get(&p.part_number);
-            if on_server.is_some_and(|(etag, size)| same_etag(etag, &p.etag) && *size == p.size_bytes) {
+            if on_server
+                .is_some_and(|(etag, size)| same_etag(etag, &p.etag) && *size == p.size_bytes)
+            {
                 done.insert(p.part_number, p);
             } else {
                 state::delete_part(&db, item_id, p.part_number).await?;
             }
         }
-        info!(key = target.key, upload_id = rec.upload_id, parts = done.len(), "resuming multipart upload");
+        info!(
+            key = target.key,
+            upload_id = rec.upload_id,
+            parts = done.len(),
+            "resuming multipart upload"
+        );
         Ok(Some((rec.upload_id, done)))
     }
 
@@ -272,7 +294,11 @@ impl Transfer {
                 transport: false,
             });
         }
-        let db = self.db.get().await.map_err(stowage_common::state::StateError::from)?;
+        let db = self
+            .db
+            .get()
+            .await
+            .map_err(stowage_common::state::StateError::from)?;
         state::save_multipart(
             &db,
             item_id,
@@ -326,7 +352,8 @@ impl Transfer {
                     if err.class() == ErrorClass::Retryable && attempt < PART_ATTEMPTS {
                         self.metrics.part_retries.inc();
                         warn!(key = target.key, attempt, error = %err, "PUT failed; retrying");
-                        tokio::time::sleep(backoff_delay(attempt, PART_BACKOFF, PART_BACKOFF_MAX)).await;
+                        tokio::time::sleep(backoff_delay(attempt, PART_BACKOFF, PART_BACKOFF_MAX))
+                            .await;
                         continue;
                     }
                     return Err(err);
@@ -384,7 +411,13 @@ impl Transfer {
             .map_err(|e| s3_error("CompleteMultipartUpload", e))?;
         let checksums: Vec<String> = parts.iter().map(|p| p.checksum.clone()).collect();
         let composite = composite_checksum(opts.algorithm, &checksums);
-        verify_head(target, total, composite.as_deref().map(|c| (opts.algorithm, c)), sha).await?;
+        verify_head(
+            target,
+            total,
+            composite.as_deref().map(|c| (opts.algorithm, c)),
+            sha,
+        )
+        .await?;
         if opts.known_sha256.is_none() {
             // The whole-object hash is known only now: store it in the
             // object's metadata with a server-side self-copy.
@@ -402,7 +435,10 @@ impl Transfer {
                     .map_err(|e| s3_error("CopyObject (metadata)", e))?;
                 verify_head(target, total, None, sha).await?;
             } else {
-                warn!(key = target.key, "object over 5 GiB: SHA-256 kept in PostgreSQL only (CopyObject limit)");
+                warn!(
+                    key = target.key,
+                    "object over 5 GiB: SHA-256 kept in PostgreSQL only (CopyObject limit)"
+                );
             }
         }
         let head = target
@@ -466,7 +502,8 @@ impl PartUpload {
                     if err.class() == ErrorClass::Retryable && attempt < PART_ATTEMPTS {
                         self.transfer.metrics.part_retries.inc();
                         warn!(key = self.key, part = self.number, attempt, error = %err, "part rejected; sending it again");
-                        tokio::time::sleep(backoff_delay(attempt, PART_BACKOFF, PART_BACKOFF_MAX)).await;
+                        tokio::time::sleep(backoff_delay(attempt, PART_BACKOFF, PART_BACKOFF_MAX))
+                            .await;
                         continue;
                     }
                     return Err(err);
@@ -489,7 +526,11 @@ impl PartUpload {
         let m = &self.transfer.metrics;
         m.parts_uploaded.inc();
         m.bytes_uploaded.inc_by(size as u64);
-        let done = self.transfer.progress.fetch_add(size as u64, Ordering::Relaxed) + size as u64;
+        let done = self
+            .transfer
+            .progress
+            .fetch_add(size as u64, Ordering::Relaxed)
+            + size as u64;
         state::set_progress(&db, self.item_id, done as i64, None).await?;
         debug!(key = self.key, part = self.number, "part stored");
         Ok(record)
@@ -519,7 +560,10 @@ pub fn copy_source(bucket: &str, key: &str) -> String {
         .remove(b'_')
         .remove(b'.')
         .remove(b'~');
-    format!("{bucket}/{}", percent_encoding::utf8_percent_encode(key, KEEP))
+    format!(
+        "{bucket}/{}",
+        percent_encoding::utf8_percent_encode(key, KEEP)
+    )
 }
 
 fn same_etag(a: &str, b: &str) -> bool {
@@ -561,13 +605,17 @@ async fn verify_head(
         if let Some(r) = reported.filter(|r| r.contains('-'))
             && r != expected
         {
-            return Err(fail(format!("server checksum {r} != {expected} of the parts sent")));
+            return Err(fail(format!(
+                "server checksum {r} != {expected} of the parts sent"
+            )));
         }
     }
     if let Some(meta) = head.metadata().and_then(|m| m.get(SHA256_METADATA))
         && meta != sha
     {
-        return Err(fail(format!("sha256 metadata {meta} != {sha} of the bytes read")));
+        return Err(fail(format!(
+            "sha256 metadata {meta} != {sha} of the bytes read"
+        )));
     }
     Ok(())
 }
@@ -593,7 +641,10 @@ pub async fn list_parts(
             if let Some(n) = p.part_number() {
                 out.insert(
                     n,
-                    (p.e_tag().unwrap_or_default().to_string(), p.size().unwrap_or(-1)),
+                    (
+                        p.e_tag().unwrap_or_default().to_string(),
+                        p.size().unwrap_or(-1),
+                    ),
                 );
             }
         }

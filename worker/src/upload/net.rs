@@ -9,7 +9,9 @@ use reqwest::dns::{Addrs, Name, Resolve, Resolving};
 
 /// Why an address was refused.
 #[derive(Debug, thiserror::Error)]
-#[error("refusing to connect to {addr} ({host}): it is a {kind} address and the job does not set allowPrivateNetworks")]
+#[error(
+    "refusing to connect to {addr} ({host}): it is a {kind} address and the job does not set allowPrivateNetworks"
+)]
 pub struct AddressRefused {
     pub host: String,
     pub addr: IpAddr,
@@ -149,9 +151,20 @@ mod tests {
     #[test]
     fn classifies_addresses() {
         let refused = [
-            "127.0.0.1", "10.1.2.3", "172.16.0.1", "192.168.1.1", "169.254.169.254", "0.0.0.0",
-            "100.64.0.1", "::1", "fd00::1", "fe80::1", "::ffff:10.0.0.1", "64:ff9b::a00:1",
-            "255.255.255.255", "224.0.0.1",
+            "127.0.0.1",
+            "10.1.2.3",
+            "172.16.0.1",
+            "192.168.1.1",
+            "169.254.169.254",
+            "0.0.0.0",
+            "100.64.0.1",
+            "::1",
+            "fd00::1",
+            "fe80::1",
+            "::ffff:10.0.0.1",
+            "64:ff9b::a00:1",
+            "255.255.255.255",
+            "224.0.0.1",
         ];
         for a in refused {
             let ip: IpAddr = a.parse().expect("fixture address");

@@ -199,7 +199,10 @@ mod tests {
 
     #[tokio::test]
     async fn parts_have_exact_sizes_whatever_the_chunking() {
-        let mut r = PartReader::new(stream_of(vec![b"abc", b"defgh", b"", b"ijklmnopq", b"r"]), 4);
+        let mut r = PartReader::new(
+            stream_of(vec![b"abc", b"defgh", b"", b"ijklmnopq", b"r"]),
+            4,
+        );
         let mut parts = Vec::new();
         while let Some(p) = r.next_part().await.expect("no error") {
             parts.push(String::from_utf8(p.to_vec()).expect("utf8"));

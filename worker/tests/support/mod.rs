@@ -65,7 +65,9 @@ impl Harness {
         let pool = db::pool(&pg, 8).expect("pool");
         let locks = LockManager::new(pg, LockMetrics::default(), Duration::from_secs(2));
         db::migrate(&pool, &locks).await.expect("migrate");
-        let queue = Queue::connect(&env.nats_url(), &prefix).await.expect("nats");
+        let queue = Queue::connect(&env.nats_url(), &prefix)
+            .await
+            .expect("nats");
         queue
             .ensure(&stowage_common::queue::ConsumerSettings {
                 ack_wait: Duration::from_secs(5),
@@ -105,7 +107,9 @@ impl Harness {
 
     pub async fn worker(&self, hook: Option<PartHook>) -> stowage_worker::Worker {
         let args = WorkerArgs::parse_from(self.worker_args(&[]));
-        stowage_worker::start(args, hook).await.expect("worker starts")
+        stowage_worker::start(args, hook)
+            .await
+            .expect("worker starts")
     }
 
     pub fn endpoint(&self) -> Endpoint {
@@ -113,7 +117,9 @@ impl Harness {
             endpoint: Some(self.target.endpoint.clone()),
             region: self.target.region.clone(),
             force_path_style: true,
-            credentials_secret_ref: Some(SecretRef { name: SECRET.into() }),
+            credentials_secret_ref: Some(SecretRef {
+                name: SECRET.into(),
+            }),
         }
     }
 
@@ -164,7 +170,11 @@ impl Harness {
                 uploads::list_items(&db, id).await.expect("items")
             );
             // Woken by the next progress event, or re-checked after 500 ms.
-            let _ = tokio::time::timeout(Duration::from_millis(500), futures::StreamExt::next(&mut events)).await;
+            let _ = tokio::time::timeout(
+                Duration::from_millis(500),
+                futures::StreamExt::next(&mut events),
+            )
+            .await;
         }
     }
 
@@ -174,7 +184,14 @@ impl Harness {
     }
 
     pub async fn object_sha256_metadata(&self, key: &str) -> Option<String> {
-        let h = self.s3.head_object().bucket(&self.bucket).key(key).send().await.expect("head");
+        let h = self
+            .s3
+            .head_object()
+            .bucket(&self.bucket)
+            .key(key)
+            .send()
+            .await
+            .expect("head");
         h.metadata().and_then(|m| m.get("sha256")).cloned()
     }
 

@@ -35,7 +35,9 @@ pub struct SourceServer {
 impl SourceServer {
     pub async fn start() -> SourceServer {
         let mut s = SourceServer::default();
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
         s.addr = Some(listener.local_addr().expect("addr"));
         let app = Router::new()
             .route("/{*path}", get(serve))
@@ -53,7 +55,12 @@ impl SourceServer {
     }
 
     pub fn hits(&self, path: &str) -> usize {
-        self.hits.lock().expect("lock").get(path).copied().unwrap_or(0)
+        self.hits
+            .lock()
+            .expect("lock")
+            .get(path)
+            .copied()
+            .unwrap_or(0)
     }
 }
 
@@ -68,7 +75,11 @@ async fn serve(State(s): State<SourceServer>, Path(path): Path<String>) -> Respo
         return (StatusCode::NOT_FOUND, "no such file").into_response();
     };
     if let Some(code) = f.always {
-        return (StatusCode::from_u16(code).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR), "scripted failure").into_response();
+        return (
+            StatusCode::from_u16(code).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR),
+            "scripted failure",
+        )
+            .into_response();
     }
     if n <= f.fail_first {
         return (StatusCode::SERVICE_UNAVAILABLE, "scripted flake").into_response();
