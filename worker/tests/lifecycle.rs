@@ -27,7 +27,7 @@ fn http(url: String) -> UploadSource {
 fn spawn_worker(h: &Harness) -> Child {
     Command::new(env!("CARGO_BIN_EXE_stowage-worker"))
         .args(h.worker_args(&[]).into_iter().skip(1))
-        .env("RUST_LOG", "info")
+        .env("RUST_LOG", "warn")
         .stdout(Stdio::null())
         .spawn()
         .expect("start worker binary")
@@ -57,12 +57,13 @@ async fn wait_for_parts(h: &Harness, job: Uuid, n: i64) -> Vec<i32> {
     }
 }
 
-async fn slow_job(h: &Harness, src: &SourceServer, bytes: &bytes::Bytes) -> Uuid {
+/// A job whose source sends 1 MiB every `pause`.
+async fn slow_job(h: &Harness, src: &SourceServer, bytes: &bytes::Bytes, pause: Duration) -> Uuid {
     src.put(
         "slow.bin",
         FileBehaviour {
             data: bytes.clone(),
-            trickle: Some(Duration::from_millis(60)),
+            trickle: Some(pause),
             ..Default::default()
         },
     );
@@ -76,7 +77,7 @@ async fn sigkill_mid_upload_resumes_from_recorded_parts(target: &str) {
     let h = Harness::new(target).await;
     let src = SourceServer::start().await;
     let bytes = data(40 * MIB, 30);
-    let job = slow_job(&h, &src, &bytes).await;
+    let job = slow_job(&h, &src, &bytes, Duration::from_millis(60)).await;
     let mut first = spawn_worker(&h);
     let recorded = wait_for_parts(&h, job, 3).await;
     first.kill().expect("SIGKILL");
@@ -120,7 +121,8 @@ async fn sigterm_drains_and_hands_work_back() {
     let h = Harness::new("localstack").await;
     let src = SourceServer::start().await;
     let bytes = data(40 * MIB, 31);
-    let job = slow_job(&h, &src, &bytes).await;
+    // 40 MiB at 1 MiB / 200 ms: far longer than the 2 s drain timeout.
+    let job = slow_job(&h, &src, &bytes, Duration::from_millis(200)).await;
     let mut worker = spawn_worker(&h);
     wait_for_parts(&h, job, 1).await;
     let pid = worker.id().to_string();
@@ -164,7 +166,7 @@ async fn status_health_and_metrics_are_served() {
     let h = Harness::new("localstack").await;
     let src = SourceServer::start().await;
     let worker = h.worker(None).await;
-    let job = slow_job(&h, &src, &data(20 * MIB, 32)).await;
+    let job = slow_job(&h, &src, &data(20 * MIB, 32), Duration::from_millis(60)).await;
     wait_for_parts(&h, job, 1).await;
 
     let url = format!("http://{}", worker.grpc_addr);
