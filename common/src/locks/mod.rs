@@ -283,6 +283,18 @@ impl LockManager {
                  point Stowage at PostgreSQL directly or at a session-mode pool"
             )));
         }
+        let other_pid: i32 = other
+            .client
+            .query_one("SELECT pg_backend_pid()", &[])
+            .await
+            .map_err(LockError::query(&key))?
+            .get(0);
+        if other_pid == pid_after {
+            return Err(LockError::Ineffective(format!(
+                "two separate connections were served by the same backend ({other_pid}): \
+                 a connection pooler in transaction or statement mode is in the way"
+            )));
+        }
         let visible: i64 = holder
             .client
             .query_one(
