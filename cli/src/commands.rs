@@ -5,6 +5,7 @@ use std::time::Duration;
 
 use anyhow::{Context, bail};
 use clap::{Args, Parser, Subcommand};
+use futures::{FutureExt, StreamExt};
 use stowage_common::config::{DatabaseArgs, NatsArgs};
 use stowage_common::db::{self, Pool};
 use stowage_common::jobs;
@@ -235,14 +236,15 @@ async fn upload(pool: &Pool, queue: &Queue, args: UploadArgs) -> anyhow::Result<
     if !args.wait {
         return Ok(());
     }
-    // Progress events wake us; the periodic check is the safety net.
     let mut events = queue.subscribe_events().await?;
     let deadline = tokio::time::Instant::now() + Duration::from_secs(args.timeout);
+    let mut last = String::new();
     loop {
         let db = pool.get().await?;
         let job = uploads::get_job(&db, id).await?;
         let c = uploads::job_counts(&db, id).await?;
-        eprintln!(
+        drop(db);
+        let line = format!(
             "  {}: {}/{} files done ({} skipped, {} failed), {} / {} bytes",
             job.state,
             c.succeeded + c.skipped_duplicate + c.skipped_exists + c.failed,
@@ -252,8 +254,11 @@ async fn upload(pool: &Pool, queue: &Queue, args: UploadArgs) -> anyhow::Result<
             c.bytes_done,
             c.bytes_total
         );
+        if line != last {
+            eprintln!("{line}");
+            last = line;
+        }
         if job.state == "succeeded" || job.state == "failed" {
-            drop(db);
             let ok = print_status(pool, id).await?;
             if !ok {
                 bail!("job {id} failed");
@@ -263,11 +268,9 @@ async fn upload(pool: &Pool, queue: &Queue, args: UploadArgs) -> anyhow::Result<
         if tokio::time::Instant::now() > deadline {
             bail!("job {id} did not finish within {}s", args.timeout);
         }
-        let _ = tokio::time::timeout(
-            Duration::from_secs(2),
-            futures::StreamExt::next(&mut events),
-        )
-        .await;
+        // Progress events wake us; the 2 s re-check is the safety net.
+        let _ = tokio::time::timeout(Duration::from_secs(2), events.next()).await;
+        while let Some(Some(_)) = events.next().now_or_never() {}
     }
 }
 

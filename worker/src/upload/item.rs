@@ -41,15 +41,19 @@ pub async fn run(
         // A duplicate delivery of finished work.
         return Outcome::Done { label: "ok" };
     }
+    let started = std::time::Instant::now();
     let result = process(ctx, &item, &spec, cancel, progress).await;
     match result {
-        Ok(state) => Outcome::Done {
-            label: if state == ItemState::Succeeded {
-                "ok"
-            } else {
-                "skipped"
-            },
-        },
+        Ok(state) => {
+            info!(item = item.id, key = item.dest_key, state = state.as_str(), elapsed = ?started.elapsed(), "file done");
+            Outcome::Done {
+                label: if state == ItemState::Succeeded {
+                    "ok"
+                } else {
+                    "skipped"
+                },
+            }
+        }
         Err(UploadError::KeyBusy(key)) => Outcome::Retry {
             delay: backoff_delay(1, Duration::from_secs(2), Duration::from_secs(2)),
             reason: format!("destination {key} is being written by another worker"),
