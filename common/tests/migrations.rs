@@ -21,7 +21,9 @@ async fn concurrent_replicas_apply_the_schema_once() {
         }));
     }
     for r in replicas {
-        r.await.expect("join").expect("every replica starts cleanly");
+        r.await
+            .expect("join")
+            .expect("every replica starts cleanly");
     }
     let pool = db::pool(&pg, 1).expect("pool");
     let client = pool.get().await.expect("db");
