@@ -169,3 +169,82 @@ async fn transaction_locks_end_with_the_transaction() {
     );
     tx2.commit().await.expect("commit");
 }
+
+/// PgBouncer in transaction mode between Stowage and PostgreSQL: session
+/// locks would silently stop protecting anything, so start-up must refuse.
+#[tokio::test]
+async fn server_check_refuses_a_transaction_mode_pooler() {
+    let err = check_through_pgbouncer("transaction")
+        .await
+        .expect_err("a transaction-mode pooler must be refused");
+    assert!(matches!(err, LockError::Ineffective(_)), "{err}");
+    assert!(err.to_string().contains("pooler"), "{err}");
+}
+
+/// A session-mode pooler keeps one backend per client: locks work there.
+#[tokio::test]
+async fn server_check_accepts_a_session_mode_pooler() {
+    check_through_pgbouncer("session")
+        .await
+        .expect("session pooling keeps advisory locks working");
+}
+
+async fn check_through_pgbouncer(pool_mode: &str) -> Result<(), LockError> {
+    use std::os::unix::fs::PermissionsExt;
+
+    let env = StackEnv::load();
+    let pgbouncer = env.get("STOWAGE_PGBOUNCER");
+    let url = fresh_database(&env).await;
+    let pg = db::parse_url(&url).expect("url");
+    let tokio_postgres::config::Host::Tcp(host) = &pg.get_hosts()[0] else {
+        panic!("the stack's PostgreSQL is reached over TCP")
+    };
+    let db_port = pg.get_ports()[0];
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("free port")
+        .port();
+    let dir = tempfile::tempdir().expect("tempdir");
+    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o777)).expect("chmod");
+    let ini = dir.path().join("pgbouncer.ini");
+    std::fs::write(dir.path().join("users.txt"), "\"stowage\" \"\"\n").expect("users");
+    std::fs::write(
+        &ini,
+        format!(
+            "[databases]\n* = host={host} port={db_port}\n[pgbouncer]\nlisten_addr = 127.0.0.1\n\
+             listen_port = {port}\nunix_socket_dir =\nauth_type = trust\nauth_file = {}\n\
+             pool_mode = {pool_mode}\nlogfile = {}\npidfile = {}\n",
+            dir.path().join("users.txt").display(),
+            dir.path().join("pgbouncer.log").display(),
+            dir.path().join("pgbouncer.pid").display(),
+        ),
+    )
+    .expect("ini");
+    // PgBouncer refuses to run as root; -u drops to the postgres user.
+    let mut cmd = std::process::Command::new(&pgbouncer);
+    if running_as_root() {
+        cmd.args(["-u", "postgres"]);
+    }
+    let mut child = cmd.arg("-q").arg(&ini).spawn().expect("start pgbouncer");
+    let pooled_url = url.replace(&format!("{host}:{db_port}"), &format!("127.0.0.1:{port}"));
+    let pooled = db::parse_url(&pooled_url).expect("url");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while pooled.connect(tokio_postgres::NoTls).await.is_err() {
+        assert!(Instant::now() < deadline, "pgbouncer did not start");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let locks = LockManager::new(pooled, LockMetrics::default(), Duration::from_secs(1));
+    let result = locks.check_server().await;
+    let _ = child.kill();
+    let _ = child.wait();
+    result
+}
+
+fn running_as_root() -> bool {
+    std::fs::read_to_string("/proc/self/status")
+        .map(|s| {
+            s.lines()
+                .any(|l| l.starts_with("Uid:") && l.split_whitespace().nth(1) == Some("0"))
+        })
+        .unwrap_or(false)
+}
