@@ -318,3 +318,24 @@ async fn sweeper_aborts_orphans_and_keeps_live_uploads(target: &str) {
     worker.shutdown().await.expect("shutdown");
 }
 on_each_s3!(sweeper_aborts_orphans_and_keeps_live_uploads);
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn progress_acks_keep_long_tasks_from_redelivery() {
+    let h = Harness::new("localstack").await;
+    let src = SourceServer::start().await;
+    let worker = h.worker(None).await;
+    // 20 MiB at 1 MiB / 500 ms ≈ 10 s, twice the 5 s ack deadline.
+    let job = slow_job(&h, &src, &data(20 * MIB, 33), Duration::from_millis(500)).await;
+    assert_eq!(
+        h.wait_job(job, Duration::from_secs(120)).await.state,
+        "succeeded"
+    );
+    let mut consumer = h.queue.worker_consumer().await.expect("consumer");
+    let info = consumer.info().await.expect("consumer info");
+    assert_eq!(
+        info.num_redelivered, 0,
+        "no task was redelivered while it ran"
+    );
+    assert_eq!(src.hits("slow.bin"), 1, "the source was read once");
+    worker.shutdown().await.expect("shutdown");
+}

@@ -516,3 +516,115 @@ async fn two_workers_one_writer_per_key(target: &str) {
     w2.shutdown().await.expect("shutdown");
 }
 on_each_s3!(two_workers_one_writer_per_key);
+
+async fn s3_source_prefix_is_copied(target: &str) {
+    let h = Harness::new(target).await;
+    let worker = h.worker(None).await;
+    let files = [
+        ("src/docs/a.md", data(1000, 50)),
+        ("src/docs/deep/b.txt", data(7 * MIB, 51)),
+        ("src/docs/c.html", data(0, 52)),
+        ("src/other/skip.txt", data(10, 53)),
+    ];
+    for (key, body) in &files {
+        h.s3.put_object()
+            .bucket(&h.bucket)
+            .key(*key)
+            .body(body.clone().into())
+            .send()
+            .await
+            .expect("stage source object");
+    }
+    let source = UploadSource {
+        s3: Some(stowage_common::spec::S3Source {
+            bucket: h.bucket.clone(),
+            prefix: "src/docs/".into(),
+            endpoint: h.endpoint(),
+        }),
+        http: None,
+    };
+    let mut spec = h.spec(source, "copied/");
+    spec.part_size_bytes = 5 * MIB as u64;
+    let job = h.submit("s3-copy", spec).await;
+    assert_eq!(
+        h.wait_job(job, Duration::from_secs(120)).await.state,
+        "succeeded"
+    );
+    let mut keys: Vec<String> = h.items(job).await.into_iter().map(|i| i.dest_key).collect();
+    keys.sort();
+    assert_eq!(keys, ["copied/a.md", "copied/c.html", "copied/deep/b.txt"]);
+    for (src_key, body) in &files[..3] {
+        let dest = src_key.replace("src/docs/", "copied/");
+        assert_eq!(h.peer_sha256(&dest), sha256_hex(body), "{dest}");
+        assert_eq!(
+            h.object_sha256_metadata(&dest).await,
+            Some(sha256_hex(body)),
+            "{dest}"
+        );
+    }
+    worker.shutdown().await.expect("shutdown");
+}
+on_each_s3!(s3_source_prefix_is_copied);
+
+async fn final_failure_aborts_the_multipart_upload(target: &str) {
+    let h = Harness::new(target).await;
+    let src = SourceServer::start().await;
+    // Every attempt gets 12 MiB of a 30 MiB file, then the connection drops:
+    // two parts are stored each time, and the file can never complete.
+    let bytes = data(30 * MIB, 60);
+    src.put(
+        "cut.bin",
+        FileBehaviour {
+            data: bytes,
+            cut_after: Some(12 * MIB),
+            ..Default::default()
+        },
+    );
+    let worker = h.worker(None).await;
+    let mut spec = h.spec(http(vec![src.url("cut.bin")]), "");
+    spec.part_size_bytes = 5 * MIB as u64;
+    spec.retry.max_attempts = 2;
+    let job = h.submit("cut", spec).await;
+    assert_eq!(
+        h.wait_job(job, Duration::from_secs(120)).await.state,
+        "failed"
+    );
+    let item = h.items(job).await.remove(0);
+    assert_eq!(item.attempts, 2);
+    assert!(item.dead_lettered);
+    assert!(
+        item.last_error
+            .unwrap_or_default()
+            .contains("reading source")
+    );
+    assert!(
+        worker.context.metrics.parts_uploaded.get() >= 2,
+        "parts were stored before the failure"
+    );
+    let open =
+        h.s3.list_multipart_uploads()
+            .bucket(&h.bucket)
+            .send()
+            .await
+            .expect("list");
+    assert!(
+        open.uploads().is_empty(),
+        "the multipart upload was aborted"
+    );
+    let db = h.pool.get().await.expect("db");
+    let rows: i64 = db
+        .query_one("SELECT count(*) FROM multipart_uploads", &[])
+        .await
+        .expect("q")
+        .get(0);
+    assert_eq!(rows, 0, "its rows were cleaned");
+    let head =
+        h.s3.head_object()
+            .bucket(&h.bucket)
+            .key("cut.bin")
+            .send()
+            .await;
+    assert!(head.is_err(), "no object was created");
+    worker.shutdown().await.expect("shutdown");
+}
+on_each_s3!(final_failure_aborts_the_multipart_upload);

@@ -168,7 +168,15 @@ impl Transfer {
             drop(permit);
             pending = match next.take() {
                 Some(n) => Some(n),
-                None => reader.next_part().await?,
+                None => match reader.next_part().await {
+                    Ok(p) => p,
+                    Err(e) => {
+                        // Let the parts already on their way land and be
+                        // recorded: the next attempt resumes from them.
+                        while tasks.join_next().await.is_some() {}
+                        return Err(e);
+                    }
+                },
             };
             if let Some(p) = &pending {
                 whole.update(p);

@@ -23,6 +23,8 @@ pub struct FileBehaviour {
     pub always: Option<u16>,
     /// Send 1 MiB, then wait this long, and so on.
     pub trickle: Option<Duration>,
+    /// Promise the full length but drop the connection after this many bytes.
+    pub cut_after: Option<usize>,
 }
 
 #[derive(Clone, Default)]
@@ -85,6 +87,20 @@ async fn serve(State(s): State<SourceServer>, Path(path): Path<String>) -> Respo
         return (StatusCode::SERVICE_UNAVAILABLE, "scripted flake").into_response();
     }
     let len = f.data.len();
+    if let Some(cut) = f.cut_after {
+        let head = f.data.slice(..cut.min(len));
+        let stream = futures::stream::iter([
+            Ok::<_, std::io::Error>(head),
+            Err(std::io::Error::other(
+                "connection dropped by the test source",
+            )),
+        ]);
+        return (
+            [(header::CONTENT_LENGTH, len.to_string())],
+            Body::from_stream(stream),
+        )
+            .into_response();
+    }
     let body = match f.trickle {
         None => Body::from(f.data),
         Some(pause) => {
