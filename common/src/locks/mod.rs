@@ -247,79 +247,71 @@ impl LockManager {
     /// Refuses to run where advisory locks would silently do nothing: a
     /// pooler in transaction mode (statements of one "session" land on
     /// different backends) or a server that accepts the calls as no-ops.
+    /// The probe uses the simple query protocol only, so that it runs — and
+    /// tells what is wrong — even where prepared statements would break.
     pub async fn check_server(&self) -> Result<(), LockError> {
         let key = LockKey::new(LockClass::Probe, format!("probe-{}", uuid::Uuid::new_v4()));
         let (a, b) = key.pair();
         let holder = self.open_session().await?;
         let other = self.open_session().await?;
-        let q = LockError::query(&key);
-        let pid_before: i32 = holder
-            .client
-            .query_one("SELECT pg_backend_pid()", &[])
-            .await
-            .map_err(q)?
-            .get(0);
-        let got: bool = holder
-            .client
-            .query_one("SELECT pg_try_advisory_lock($1, $2)", &[&a, &b])
-            .await
-            .map_err(LockError::query(&key))?
-            .get(0);
-        if !got {
+        let pooler = |detail: String| {
+            LockError::Ineffective(format!(
+                "{detail}: a connection pooler in transaction or statement mode is in the way; \
+                 point Stowage at PostgreSQL directly or at a session-mode pool"
+            ))
+        };
+        let pid_before = probe(&holder, &key, "SELECT pg_backend_pid()").await?;
+        let got = probe(
+            &holder,
+            &key,
+            &format!("SELECT pg_try_advisory_lock({a}, {b})"),
+        )
+        .await?;
+        if got != "t" {
             return Err(LockError::Ineffective(
                 "a fresh probe lock could not be taken".into(),
             ));
         }
-        let pid_after: i32 = holder
-            .client
-            .query_one("SELECT pg_backend_pid()", &[])
-            .await
-            .map_err(LockError::query(&key))?
-            .get(0);
+        let pid_after = probe(&holder, &key, "SELECT pg_backend_pid()").await?;
         if pid_before != pid_after {
-            return Err(LockError::Ineffective(format!(
-                "consecutive statements of one session ran on backends {pid_before} and {pid_after}: \
-                 a connection pooler in transaction or statement mode is in the way; \
-                 point Stowage at PostgreSQL directly or at a session-mode pool"
+            return Err(pooler(format!(
+                "consecutive statements of one session ran on backends {pid_before} and {pid_after}"
             )));
         }
-        let other_pid: i32 = other
-            .client
-            .query_one("SELECT pg_backend_pid()", &[])
-            .await
-            .map_err(LockError::query(&key))?
-            .get(0);
+        let other_pid = probe(&other, &key, "SELECT pg_backend_pid()").await?;
         if other_pid == pid_after {
-            return Err(LockError::Ineffective(format!(
-                "two separate connections were served by the same backend ({other_pid}): \
-                 a connection pooler in transaction or statement mode is in the way"
+            return Err(pooler(format!(
+                "two separate connections were served by the same backend ({other_pid})"
             )));
         }
-        let visible: i64 = holder
-            .client
-            .query_one(
-                "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND pid = $1 \
-                 AND classid = $2::int::oid AND objid = $3::int::oid AND granted",
-                &[&pid_after, &a, &b],
-            )
-            .await
-            .map_err(LockError::query(&key))?
-            .get(0);
-        let stolen: bool = other
-            .client
-            .query_one("SELECT pg_try_advisory_lock($1, $2)", &[&a, &b])
-            .await
-            .map_err(LockError::query(&key))?
-            .get(0);
-        if visible != 1 || stolen {
+        let visible = probe(
+            &holder,
+            &key,
+            &format!(
+                "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND pid = {pid_after} \
+                 AND classid = ({a})::int::oid AND objid = ({b})::int::oid AND granted"
+            ),
+        )
+        .await?;
+        let stolen = probe(
+            &other,
+            &key,
+            &format!("SELECT pg_try_advisory_lock({a}, {b})"),
+        )
+        .await?;
+        if visible != "1" || stolen == "t" {
             return Err(LockError::Ineffective(format!(
                 "a probe lock held by one session was {} in pg_locks and {} by a second session",
-                if visible == 1 {
+                if visible == "1" {
                     "visible"
                 } else {
                     "not visible"
                 },
-                if stolen { "taken again" } else { "refused" },
+                if stolen == "t" {
+                    "taken again"
+                } else {
+                    "refused"
+                },
             )));
         }
         Ok(())
@@ -381,6 +373,22 @@ impl LockManager {
             metrics: self.metrics.clone(),
         }
     }
+}
+
+/// First column of the first row of a simple-protocol query, as text.
+async fn probe(session: &Session, key: &LockKey, sql: &str) -> Result<String, LockError> {
+    let messages = session
+        .client
+        .simple_query(sql)
+        .await
+        .map_err(LockError::query(key))?;
+    Ok(messages
+        .iter()
+        .find_map(|m| match m {
+            tokio_postgres::SimpleQueryMessage::Row(r) => r.get(0).map(str::to_string),
+            _ => None,
+        })
+        .unwrap_or_default())
 }
 
 struct Session {
