@@ -248,3 +248,51 @@ fn running_as_root() -> bool {
         })
         .unwrap_or(false)
 }
+
+async fn lock_sessions(admin: &tokio_postgres::Client) -> i64 {
+    admin
+        .query_one(
+            "SELECT count(*) FROM pg_stat_activity WHERE application_name = 'stowage-lock' AND datname = current_database()",
+            &[],
+        )
+        .await
+        .expect("pg_stat_activity")
+        .get(0)
+}
+
+#[tokio::test]
+async fn released_sessions_are_reused_and_refused_ones_do_not_leak() {
+    let (locks, admin) = manager().await;
+    let held = locks
+        .try_lock(key(LockClass::ObjectKey))
+        .await
+        .expect("q")
+        .expect("free");
+    let k = key(LockClass::ObjectKey);
+    let busy = locks.lock(k.clone()).await.expect("free");
+    // Contention many times over: each refused attempt must not keep a connection.
+    for _ in 0..20 {
+        assert!(locks.try_lock(k.clone()).await.expect("q").is_none());
+    }
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while lock_sessions(&admin).await > 3 {
+        assert!(
+            Instant::now() < deadline,
+            "refused attempts leaked connections"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    busy.release().await.expect("release");
+    held.release().await.expect("release");
+    let before = lock_sessions(&admin).await;
+    // Per-file locking: released sessions are taken again, not reopened.
+    for _ in 0..20 {
+        let l = locks
+            .try_lock(key(LockClass::ObjectKey))
+            .await
+            .expect("q")
+            .expect("free");
+        l.release().await.expect("release");
+    }
+    assert_eq!(lock_sessions(&admin).await, before);
+}

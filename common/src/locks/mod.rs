@@ -6,7 +6,10 @@
 //! - **Session locks** ([`LockManager::try_lock`], [`LockManager::lock`],
 //!   [`LockManager::lock_with_timeout`]) each hold a dedicated connection for as
 //!   long as the returned [`SessionLock`] lives. The lock dies with that session:
-//!   dropping the guard closes the connection, so nothing can leak. The session
+//!   dropping the guard closes the connection, so nothing can leak; an explicit
+//!   [`SessionLock::release`] unlocks and keeps the now lock-free session for
+//!   the next acquisition (locks taken per file would otherwise pay a new
+//!   connection each). The session
 //!   is watched (connection task + heartbeat); when it is lost, the guard's
 //!   [`SessionLock::lost`] future resolves and the holder must stop (fencing).
 //! - **Transaction locks** ([`xact_lock`], [`try_xact_lock`]) for critical
@@ -141,7 +144,15 @@ pub struct LockManager {
     config: Arc<tokio_postgres::Config>,
     metrics: LockMetrics,
     heartbeat: Duration,
+    idle: IdleSessions,
 }
+
+/// Sessions that hold no lock, kept for the next acquisition: opening a
+/// connection costs more than the lock itself when locks are taken per file.
+type IdleSessions = Arc<std::sync::Mutex<Vec<Session>>>;
+
+/// Most idle lock sessions kept open per manager.
+const MAX_IDLE_SESSIONS: usize = 16;
 
 impl LockManager {
     /// `heartbeat` bounds how long a silently dead session (a network
@@ -156,6 +167,7 @@ impl LockManager {
             config: Arc::new(config),
             metrics,
             heartbeat,
+            idle: IdleSessions::default(),
         }
     }
 
@@ -165,7 +177,7 @@ impl LockManager {
 
     /// Takes `key` if it is free, without waiting.
     pub async fn try_lock(&self, key: LockKey) -> Result<Option<SessionLock>, LockError> {
-        let session = self.open_session().await?;
+        let session = self.session().await?;
         let (a, b) = key.pair();
         let row = session
             .client
@@ -176,6 +188,7 @@ impl LockManager {
             Ok(Some(self.held(session, key, Duration::ZERO)))
         } else {
             self.metrics.contended(key.class());
+            park(&self.idle, session);
             Ok(None)
         }
     }
@@ -200,7 +213,7 @@ impl LockManager {
         timeout: Option<Duration>,
     ) -> Result<SessionLock, LockError> {
         let started = Instant::now();
-        let session = self.open_session().await?;
+        let session = self.session().await?;
         let (a, b) = key.pair();
         let free = session
             .client
@@ -317,6 +330,18 @@ impl LockManager {
         Ok(())
     }
 
+    /// An idle session that is still alive, or a new one.
+    async fn session(&self) -> Result<Session, LockError> {
+        loop {
+            let parked = self.idle.lock().ok().and_then(|mut idle| idle.pop());
+            match parked {
+                Some(s) if s.is_alive() => return Ok(s),
+                Some(dead) => drop(dead),
+                None => return self.open_session().await,
+            }
+        }
+    }
+
     async fn open_session(&self) -> Result<Session, LockError> {
         let (client, connection) = self
             .config
@@ -371,6 +396,7 @@ impl LockManager {
             session: Some(session),
             acquired_at: Instant::now(),
             metrics: self.metrics.clone(),
+            idle: Arc::clone(&self.idle),
         }
     }
 }
@@ -397,6 +423,30 @@ struct Session {
     lost: watch::Receiver<Option<String>>,
 }
 
+impl Session {
+    fn is_alive(&self) -> bool {
+        self.lost.borrow().is_none() && !self.watchdog.is_finished()
+    }
+}
+
+impl Drop for Session {
+    fn drop(&mut self) {
+        // The watchdog owns the connection: ending it closes the session on
+        // the server, and with it every lock the session held.
+        self.watchdog.abort();
+    }
+}
+
+/// Keeps a session that holds no lock for reuse, or closes it.
+fn park(idle: &IdleSessions, session: Session) {
+    if session.is_alive()
+        && let Ok(mut idle) = idle.lock()
+        && idle.len() < MAX_IDLE_SESSIONS
+    {
+        idle.push(session);
+    }
+}
+
 /// A held session lock. Dropping it closes its connection, which releases the
 /// lock on the server; [`SessionLock::release`] does it explicitly and checks.
 pub struct SessionLock {
@@ -404,6 +454,7 @@ pub struct SessionLock {
     session: Option<Session>,
     acquired_at: Instant,
     metrics: LockMetrics,
+    idle: IdleSessions,
 }
 
 impl SessionLock {
@@ -443,7 +494,7 @@ impl SessionLock {
         }
     }
 
-    /// Releases the lock and closes its session.
+    /// Releases the lock; its session, now holding nothing, is kept for reuse.
     pub async fn release(mut self) -> Result<(), LockError> {
         let Some(session) = self.session.take() else {
             return Ok(());
@@ -453,11 +504,13 @@ impl SessionLock {
             .client
             .query_one("SELECT pg_advisory_unlock($1, $2)", &[&a, &b])
             .await;
-        session.watchdog.abort();
         self.metrics
             .released(self.key.class(), self.acquired_at.elapsed());
         match result {
-            Ok(row) if row.get::<_, bool>(0) => Ok(()),
+            Ok(row) if row.get::<_, bool>(0) => {
+                park(&self.idle, session);
+                Ok(())
+            }
             Ok(_) => Err(LockError::NotHeld {
                 key: self.key.to_string(),
             }),
@@ -469,9 +522,7 @@ impl SessionLock {
 impl Drop for SessionLock {
     fn drop(&mut self) {
         if let Some(session) = self.session.take() {
-            // Aborting the watchdog drops the connection: the server ends the
-            // session and with it every lock the session held.
-            session.watchdog.abort();
+            // Dropping the session closes its connection (see `Session`'s Drop).
             self.metrics
                 .released(self.key.class(), self.acquired_at.elapsed());
             if session.lost.borrow().is_some() {
