@@ -194,6 +194,7 @@ impl Transfer {
         kept.sort_by_key(|p| p.part_number);
         fence.ensure_held()?;
         let sha = hex::encode(whole.finalize());
+        let parts_done = std::time::Instant::now();
         let etag = self
             .complete(target, opts, &upload_id, &kept, total, &sha)
             .await?;
@@ -203,6 +204,7 @@ impl Transfer {
             parts = kept.len(),
             resumed,
             bytes = total,
+            finalize = ?parts_done.elapsed(),
             "multipart upload complete"
         );
         Ok(Uploaded {
@@ -353,7 +355,10 @@ impl Transfer {
                 ChecksumAlgorithm::Crc32c => req.checksum_crc32_c(&checksum),
                 ChecksumAlgorithm::Sha256 => req.checksum_sha256(&checksum),
             };
-            match req.send().await {
+            // The signed checksum header already protects the bytes; a
+            // SHA-256 of the payload for the signature would only cost CPU
+            // on both ends.
+            match req.customize().disable_payload_signing().send().await {
                 Ok(out) => break out.e_tag().map(str::to_string),
                 Err(e) => {
                     let err = s3_error("PutObject", e);
@@ -503,7 +508,10 @@ impl PartUpload {
                 ChecksumAlgorithm::Crc32c => req.checksum_crc32_c(&checksum),
                 ChecksumAlgorithm::Sha256 => req.checksum_sha256(&checksum),
             };
-            match req.send().await {
+            // The signed checksum header already protects the bytes; a
+            // SHA-256 of the payload for the signature would only cost CPU
+            // on both ends.
+            match req.customize().disable_payload_signing().send().await {
                 Ok(out) => break out.e_tag().unwrap_or_default().to_string(),
                 Err(e) => {
                     let err = s3_error("UploadPart", e);
