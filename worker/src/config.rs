@@ -60,10 +60,25 @@ pub struct WorkerArgs {
     #[arg(long, env = "STOWAGE_ORPHAN_UPLOAD_AGE", value_parser = parse_duration, default_value = "24h")]
     pub orphan_upload_age: Duration,
 
+    /// When a multipart object's SHA-256 becomes known only after its last
+    /// part, write it into the object's metadata with a server-side
+    /// self-copy (`always`), or keep it in PostgreSQL only (`known`: metadata
+    /// is then set only where the hash is known up front — single-PUT objects
+    /// and dedup jobs). The self-copy makes stores that keep per-object
+    /// checksums (Garage, LocalStack) re-read the whole object.
+    #[arg(long, env = "STOWAGE_SHA256_METADATA", value_enum, default_value_t = Sha256Metadata::Always)]
+    pub sha256_metadata: Sha256Metadata,
+
     /// Lock session heartbeat: a lost database session is noticed within
     /// about twice this.
     #[arg(long, env = "STOWAGE_LOCK_HEARTBEAT", value_parser = parse_duration, default_value = "2s")]
     pub lock_heartbeat: Duration,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum Sha256Metadata {
+    Always,
+    Known,
 }
 
 /// Parses `250ms`, `30s`, `10m`, `24h` or a plain number of seconds.

@@ -46,6 +46,7 @@ pub struct Context {
     pub capacity: usize,
     pub ack_wait: Duration,
     pub draining: AtomicBool,
+    pub sha256_metadata: config::Sha256Metadata,
 }
 
 /// A started worker.
@@ -94,6 +95,7 @@ pub async fn start(args: WorkerArgs, hook: Option<PartHook>) -> anyhow::Result<W
         capacity: args.capacity.max(1),
         ack_wait: args.ack_wait,
         draining: AtomicBool::new(false),
+        sha256_metadata: args.sha256_metadata,
     });
     let (stop, stopped) = watch::channel(false);
     let ready = Readiness::default();

@@ -628,3 +628,50 @@ async fn final_failure_aborts_the_multipart_upload(target: &str) {
     worker.shutdown().await.expect("shutdown");
 }
 on_each_s3!(final_failure_aborts_the_multipart_upload);
+
+async fn sha256_kept_in_postgres_only_when_asked(target: &str) {
+    let h = Harness::new(target).await;
+    let src = SourceServer::start().await;
+    let (multi, single) = (data(12 * MIB, 70), data(1000, 71));
+    src.put(
+        "multi.bin",
+        FileBehaviour {
+            data: multi.clone(),
+            ..Default::default()
+        },
+    );
+    src.put(
+        "single.bin",
+        FileBehaviour {
+            data: single.clone(),
+            ..Default::default()
+        },
+    );
+    let worker = h.worker_with(&["--sha256-metadata=known"], None).await;
+    let mut spec = h.spec(http(vec![src.url("multi.bin"), src.url("single.bin")]), "");
+    spec.part_size_bytes = 5 * MIB as u64;
+    let job = h.submit("known", spec).await;
+    assert_eq!(
+        h.wait_job(job, Duration::from_secs(120)).await.state,
+        "succeeded"
+    );
+    // No self-copy for the multipart object: its hash lives in PostgreSQL.
+    assert_eq!(h.object_sha256_metadata("multi.bin").await, None);
+    let items = h.items(job).await;
+    let multi_item = items
+        .iter()
+        .find(|i| i.dest_key == "multi.bin")
+        .expect("item");
+    assert_eq!(
+        multi_item.sha256_hex.as_deref(),
+        Some(sha256_hex(&multi).as_str())
+    );
+    assert_eq!(h.peer_sha256("multi.bin"), sha256_hex(&multi));
+    // A single PUT knows its hash up front and still carries it.
+    assert_eq!(
+        h.object_sha256_metadata("single.bin").await,
+        Some(sha256_hex(&single))
+    );
+    worker.shutdown().await.expect("shutdown");
+}
+on_each_s3!(sha256_kept_in_postgres_only_when_asked);

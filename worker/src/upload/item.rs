@@ -307,6 +307,7 @@ async fn transfer(
         concurrency: spec.concurrency as usize,
         algorithm: spec.checksum,
         known_sha256,
+        sha256_metadata_copy: ctx.sha256_metadata == crate::config::Sha256Metadata::Always,
     };
     let up = t.run(item.id, target, &opts, body, lock).await?;
     record(

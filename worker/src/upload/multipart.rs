@@ -55,6 +55,8 @@ pub struct Options {
     pub algorithm: ChecksumAlgorithm,
     /// The SHA-256 when it is known before the upload (dedup pass).
     pub known_sha256: Option<String>,
+    /// Write a SHA-256 learnt only at the end into the metadata (self-copy).
+    pub sha256_metadata_copy: bool,
 }
 
 #[derive(Clone, Debug, PartialEq)]
@@ -422,6 +424,7 @@ impl Transfer {
             .send()
             .await
             .map_err(|e| s3_error("CompleteMultipartUpload", e))?;
+        let completed_at = std::time::Instant::now();
         let checksums: Vec<String> = parts.iter().map(|p| p.checksum.clone()).collect();
         let composite = composite_checksum(opts.algorithm, &checksums);
         verify_head(
@@ -431,7 +434,8 @@ impl Transfer {
             sha,
         )
         .await?;
-        if opts.known_sha256.is_none() {
+        debug!(key = target.key, verify = ?completed_at.elapsed(), "completed and verified");
+        if opts.known_sha256.is_none() && opts.sha256_metadata_copy {
             // The whole-object hash is known only now: store it in the
             // object's metadata with a server-side self-copy.
             if total <= MAX_PART_SIZE {

@@ -106,7 +106,15 @@ impl Harness {
     }
 
     pub async fn worker(&self, hook: Option<PartHook>) -> stowage_worker::Worker {
-        let args = WorkerArgs::parse_from(self.worker_args(&[]));
+        self.worker_with(&[], hook).await
+    }
+
+    pub async fn worker_with(
+        &self,
+        extra: &[&str],
+        hook: Option<PartHook>,
+    ) -> stowage_worker::Worker {
+        let args = WorkerArgs::parse_from(self.worker_args(extra));
         stowage_worker::start(args, hook)
             .await
             .expect("worker starts")
