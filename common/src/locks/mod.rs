@@ -178,13 +178,7 @@ impl LockManager {
     /// Takes `key` if it is free, without waiting.
     pub async fn try_lock(&self, key: LockKey) -> Result<Option<SessionLock>, LockError> {
         let session = self.session().await?;
-        let (a, b) = key.pair();
-        let row = session
-            .client
-            .query_one("SELECT pg_try_advisory_lock($1, $2)", &[&a, &b])
-            .await
-            .map_err(LockError::query(&key))?;
-        if row.get::<_, bool>(0) {
+        if try_on(&session, &key).await? {
             Ok(Some(self.held(session, key, Duration::ZERO)))
         } else {
             self.metrics.contended(key.class());
@@ -214,17 +208,11 @@ impl LockManager {
     ) -> Result<SessionLock, LockError> {
         let started = Instant::now();
         let session = self.session().await?;
-        let (a, b) = key.pair();
-        let free = session
-            .client
-            .query_one("SELECT pg_try_advisory_lock($1, $2)", &[&a, &b])
-            .await
-            .map_err(LockError::query(&key))?
-            .get::<_, bool>(0);
-        if free {
+        if try_on(&session, &key).await? {
             return Ok(self.held(session, key, started.elapsed()));
         }
         self.metrics.contended(key.class());
+        let (a, b) = key.pair();
         // The server does the waiting: `lock_timeout` applies to advisory lock
         // waits too and fails them with SQLSTATE 55P03.
         let millis = timeout.map_or(0, |t| t.as_millis().max(1));
@@ -399,6 +387,17 @@ impl LockManager {
             idle: Arc::clone(&self.idle),
         }
     }
+}
+
+/// `pg_try_advisory_lock` on `session`.
+async fn try_on(session: &Session, key: &LockKey) -> Result<bool, LockError> {
+    let (a, b) = key.pair();
+    Ok(session
+        .client
+        .query_one("SELECT pg_try_advisory_lock($1, $2)", &[&a, &b])
+        .await
+        .map_err(LockError::query(key))?
+        .get(0))
 }
 
 /// First column of the first row of a simple-protocol query, as text.

@@ -339,12 +339,7 @@ impl Queue {
             let Ok(raw) = stream.get_raw_message(seq).await else {
                 continue; // deleted (replayed or discarded)
             };
-            let letter =
-                DeadLetter::decode(raw.payload.as_ref()).map_err(|source| QueueError::Decode {
-                    subject: raw.subject.to_string(),
-                    kind: "DeadLetter",
-                    source,
-                })?;
+            let letter = decode_dead_letter(&raw)?;
             out.push((seq, letter));
         }
         Ok(out)
@@ -361,12 +356,7 @@ impl Queue {
             .get_raw_message(seq)
             .await
             .map_err(|_| QueueError::NoSuchDeadLetter(seq))?;
-        let letter =
-            DeadLetter::decode(raw.payload.as_ref()).map_err(|source| QueueError::Decode {
-                subject: raw.subject.to_string(),
-                kind: "DeadLetter",
-                source,
-            })?;
+        let letter = decode_dead_letter(&raw)?;
         let mut task = letter.task.unwrap_or_default();
         task.task_id = format!("{}/replay-{seq}", task.task_id);
         self.publish_task(&letter.subject, &task).await?;
@@ -411,6 +401,16 @@ impl Queue {
     pub async fn flush(&self) -> Result<(), QueueError> {
         js!("flush", self.client.flush().await)
     }
+}
+
+fn decode_dead_letter(
+    raw: &async_nats::jetstream::message::StreamMessage,
+) -> Result<DeadLetter, QueueError> {
+    DeadLetter::decode(raw.payload.as_ref()).map_err(|source| QueueError::Decode {
+        subject: raw.subject.to_string(),
+        kind: "DeadLetter",
+        source,
+    })
 }
 
 /// Decodes a task message.

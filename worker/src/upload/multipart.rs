@@ -338,43 +338,32 @@ impl Transfer {
         fence.ensure_held()?;
         let checksum = part_checksum(opts.algorithm, &data);
         let size = data.len() as u64;
-        let mut attempt = 0;
-        let etag = loop {
-            attempt += 1;
-            let body = match &self.hook {
-                Some(h) => h(1, attempt, data.clone()),
-                None => data.clone(),
-            };
-            let req = target
-                .client
-                .put_object()
-                .bucket(target.bucket)
-                .key(target.key)
-                .content_length(size as i64)
-                .metadata(SHA256_METADATA, &sha)
-                .body(ByteStream::from(body));
-            let req = match opts.algorithm {
-                ChecksumAlgorithm::Crc32c => req.checksum_crc32_c(&checksum),
-                ChecksumAlgorithm::Sha256 => req.checksum_sha256(&checksum),
-            };
-            // The signed checksum header already protects the bytes; a
-            // SHA-256 of the payload for the signature would only cost CPU
-            // on both ends.
-            match req.customize().disable_payload_signing().send().await {
-                Ok(out) => break out.e_tag().map(str::to_string),
-                Err(e) => {
-                    let err = s3_error("PutObject", e);
-                    if err.class() == ErrorClass::Retryable && attempt < PART_ATTEMPTS {
-                        self.metrics.part_retries.inc();
-                        warn!(key = target.key, attempt, error = %err, "PUT failed; retrying");
-                        tokio::time::sleep(backoff_delay(attempt, PART_BACKOFF, PART_BACKOFF_MAX))
-                            .await;
-                        continue;
-                    }
-                    return Err(err);
-                }
-            }
-        };
+        let etag = self
+            .send_retrying(target.key, 1, &data, |body| async {
+                let req = target
+                    .client
+                    .put_object()
+                    .bucket(target.bucket)
+                    .key(target.key)
+                    .content_length(size as i64)
+                    .metadata(SHA256_METADATA, &sha)
+                    .body(ByteStream::from(body));
+                let req = match opts.algorithm {
+                    ChecksumAlgorithm::Crc32c => req.checksum_crc32_c(&checksum),
+                    ChecksumAlgorithm::Sha256 => req.checksum_sha256(&checksum),
+                };
+                // The signed checksum header already protects the bytes; a
+                // SHA-256 of the payload for the signature would only cost
+                // CPU on both ends.
+                let out = req
+                    .customize()
+                    .disable_payload_signing()
+                    .send()
+                    .await
+                    .map_err(|e| s3_error("PutObject", e))?;
+                Ok(out.e_tag().map(str::to_string))
+            })
+            .await?;
         self.metrics.bytes_uploaded.inc_by(size);
         self.metrics.parts_uploaded.inc();
         self.progress.fetch_add(size, Ordering::Relaxed);
@@ -386,6 +375,39 @@ impl Transfer {
             parts: 1,
             parts_resumed: 0,
         })
+    }
+
+    /// Sends one body (a part, or a whole small object), retrying it in
+    /// place on retryable errors: a body the server rejected for a bad
+    /// checksum is sent again from memory. `hook` sees every attempt.
+    async fn send_retrying<T, F, Fut>(
+        &self,
+        key: &str,
+        part: i32,
+        data: &Bytes,
+        mut send: F,
+    ) -> Result<T, UploadError>
+    where
+        F: FnMut(Bytes) -> Fut,
+        Fut: Future<Output = Result<T, UploadError>>,
+    {
+        let mut attempt = 0;
+        loop {
+            attempt += 1;
+            let body = match &self.hook {
+                Some(h) => h(part, attempt, data.clone()),
+                None => data.clone(),
+            };
+            match send(body).await {
+                Err(err) if err.class() == ErrorClass::Retryable && attempt < PART_ATTEMPTS => {
+                    self.metrics.part_retries.inc();
+                    warn!(key, part, attempt, error = %err, "upload rejected; sending it again");
+                    tokio::time::sleep(backoff_delay(attempt, PART_BACKOFF, PART_BACKOFF_MAX))
+                        .await;
+                }
+                result => return result,
+            }
+        }
     }
 
     async fn complete(
@@ -492,44 +514,31 @@ impl PartUpload {
     async fn send(self, data: Bytes) -> Result<PartRecord, UploadError> {
         let checksum = part_checksum(self.algorithm, &data);
         let size = data.len();
-        let mut attempt = 0;
-        let etag = loop {
-            attempt += 1;
-            let body = match &self.transfer.hook {
-                Some(h) => h(self.number, attempt, data.clone()),
-                None => data.clone(),
-            };
-            let req = self
-                .client
-                .upload_part()
-                .bucket(&self.bucket)
-                .key(&self.key)
-                .upload_id(&self.upload_id)
-                .part_number(self.number)
-                .content_length(size as i64)
-                .body(ByteStream::from(body));
-            let req = match self.algorithm {
-                ChecksumAlgorithm::Crc32c => req.checksum_crc32_c(&checksum),
-                ChecksumAlgorithm::Sha256 => req.checksum_sha256(&checksum),
-            };
-            // The signed checksum header already protects the bytes; a
-            // SHA-256 of the payload for the signature would only cost CPU
-            // on both ends.
-            match req.customize().disable_payload_signing().send().await {
-                Ok(out) => break out.e_tag().unwrap_or_default().to_string(),
-                Err(e) => {
-                    let err = s3_error("UploadPart", e);
-                    if err.class() == ErrorClass::Retryable && attempt < PART_ATTEMPTS {
-                        self.transfer.metrics.part_retries.inc();
-                        warn!(key = self.key, part = self.number, attempt, error = %err, "part rejected; sending it again");
-                        tokio::time::sleep(backoff_delay(attempt, PART_BACKOFF, PART_BACKOFF_MAX))
-                            .await;
-                        continue;
-                    }
-                    return Err(err);
-                }
-            }
-        };
+        let etag = self
+            .transfer
+            .send_retrying(&self.key, self.number, &data, |body| async {
+                let req = self
+                    .client
+                    .upload_part()
+                    .bucket(&self.bucket)
+                    .key(&self.key)
+                    .upload_id(&self.upload_id)
+                    .part_number(self.number)
+                    .content_length(size as i64)
+                    .body(ByteStream::from(body));
+                let req = match self.algorithm {
+                    ChecksumAlgorithm::Crc32c => req.checksum_crc32_c(&checksum),
+                    ChecksumAlgorithm::Sha256 => req.checksum_sha256(&checksum),
+                };
+                let out = req
+                    .customize()
+                    .disable_payload_signing()
+                    .send()
+                    .await
+                    .map_err(|e| s3_error("UploadPart", e))?;
+                Ok(out.e_tag().unwrap_or_default().to_string())
+            })
+            .await?;
         let record = PartRecord {
             part_number: self.number,
             etag,
