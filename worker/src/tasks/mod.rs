@@ -10,11 +10,9 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use futures::StreamExt;
-use prost::Message as _;
 use stowage_common::errors::ErrorClass;
 use stowage_common::queue::{AckKind, Message, decode_task};
-use stowage_common::state::uploads as state;
-use stowage_proto::v1::{DeadLetter, JobProgress, Task, task};
+use stowage_proto::v1::{DeadLetter, Task, task};
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tracing::{error, info, warn};
@@ -261,40 +259,6 @@ async fn settle(ctx: &Context, msg: &Message, task: &Task, kind: &'static str, o
     };
     if let Err(e) = acked {
         warn!(task = task.task_id, error = %e, "ack failed; the task will be redelivered");
-    }
-    if let Some(task::Kind::UploadFile(u)) = &task.kind
-        && !matches!(outcome, Outcome::Retry { .. })
-    {
-        publish_progress(ctx, u.job_id.as_str(), u.item_id).await;
-    }
-}
-
-async fn publish_progress(ctx: &Context, job_id: &str, item_id: i64) {
-    let Ok(id) = Uuid::parse_str(job_id) else {
-        return;
-    };
-    let Ok(db) = ctx.db.get().await else { return };
-    let (Ok(job), Ok(item)) = (
-        state::get_job(&db, id).await,
-        state::get_item(&db, item_id).await,
-    ) else {
-        return;
-    };
-    let event = JobProgress {
-        job_id: job_id.to_string(),
-        item_id,
-        item_state: item.state.as_str().into(),
-    };
-    let subject = ctx
-        .queue
-        .topology()
-        .progress_subject(&job.namespace, &job.name);
-    if let Err(e) = ctx
-        .queue
-        .publish_event(subject, event.encode_to_vec())
-        .await
-    {
-        warn!(error = %e, "progress event not published");
     }
 }
 

@@ -13,8 +13,10 @@ use stowage_common::locks::{LockClass, LockKey};
 use stowage_common::queue::backoff_delay;
 use stowage_common::spec::{ConflictPolicy, MAX_PART_SIZE, UploadJobSpec, validate_key};
 use stowage_common::state::StateError;
-use stowage_common::state::uploads::{self as state, ItemRecord, ItemState, ObjectWrite};
-use stowage_proto::v1::ObjectLanded;
+use stowage_common::state::uploads::{
+    self as state, ItemRecord, ItemState, JobRecord, ObjectWrite,
+};
+use stowage_proto::v1::{JobProgress, ObjectLanded};
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 use uuid::Uuid;
@@ -33,7 +35,7 @@ pub async fn run(
     cancel: &CancellationToken,
     progress: Arc<AtomicU64>,
 ) -> Outcome {
-    let (item, spec) = match load(ctx, job_id, item_id).await {
+    let (item, job) = match load(ctx, job_id, item_id).await {
         Ok(v) => v,
         Err(e) => return retry_later(&e, 1),
     };
@@ -41,23 +43,24 @@ pub async fn run(
         // A duplicate delivery of finished work.
         return Outcome::Done { label: "ok" };
     }
+    let spec = &job.spec;
     let started = std::time::Instant::now();
-    let result = process(ctx, &item, &spec, cancel, progress).await;
-    match result {
+    let (outcome, state) = match process(ctx, &item, spec, cancel, progress).await {
         Ok(state) => {
             info!(item = item.id, key = item.dest_key, state = state.as_str(), elapsed = ?started.elapsed(), "file done");
-            Outcome::Done {
-                label: if state == ItemState::Succeeded {
-                    "ok"
-                } else {
-                    "skipped"
-                },
-            }
+            let label = if state == ItemState::Succeeded {
+                "ok"
+            } else {
+                "skipped"
+            };
+            (Outcome::Done { label }, state)
         }
-        Err(UploadError::KeyBusy(key)) => Outcome::Retry {
-            delay: backoff_delay(1, Duration::from_secs(2), Duration::from_secs(2)),
-            reason: format!("destination {key} is being written by another worker"),
-        },
+        Err(UploadError::KeyBusy(key)) => {
+            return Outcome::Retry {
+                delay: backoff_delay(1, Duration::from_secs(2), Duration::from_secs(2)),
+                reason: format!("destination {key} is being written by another worker"),
+            };
+        }
         Err(UploadError::Cancelled) => {
             // Hand the task back at once; the parts stored so far stay.
             if let Ok(db) = ctx.db.get().await {
@@ -68,16 +71,36 @@ pub async fn run(
                     )
                     .await;
             }
-            Outcome::Retry {
+            return Outcome::Retry {
                 delay: Duration::ZERO,
                 reason: "worker shutting down".into(),
-            }
+            };
         }
-        Err(e) => match fail(ctx, &item, &spec, &e).await {
-            Ok(outcome) => outcome,
-            Err(state_err) => retry_later(&state_err, item.attempts as u32 + 1),
+        Err(e) => match fail(ctx, &item, spec, &e).await {
+            Ok(outcome @ Outcome::Dead { .. }) => (outcome, ItemState::Failed),
+            Ok(outcome) => return outcome,
+            Err(state_err) => return retry_later(&state_err, item.attempts as u32 + 1),
         },
+    };
+    // The item reached its end: tell whoever follows the job (the operator
+    // reconciles on it, stowctl --wait wakes up).
+    let event = JobProgress {
+        job_id: job.id.to_string(),
+        item_id: item.id,
+        item_state: state.as_str().into(),
+    };
+    let subject = ctx
+        .queue
+        .topology()
+        .progress_subject(&job.namespace, &job.name);
+    if let Err(e) = ctx
+        .queue
+        .publish_event(subject, event.encode_to_vec())
+        .await
+    {
+        warn!(error = %e, "progress event not published");
     }
+    outcome
 }
 
 fn retry_later(e: &dyn std::fmt::Display, attempt: u32) -> Outcome {
@@ -91,11 +114,11 @@ async fn load(
     ctx: &Context,
     job_id: Uuid,
     item_id: i64,
-) -> Result<(ItemRecord, UploadJobSpec), StateError> {
+) -> Result<(ItemRecord, JobRecord), StateError> {
     let db = ctx.db.get().await?;
     let item = state::get_item(&db, item_id).await?;
     let job = state::get_job(&db, job_id).await?;
-    Ok((item, job.spec))
+    Ok((item, job))
 }
 
 /// Records a failed attempt: another try later, or the end of the item.
@@ -235,7 +258,12 @@ async fn transfer(
     lock: &stowage_common::locks::SessionLock,
     progress: Arc<AtomicU64>,
 ) -> Result<ItemState, UploadError> {
-    let existing = head(target, target.key).await?;
+    // Only the policies that care about what is already there pay a HEAD.
+    let existing = if spec.conflict_policy == ConflictPolicy::Overwrite && !spec.dedup {
+        None
+    } else {
+        head(target, target.key).await?
+    };
     if let Some(e) = &existing
         && spec.conflict_policy == ConflictPolicy::Skip
     {

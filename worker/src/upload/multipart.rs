@@ -361,13 +361,26 @@ impl Transfer {
                     .send()
                     .await
                     .map_err(|e| s3_error("PutObject", e))?;
+                // The server checked the body against the checksum header
+                // before accepting it; it echoes the value it stored.
+                let echoed = match opts.algorithm {
+                    ChecksumAlgorithm::Crc32c => out.checksum_crc32_c(),
+                    ChecksumAlgorithm::Sha256 => out.checksum_sha256(),
+                };
+                if let Some(echoed) = echoed
+                    && echoed != checksum
+                {
+                    return Err(UploadError::Verification {
+                        key: target.key.to_string(),
+                        message: format!("server stored checksum {echoed}, sent {checksum}"),
+                    });
+                }
                 Ok(out.e_tag().map(str::to_string))
             })
             .await?;
         self.metrics.bytes_uploaded.inc_by(size);
         self.metrics.parts_uploaded.inc();
         self.progress.fetch_add(size, Ordering::Relaxed);
-        verify_head(target, size, None, &sha).await?;
         Ok(Uploaded {
             sha256_hex: sha,
             size,
