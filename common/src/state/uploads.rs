@@ -134,34 +134,32 @@ pub async fn add_items(
     job_id: Uuid,
     items: &[NewItem],
 ) -> Result<Vec<ItemRecord>, StateError> {
-    let stmt = client
-        .prepare(
+    // One statement for the whole listing: a job of 10,000 files is planned
+    // in one round trip, not 10,000.
+    let mut refs = Vec::with_capacity(items.len());
+    let mut keys = Vec::with_capacity(items.len());
+    let mut sizes = Vec::with_capacity(items.len());
+    let mut errors = Vec::with_capacity(items.len());
+    for item in items {
+        refs.push(item.source_ref.as_str());
+        keys.push(item.dest_key.as_str());
+        sizes.push(item.size_bytes);
+        errors.push(item.invalid.as_deref());
+    }
+    client
+        .execute(
             "INSERT INTO upload_items (job_id, source_ref, dest_key, size_bytes, state,
                                        last_error, error_class, finished_at)
-             VALUES ($1, $2, $3, $4, $5, $6, $7, CASE WHEN $6::text IS NULL THEN NULL ELSE now() END)
+             SELECT $1, r, k, s,
+                    CASE WHEN e IS NULL THEN 'pending' ELSE 'failed' END,
+                    e,
+                    CASE WHEN e IS NULL THEN NULL ELSE 'permanent' END,
+                    CASE WHEN e IS NULL THEN NULL ELSE now() END
+             FROM unnest($2::text[], $3::text[], $4::bigint[], $5::text[]) AS t(r, k, s, e)
              ON CONFLICT (job_id, dest_key) DO NOTHING",
+            &[&job_id, &refs, &keys, &sizes, &errors],
         )
         .await?;
-    for item in items {
-        let (state, class) = match &item.invalid {
-            Some(_) => (ItemState::Failed.as_str(), Some("permanent")),
-            None => (ItemState::Pending.as_str(), None),
-        };
-        client
-            .execute(
-                &stmt,
-                &[
-                    &job_id,
-                    &item.source_ref,
-                    &item.dest_key,
-                    &item.size_bytes,
-                    &state,
-                    &item.invalid,
-                    &class,
-                ],
-            )
-            .await?;
-    }
     let rows = client
         .query(
             &format!(

@@ -37,19 +37,20 @@ pub async fn run(ctx: &Context, job_id: Uuid) -> Result<usize, UploadError> {
         &job.namespace,
         &job.name,
     );
-    for item in &todo {
-        let task = Task {
+    let tasks: Vec<Task> = todo
+        .iter()
+        .map(|item| Task {
             task_id: format!("upload/{job_id}/{}", item.id),
             kind: Some(task::Kind::UploadFile(UploadFile {
                 job_id: job_id.to_string(),
                 item_id: item.id,
             })),
-        };
-        ctx.queue
-            .publish_task(&subject, &task)
-            .await
-            .map_err(|e| UploadError::Invalid(format!("publishing upload tasks: {e}")))?;
-    }
+        })
+        .collect();
+    ctx.queue
+        .publish_tasks(&subject, &tasks)
+        .await
+        .map_err(|e| UploadError::Queue(e.to_string()))?;
     let db = ctx
         .db
         .get()

@@ -277,7 +277,7 @@ async fn transfer(
         )
         .await;
     }
-    let source = Source::new(&spec.source, &ctx.s3)?;
+    let source = Source::new(&spec.source, &ctx.s3, &ctx.http)?;
     let mut known_sha256 = None;
     if spec.dedup {
         let (sha, size) = hash_source(&source, &item.source_ref).await?;

@@ -57,6 +57,8 @@ pub enum UploadError {
     LockLost(String),
     #[error("stopped: the worker is shutting down")]
     Cancelled,
+    #[error("queue: {0}")]
+    Queue(String),
 }
 
 impl Classify for UploadError {
@@ -99,6 +101,7 @@ impl Classify for UploadError {
             | UploadError::Lock(_)
             | UploadError::KeyBusy(_)
             | UploadError::LockLost(_)
+            | UploadError::Queue(_)
             | UploadError::Cancelled => Retryable,
         }
     }

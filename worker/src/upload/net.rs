@@ -113,7 +113,31 @@ impl Resolve for GuardedResolver {
     }
 }
 
-/// An HTTP client for one job's sources: guarded resolution, and redirects
+/// The two HTTP clients a worker needs (private networks refused or
+/// allowed), built once: building one loads TLS roots, which costs more CPU
+/// than fetching a small file.
+#[derive(Default)]
+pub struct HttpClients {
+    public_only: std::sync::OnceLock<reqwest::Client>,
+    any: std::sync::OnceLock<reqwest::Client>,
+}
+
+impl HttpClients {
+    pub fn get(&self, allow_private: bool) -> Result<reqwest::Client, reqwest::Error> {
+        let cell = if allow_private {
+            &self.any
+        } else {
+            &self.public_only
+        };
+        if let Some(c) = cell.get() {
+            return Ok(c.clone());
+        }
+        let client = http_client(allow_private)?;
+        Ok(cell.get_or_init(|| client).clone())
+    }
+}
+
+/// An HTTP client for sources: guarded resolution, and redirects
 /// re-checked (an IP literal in a `Location` bypasses the resolver).
 pub fn http_client(allow_private: bool) -> Result<reqwest::Client, reqwest::Error> {
     let policy = reqwest::redirect::Policy::custom(move |attempt| {

@@ -30,14 +30,19 @@ pub enum Source {
 }
 
 impl Source {
-    pub fn new(spec: &UploadSource, clients: &S3Clients) -> Result<Self, UploadError> {
+    pub fn new(
+        spec: &UploadSource,
+        clients: &S3Clients,
+        http_clients: &net::HttpClients,
+    ) -> Result<Self, UploadError> {
         match (&spec.s3, &spec.http) {
             (Some(s3), None) => Ok(Source::S3 {
                 client: clients.client(&s3.endpoint)?,
                 spec: s3.clone(),
             }),
             (None, Some(http)) => Ok(Source::Http {
-                client: net::http_client(http.allow_private_networks)
+                client: http_clients
+                    .get(http.allow_private_networks)
                     .map_err(|e| UploadError::Invalid(format!("HTTP client: {e}")))?,
                 spec: http.clone(),
             }),
