@@ -183,7 +183,11 @@ async fn source_failures_are_classified(target: &str) {
     assert_eq!(missing.attempts, 1);
     assert_eq!(missing.error_class.as_deref(), Some("permanent"));
     assert!(
-        missing.last_error.as_deref().unwrap_or("").contains("404"),
+        missing
+            .last_error
+            .as_deref()
+            .unwrap_or("")
+            .contains("answered HTTP 404"),
         "{missing:?}"
     );
     assert_eq!(src.hits("missing.txt"), 1);
@@ -210,7 +214,7 @@ async fn source_failures_are_classified(target: &str) {
     );
     let (seq, letter) = letters
         .iter()
-        .find(|(_, l)| l.error.contains("503"))
+        .find(|(_, l)| l.error.contains("answered HTTP 503"))
         .expect("dead letter of down.txt")
         .clone();
     assert_eq!(letter.attempts, 3);

@@ -1,7 +1,11 @@
 //! Upload jobs, items, multipart parts and objects.
 
 use chrono::{DateTime, Utc};
-use tokio_postgres::{Client, Row};
+// Statements are prepared once per pooled connection and reused: a file
+// costs a dozen statements, and parsing each one every time was a large
+// share of PostgreSQL's CPU in the small-file benchmark.
+use deadpool_postgres::ClientWrapper as Client;
+use tokio_postgres::Row;
 use uuid::Uuid;
 
 use super::StateError;
@@ -75,10 +79,14 @@ pub async fn register_job(client: &Client, job: &NewJob) -> Result<Uuid, StateEr
     let spec = serde_json::to_value(&job.spec)?;
     let row = client
         .query_one(
-            "INSERT INTO upload_jobs (id, namespace, name, source_uid, generation, spec)
+            &client
+                .prepare_cached(
+                    "INSERT INTO upload_jobs (id, namespace, name, source_uid, generation, spec)
              VALUES ($1, $2, $3, $4, $5, $6)
              ON CONFLICT (source_uid, generation) DO UPDATE SET name = upload_jobs.name
              RETURNING id",
+                )
+                .await?,
             &[
                 &Uuid::new_v4(),
                 &job.namespace,
@@ -95,9 +103,13 @@ pub async fn register_job(client: &Client, job: &NewJob) -> Result<Uuid, StateEr
 pub async fn get_job(client: &Client, id: Uuid) -> Result<JobRecord, StateError> {
     let row = client
         .query_opt(
-            "SELECT id, namespace, name, spec, state, planned_at IS NOT NULL,
+            &client
+                .prepare_cached(
+                    "SELECT id, namespace, name, spec, state, planned_at IS NOT NULL,
                     created_at, started_at, finished_at
              FROM upload_jobs WHERE id = $1",
+                )
+                .await?,
             &[&id],
         )
         .await?
@@ -148,7 +160,9 @@ pub async fn add_items(
     }
     client
         .execute(
-            "INSERT INTO upload_items (job_id, source_ref, dest_key, size_bytes, state,
+            &client
+                .prepare_cached(
+                    "INSERT INTO upload_items (job_id, source_ref, dest_key, size_bytes, state,
                                        last_error, error_class, finished_at)
              SELECT $1, r, k, s,
                     CASE WHEN e IS NULL THEN 'pending' ELSE 'failed' END,
@@ -157,14 +171,16 @@ pub async fn add_items(
                     CASE WHEN e IS NULL THEN NULL ELSE now() END
              FROM unnest($2::text[], $3::text[], $4::bigint[], $5::text[]) AS t(r, k, s, e)
              ON CONFLICT (job_id, dest_key) DO NOTHING",
+                )
+                .await?,
             &[&job_id, &refs, &keys, &sizes, &errors],
         )
         .await?;
     let rows = client
         .query(
-            &format!(
+            &client.prepare_cached(&format!(
                 "{ITEM_SELECT} WHERE job_id = $1 AND state IN ('pending', 'running') ORDER BY id"
-            ),
+            )).await?,
             &[&job_id],
         )
         .await?;
@@ -174,7 +190,11 @@ pub async fn add_items(
 pub async fn mark_planned(client: &Client, job_id: Uuid) -> Result<(), StateError> {
     client
         .execute(
-            "UPDATE upload_jobs SET planned_at = coalesce(planned_at, now()) WHERE id = $1",
+            &client
+                .prepare_cached(
+                    "UPDATE upload_jobs SET planned_at = coalesce(planned_at, now()) WHERE id = $1",
+                )
+                .await?,
             &[&job_id],
         )
         .await?;
@@ -222,7 +242,12 @@ impl ItemRecord {
 
 pub async fn get_item(client: &Client, item_id: i64) -> Result<ItemRecord, StateError> {
     client
-        .query_opt(&format!("{ITEM_SELECT} WHERE id = $1"), &[&item_id])
+        .query_opt(
+            &client
+                .prepare_cached(&format!("{ITEM_SELECT} WHERE id = $1"))
+                .await?,
+            &[&item_id],
+        )
         .await?
         .map(|r| ItemRecord::from_row(&r))
         .ok_or_else(|| StateError::NotFound {
@@ -234,7 +259,9 @@ pub async fn get_item(client: &Client, item_id: i64) -> Result<ItemRecord, State
 pub async fn list_items(client: &Client, job_id: Uuid) -> Result<Vec<ItemRecord>, StateError> {
     let rows = client
         .query(
-            &format!("{ITEM_SELECT} WHERE job_id = $1 ORDER BY id"),
+            &client
+                .prepare_cached(&format!("{ITEM_SELECT} WHERE job_id = $1 ORDER BY id"))
+                .await?,
             &[&job_id],
         )
         .await?;
@@ -245,14 +272,18 @@ pub async fn list_items(client: &Client, job_id: Uuid) -> Result<Vec<ItemRecord>
 pub async fn start_item(client: &Client, item: &ItemRecord) -> Result<(), StateError> {
     client
         .execute(
-            "UPDATE upload_items SET state = 'running', updated_at = now() WHERE id = $1",
+            &client
+                .prepare_cached(
+                    "UPDATE upload_items SET state = 'running', updated_at = now() WHERE id = $1",
+                )
+                .await?,
             &[&item.id],
         )
         .await?;
     client
         .execute(
-            "UPDATE upload_jobs SET state = 'running', started_at = coalesce(started_at, now())
-             WHERE id = $1 AND state = 'pending'",
+            &client.prepare_cached("UPDATE upload_jobs SET state = 'running', started_at = coalesce(started_at, now())
+             WHERE id = $1 AND state = 'pending'").await?,
             &[&item.job_id],
         )
         .await?;
@@ -267,8 +298,8 @@ pub async fn set_progress(
 ) -> Result<(), StateError> {
     client
         .execute(
-            "UPDATE upload_items SET bytes_done = $2, size_bytes = coalesce($3, size_bytes),
-                    updated_at = now() WHERE id = $1",
+            &client.prepare_cached("UPDATE upload_items SET bytes_done = $2, size_bytes = coalesce($3, size_bytes),
+                    updated_at = now() WHERE id = $1").await?,
             &[&item_id, &bytes_done, &size],
         )
         .await?;
@@ -285,9 +316,9 @@ pub async fn finish_item(
 ) -> Result<(), StateError> {
     client
         .execute(
-            "UPDATE upload_items SET state = $2, sha256_hex = $3, size_bytes = $4, bytes_done = $4,
+            &client.prepare_cached("UPDATE upload_items SET state = $2, sha256_hex = $3, size_bytes = $4, bytes_done = $4,
                     last_error = NULL, error_class = NULL, updated_at = now(), finished_at = now()
-             WHERE id = $1",
+             WHERE id = $1").await?,
             &[&item.id, &state.as_str(), &sha256_hex, &size],
         )
         .await?;
@@ -299,9 +330,9 @@ pub async fn finish_item(
 pub async fn record_retry(client: &Client, item_id: i64, error: &str) -> Result<i32, StateError> {
     let row = client
         .query_one(
-            "UPDATE upload_items SET state = 'pending', attempts = attempts + 1, last_error = $2,
+            &client.prepare_cached("UPDATE upload_items SET state = 'pending', attempts = attempts + 1, last_error = $2,
                     error_class = 'retryable', updated_at = now()
-             WHERE id = $1 RETURNING attempts",
+             WHERE id = $1 RETURNING attempts").await?,
             &[&item_id, &error],
         )
         .await?;
@@ -318,9 +349,9 @@ pub async fn fail_item(
 ) -> Result<i32, StateError> {
     let row = client
         .query_one(
-            "UPDATE upload_items SET state = 'failed', attempts = attempts + 1, last_error = $2,
+            &client.prepare_cached("UPDATE upload_items SET state = 'failed', attempts = attempts + 1, last_error = $2,
                     error_class = $3, dead_lettered = $4, updated_at = now(), finished_at = now()
-             WHERE id = $1 RETURNING attempts",
+             WHERE id = $1 RETURNING attempts").await?,
             &[&item.id, &error, &class, &dead_lettered],
         )
         .await?;
@@ -332,16 +363,20 @@ pub async fn fail_item(
 pub async fn reset_for_replay(client: &Client, item_id: i64) -> Result<(), StateError> {
     let row = client
         .query_one(
-            "UPDATE upload_items SET state = 'pending', attempts = 0, dead_lettered = false,
+            &client.prepare_cached("UPDATE upload_items SET state = 'pending', attempts = 0, dead_lettered = false,
                     finished_at = NULL, updated_at = now()
-             WHERE id = $1 RETURNING job_id",
+             WHERE id = $1 RETURNING job_id").await?,
             &[&item_id],
         )
         .await?;
     let job_id: Uuid = row.get(0);
     client
         .execute(
-            "UPDATE upload_jobs SET state = 'running', finished_at = NULL WHERE id = $1",
+            &client
+                .prepare_cached(
+                    "UPDATE upload_jobs SET state = 'running', finished_at = NULL WHERE id = $1",
+                )
+                .await?,
             &[&job_id],
         )
         .await?;
@@ -353,7 +388,9 @@ pub async fn reset_for_replay(client: &Client, item_id: i64) -> Result<(), State
 pub async fn refresh_job_state(client: &Client, job_id: Uuid) -> Result<(), StateError> {
     client
         .execute(
-            "UPDATE upload_jobs j SET
+            &client
+                .prepare_cached(
+                    "UPDATE upload_jobs j SET
                 state = CASE WHEN EXISTS (SELECT 1 FROM upload_items i
                                           WHERE i.job_id = j.id AND i.state = 'failed')
                              THEN 'failed' ELSE 'succeeded' END,
@@ -362,6 +399,8 @@ pub async fn refresh_job_state(client: &Client, job_id: Uuid) -> Result<(), Stat
              WHERE j.id = $1 AND j.planned_at IS NOT NULL AND j.state IN ('pending', 'running')
                AND NOT EXISTS (SELECT 1 FROM upload_items i
                                WHERE i.job_id = j.id AND i.state IN ('pending', 'running'))",
+                )
+                .await?,
             &[&job_id],
         )
         .await?;
@@ -385,7 +424,9 @@ pub struct JobCounts {
 pub async fn job_counts(client: &Client, job_id: Uuid) -> Result<JobCounts, StateError> {
     let r = client
         .query_one(
-            "SELECT count(*),
+            &client
+                .prepare_cached(
+                    "SELECT count(*),
                     count(*) FILTER (WHERE state = 'pending'),
                     count(*) FILTER (WHERE state = 'running'),
                     count(*) FILTER (WHERE state = 'succeeded'),
@@ -396,6 +437,8 @@ pub async fn job_counts(client: &Client, job_id: Uuid) -> Result<JobCounts, Stat
                     coalesce(sum(size_bytes), 0)::bigint,
                     coalesce(sum(bytes_done), 0)::bigint
              FROM upload_items WHERE job_id = $1",
+                )
+                .await?,
             &[&job_id],
         )
         .await?;
@@ -438,8 +481,8 @@ pub async fn get_multipart(
 ) -> Result<Option<(MultipartRecord, Vec<PartRecord>)>, StateError> {
     let Some(r) = client
         .query_opt(
-            "SELECT endpoint, bucket, object_key, upload_id, part_size_bytes, checksum_algorithm
-             FROM multipart_uploads WHERE item_id = $1",
+            &client.prepare_cached("SELECT endpoint, bucket, object_key, upload_id, part_size_bytes, checksum_algorithm
+             FROM multipart_uploads WHERE item_id = $1").await?,
             &[&item_id],
         )
         .await?
@@ -456,8 +499,12 @@ pub async fn get_multipart(
     };
     let parts = client
         .query(
-            "SELECT part_number, etag, checksum, size_bytes FROM upload_parts
+            &client
+                .prepare_cached(
+                    "SELECT part_number, etag, checksum, size_bytes FROM upload_parts
              WHERE item_id = $1 ORDER BY part_number",
+                )
+                .await?,
             &[&item_id],
         )
         .await?
@@ -479,9 +526,9 @@ pub async fn save_multipart(
 ) -> Result<(), StateError> {
     client
         .execute(
-            "INSERT INTO multipart_uploads (item_id, endpoint, bucket, object_key, upload_id,
+            &client.prepare_cached("INSERT INTO multipart_uploads (item_id, endpoint, bucket, object_key, upload_id,
                                             part_size_bytes, checksum_algorithm)
-             VALUES ($1, $2, $3, $4, $5, $6, $7)",
+             VALUES ($1, $2, $3, $4, $5, $6, $7)").await?,
             &[
                 &item_id,
                 &upload.endpoint,
@@ -499,11 +546,15 @@ pub async fn save_multipart(
 pub async fn save_part(client: &Client, item_id: i64, part: &PartRecord) -> Result<(), StateError> {
     client
         .execute(
-            "INSERT INTO upload_parts (item_id, part_number, etag, checksum, size_bytes)
+            &client
+                .prepare_cached(
+                    "INSERT INTO upload_parts (item_id, part_number, etag, checksum, size_bytes)
              VALUES ($1, $2, $3, $4, $5)
              ON CONFLICT (item_id, part_number) DO UPDATE
                SET etag = excluded.etag, checksum = excluded.checksum,
                    size_bytes = excluded.size_bytes, uploaded_at = now()",
+                )
+                .await?,
             &[
                 &item_id,
                 &part.part_number,
@@ -523,7 +574,9 @@ pub async fn delete_part(
 ) -> Result<(), StateError> {
     client
         .execute(
-            "DELETE FROM upload_parts WHERE item_id = $1 AND part_number = $2",
+            &client
+                .prepare_cached("DELETE FROM upload_parts WHERE item_id = $1 AND part_number = $2")
+                .await?,
             &[&item_id, &part_number],
         )
         .await?;
@@ -534,7 +587,9 @@ pub async fn delete_part(
 pub async fn delete_multipart(client: &Client, item_id: i64) -> Result<(), StateError> {
     client
         .execute(
-            "DELETE FROM multipart_uploads WHERE item_id = $1",
+            &client
+                .prepare_cached("DELETE FROM multipart_uploads WHERE item_id = $1")
+                .await?,
             &[&item_id],
         )
         .await?;
@@ -549,8 +604,8 @@ pub async fn live_upload_ids(
 ) -> Result<std::collections::HashSet<String>, StateError> {
     let rows = client
         .query(
-            "SELECT m.upload_id FROM multipart_uploads m JOIN upload_items i ON i.id = m.item_id
-             WHERE m.bucket = $1 AND i.state IN ('pending', 'running')",
+            &client.prepare_cached("SELECT m.upload_id FROM multipart_uploads m JOIN upload_items i ON i.id = m.item_id
+             WHERE m.bucket = $1 AND i.state IN ('pending', 'running')").await?,
             &[&bucket],
         )
         .await?;
@@ -583,8 +638,12 @@ pub async fn current_object(
 ) -> Result<Option<ObjectRecord>, StateError> {
     Ok(client
         .query_opt(
-            "SELECT bucket, object_key, version, sha256_hex, size_bytes FROM objects
+            &client
+                .prepare_cached(
+                    "SELECT bucket, object_key, version, sha256_hex, size_bytes FROM objects
              WHERE bucket = $1 AND object_key = $2 AND current",
+                )
+                .await?,
             &[&bucket, &key],
         )
         .await?
@@ -599,9 +658,13 @@ pub async fn object_with_content(
 ) -> Result<Option<ObjectRecord>, StateError> {
     Ok(client
         .query_opt(
-            "SELECT bucket, object_key, version, sha256_hex, size_bytes FROM objects
+            &client
+                .prepare_cached(
+                    "SELECT bucket, object_key, version, sha256_hex, size_bytes FROM objects
              WHERE bucket = $1 AND sha256_hex = $2 AND current
              ORDER BY written_at LIMIT 1",
+                )
+                .await?,
             &[&bucket, &sha256_hex],
         )
         .await?
@@ -615,8 +678,8 @@ pub async fn all_versions(
 ) -> Result<Vec<(ObjectRecord, Option<String>)>, StateError> {
     let rows = client
         .query(
-            "SELECT bucket, object_key, version, sha256_hex, size_bytes, archived_key FROM objects
-             WHERE bucket = $1 AND object_key = $2 ORDER BY version",
+            &client.prepare_cached("SELECT bucket, object_key, version, sha256_hex, size_bytes, archived_key FROM objects
+             WHERE bucket = $1 AND object_key = $2 ORDER BY version").await?,
             &[&bucket, &key],
         )
         .await?;
@@ -643,15 +706,18 @@ pub async fn record_object(client: &mut Client, w: &ObjectWrite<'_>) -> Result<i
     let tx = client.transaction().await?;
     let prev = tx
         .query_opt(
-            "UPDATE objects SET current = false, archived_key = coalesce($3, archived_key)
+            &tx.prepare_cached(
+                "UPDATE objects SET current = false, archived_key = coalesce($3, archived_key)
              WHERE bucket = $1 AND object_key = $2 AND current RETURNING version",
+            )
+            .await?,
             &[&w.bucket, &w.key, &w.archived_previous_to],
         )
         .await?;
     let version = prev.map_or(1, |r| r.get::<_, i32>(0) + 1);
     tx.execute(
-        "INSERT INTO objects (bucket, object_key, version, sha256_hex, size_bytes, etag, job_id)
-         VALUES ($1, $2, $3, $4, $5, $6, $7)",
+        &tx.prepare_cached("INSERT INTO objects (bucket, object_key, version, sha256_hex, size_bytes, etag, job_id)
+         VALUES ($1, $2, $3, $4, $5, $6, $7)").await?,
         &[
             &w.bucket,
             &w.key,
