@@ -196,7 +196,13 @@ impl Cli {
         queue.ensure(&Default::default()).await?;
         match self.command {
             Command::Upload(args) => upload(&pool, &queue, *args).await,
-            Command::Status { job } => print_status(&pool, job).await.map(|_| ()),
+            Command::Status { job } => {
+                let state = print_status(&pool, job).await?;
+                if state == "failed" {
+                    bail!("job {job} failed");
+                }
+                Ok(())
+            }
             Command::DeadLetters(DeadLetterCommand::List) => {
                 for (seq, l) in queue.dead_letters().await? {
                     let task = l.task.map(|t| t.task_id).unwrap_or_default();
@@ -259,8 +265,7 @@ async fn upload(pool: &Pool, queue: &Queue, args: UploadArgs) -> anyhow::Result<
             last = line;
         }
         if job.state == "succeeded" || job.state == "failed" {
-            let ok = print_status(pool, id).await?;
-            if !ok {
+            if print_status(pool, id).await? != "succeeded" {
                 bail!("job {id} failed");
             }
             return Ok(());
@@ -274,8 +279,8 @@ async fn upload(pool: &Pool, queue: &Queue, args: UploadArgs) -> anyhow::Result<
     }
 }
 
-/// Prints the job and its items; returns whether it succeeded.
-async fn print_status(pool: &Pool, id: Uuid) -> anyhow::Result<bool> {
+/// Prints the job and its items; returns the job's state.
+async fn print_status(pool: &Pool, id: Uuid) -> anyhow::Result<String> {
     let db = pool.get().await?;
     let job = uploads::get_job(&db, id).await?;
     let c = uploads::job_counts(&db, id).await?;
@@ -307,5 +312,5 @@ async fn print_status(pool: &Pool, id: Uuid) -> anyhow::Result<bool> {
             println!("    error: {e}");
         }
     }
-    Ok(job.state == "succeeded")
+    Ok(job.state)
 }

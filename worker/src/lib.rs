@@ -48,6 +48,11 @@ pub struct Context {
     pub ack_wait: Duration,
     pub draining: AtomicBool,
     pub sha256_metadata: config::Sha256Metadata,
+    /// Job records by id (immutable once registered), so a file does not
+    /// re-read its job's whole spec.
+    pub jobs: std::sync::Mutex<
+        std::collections::HashMap<uuid::Uuid, Arc<stowage_common::state::uploads::JobRecord>>,
+    >,
 }
 
 /// A started worker.
@@ -98,6 +103,7 @@ pub async fn start(args: WorkerArgs, hook: Option<PartHook>) -> anyhow::Result<W
         ack_wait: args.ack_wait,
         draining: AtomicBool::new(false),
         sha256_metadata: args.sha256_metadata,
+        jobs: Default::default(),
     });
     let (stop, stopped) = watch::channel(false);
     let ready = Readiness::default();

@@ -114,10 +114,29 @@ async fn load(
     ctx: &Context,
     job_id: Uuid,
     item_id: i64,
-) -> Result<(ItemRecord, JobRecord), StateError> {
+) -> Result<(ItemRecord, Arc<JobRecord>), StateError> {
     let db = ctx.db.get().await?;
     let item = state::get_item(&db, item_id).await?;
-    let job = state::get_job(&db, job_id).await?;
+    // A job's spec never changes once registered (a new generation is a new
+    // job), and it can be large (every URL of the job): read it once.
+    let cached = ctx
+        .jobs
+        .lock()
+        .ok()
+        .and_then(|jobs| jobs.get(&job_id).cloned());
+    let job = match cached {
+        Some(job) => job,
+        None => {
+            let job = Arc::new(state::get_job(&db, job_id).await?);
+            if let Ok(mut jobs) = ctx.jobs.lock() {
+                if jobs.len() >= 256 {
+                    jobs.clear();
+                }
+                jobs.insert(job_id, Arc::clone(&job));
+            }
+            job
+        }
+    };
     Ok((item, job))
 }
 
