@@ -292,9 +292,24 @@ impl Queue {
 
     /// Publishes `task` with `Nats-Msg-Id` = its task id.
     pub async fn publish_task(&self, subject: &str, task: &Task) -> Result<Published, QueueError> {
+        let ack = self.send_task(subject, task).await?;
+        let ack = js!("publish ack", ack.await)?;
+        Ok(Published {
+            sequence: ack.sequence,
+            duplicate: ack.duplicate,
+        })
+    }
+
+    /// Sends `task` with `Nats-Msg-Id` = its task id; the returned future
+    /// resolves to the server's ack.
+    async fn send_task(
+        &self,
+        subject: &str,
+        task: &Task,
+    ) -> Result<async_nats::jetstream::context::PublishAckFuture, QueueError> {
         let mut headers = HeaderMap::new();
         headers.insert("Nats-Msg-Id", task.task_id.as_str());
-        let ack = js!(
+        js!(
             "publish",
             self.js
                 .publish_with_headers(
@@ -303,12 +318,7 @@ impl Queue {
                     Bytes::from(task.encode_to_vec())
                 )
                 .await
-        )?;
-        let ack = js!("publish ack", ack.await)?;
-        Ok(Published {
-            sequence: ack.sequence,
-            duplicate: ack.duplicate,
-        })
+        )
     }
 
     /// Publishes many tasks on one subject, keeping up to 256 acks in
@@ -317,18 +327,7 @@ impl Queue {
         for window in tasks.chunks(256) {
             let mut acks = Vec::with_capacity(window.len());
             for task in window {
-                let mut headers = HeaderMap::new();
-                headers.insert("Nats-Msg-Id", task.task_id.as_str());
-                acks.push(js!(
-                    "publish",
-                    self.js
-                        .publish_with_headers(
-                            subject.to_string(),
-                            headers,
-                            Bytes::from(task.encode_to_vec())
-                        )
-                        .await
-                )?);
+                acks.push(self.send_task(subject, task).await?);
             }
             for ack in acks {
                 js!("publish ack", ack.await)?;
