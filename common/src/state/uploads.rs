@@ -270,23 +270,17 @@ pub async fn list_items(client: &Client, job_id: Uuid) -> Result<Vec<ItemRecord>
 
 /// Marks the item running (and its job, the first time).
 pub async fn start_item(client: &Client, item: &ItemRecord) -> Result<(), StateError> {
-    client
-        .execute(
-            &client
-                .prepare_cached(
-                    "UPDATE upload_items SET state = 'running', updated_at = now() WHERE id = $1",
-                )
-                .await?,
-            &[&item.id],
+    // Two rows of two tables, one round trip: the CTE's update and the outer
+    // one touch different rows, so their order does not matter.
+    let stmt = client
+        .prepare_cached(
+            "WITH item AS (UPDATE upload_items SET state = 'running', updated_at = now()
+                           WHERE id = $1 RETURNING job_id)
+             UPDATE upload_jobs SET state = 'running', started_at = coalesce(started_at, now())
+             WHERE id = (SELECT job_id FROM item) AND state = 'pending'",
         )
         .await?;
-    client
-        .execute(
-            &client.prepare_cached("UPDATE upload_jobs SET state = 'running', started_at = coalesce(started_at, now())
-             WHERE id = $1 AND state = 'pending'").await?,
-            &[&item.job_id],
-        )
-        .await?;
+    client.execute(&stmt, &[&item.id]).await?;
     Ok(())
 }
 

@@ -339,7 +339,9 @@ async fn transfer(
     }
     let archived = archive_if_versioned(ctx, spec, target, existing.is_some()).await?;
     let body = source.open(&item.source_ref).await?;
-    if let Some(size) = body.size {
+    // Status shows the size of a file that takes a while; a small file's
+    // size is recorded when it finishes.
+    if let Some(size) = body.size.filter(|s| *s > spec.part_size_bytes) {
         let db = ctx.db.get().await.map_err(StateError::from)?;
         state::set_progress(&db, item.id, 0, Some(size as i64)).await?;
     }
@@ -357,6 +359,11 @@ async fn transfer(
         sha256_metadata_copy: ctx.sha256_metadata == crate::config::Sha256Metadata::Always,
     };
     let up = t.run(item.id, target, &opts, body, lock).await?;
+    if up.parts > 1 || up.parts_resumed > 0 {
+        // Only the multipart path leaves bookkeeping to clear.
+        let db = ctx.db.get().await.map_err(StateError::from)?;
+        state::delete_multipart(&db, item.id).await?;
+    }
     record(
         ctx,
         item,
@@ -421,7 +428,6 @@ async fn record(
         },
     )
     .await?;
-    state::delete_multipart(&db, item.id).await?;
     let event = ObjectLanded {
         bucket: target.bucket.to_string(),
         key: target.key.to_string(),
