@@ -19,27 +19,16 @@ use crate::upload::UploadError;
 /// One pass over every destination of the last 30 days' jobs; returns how
 /// many uploads were aborted.
 pub async fn sweep_once(ctx: &Context, older_than: Duration) -> Result<u64, UploadError> {
-    let destinations: Vec<(Endpoint, String)> = {
+    let destinations = {
         let db = ctx.db.get().await.map_err(StateError::from)?;
-        let rows = db
-            .query(
-                "SELECT DISTINCT spec->'destination' FROM upload_jobs
-                 WHERE created_at > now() - interval '30 days'",
-                &[],
-            )
-            .await
-            .map_err(StateError::from)?;
-        rows.iter()
-            .filter_map(|r| {
-                let v: serde_json::Value = r.get(0);
-                let d: stowage_common::spec::Destination = serde_json::from_value(v).ok()?;
-                Some((d.endpoint, d.bucket))
-            })
-            .collect()
+        state::recent_destinations(&db, 30).await?
     };
     let mut aborted = 0;
     let mut seen = HashSet::new();
-    for (endpoint, bucket) in destinations {
+    for stowage_common::spec::Destination {
+        endpoint, bucket, ..
+    } in destinations
+    {
         let label = format!("{}/{bucket}", endpoint.endpoint.as_deref().unwrap_or("aws"));
         if !seen.insert(label.clone()) {
             continue;

@@ -320,6 +320,49 @@ pub async fn finish_item(
     Ok(())
 }
 
+/// Hands a running item back (worker shutting down): no attempt is counted.
+pub async fn hand_back_item(client: &Client, item_id: i64) -> Result<(), StateError> {
+    let stmt = client
+        .prepare_cached(
+            "UPDATE upload_items SET state = 'pending', updated_at = now()
+             WHERE id = $1 AND state = 'running'",
+        )
+        .await?;
+    client.execute(&stmt, &[&item_id]).await?;
+    Ok(())
+}
+
+/// Fails a whole job whose planning failed for good.
+pub async fn fail_job(client: &Client, job_id: Uuid, error: &str) -> Result<(), StateError> {
+    let stmt = client
+        .prepare_cached(
+            "UPDATE upload_jobs SET state = 'failed', last_error = $2, finished_at = now()
+             WHERE id = $1",
+        )
+        .await?;
+    client.execute(&stmt, &[&job_id, &error]).await?;
+    Ok(())
+}
+
+/// Destinations of the jobs registered in the last `days` days.
+pub async fn recent_destinations(
+    client: &Client,
+    days: i32,
+) -> Result<Vec<crate::spec::Destination>, StateError> {
+    let stmt = client
+        .prepare_cached(
+            "SELECT DISTINCT spec->'destination' FROM upload_jobs
+             WHERE created_at > now() - make_interval(days => $1)",
+        )
+        .await?;
+    let rows = client.query(&stmt, &[&days]).await?;
+    // A destination this version cannot read is skipped, not fatal.
+    Ok(rows
+        .iter()
+        .filter_map(|r| serde_json::from_value(r.get::<_, serde_json::Value>(0)).ok())
+        .collect())
+}
+
 /// Counts a failed attempt that will be retried; returns the attempts so far.
 pub async fn record_retry(client: &Client, item_id: i64, error: &str) -> Result<i32, StateError> {
     let row = client

@@ -198,13 +198,11 @@ async fn planning_failed(ctx: &Context, job_id: Uuid, e: upload::UploadError) ->
             reason: e.to_string(),
         };
     }
-    if let Ok(db) = ctx.db.get().await {
-        let _ = db
-            .execute(
-                "UPDATE upload_jobs SET state = 'failed', last_error = $2, finished_at = now() WHERE id = $1",
-                &[&job_id, &e.to_string()],
-            )
-            .await;
+    if let Ok(db) = ctx.db.get().await
+        && let Err(state_err) =
+            stowage_common::state::uploads::fail_job(&db, job_id, &e.to_string()).await
+    {
+        warn!(%job_id, error = %state_err, "could not mark the job failed");
     }
     Outcome::Dead {
         error: e.to_string(),

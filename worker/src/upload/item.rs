@@ -63,13 +63,10 @@ pub async fn run(
         }
         Err(UploadError::Cancelled) => {
             // Hand the task back at once; the parts stored so far stay.
-            if let Ok(db) = ctx.db.get().await {
-                let _ = db
-                    .execute(
-                        "UPDATE upload_items SET state = 'pending' WHERE id = $1 AND state = 'running'",
-                        &[&item.id],
-                    )
-                    .await;
+            if let Ok(db) = ctx.db.get().await
+                && let Err(e) = state::hand_back_item(&db, item.id).await
+            {
+                warn!(item = item.id, error = %e, "could not hand the item back; its task is NAKed anyway");
             }
             return Outcome::Retry {
                 delay: Duration::ZERO,
