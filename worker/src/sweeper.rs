@@ -8,7 +8,6 @@ use std::time::Duration;
 
 use stowage_common::locks::{LockClass, LockKey};
 use stowage_common::spec::Endpoint;
-use stowage_common::state::StateError;
 use stowage_common::state::uploads as state;
 use tracing::{info, warn};
 
@@ -20,7 +19,7 @@ use crate::upload::UploadError;
 /// many uploads were aborted.
 pub async fn sweep_once(ctx: &Context, older_than: Duration) -> Result<u64, UploadError> {
     let destinations = {
-        let db = ctx.db.get().await.map_err(StateError::from)?;
+        let db = ctx.db.get().await?;
         state::recent_destinations(&db, 30).await?
     };
     let mut aborted = 0;
@@ -57,7 +56,7 @@ async fn sweep_bucket(
 ) -> Result<u64, UploadError> {
     let client = ctx.s3.client(endpoint)?;
     let live = {
-        let db = ctx.db.get().await.map_err(StateError::from)?;
+        let db = ctx.db.get().await?;
         state::live_upload_ids(&db, bucket).await?
     };
     let cutoff = std::time::SystemTime::now() - older_than;

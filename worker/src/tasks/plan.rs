@@ -13,11 +13,7 @@ use crate::upload::UploadError;
 
 pub async fn run(ctx: &Context, job_id: Uuid) -> Result<usize, UploadError> {
     let job = {
-        let db = ctx
-            .db
-            .get()
-            .await
-            .map_err(stowage_common::state::StateError::from)?;
+        let db = ctx.db.get().await?;
         state::get_job(&db, job_id).await?
     };
     job.spec
@@ -25,11 +21,7 @@ pub async fn run(ctx: &Context, job_id: Uuid) -> Result<usize, UploadError> {
         .map_err(|e| UploadError::Invalid(e.to_string()))?;
     let items = list_source(ctx, &job.spec).await?;
     let todo = {
-        let db = ctx
-            .db
-            .get()
-            .await
-            .map_err(stowage_common::state::StateError::from)?;
+        let db = ctx.db.get().await?;
         state::add_items(&db, job_id, &items).await?
     };
     let subject = ctx.queue.topology().task_subject(
@@ -51,11 +43,7 @@ pub async fn run(ctx: &Context, job_id: Uuid) -> Result<usize, UploadError> {
         .publish_tasks(&subject, &tasks)
         .await
         .map_err(|e| UploadError::Queue(e.to_string()))?;
-    let db = ctx
-        .db
-        .get()
-        .await
-        .map_err(stowage_common::state::StateError::from)?;
+    let db = ctx.db.get().await?;
     state::mark_planned(&db, job_id).await?;
     Ok(todo.len())
 }

@@ -205,7 +205,7 @@ async fn process(
         .await?
         .ok_or_else(|| UploadError::KeyBusy(format!("{}/{}", dest.bucket, item.dest_key)))?;
     {
-        let db = ctx.db.get().await.map_err(StateError::from)?;
+        let db = ctx.db.get().await?;
         state::start_item(&db, item).await?;
     }
     let target = Target {
@@ -302,7 +302,7 @@ async fn transfer(
             return finish(ctx, item, ItemState::SkippedExists, &sha, size as i64).await;
         }
         let twin = {
-            let db = ctx.db.get().await.map_err(StateError::from)?;
+            let db = ctx.db.get().await?;
             state::object_with_content(&db, target.bucket, &sha).await?
         };
         if let Some(twin) = twin.filter(|t| t.object_key != target.key && size <= MAX_PART_SIZE)
@@ -339,7 +339,7 @@ async fn transfer(
     // Status shows the size of a file that takes a while; a small file's
     // size is recorded when it finishes.
     if let Some(size) = body.size.filter(|s| *s > spec.part_size_bytes) {
-        let db = ctx.db.get().await.map_err(StateError::from)?;
+        let db = ctx.db.get().await?;
         state::set_progress(&db, item.id, 0, Some(size as i64)).await?;
     }
     let t = Transfer {
@@ -358,7 +358,7 @@ async fn transfer(
     let up = t.run(item.id, target, &opts, body, lock).await?;
     if up.parts > 1 || up.parts_resumed > 0 {
         // Only the multipart path leaves bookkeeping to clear.
-        let db = ctx.db.get().await.map_err(StateError::from)?;
+        let db = ctx.db.get().await?;
         state::delete_multipart(&db, item.id).await?;
     }
     record(
@@ -392,7 +392,7 @@ async fn archive_if_versioned(
         return Ok(None);
     }
     let current = {
-        let db = ctx.db.get().await.map_err(StateError::from)?;
+        let db = ctx.db.get().await?;
         state::current_object(&db, target.bucket, target.key).await?
     };
     let version = current.map_or(0, |c| c.version);
@@ -411,7 +411,7 @@ async fn record(
     etag: Option<&str>,
     archived: Option<&str>,
 ) -> Result<(), UploadError> {
-    let mut db = ctx.db.get().await.map_err(StateError::from)?;
+    let mut db = ctx.db.get().await?;
     let version = state::record_object(
         &mut db,
         &ObjectWrite {
@@ -451,7 +451,7 @@ async fn finish(
     sha: &str,
     size: i64,
 ) -> Result<ItemState, UploadError> {
-    let db = ctx.db.get().await.map_err(StateError::from)?;
+    let db = ctx.db.get().await?;
     state::finish_item(&db, item, state, sha, size).await?;
     Ok(state)
 }

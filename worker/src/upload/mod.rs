@@ -61,6 +61,13 @@ pub enum UploadError {
     Queue(String),
 }
 
+/// Waiting for a pooled connection is a state problem like any query.
+impl From<stowage_common::db::PoolError> for UploadError {
+    fn from(e: stowage_common::db::PoolError) -> Self {
+        UploadError::State(e.into())
+    }
+}
+
 impl Classify for UploadError {
     fn class(&self) -> ErrorClass {
         use ErrorClass::*;

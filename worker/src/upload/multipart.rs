@@ -226,11 +226,7 @@ impl Transfer {
         target: &Target<'_>,
         opts: &Options,
     ) -> Result<Option<(String, HashMap<i32, PartRecord>)>, UploadError> {
-        let db = self
-            .db
-            .get()
-            .await
-            .map_err(stowage_common::state::StateError::from)?;
+        let db = self.db.get().await?;
         let Some((rec, parts)) = state::get_multipart(&db, item_id).await? else {
             return Ok(None);
         };
@@ -306,11 +302,7 @@ impl Transfer {
                 transport: false,
             });
         }
-        let db = self
-            .db
-            .get()
-            .await
-            .map_err(stowage_common::state::StateError::from)?;
+        let db = self.db.get().await?;
         state::save_multipart(
             &db,
             item_id,
@@ -558,12 +550,7 @@ impl PartUpload {
             checksum,
             size_bytes: size as i64,
         };
-        let db = self
-            .transfer
-            .db
-            .get()
-            .await
-            .map_err(stowage_common::state::StateError::from)?;
+        let db = self.transfer.db.get().await?;
         state::save_part(&db, self.item_id, &record).await?;
         let m = &self.transfer.metrics;
         m.parts_uploaded.inc();
