@@ -245,13 +245,7 @@ async fn status_health_and_metrics_are_served() {
 async fn sweeper_aborts_orphans_and_keeps_live_uploads(target: &str) {
     let h = Harness::new(target).await;
     let src = SourceServer::start().await;
-    src.put(
-        "a.txt",
-        FileBehaviour {
-            data: data(1000, 40),
-            ..Default::default()
-        },
-    );
+    src.serve("a.txt", data(1000, 40));
     let worker = h.worker(None).await;
     // A job makes the bucket one of Stowage's destinations.
     let job = h.submit("sweep", h.spec(http(src.url("a.txt")), "")).await;

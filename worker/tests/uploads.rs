@@ -31,13 +31,7 @@ async fn big_file_in_8_mib_parts(target: &str) {
     let src = SourceServer::start().await;
     let bytes = data(200 * MIB, 1);
     let expected = sha256_hex(&bytes);
-    src.put(
-        "big.bin",
-        FileBehaviour {
-            data: bytes,
-            ..Default::default()
-        },
-    );
+    src.serve("big.bin", bytes);
     let worker = h.worker(None).await;
     let mut spec = h.spec(http(vec![src.url("big.bin")]), "in/");
     spec.part_size_bytes = 8 * MIB as u64;
@@ -92,13 +86,7 @@ async fn corrupted_part_is_rejected_and_sent_again(target: &str) {
     let src = SourceServer::start().await;
     let bytes = data(12 * MIB, 2);
     let expected = sha256_hex(&bytes);
-    src.put(
-        "f.bin",
-        FileBehaviour {
-            data: bytes,
-            ..Default::default()
-        },
-    );
+    src.serve("f.bin", bytes);
     // Part 2 has a byte flipped on its first attempt, after its checksum was
     // computed: in-flight corruption the server must catch.
     let corrupted = Arc::new(AtomicUsize::new(0));
@@ -221,13 +209,7 @@ async fn source_failures_are_classified(target: &str) {
     assert_eq!(letter.error_class, "retryable");
 
     // Once the source recovers, replaying the dead letter finishes the file.
-    src.put(
-        "down.txt",
-        FileBehaviour {
-            data: good.clone(),
-            ..Default::default()
-        },
-    );
+    src.serve("down.txt", good.clone());
     stowage_common::jobs::replay_dead_letter(&h.pool, &h.queue, seq)
         .await
         .expect("replay");
@@ -272,20 +254,8 @@ async fn dedup_and_conflict_policies(target: &str) {
             h.items(job).await.remove(0)
         }
     };
-    src.put(
-        "a.txt",
-        FileBehaviour {
-            data: x.clone(),
-            ..Default::default()
-        },
-    );
-    src.put(
-        "b.txt",
-        FileBehaviour {
-            data: x.clone(),
-            ..Default::default()
-        },
-    );
+    src.serve("a.txt", x.clone());
+    src.serve("b.txt", x.clone());
     assert_eq!(
         run("first", "a.txt", ConflictPolicy::Overwrite, false)
             .await
@@ -308,13 +278,7 @@ async fn dedup_and_conflict_policies(target: &str) {
     );
 
     // skip: an existing key is not touched.
-    src.put(
-        "a.txt",
-        FileBehaviour {
-            data: y.clone(),
-            ..Default::default()
-        },
-    );
+    src.serve("a.txt", y.clone());
     assert_eq!(
         run("skip", "a.txt", ConflictPolicy::Skip, false)
             .await
@@ -333,13 +297,7 @@ async fn dedup_and_conflict_policies(target: &str) {
     assert_eq!(h.peer_sha256("a.txt"), sha256_hex(&y));
 
     // version: the previous content is preserved, then replaced.
-    src.put(
-        "a.txt",
-        FileBehaviour {
-            data: z.clone(),
-            ..Default::default()
-        },
-    );
+    src.serve("a.txt", z.clone());
     assert_eq!(
         run("version", "a.txt", ConflictPolicy::Version, false)
             .await
@@ -371,13 +329,7 @@ on_each_s3!(dedup_and_conflict_policies);
 async fn hostile_sources_and_keys_are_refused(target: &str) {
     let h = Harness::new(target).await;
     let src = SourceServer::start().await;
-    src.put(
-        "ok.txt",
-        FileBehaviour {
-            data: data(1000, 5),
-            ..Default::default()
-        },
-    );
+    src.serve("ok.txt", data(1000, 5));
     let worker = h.worker(None).await;
 
     // Loopback without allowPrivateNetworks: refused, permanent, no request made.
@@ -637,20 +589,8 @@ async fn sha256_kept_in_postgres_only_when_asked(target: &str) {
     let h = Harness::new(target).await;
     let src = SourceServer::start().await;
     let (multi, single) = (data(12 * MIB, 70), data(1000, 71));
-    src.put(
-        "multi.bin",
-        FileBehaviour {
-            data: multi.clone(),
-            ..Default::default()
-        },
-    );
-    src.put(
-        "single.bin",
-        FileBehaviour {
-            data: single.clone(),
-            ..Default::default()
-        },
-    );
+    src.serve("multi.bin", multi.clone());
+    src.serve("single.bin", single.clone());
     let worker = h.worker_with(&["--sha256-metadata=known"], None).await;
     let mut spec = h.spec(http(vec![src.url("multi.bin"), src.url("single.bin")]), "");
     spec.part_size_bytes = 5 * MIB as u64;

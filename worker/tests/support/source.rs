@@ -52,6 +52,17 @@ impl SourceServer {
         self.files.lock().expect("lock").insert(path.to_string(), f);
     }
 
+    /// Serves `data` at `path`, with no scripted misbehaviour.
+    pub fn serve(&self, path: &str, data: Bytes) {
+        self.put(
+            path,
+            FileBehaviour {
+                data,
+                ..Default::default()
+            },
+        );
+    }
+
     pub fn url(&self, path: &str) -> String {
         format!("http://{}/{path}", self.addr.expect("started"))
     }
