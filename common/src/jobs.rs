@@ -1,14 +1,14 @@
 //! Submitting work and replaying dead letters: the steps that touch both the
 //! state in PostgreSQL and the queue, shared by the operator and stowctl.
 
-use stowage_proto::v1::{PlanUpload, Task, task};
+use stowage_proto::v1::{PlanUpload, Task, UploadFile, task};
 use uuid::Uuid;
 
 use crate::db::Pool;
 use crate::queue::{Queue, QueueError, TaskKind};
 use crate::spec::SpecError;
 use crate::state::StateError;
-use crate::state::uploads::{self, NewJob};
+use crate::state::uploads::{self, JobRecord, NewJob};
 
 #[derive(Debug, thiserror::Error)]
 pub enum JobError {
@@ -37,6 +37,34 @@ pub async fn submit_upload(pool: &Pool, queue: &Queue, job: &NewJob) -> Result<U
         .task_subject(TaskKind::UploadPlan, &job.namespace, &job.name);
     queue.publish_task(&subject, &task).await?;
     Ok(id)
+}
+
+/// Publishes one UploadFile task per item. Task ids are deterministic, so
+/// publishing the same items again is deduplicated; `round` names a later
+/// round (a resume after suspension) whose tasks must not be.
+pub async fn publish_items(
+    queue: &Queue,
+    job: &JobRecord,
+    item_ids: &[i64],
+    round: Option<&str>,
+) -> Result<(), QueueError> {
+    let subject = queue
+        .topology()
+        .task_subject(TaskKind::Upload, &job.namespace, &job.name);
+    let tasks: Vec<Task> = item_ids
+        .iter()
+        .map(|&item_id| Task {
+            task_id: match round {
+                Some(r) => format!("upload/{}/{item_id}/{r}", job.id),
+                None => format!("upload/{}/{item_id}", job.id),
+            },
+            kind: Some(task::Kind::UploadFile(UploadFile {
+                job_id: job.id.to_string(),
+                item_id,
+            })),
+        })
+        .collect();
+    queue.publish_tasks(&subject, &tasks).await
 }
 
 /// Replays dead letter `seq`: its item goes back to pending, then its task is

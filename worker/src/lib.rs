@@ -2,11 +2,13 @@
 //!
 //! - [`tasks`]: the pull loop, acks, retries, dead letters, draining.
 //! - [`upload`]: where uploads happen (sources, multipart transfer, policies).
+//! - [`index`]: IndexCollection sync runs.
 //! - [`sweeper`]: aborts orphaned multipart uploads.
 //! - [`grpc`]: WorkerStatus, health and reflection.
 
 pub mod config;
 pub mod grpc;
+pub mod index;
 pub mod metrics;
 pub mod s3;
 pub mod sweeper;

@@ -68,6 +68,7 @@ macro_rules! js {
 pub enum TaskKind {
     UploadPlan,
     Upload,
+    IndexSync,
 }
 
 impl TaskKind {
@@ -75,6 +76,31 @@ impl TaskKind {
         match self {
             TaskKind::UploadPlan => "upload-plan",
             TaskKind::Upload => "upload",
+            TaskKind::IndexSync => "index-sync",
+        }
+    }
+}
+
+/// Whose progress an event reports.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ProgressKind {
+    Upload,
+    Index,
+}
+
+impl ProgressKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ProgressKind::Upload => "upload",
+            ProgressKind::Index => "index",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Self> {
+        match s {
+            "upload" => Some(ProgressKind::Upload),
+            "index" => Some(ProgressKind::Index),
+            _ => None,
         }
     }
 }
@@ -118,10 +144,12 @@ impl Topology {
         format!("{}.dead.{rest}", self.prefix)
     }
 
-    pub fn progress_subject(&self, namespace: &str, name: &str) -> String {
+    /// Progress of the resource `kind` (`upload` or `index`) `namespace/name`.
+    pub fn progress_subject(&self, kind: ProgressKind, namespace: &str, name: &str) -> String {
         format!(
-            "{}.event.progress.{}.{}",
+            "{}.event.progress.{}.{}.{}",
             self.prefix,
+            kind.as_str(),
             subject_token(namespace),
             subject_token(name)
         )
@@ -129,6 +157,16 @@ impl Topology {
 
     pub fn object_subject(&self, bucket: &str) -> String {
         format!("{}.event.object.{}", self.prefix, subject_token(bucket))
+    }
+
+    pub fn progress_wildcard(&self) -> String {
+        format!("{}.event.progress.>", self.prefix)
+    }
+
+    /// The kind token of a progress subject.
+    pub fn progress_kind(&self, subject: &str) -> Option<ProgressKind> {
+        let rest = subject.strip_prefix(&format!("{}.event.progress.", self.prefix))?;
+        ProgressKind::parse(rest.split('.').next()?)
     }
 
     pub fn event_wildcard(&self) -> String {

@@ -1,7 +1,9 @@
 //! Durable state in PostgreSQL: upload jobs and items, multipart progress (the
-//! resume point after a crash) and the history of objects Stowage wrote.
-//! All SQL about that state lives here.
+//! resume point after a crash), the history of objects Stowage wrote, and
+//! IndexCollections with their sync runs. All SQL about that state lives here.
 
+pub mod collections;
+pub mod lifecycle;
 pub mod uploads;
 
 #[derive(Debug, thiserror::Error)]

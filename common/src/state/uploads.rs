@@ -216,10 +216,15 @@ pub struct ItemRecord {
     pub last_error: Option<String>,
     pub error_class: Option<String>,
     pub dead_lettered: bool,
+    /// The state of the item's job: a suspended or cancelled job's files
+    /// are not started.
+    pub job_state: String,
 }
 
-const ITEM_SELECT: &str = "SELECT id, job_id, source_ref, dest_key, size_bytes, state, attempts,
-        bytes_done, sha256_hex, last_error, error_class, dead_lettered FROM upload_items";
+const ITEM_SELECT: &str = "SELECT i.id, i.job_id, i.source_ref, i.dest_key, i.size_bytes, i.state,
+        i.attempts, i.bytes_done, i.sha256_hex, i.last_error, i.error_class, i.dead_lettered,
+        j.state
+        FROM upload_items i JOIN upload_jobs j ON j.id = i.job_id";
 
 impl ItemRecord {
     fn from_row(row: &Row) -> Self {
@@ -236,6 +241,7 @@ impl ItemRecord {
             last_error: row.get(9),
             error_class: row.get(10),
             dead_lettered: row.get(11),
+            job_state: row.get(12),
         }
     }
 }
@@ -244,7 +250,7 @@ pub async fn get_item(client: &Client, item_id: i64) -> Result<ItemRecord, State
     client
         .query_opt(
             &client
-                .prepare_cached(&format!("{ITEM_SELECT} WHERE id = $1"))
+                .prepare_cached(&format!("{ITEM_SELECT} WHERE i.id = $1"))
                 .await?,
             &[&item_id],
         )
@@ -260,7 +266,7 @@ pub async fn list_items(client: &Client, job_id: Uuid) -> Result<Vec<ItemRecord>
     let rows = client
         .query(
             &client
-                .prepare_cached(&format!("{ITEM_SELECT} WHERE job_id = $1 ORDER BY id"))
+                .prepare_cached(&format!("{ITEM_SELECT} WHERE i.job_id = $1 ORDER BY i.id"))
                 .await?,
             &[&job_id],
         )

@@ -122,6 +122,7 @@ async fn handle(ctx: Arc<Context>, msg: Message, cancel: CancellationToken) {
     let kind = match &task.kind {
         Some(task::Kind::PlanUpload(_)) => "upload-plan",
         Some(task::Kind::UploadFile(_)) => "upload",
+        Some(task::Kind::SyncCollection(_)) => "index-sync",
         None => "unknown",
     };
     let progress = Arc::new(AtomicU64::new(0));
@@ -163,9 +164,13 @@ async fn run_task(
                 return invalid(format!("job id {:?} is not a UUID", p.job_id));
             };
             match plan::run(ctx, job_id).await {
-                Ok(n) => {
+                Ok(Some(n)) => {
                     info!(%job_id, items = n, "job planned");
                     Outcome::Done { label: "ok" }
+                }
+                Ok(None) => {
+                    info!(%job_id, "job cancelled or deleted; nothing to plan");
+                    Outcome::Done { label: "cancelled" }
                 }
                 Err(e) => planning_failed(ctx, job_id, e).await,
             }
@@ -175,6 +180,12 @@ async fn run_task(
                 return invalid(format!("job id {:?} is not a UUID", u.job_id));
             };
             upload::item::run(ctx, job_id, u.item_id, cancel, progress).await
+        }
+        Some(task::Kind::SyncCollection(s)) => {
+            let Ok(collection_id) = Uuid::parse_str(&s.collection_id) else {
+                return invalid(format!("collection id {:?} is not a UUID", s.collection_id));
+            };
+            crate::index::sync(ctx, collection_id, &s.trigger).await
         }
         None => invalid("task has no kind (sent by a newer version?)".into()),
     }

@@ -2,19 +2,27 @@
 //! destination key, so planning twice adds nothing), publish one UploadFile
 //! task per item still to do.
 
+use stowage_common::jobs;
 use stowage_common::spec::{UploadJobSpec, validate_key};
+use stowage_common::state::StateError;
 use stowage_common::state::uploads::{self as state, NewItem};
-use stowage_proto::v1::{Task, UploadFile, task};
 use uuid::Uuid;
 
 use crate::Context;
 use crate::s3::s3_error;
 use crate::upload::UploadError;
 
-pub async fn run(ctx: &Context, job_id: Uuid) -> Result<usize, UploadError> {
+/// Returns how many files are to do, or `None` when the job was cancelled
+/// or deleted meanwhile (nothing to plan).
+pub async fn run(ctx: &Context, job_id: Uuid) -> Result<Option<usize>, UploadError> {
     let job = {
         let db = ctx.db.get().await?;
-        state::get_job(&db, job_id).await?
+        match state::get_job(&db, job_id).await {
+            Ok(job) if job.state == "cancelled" => return Ok(None),
+            Ok(job) => job,
+            Err(StateError::NotFound { .. }) => return Ok(None),
+            Err(e) => return Err(e.into()),
+        }
     };
     job.spec
         .validate()
@@ -24,28 +32,13 @@ pub async fn run(ctx: &Context, job_id: Uuid) -> Result<usize, UploadError> {
         let db = ctx.db.get().await?;
         state::add_items(&db, job_id, &items).await?
     };
-    let subject = ctx.queue.topology().task_subject(
-        stowage_common::queue::TaskKind::Upload,
-        &job.namespace,
-        &job.name,
-    );
-    let tasks: Vec<Task> = todo
-        .iter()
-        .map(|item| Task {
-            task_id: format!("upload/{job_id}/{}", item.id),
-            kind: Some(task::Kind::UploadFile(UploadFile {
-                job_id: job_id.to_string(),
-                item_id: item.id,
-            })),
-        })
-        .collect();
-    ctx.queue
-        .publish_tasks(&subject, &tasks)
+    let ids: Vec<i64> = todo.iter().map(|item| item.id).collect();
+    jobs::publish_items(&ctx.queue, &job, &ids, None)
         .await
         .map_err(|e| UploadError::Queue(e.to_string()))?;
     let db = ctx.db.get().await?;
     state::mark_planned(&db, job_id).await?;
-    Ok(todo.len())
+    Ok(Some(todo.len()))
 }
 
 async fn list_source(ctx: &Context, spec: &UploadJobSpec) -> Result<Vec<NewItem>, UploadError> {

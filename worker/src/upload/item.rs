@@ -10,7 +10,7 @@ use prost::Message as _;
 use sha2::{Digest, Sha256};
 use stowage_common::errors::{Classify, ErrorClass};
 use stowage_common::locks::{LockClass, LockKey};
-use stowage_common::queue::backoff_delay;
+use stowage_common::queue::{ProgressKind, backoff_delay};
 use stowage_common::spec::{ConflictPolicy, MAX_PART_SIZE, UploadJobSpec, validate_key};
 use stowage_common::state::StateError;
 use stowage_common::state::uploads::{
@@ -37,11 +37,19 @@ pub async fn run(
 ) -> Outcome {
     let (item, job) = match load(ctx, job_id, item_id).await {
         Ok(v) => v,
+        // The job was deleted (its UploadJob is gone): nothing to do.
+        Err(StateError::NotFound { .. }) => return Outcome::Done { label: "cancelled" },
         Err(e) => return retry_later(&e, 1),
     };
     if item.state.is_terminal() {
         // A duplicate delivery of finished work.
         return Outcome::Done { label: "ok" };
+    }
+    match item.job_state.as_str() {
+        // The operator re-publishes the pending files when the job resumes.
+        "suspended" => return Outcome::Done { label: "suspended" },
+        "cancelled" => return Outcome::Done { label: "cancelled" },
+        _ => {}
     }
     let spec = &job.spec;
     let started = std::time::Instant::now();
@@ -85,11 +93,13 @@ pub async fn run(
         job_id: job.id.to_string(),
         item_id: item.id,
         item_state: state.as_str().into(),
+        namespace: job.namespace.clone(),
+        name: job.name.clone(),
     };
-    let subject = ctx
-        .queue
-        .topology()
-        .progress_subject(&job.namespace, &job.name);
+    let subject =
+        ctx.queue
+            .topology()
+            .progress_subject(ProgressKind::Upload, &job.namespace, &job.name);
     if let Err(e) = ctx
         .queue
         .publish_event(subject, event.encode_to_vec())

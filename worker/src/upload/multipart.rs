@@ -302,20 +302,24 @@ impl Transfer {
                 transport: false,
             });
         }
-        let db = self.db.get().await?;
-        state::save_multipart(
-            &db,
-            item_id,
-            &MultipartRecord {
-                endpoint: target.endpoint.to_string(),
-                bucket: target.bucket.to_string(),
-                object_key: target.key.to_string(),
-                upload_id: upload_id.clone(),
-                part_size_bytes: opts.part_size as i64,
-                checksum_algorithm: opts.algorithm.as_str().to_string(),
-            },
-        )
-        .await?;
+        let rec = MultipartRecord {
+            endpoint: target.endpoint.to_string(),
+            bucket: target.bucket.to_string(),
+            object_key: target.key.to_string(),
+            upload_id: upload_id.clone(),
+            part_size_bytes: opts.part_size as i64,
+            checksum_algorithm: opts.algorithm.as_str().to_string(),
+        };
+        let saved = match self.db.get().await {
+            Ok(db) => state::save_multipart(&db, item_id, &rec).await,
+            Err(e) => Err(e.into()),
+        };
+        if let Err(e) = saved {
+            // Unrecorded, nobody would resume or abort it (the item may be
+            // gone with its deleted job): abort it now.
+            abort(target.client, &rec).await;
+            return Err(e.into());
+        }
         Ok(upload_id)
     }
 

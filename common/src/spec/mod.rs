@@ -1,7 +1,9 @@
-//! The UploadJob specification: the shape the operator's custom resource,
-//! stowctl and the worker agree on. Stored as JSON with each job.
+//! The specifications the operator's custom resources, stowctl and the worker
+//! agree on: UploadJob here, IndexCollection in [`index`]. Stored as JSON.
 
 use serde::{Deserialize, Serialize};
+
+pub mod index;
 
 /// S3's limits on multipart uploads.
 pub const MIN_PART_SIZE: u64 = 5 * 1024 * 1024;
@@ -10,15 +12,18 @@ pub const MAX_PARTS: u64 = 10_000;
 pub const MAX_KEY_BYTES: usize = 1024;
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(rename_all = "camelCase")]
 pub struct UploadJobSpec {
     pub source: UploadSource,
     pub destination: Destination,
     /// Size of each multipart part; objects up to this size go in one PUT.
     #[serde(default = "default_part_size")]
+    #[cfg_attr(feature = "schema", schemars(range(min = MIN_PART_SIZE, max = MAX_PART_SIZE)))]
     pub part_size_bytes: u64,
     /// Parts of one file uploaded in parallel.
     #[serde(default = "default_concurrency")]
+    #[cfg_attr(feature = "schema", schemars(range(min = 1, max = 64)))]
     pub concurrency: u32,
     #[serde(default)]
     pub conflict_policy: ConflictPolicy,
@@ -35,6 +40,14 @@ pub struct UploadJobSpec {
 
 /// Exactly one of the fields is set.
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
+#[cfg_attr(
+    feature = "schema",
+    schemars(extend("x-kubernetes-validations" = [{
+        "rule": "has(self.s3) != has(self.http)",
+        "message": "exactly one of source.s3 or source.http must be set"
+    }]))
+)]
 #[serde(rename_all = "camelCase")]
 pub struct UploadSource {
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -43,9 +56,12 @@ pub struct UploadSource {
     pub http: Option<HttpSource>,
 }
 
+/// Every object under a prefix of a bucket.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(rename_all = "camelCase")]
 pub struct S3Source {
+    #[cfg_attr(feature = "schema", schemars(length(min = 3, max = 63)))]
     pub bucket: String,
     #[serde(default)]
     pub prefix: String,
@@ -53,9 +69,12 @@ pub struct S3Source {
     pub endpoint: Endpoint,
 }
 
+/// A list of files to download over HTTP(S).
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(rename_all = "camelCase")]
 pub struct HttpSource {
+    #[cfg_attr(feature = "schema", schemars(length(min = 1, max = 10000)))]
     pub urls: Vec<String>,
     /// Allow loopback, private (RFC 1918/4193), link-local and other
     /// non-public addresses. Off by default: a job must not become a way to
@@ -64,9 +83,12 @@ pub struct HttpSource {
     pub allow_private_networks: bool,
 }
 
+/// The bucket (and key prefix) the files land in.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(rename_all = "camelCase")]
 pub struct Destination {
+    #[cfg_attr(feature = "schema", schemars(length(min = 3, max = 63)))]
     pub bucket: String,
     #[serde(default)]
     pub key_prefix: String,
@@ -76,6 +98,7 @@ pub struct Destination {
 
 /// Where an S3-compatible service is and which credentials to use.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(rename_all = "camelCase")]
 pub struct Endpoint {
     /// `https://…` of an S3-compatible service; empty means AWS S3.
@@ -93,11 +116,13 @@ pub struct Endpoint {
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 pub struct SecretRef {
     pub name: String,
 }
 
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(rename_all = "camelCase")]
 pub enum ConflictPolicy {
     /// Leave an existing object alone.
@@ -112,6 +137,7 @@ pub enum ConflictPolicy {
 }
 
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(rename_all = "camelCase")]
 pub enum ChecksumAlgorithm {
     #[default]
@@ -129,9 +155,11 @@ impl ChecksumAlgorithm {
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-#[serde(rename_all = "camelCase")]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
+#[serde(rename_all = "camelCase", default)]
 pub struct RetryPolicy {
     /// Attempts per file before it is dead-lettered.
+    #[cfg_attr(feature = "schema", schemars(range(min = 1, max = 100)))]
     pub max_attempts: u32,
     pub backoff: Backoff,
 }
@@ -148,9 +176,12 @@ impl Default for RetryPolicy {
 /// Exponential backoff with full jitter: attempt n waits a random time in
 /// `[0, min(max, base·2ⁿ⁻¹)]`.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-#[serde(rename_all = "camelCase")]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
+#[serde(rename_all = "camelCase", default)]
 pub struct Backoff {
+    #[cfg_attr(feature = "schema", schemars(range(min = 1)))]
     pub base_millis: u64,
+    #[cfg_attr(feature = "schema", schemars(range(min = 1, max = 86_400_000)))]
     pub max_millis: u64,
 }
 

@@ -1,0 +1,275 @@
+//! The IndexCollection specification: what to index and how, as the
+//! operator's custom resource, the planner and the indexer agree on it.
+
+use serde::{Deserialize, Serialize};
+
+use super::{Endpoint, SecretRef, SpecError, invalid, validate_bucket, validate_endpoint};
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
+#[serde(rename_all = "camelCase")]
+pub struct IndexSpec {
+    pub source: IndexSource,
+    /// Index objects as UploadJobs land them, within seconds, instead of
+    /// waiting for the next resync.
+    #[serde(default)]
+    pub watch_uploads: bool,
+    #[serde(default)]
+    pub chunking: Chunking,
+    #[serde(default)]
+    pub embedding: Embedding,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
+#[serde(rename_all = "camelCase")]
+pub struct IndexSource {
+    #[cfg_attr(feature = "schema", schemars(length(min = 3, max = 63)))]
+    pub bucket: String,
+    #[serde(default)]
+    pub prefix: String,
+    /// Glob patterns (relative to the prefix) an object must match; empty
+    /// means every object.
+    #[serde(default)]
+    pub include: Vec<String>,
+    /// Glob patterns of objects to leave out, applied after `include`.
+    #[serde(default)]
+    pub exclude: Vec<String>,
+    #[serde(flatten)]
+    pub endpoint: Endpoint,
+}
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
+#[serde(rename_all = "camelCase")]
+pub enum ChunkingStrategy {
+    /// Split on paragraphs, then lines, then sentences, then words.
+    Recursive,
+    /// Like `recursive`, but Markdown headings and blocks come first, and
+    /// each chunk records its heading path.
+    #[default]
+    Markdown,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
+#[cfg_attr(
+    feature = "schema",
+    schemars(extend("x-kubernetes-validations" = [{
+        "rule": "self.overlap < self.size",
+        "message": "chunking.overlap must be smaller than chunking.size"
+    }]))
+)]
+#[serde(rename_all = "camelCase", default)]
+pub struct Chunking {
+    pub strategy: ChunkingStrategy,
+    /// Largest chunk, in characters.
+    #[cfg_attr(feature = "schema", schemars(range(min = 64, max = 32768)))]
+    pub size: u32,
+    /// Characters shared by consecutive chunks.
+    #[cfg_attr(feature = "schema", schemars(range(max = 16384)))]
+    pub overlap: u32,
+}
+
+impl Default for Chunking {
+    fn default() -> Self {
+        Chunking {
+            strategy: ChunkingStrategy::default(),
+            size: 1000,
+            overlap: 100,
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
+#[serde(rename_all = "camelCase")]
+pub enum EmbeddingProvider {
+    /// The model shipped with the worker (all-MiniLM-L6-v2); no network.
+    #[default]
+    Builtin,
+    /// An OpenAI-compatible `/v1/embeddings` endpoint.
+    Openai,
+    /// Ollama's `/api/embed`.
+    Ollama,
+    /// Hugging Face Text Embeddings Inference's `/embed`.
+    Tei,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
+#[cfg_attr(
+    feature = "schema",
+    schemars(extend("x-kubernetes-validations" = [{
+        "rule": "self.provider == 'builtin' || has(self.endpoint)",
+        "message": "embedding.endpoint is required for remote providers"
+    }]))
+)]
+#[serde(rename_all = "camelCase", default)]
+pub struct Embedding {
+    pub provider: EmbeddingProvider,
+    #[cfg_attr(feature = "schema", schemars(length(min = 1, max = 256)))]
+    pub model: String,
+    #[cfg_attr(feature = "schema", schemars(range(min = 1, max = 16000)))]
+    pub dimensions: u32,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub endpoint: Option<String>,
+    /// Secret holding the provider's API key (`api_key`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub credentials_secret_ref: Option<SecretRef>,
+}
+
+impl Default for Embedding {
+    fn default() -> Self {
+        Embedding {
+            provider: EmbeddingProvider::Builtin,
+            model: "all-MiniLM-L6-v2".into(),
+            dimensions: 384,
+            endpoint: None,
+            credentials_secret_ref: None,
+        }
+    }
+}
+
+impl Embedding {
+    /// What identifies an embedding generation: changing any of it builds a
+    /// new index beside the old one.
+    pub fn generation_key(&self) -> String {
+        format!("{:?}/{}/{}", self.provider, self.model, self.dimensions).to_lowercase()
+    }
+}
+
+impl IndexSpec {
+    /// What the schema cannot check, with the field named.
+    pub fn validate(&self) -> Result<(), SpecError> {
+        validate_bucket("source.bucket", &self.source.bucket)?;
+        validate_endpoint("source.endpoint", &self.source.endpoint)?;
+        for (field, globs) in [
+            ("source.include", &self.source.include),
+            ("source.exclude", &self.source.exclude),
+        ] {
+            for g in globs {
+                glob_ok(g).map_err(|m| invalid(field, format!("{g:?}: {m}")))?;
+            }
+        }
+        let c = &self.chunking;
+        if !(64..=32768).contains(&c.size) || c.overlap >= c.size {
+            return Err(invalid(
+                "chunking",
+                format!(
+                    "size {} must be within [64, 32768] and overlap {} smaller than size",
+                    c.size, c.overlap
+                ),
+            ));
+        }
+        let e = &self.embedding;
+        if e.model.is_empty() || !(1..=16000).contains(&e.dimensions) {
+            return Err(invalid(
+                "embedding",
+                "model must be set and dimensions within [1, 16000]",
+            ));
+        }
+        match (e.provider, &e.endpoint) {
+            (EmbeddingProvider::Builtin, _) => {
+                if e.dimensions != 384 {
+                    return Err(invalid(
+                        "embedding.dimensions",
+                        format!("the builtin model has 384 dimensions, not {}", e.dimensions),
+                    ));
+                }
+            }
+            (_, None) => {
+                return Err(invalid(
+                    "embedding.endpoint",
+                    "required for the openai, ollama and tei providers",
+                ));
+            }
+            (_, Some(url)) if !(url.starts_with("http://") || url.starts_with("https://")) => {
+                return Err(invalid(
+                    "embedding.endpoint",
+                    format!("{url:?} is not an http(s) URL"),
+                ));
+            }
+            _ => {}
+        }
+        Ok(())
+    }
+}
+
+/// Glob syntax Stowage accepts: `*`, `**`, `?` and character classes `[...]`.
+fn glob_ok(g: &str) -> Result<(), &'static str> {
+    if g.is_empty() {
+        return Err("empty pattern");
+    }
+    let mut depth = 0i32;
+    for c in g.chars() {
+        match c {
+            '[' => depth += 1,
+            ']' => depth -= 1,
+            _ => {}
+        }
+        if !(0..=1).contains(&depth) {
+            return Err("unbalanced [ ]");
+        }
+    }
+    if depth != 0 {
+        return Err("unbalanced [ ]");
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn spec(extra: serde_json::Value) -> IndexSpec {
+        let mut v = serde_json::json!({"source": {"bucket": "docs", "prefix": "kb/"}});
+        if let (Some(o), Some(e)) = (v.as_object_mut(), extra.as_object()) {
+            o.extend(e.clone());
+        }
+        serde_json::from_value(v).expect("fixture parses")
+    }
+
+    #[test]
+    fn defaults_use_the_builtin_model() {
+        let s = spec(serde_json::json!({}));
+        assert_eq!(s.embedding.dimensions, 384);
+        assert_eq!(s.chunking.size, 1000);
+        assert_eq!(s.validate(), Ok(()));
+        assert_eq!(s.embedding.generation_key(), "builtin/all-minilm-l6-v2/384");
+    }
+
+    #[test]
+    fn rejects_what_the_schema_cannot_judge() {
+        let s = spec(
+            serde_json::json!({"embedding": {"provider": "openai", "model": "m", "dimensions": 8}}),
+        );
+        assert!(
+            s.validate()
+                .expect_err("no endpoint")
+                .to_string()
+                .starts_with("embedding.endpoint:")
+        );
+        let s = spec(serde_json::json!({"chunking": {"size": 100, "overlap": 100}}));
+        assert!(
+            s.validate()
+                .expect_err("overlap")
+                .to_string()
+                .starts_with("chunking:")
+        );
+        let s = spec(serde_json::json!({"source": {"bucket": "docs", "include": ["a[b"]}}));
+        assert!(
+            s.validate()
+                .expect_err("glob")
+                .to_string()
+                .contains("unbalanced")
+        );
+        let s = spec(serde_json::json!({"embedding": {"dimensions": 768}}));
+        assert!(
+            s.validate()
+                .expect_err("dims")
+                .to_string()
+                .contains("384 dimensions")
+        );
+    }
+}

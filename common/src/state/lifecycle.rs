@@ -1,0 +1,175 @@
+//! An upload job's life as the operator drives it: found by its resource,
+//! suspended and resumed, failed on a deadline, cancelled and deleted, and
+//! what its status shows (errors, dead letters, open multipart uploads).
+
+use deadpool_postgres::ClientWrapper as Client;
+use uuid::Uuid;
+
+use super::StateError;
+use super::uploads::{self, JobRecord};
+
+/// The latest job registered for a resource uid, if any.
+pub async fn find_job(client: &Client, source_uid: &str) -> Result<Option<JobRecord>, StateError> {
+    let row = client
+        .query_opt(
+            &client
+                .prepare_cached(
+                    "SELECT id FROM upload_jobs WHERE source_uid = $1
+                     ORDER BY generation DESC LIMIT 1",
+                )
+                .await?,
+            &[&source_uid],
+        )
+        .await?;
+    match row {
+        Some(r) => Ok(Some(uploads::get_job(client, r.get(0)).await?)),
+        None => Ok(None),
+    }
+}
+
+/// Suspends a pending or running job (workers stop starting its files), or
+/// resumes a suspended one. Returns whether the state changed.
+pub async fn set_suspended(
+    client: &Client,
+    job_id: Uuid,
+    suspend: bool,
+) -> Result<bool, StateError> {
+    let sql = if suspend {
+        "UPDATE upload_jobs SET state = 'suspended'
+         WHERE id = $1 AND state IN ('pending', 'running')"
+    } else {
+        "UPDATE upload_jobs SET state = CASE WHEN started_at IS NULL THEN 'pending' ELSE 'running' END
+         WHERE id = $1 AND state = 'suspended'"
+    };
+    Ok(client
+        .execute(&client.prepare_cached(sql).await?, &[&job_id])
+        .await?
+        > 0)
+}
+
+/// Items still waiting for a worker (to re-publish on resume).
+pub async fn pending_items(client: &Client, job_id: Uuid) -> Result<Vec<i64>, StateError> {
+    let rows = client
+        .query(
+            &client
+                .prepare_cached(
+                    "SELECT id FROM upload_items WHERE job_id = $1 AND state = 'pending' ORDER BY id",
+                )
+                .await?,
+            &[&job_id],
+        )
+        .await?;
+    Ok(rows.iter().map(|r| r.get(0)).collect())
+}
+
+/// Ends an unfinished job as failed with `reason` (deadline exceeded): its
+/// pending files fail with it; files in flight finish.
+pub async fn fail_unfinished(
+    client: &Client,
+    job_id: Uuid,
+    reason: &str,
+) -> Result<bool, StateError> {
+    let stmt = client
+        .prepare_cached(
+            "WITH items AS (UPDATE upload_items SET state = 'failed', last_error = $2,
+                                   error_class = 'permanent', updated_at = now(), finished_at = now()
+                            WHERE job_id = $1 AND state = 'pending')
+             UPDATE upload_jobs SET state = 'failed', last_error = $2, finished_at = now()
+             WHERE id = $1 AND state IN ('pending', 'running', 'suspended')",
+        )
+        .await?;
+    Ok(client.execute(&stmt, &[&job_id, &reason]).await? > 0)
+}
+
+/// Marks the job cancelled: workers drop its tasks from now on.
+pub async fn cancel(client: &Client, job_id: Uuid) -> Result<(), StateError> {
+    let stmt = client
+        .prepare_cached(
+            "UPDATE upload_jobs SET state = 'cancelled', finished_at = now() WHERE id = $1",
+        )
+        .await?;
+    client.execute(&stmt, &[&job_id]).await?;
+    Ok(())
+}
+
+/// Deletes the job with its items, parts and multipart records (the object
+/// history stays: those objects exist).
+pub async fn delete(client: &Client, job_id: Uuid) -> Result<(), StateError> {
+    let stmt = client
+        .prepare_cached("DELETE FROM upload_jobs WHERE id = $1")
+        .await?;
+    client.execute(&stmt, &[&job_id]).await?;
+    Ok(())
+}
+
+/// A multipart upload the job has open: what to abort when it is deleted.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct OpenUpload {
+    pub item_id: i64,
+    pub bucket: String,
+    pub object_key: String,
+    pub upload_id: String,
+}
+
+pub async fn open_uploads(client: &Client, job_id: Uuid) -> Result<Vec<OpenUpload>, StateError> {
+    let rows = client
+        .query(
+            &client
+                .prepare_cached(
+                    "SELECT m.item_id, m.bucket, m.object_key, m.upload_id
+                     FROM multipart_uploads m JOIN upload_items i ON i.id = m.item_id
+                     WHERE i.job_id = $1 ORDER BY m.item_id",
+                )
+                .await?,
+            &[&job_id],
+        )
+        .await?;
+    Ok(rows
+        .iter()
+        .map(|r| OpenUpload {
+            item_id: r.get(0),
+            bucket: r.get(1),
+            object_key: r.get(2),
+            upload_id: r.get(3),
+        })
+        .collect())
+}
+
+/// One failed file, for the status's bounded list of recent errors.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ItemError {
+    pub dest_key: String,
+    pub error: String,
+    pub attempts: i32,
+    pub dead_lettered: bool,
+}
+
+/// The `limit` most recent errors of the job's files (failed for good or
+/// waiting for a retry).
+pub async fn recent_errors(
+    client: &Client,
+    job_id: Uuid,
+    limit: i64,
+) -> Result<Vec<ItemError>, StateError> {
+    let rows = client
+        .query(
+            &client
+                .prepare_cached(
+                    "SELECT dest_key, last_error, attempts, dead_lettered FROM upload_items
+                     WHERE job_id = $1 AND last_error IS NOT NULL
+                     ORDER BY updated_at DESC, id DESC LIMIT $2",
+                )
+                .await?,
+            &[&job_id, &limit],
+        )
+        .await?;
+    Ok(rows
+        .iter()
+        .map(|r| ItemError {
+            dest_key: r.get(0),
+            error: r.get(1),
+            attempts: r.get(2),
+            dead_lettered: r.get(3),
+        })
+        .collect())
+}

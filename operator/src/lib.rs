@@ -1,0 +1,2 @@
+//! The Stowage operator.
+pub mod crd;
