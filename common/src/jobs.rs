@@ -26,6 +26,17 @@ pub async fn submit_upload(pool: &Pool, queue: &Queue, job: &NewJob) -> Result<U
     job.spec.validate()?;
     let db = pool.get().await.map_err(StateError::from)?;
     let id = uploads::register_job(&db, job).await?;
+    publish_plan(queue, id, &job.namespace, &job.name).await?;
+    Ok(id)
+}
+
+/// Publishes the planning task of job `id` (deduplicated by its task id).
+pub async fn publish_plan(
+    queue: &Queue,
+    id: Uuid,
+    namespace: &str,
+    name: &str,
+) -> Result<(), QueueError> {
     let task = Task {
         task_id: format!("upload-plan/{id}"),
         kind: Some(task::Kind::PlanUpload(PlanUpload {
@@ -34,9 +45,9 @@ pub async fn submit_upload(pool: &Pool, queue: &Queue, job: &NewJob) -> Result<U
     };
     let subject = queue
         .topology()
-        .task_subject(TaskKind::UploadPlan, &job.namespace, &job.name);
+        .task_subject(TaskKind::UploadPlan, namespace, name);
     queue.publish_task(&subject, &task).await?;
-    Ok(id)
+    Ok(())
 }
 
 /// Publishes one UploadFile task per item. Task ids are deterministic, so

@@ -2,10 +2,11 @@
 //!
 //! - [`locks`]: PostgreSQL advisory locks — the only place that calls `pg_*advisory*`.
 //! - [`db`]: the connection pool and the embedded schema migrations.
-//! - [`state`]: jobs, items, multipart progress and object history in PostgreSQL.
+//! - [`state`]: jobs, items, multipart progress, object history, collections and sync runs in PostgreSQL.
 //! - [`queue`]: the JetStream task queue, dead letters and events.
 //! - [`jobs`]: submitting jobs and replaying dead letters (state + queue).
-//! - [`spec`]: the UploadJob specification shared by the operator, worker and CLI.
+//! - [`spec`]: the UploadJob and IndexCollection specifications shared by the operator, worker and CLI.
+//! - [`storage`]: S3 clients per endpoint and mounted credentials.
 //! - [`telemetry`]: logs, Prometheus metrics and health endpoints.
 //! - [`errors`]: the retryable / permanent classification that drives retries.
 
@@ -17,6 +18,7 @@ pub mod locks;
 pub mod queue;
 pub mod spec;
 pub mod state;
+pub mod storage;
 pub mod telemetry;
 
 #[cfg(any(test, feature = "testing"))]

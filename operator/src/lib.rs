@@ -1,2 +1,98 @@
 //! The Stowage operator.
+//!
+//! - [`crd`]: the UploadJob and IndexCollection custom resources.
+//! - [`controllers`]: their reconcilers (finalizers, registration, tasks).
+//! - [`status`]: status computation as pure functions.
+//! - [`leader`]: leader election on a PostgreSQL advisory lock.
+//! - [`triggers`]: worker progress events turned into prompt reconciles.
+
+pub mod config;
+pub mod controllers;
 pub mod crd;
+pub mod leader;
+pub mod metrics;
+pub mod status;
+pub mod triggers;
+
+use std::future::Future;
+use std::sync::Arc;
+
+use anyhow::Context as _;
+use kube::runtime::events::{Recorder, Reporter};
+use prometheus_client::registry::Registry;
+use stowage_common::db;
+use stowage_common::locks::{LockManager, LockMetrics};
+use stowage_common::queue::Queue;
+use stowage_common::storage::S3Clients;
+use stowage_common::telemetry::{Readiness, serve_http};
+use tokio::sync::watch;
+use tracing::info;
+
+use crate::config::OperatorArgs;
+use crate::controllers::Context;
+use crate::metrics::Metrics;
+
+/// Connects to PostgreSQL, NATS and the Kubernetes API, then campaigns for
+/// leadership and reconciles while leading, until `shutdown` resolves.
+pub async fn run(args: OperatorArgs, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
+    let mut registry = Registry::default();
+    let lock_metrics = LockMetrics::register(&mut registry);
+    let metrics = Metrics::register(&mut registry);
+    let pg = db::parse_url(&args.database.database_url)?;
+    let locks = LockManager::new(pg.clone(), lock_metrics, args.lock_heartbeat);
+    locks
+        .check_server()
+        .await
+        .context("checking that PostgreSQL advisory locks work")?;
+    let pool = db::pool(&pg, args.database.database_pool_size)?;
+    db::migrate(&pool, &locks).await?;
+    let queue = Queue::connect(&args.nats.nats_url, &args.nats.queue_prefix).await?;
+    queue.ensure_streams().await?;
+    let client = kube::Client::try_default()
+        .await
+        .context("connecting to the Kubernetes API (in-cluster or KUBECONFIG)")?;
+    let instance = args.instance.clone().unwrap_or_else(|| {
+        let host = std::fs::read_to_string("/etc/hostname").unwrap_or_else(|_| "operator".into());
+        format!("{}-{}", host.trim(), std::process::id())
+    });
+    let recorder = Recorder::new(
+        client.clone(),
+        Reporter {
+            controller: "stowage-operator".into(),
+            instance: Some(instance.clone()),
+        },
+    );
+    let ctx = Arc::new(Context {
+        client,
+        db: pool,
+        queue,
+        locks: locks.clone(),
+        s3: S3Clients::new(args.credentials_dir.clone()),
+        recorder,
+        metrics: metrics.clone(),
+        resync: args.resync,
+    });
+    let (stop, stopped) = watch::channel(false);
+    let ready = Readiness::default();
+    let http_addr = serve_http(
+        args.telemetry.metrics_addr,
+        Arc::new(registry),
+        ready.clone(),
+        stopped,
+    )
+    .await?;
+    ready.set(true);
+    info!(%instance, %http_addr, namespace = args.namespace.as_deref().unwrap_or("(all)"), "operator started");
+    let namespace = args.namespace.clone();
+    leader::run(
+        &locks,
+        &args.leader_lock,
+        &metrics,
+        || controllers::run(Arc::clone(&ctx), namespace.clone()),
+        shutdown,
+    )
+    .await;
+    let _ = stop.send(true);
+    info!("operator stopped");
+    Ok(())
+}

@@ -178,18 +178,4 @@ pub async fn run(args: WorkerArgs, signal: impl Future<Output = ()>) -> anyhow::
     worker.shutdown().await
 }
 
-/// Resolves on SIGTERM or SIGINT.
-pub async fn shutdown_signal() {
-    let term = async {
-        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(mut s) => {
-                s.recv().await;
-            }
-            Err(_) => std::future::pending::<()>().await,
-        }
-    };
-    tokio::select! {
-        _ = term => {}
-        _ = tokio::signal::ctrl_c() => {}
-    }
-}
+pub use stowage_common::telemetry::shutdown_signal;

@@ -270,6 +270,31 @@ impl Queue {
     /// Creates or updates the streams and the worker consumer. Safe to call
     /// from every process at start-up.
     pub async fn ensure(&self, settings: &ConsumerSettings) -> Result<(), QueueError> {
+        self.ensure_streams().await?;
+        let t = &self.topology;
+        let stream = js!("get stream", self.js.get_stream(t.tasks_stream()).await)?;
+        js!(
+            "create consumer",
+            stream
+                .get_or_create_consumer(
+                    WORKER_CONSUMER,
+                    consumer::pull::Config {
+                        durable_name: Some(WORKER_CONSUMER.into()),
+                        ack_policy: consumer::AckPolicy::Explicit,
+                        ack_wait: settings.ack_wait,
+                        filter_subject: format!("{}.task.>", t.prefix),
+                        max_ack_pending: 10_000,
+                        ..Default::default()
+                    },
+                )
+                .await
+        )?;
+        Ok(())
+    }
+
+    /// Creates or updates the task and dead-letter streams (what publishers
+    /// such as the operator need).
+    pub async fn ensure_streams(&self) -> Result<(), QueueError> {
         let t = &self.topology;
         let tasks = stream::Config {
             name: t.tasks_stream(),
@@ -299,23 +324,6 @@ impl Queue {
                 }
             }
         }
-        let stream = js!("get stream", self.js.get_stream(t.tasks_stream()).await)?;
-        js!(
-            "create consumer",
-            stream
-                .get_or_create_consumer(
-                    WORKER_CONSUMER,
-                    consumer::pull::Config {
-                        durable_name: Some(WORKER_CONSUMER.into()),
-                        ack_policy: consumer::AckPolicy::Explicit,
-                        ack_wait: settings.ack_wait,
-                        filter_subject: format!("{}.task.>", t.prefix),
-                        max_ack_pending: 10_000,
-                        ..Default::default()
-                    },
-                )
-                .await
-        )?;
         Ok(())
     }
 

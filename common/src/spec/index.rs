@@ -170,14 +170,13 @@ impl IndexSpec {
             ));
         }
         match (e.provider, &e.endpoint) {
-            (EmbeddingProvider::Builtin, _) => {
-                if e.dimensions != 384 {
-                    return Err(invalid(
-                        "embedding.dimensions",
-                        format!("the builtin model has 384 dimensions, not {}", e.dimensions),
-                    ));
-                }
+            (EmbeddingProvider::Builtin, _) if e.dimensions != 384 => {
+                return Err(invalid(
+                    "embedding.dimensions",
+                    format!("the builtin model has 384 dimensions, not {}", e.dimensions),
+                ));
             }
+            (EmbeddingProvider::Builtin, _) => {}
             (_, None) => {
                 return Err(invalid(
                     "embedding.endpoint",

@@ -92,16 +92,6 @@ pub async fn cancel(client: &Client, job_id: Uuid) -> Result<(), StateError> {
     Ok(())
 }
 
-/// Deletes the job with its items, parts and multipart records (the object
-/// history stays: those objects exist).
-pub async fn delete(client: &Client, job_id: Uuid) -> Result<(), StateError> {
-    let stmt = client
-        .prepare_cached("DELETE FROM upload_jobs WHERE id = $1")
-        .await?;
-    client.execute(&stmt, &[&job_id]).await?;
-    Ok(())
-}
-
 /// A multipart upload the job has open: what to abort when it is deleted.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct OpenUpload {
@@ -111,16 +101,24 @@ pub struct OpenUpload {
     pub upload_id: String,
 }
 
-pub async fn open_uploads(client: &Client, job_id: Uuid) -> Result<Vec<OpenUpload>, StateError> {
-    let rows = client
+/// First step of deleting a job, inside `tx`: locks its items (a worker
+/// recording a new multipart upload for one of them waits, then fails and
+/// aborts its own upload) and returns the multipart uploads it has open, to
+/// abort before [`delete`] in the same transaction.
+pub async fn lock_for_delete(
+    tx: &tokio_postgres::Transaction<'_>,
+    job_id: Uuid,
+) -> Result<Vec<OpenUpload>, StateError> {
+    tx.execute(
+        "SELECT 1 FROM upload_items WHERE job_id = $1 FOR UPDATE",
+        &[&job_id],
+    )
+    .await?;
+    let rows = tx
         .query(
-            &client
-                .prepare_cached(
-                    "SELECT m.item_id, m.bucket, m.object_key, m.upload_id
-                     FROM multipart_uploads m JOIN upload_items i ON i.id = m.item_id
-                     WHERE i.job_id = $1 ORDER BY m.item_id",
-                )
-                .await?,
+            "SELECT m.item_id, m.bucket, m.object_key, m.upload_id
+             FROM multipart_uploads m JOIN upload_items i ON i.id = m.item_id
+             WHERE i.job_id = $1 ORDER BY m.item_id",
             &[&job_id],
         )
         .await?;
@@ -133,6 +131,14 @@ pub async fn open_uploads(client: &Client, job_id: Uuid) -> Result<Vec<OpenUploa
             upload_id: r.get(3),
         })
         .collect())
+}
+
+/// Deletes the job with its items, parts and multipart records (the object
+/// history stays: those objects exist).
+pub async fn delete(tx: &tokio_postgres::Transaction<'_>, job_id: Uuid) -> Result<(), StateError> {
+    tx.execute("DELETE FROM upload_jobs WHERE id = $1", &[&job_id])
+        .await?;
+    Ok(())
 }
 
 /// One failed file, for the status's bounded list of recent errors.

@@ -71,6 +71,8 @@ pub struct JobRecord {
     pub created_at: DateTime<Utc>,
     pub started_at: Option<DateTime<Utc>>,
     pub finished_at: Option<DateTime<Utc>>,
+    /// Why the job failed as a whole (planning failed, deadline exceeded).
+    pub last_error: Option<String>,
 }
 
 /// Registers a job once per `(source_uid, generation)`; registering it again
@@ -106,7 +108,7 @@ pub async fn get_job(client: &Client, id: Uuid) -> Result<JobRecord, StateError>
             &client
                 .prepare_cached(
                     "SELECT id, namespace, name, spec, state, planned_at IS NOT NULL,
-                    created_at, started_at, finished_at
+                    created_at, started_at, finished_at, last_error
              FROM upload_jobs WHERE id = $1",
                 )
                 .await?,
@@ -127,6 +129,7 @@ pub async fn get_job(client: &Client, id: Uuid) -> Result<JobRecord, StateError>
         created_at: row.get(6),
         started_at: row.get(7),
         finished_at: row.get(8),
+        last_error: row.get(9),
     })
 }
 

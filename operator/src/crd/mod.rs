@@ -32,3 +32,21 @@ pub fn all_yaml() -> Result<Vec<(&'static str, String)>, serde_yaml::Error> {
         ),
     ])
 }
+
+#[cfg(test)]
+mod tests {
+    /// The committed CRDs are what the types generate: run
+    /// `cargo run -p stowage-operator --bin crdgen` after changing a type.
+    #[test]
+    fn committed_crds_match_the_types() {
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../crds");
+        for (file, yaml) in super::all_yaml().expect("CRDs serialize") {
+            let committed = std::fs::read_to_string(dir.join(file))
+                .unwrap_or_else(|e| panic!("crds/{file}: {e}"));
+            assert!(
+                committed == yaml,
+                "crds/{file} drifted from the Rust types: run `cargo run -p stowage-operator --bin crdgen`"
+            );
+        }
+    }
+}

@@ -61,6 +61,12 @@ pub enum UploadError {
     Queue(String),
 }
 
+impl From<stowage_common::storage::CredentialsError> for UploadError {
+    fn from(e: stowage_common::storage::CredentialsError) -> Self {
+        UploadError::Credentials(e.0)
+    }
+}
+
 /// Waiting for a pooled connection is a state problem like any query.
 impl From<stowage_common::db::PoolError> for UploadError {
     fn from(e: stowage_common::db::PoolError) -> Self {

@@ -1,0 +1,61 @@
+//! `stowage-operator` configuration: flags and environment variables.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::Parser;
+use stowage_common::config::{DatabaseArgs, NatsArgs, TelemetryArgs};
+
+/// The Stowage operator: reconciles UploadJob and IndexCollection resources
+/// into jobs, collections and tasks for the worker fleet, and rolls their
+/// progress up into `.status`. Several replicas may run; one leads (a
+/// PostgreSQL advisory lock), the others wait to take over.
+#[derive(Parser, Clone, Debug)]
+#[command(name = "stowage-operator", version)]
+pub struct OperatorArgs {
+    #[command(flatten)]
+    pub database: DatabaseArgs,
+
+    #[command(flatten)]
+    pub nats: NatsArgs,
+
+    #[command(flatten)]
+    pub telemetry: TelemetryArgs,
+
+    /// Watch only this namespace (default: all namespaces).
+    #[arg(long, env = "STOWAGE_WATCH_NAMESPACE")]
+    pub namespace: Option<String>,
+
+    /// Name of the leader lock: replicas with the same name elect one leader.
+    #[arg(long, env = "STOWAGE_LEADER_LOCK", default_value = "stowage-operator")]
+    pub leader_lock: String,
+
+    /// How often a held lock's session is checked; a lost session is noticed
+    /// within about this long and the replica stops reconciling.
+    #[arg(long, env = "STOWAGE_LOCK_HEARTBEAT", value_parser = seconds, default_value = "2")]
+    pub lock_heartbeat: Duration,
+
+    /// Safety-net resync of unfinished resources (seconds); progress events
+    /// from the workers trigger reconciles sooner.
+    #[arg(long, env = "STOWAGE_RESYNC", value_parser = seconds, default_value = "60")]
+    pub resync: Duration,
+
+    /// Directory of mounted credentials Secrets (`<dir>/<secret>/access_key_id`,
+    /// `secret_access_key`), used to abort the multipart uploads of deleted jobs.
+    #[arg(long, env = "STOWAGE_CREDENTIALS_DIR")]
+    pub credentials_dir: Option<PathBuf>,
+
+    /// Identity in events and logs (default: host name and process id).
+    #[arg(long, env = "POD_NAME")]
+    pub instance: Option<String>,
+}
+
+fn seconds(s: &str) -> Result<Duration, String> {
+    let secs: f64 = s
+        .parse()
+        .map_err(|_| format!("{s:?} is not a number of seconds"))?;
+    if !(secs > 0.0 && secs.is_finite()) {
+        return Err(format!("{s} must be a positive number of seconds"));
+    }
+    Ok(Duration::from_secs_f64(secs))
+}

@@ -1,0 +1,305 @@
+//! IndexCollection status from its sync runs, and the resync schedule.
+
+use chrono::{DateTime, Duration, Utc};
+use stowage_common::state::collections::{RunState, SyncRun};
+
+use super::{FAILED, INVALID_SPEC, PROGRESSING, READY, SUSPENDED};
+use crate::crd::condition::{self, Condition};
+use crate::crd::index_collection::{IndexCollection, IndexCollectionStatus, Phase, SyncRunStatus};
+
+/// Parses a resync interval such as `90s`, `10m` or `1h30m` (the CRD schema
+/// admits the same pattern).
+pub fn parse_interval(s: &str) -> Result<Duration, String> {
+    let mut total = Duration::zero();
+    let mut rest = s;
+    if rest.is_empty() {
+        return Err("empty duration".into());
+    }
+    while !rest.is_empty() {
+        let digits = rest.chars().take_while(char::is_ascii_digit).count();
+        let n: i64 = rest[..digits]
+            .parse()
+            .map_err(|_| format!("{s:?}: expected a number before each unit"))?;
+        rest = &rest[digits..];
+        let unit = rest.chars().take_while(char::is_ascii_alphabetic).count();
+        let d = match &rest[..unit] {
+            "ms" => Duration::milliseconds(n),
+            "s" => Duration::seconds(n),
+            "m" => Duration::minutes(n),
+            "h" => Duration::hours(n),
+            "d" => Duration::days(n),
+            u => return Err(format!("{s:?}: unknown unit {u:?} (ms, s, m, h, d)")),
+        };
+        total += d;
+        rest = &rest[unit..];
+    }
+    if total < Duration::seconds(10) {
+        return Err(format!("{s:?} is shorter than the 10s minimum"));
+    }
+    Ok(total)
+}
+
+/// Why a sync run is due now, if one is.
+pub fn sync_due(
+    ic: &IndexCollection,
+    registered_generation: Option<i64>,
+    now: DateTime<Utc>,
+) -> Option<&'static str> {
+    if ic.spec.suspend {
+        return None;
+    }
+    let generation = ic.metadata.generation.unwrap_or(1);
+    match registered_generation {
+        None => return Some("spec-change"),
+        Some(g) if g < generation => return Some("spec-change"),
+        _ => {}
+    }
+    let next = ic.status.as_ref().and_then(|s| s.next_sync_time);
+    match next {
+        Some(t) if t > now => None,
+        _ => Some("schedule"),
+    }
+}
+
+pub struct Snapshot<'a> {
+    pub collection_id: uuid::Uuid,
+    pub latest_run: Option<&'a SyncRun>,
+    pub next_sync_time: Option<DateTime<Utc>>,
+}
+
+pub fn compute(ic: &IndexCollection, snap: &Snapshot<'_>) -> IndexCollectionStatus {
+    let prev = ic.status.clone().unwrap_or_default();
+    let run = snap.latest_run;
+    let phase = if ic.spec.suspend {
+        Phase::Suspended
+    } else {
+        match run.map(|r| r.state) {
+            None | Some(RunState::Abandoned) => Phase::Pending,
+            Some(RunState::InProgress) => Phase::Syncing,
+            Some(RunState::Completed) | Some(RunState::CompletedWithErrors) => Phase::Ready,
+            Some(RunState::Failed) => Phase::Failed,
+        }
+    };
+    let run_message = |r: &SyncRun| {
+        let c = &r.counts;
+        let mut m = format!(
+            "run {} ({}): {} seen, {} new, {} changed, {} deleted, {} failed",
+            r.id, r.trigger, c.seen, c.new, c.changed, c.deleted, c.failed
+        );
+        if let Some(e) = &r.error {
+            m.push_str(": ");
+            m.push_str(e);
+        }
+        m
+    };
+    let mut conditions = vec![
+        match run {
+            Some(r) if matches!(r.state, RunState::Completed | RunState::CompletedWithErrors) => {
+                Condition::new(READY, true, "Indexed", run_message(r))
+            }
+            Some(r) if r.state == RunState::Failed => {
+                Condition::new(READY, false, "SyncFailed", run_message(r))
+            }
+            _ => Condition::new(
+                READY,
+                false,
+                "NotIndexedYet",
+                "no sync run has completed yet",
+            ),
+        },
+        match run {
+            Some(r) if r.state == RunState::InProgress => {
+                Condition::new(PROGRESSING, true, "Syncing", run_message(r))
+            }
+            _ => Condition::new(PROGRESSING, false, "Idle", ""),
+        },
+        match run {
+            Some(r) if r.state == RunState::Failed => {
+                Condition::new(FAILED, true, "SyncFailed", run_message(r))
+            }
+            _ => Condition::new(FAILED, false, "NoFailure", ""),
+        },
+        Condition::new(
+            SUSPENDED,
+            ic.spec.suspend,
+            if ic.spec.suspend {
+                "SuspendedBySpec"
+            } else {
+                "NotSuspended"
+            },
+            "",
+        ),
+    ];
+    condition::carry_over(&prev.conditions, &mut conditions, ic.metadata.generation);
+    let last = run.map(|r| SyncRunStatus {
+        id: r.id,
+        state: run_state_name(r.state).into(),
+        started: r.started_at,
+        finished: r.finished_at,
+        seen: r.counts.seen,
+        new: r.counts.new,
+        changed: r.counts.changed,
+        deleted: r.counts.deleted,
+        failed: r.counts.failed,
+        skipped: r.counts.skipped,
+        chunks_written: r.counts.chunks_written,
+        error: r.error.clone(),
+    });
+    IndexCollectionStatus {
+        observed_generation: ic.metadata.generation,
+        phase: Some(phase),
+        progress: Some(format!(
+            "{}/{}",
+            prev.documents.indexed,
+            prev.documents.indexed + prev.documents.pending + prev.documents.failed
+        )),
+        documents: prev.documents,
+        chunks: prev.chunks,
+        last_sync_run: last,
+        active_generation: prev.active_generation,
+        next_sync_time: if ic.spec.suspend {
+            None
+        } else {
+            snap.next_sync_time
+        },
+        conditions,
+        collection_id: Some(snap.collection_id.to_string()),
+    }
+}
+
+pub fn invalid(ic: &IndexCollection, message: &str) -> IndexCollectionStatus {
+    let prev = ic.status.clone().unwrap_or_default();
+    let mut conditions = vec![
+        Condition::new(READY, false, INVALID_SPEC, message),
+        Condition::new(PROGRESSING, false, INVALID_SPEC, ""),
+        Condition::new(FAILED, true, INVALID_SPEC, message),
+        Condition::new(SUSPENDED, ic.spec.suspend, "NotSuspended", ""),
+    ];
+    condition::carry_over(&prev.conditions, &mut conditions, ic.metadata.generation);
+    IndexCollectionStatus {
+        observed_generation: ic.metadata.generation,
+        phase: Some(Phase::Failed),
+        conditions,
+        ..prev
+    }
+}
+
+fn run_state_name(s: RunState) -> &'static str {
+    match s {
+        RunState::InProgress => "InProgress",
+        RunState::Completed => "Completed",
+        RunState::CompletedWithErrors => "CompletedWithErrors",
+        RunState::Failed => "Failed",
+        RunState::Abandoned => "Abandoned",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use stowage_common::state::collections::RunCounts;
+
+    fn resource(status: Option<serde_json::Value>, suspend: bool) -> IndexCollection {
+        serde_json::from_value(serde_json::json!({
+            "apiVersion": "stowage.dev/v1alpha1",
+            "kind": "IndexCollection",
+            "metadata": {"name": "kb", "namespace": "team-a", "uid": "u2", "generation": 2},
+            "spec": {"source": {"bucket": "docs"}, "resyncInterval": "5m", "suspend": suspend},
+            "status": status,
+        }))
+        .expect("fixture parses")
+    }
+
+    fn run(state: RunState, error: Option<&str>) -> SyncRun {
+        SyncRun {
+            id: 4,
+            collection_id: uuid::Uuid::nil(),
+            state,
+            trigger: "schedule".into(),
+            generation: 2,
+            started_at: DateTime::from_timestamp(1_000, 0).expect("valid"),
+            finished_at: None,
+            counts: RunCounts::default(),
+            error: error.map(str::to_string),
+        }
+    }
+
+    #[test]
+    fn intervals_parse_like_kubernetes_durations() {
+        assert_eq!(parse_interval("10m"), Ok(Duration::minutes(10)));
+        assert_eq!(parse_interval("1h30m"), Ok(Duration::minutes(90)));
+        assert!(
+            parse_interval("5s")
+                .expect_err("too short")
+                .contains("10s minimum")
+        );
+        assert!(
+            parse_interval("10x")
+                .expect_err("unit")
+                .contains("unknown unit")
+        );
+        assert!(parse_interval("m").is_err());
+    }
+
+    #[test]
+    fn sync_is_due_on_new_generations_and_on_schedule() {
+        let now = DateTime::from_timestamp(10_000, 0).expect("valid");
+        let ic = resource(None, false);
+        assert_eq!(sync_due(&ic, None, now), Some("spec-change"));
+        assert_eq!(sync_due(&ic, Some(1), now), Some("spec-change"));
+        assert_eq!(sync_due(&ic, Some(2), now), Some("schedule"));
+        let later = resource(
+            Some(serde_json::json!({"nextSyncTime": "1970-01-01T03:00:00Z"})),
+            false,
+        );
+        assert_eq!(sync_due(&later, Some(2), now), None);
+        let due = resource(
+            Some(serde_json::json!({"nextSyncTime": "1970-01-01T02:00:00Z"})),
+            false,
+        );
+        assert_eq!(sync_due(&due, Some(2), now), Some("schedule"));
+        assert_eq!(sync_due(&resource(None, true), None, now), None);
+    }
+
+    #[test]
+    fn a_failed_run_is_reported_with_its_reason() {
+        let ic = resource(None, false);
+        let r = run(RunState::Failed, Some("indexing not available yet"));
+        let s = compute(
+            &ic,
+            &Snapshot {
+                collection_id: uuid::Uuid::nil(),
+                latest_run: Some(&r),
+                next_sync_time: None,
+            },
+        );
+        assert_eq!(s.phase, Some(Phase::Failed));
+        let ready = condition::find(&s.conditions, READY).expect("ready");
+        assert!(!ready.is_true());
+        assert_eq!(ready.reason, "SyncFailed");
+        assert!(ready.message.contains("indexing not available yet"));
+        assert_eq!(
+            s.last_sync_run.as_ref().map(|r| r.state.as_str()),
+            Some("Failed")
+        );
+        let done = run(RunState::Completed, None);
+        let s = compute(
+            &ic,
+            &Snapshot {
+                collection_id: uuid::Uuid::nil(),
+                latest_run: Some(&done),
+                next_sync_time: None,
+            },
+        );
+        assert_eq!(s.phase, Some(Phase::Ready));
+        let s = compute(
+            &resource(None, true),
+            &Snapshot {
+                collection_id: uuid::Uuid::nil(),
+                latest_run: None,
+                next_sync_time: None,
+            },
+        );
+        assert_eq!(s.phase, Some(Phase::Suspended));
+    }
+}
