@@ -80,7 +80,7 @@ impl S3Clients {
                 _ => {
                     return Err(CredentialsError(
                         "no credentialsSecretRef in the job and no AWS_ACCESS_KEY_ID / \
-                         AWS_SECRET_ACCESS_KEY in the worker's environment"
+                         AWS_SECRET_ACCESS_KEY in the environment"
                             .into(),
                     ));
                 }

@@ -306,9 +306,11 @@ async fn cleanup(uj: &UploadJob, ctx: &Context) -> Result<Action, Error> {
         .await
         .map_err(stowage_common::state::StateError::from)?;
     let open = lifecycle::lock_for_delete(&tx, job.id).await?;
-    let client = ctx.s3.client(&job.spec.destination.endpoint)?;
-    for upload in &open {
-        abort(&client, upload).await?;
+    if !open.is_empty() {
+        let client = ctx.s3.client(&job.spec.destination.endpoint)?;
+        for upload in &open {
+            abort(&client, upload).await?;
+        }
     }
     lifecycle::delete(&tx, job.id).await?;
     tx.commit()
