@@ -182,7 +182,7 @@ pub async fn add_items(
     let rows = client
         .query(
             &client.prepare_cached(&format!(
-                "{ITEM_SELECT} WHERE job_id = $1 AND state IN ('pending', 'running') ORDER BY id"
+                "{ITEM_SELECT} WHERE i.job_id = $1 AND i.state IN ('pending', 'running') ORDER BY i.id"
             )).await?,
             &[&job_id],
         )
