@@ -1,6 +1,8 @@
 //! Command-line / environment argument groups shared by the binaries; each
 //! binary flattens the ones it needs.
 
+use std::time::Duration;
+
 use clap::{Args, ValueEnum};
 
 #[derive(Args, Clone, Debug)]
@@ -51,4 +53,63 @@ pub struct TelemetryArgs {
     /// Address of the HTTP server for `/metrics`, `/healthz` and `/readyz`.
     #[arg(long, env = "STOWAGE_METRICS_ADDR", default_value = "127.0.0.1:9090")]
     pub metrics_addr: std::net::SocketAddr,
+}
+
+/// Parses a duration such as `250ms`, `30s`, `10m`, `1h30m`, `2d`, or a plain
+/// number of seconds (the format of every duration flag and of
+/// `resyncInterval`).
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    let s = s.trim();
+    if let Ok(secs) = s.parse::<u64>() {
+        return Ok(Duration::from_secs(secs));
+    }
+    let mut total = Duration::ZERO;
+    let mut rest = s;
+    if rest.is_empty() {
+        return Err("empty duration".into());
+    }
+    while !rest.is_empty() {
+        let digits = rest
+            .find(|c: char| !c.is_ascii_digit())
+            .unwrap_or(rest.len());
+        let n: u64 = rest[..digits]
+            .parse()
+            .map_err(|_| format!("{s:?} is not a duration like 500ms, 30s, 10m, 1h30m or 2d"))?;
+        rest = &rest[digits..];
+        let unit = rest
+            .find(|c: char| c.is_ascii_digit())
+            .unwrap_or(rest.len());
+        let one = match &rest[..unit] {
+            "ms" => Duration::from_millis(n),
+            "s" => Duration::from_secs(n),
+            "m" => Duration::from_secs(n * 60),
+            "h" => Duration::from_secs(n * 3600),
+            "d" => Duration::from_secs(n * 86400),
+            u => return Err(format!("{s:?}: unknown unit {u:?} (ms, s, m, h, d)")),
+        };
+        total += one;
+        rest = &rest[unit..];
+    }
+    Ok(total)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations() {
+        assert_eq!(parse_duration("250ms"), Ok(Duration::from_millis(250)));
+        assert_eq!(parse_duration("30"), Ok(Duration::from_secs(30)));
+        assert_eq!(parse_duration("10m"), Ok(Duration::from_secs(600)));
+        assert_eq!(parse_duration("1h30m"), Ok(Duration::from_secs(5400)));
+        assert_eq!(parse_duration("2d"), Ok(Duration::from_secs(172_800)));
+        assert!(parse_duration("ten").is_err());
+        assert!(
+            parse_duration("10x")
+                .expect_err("unit")
+                .contains("unknown unit")
+        );
+        assert!(parse_duration("m").is_err());
+    }
 }

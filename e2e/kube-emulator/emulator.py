@@ -174,6 +174,14 @@ class Emulator:
         return r, ns, name, sub
 
     async def handle(self, request):
+        try:
+            return await self.serve(request)
+        except (json.JSONDecodeError, yaml.YAMLError, UnicodeDecodeError):
+            return status_error(415, "UnsupportedMediaType",
+                                f"only JSON (and YAML for apply) bodies are understood, not "
+                                f"{request.headers.get('Content-Type')}")
+
+    async def serve(self, request):
         parts = [p for p in request.path.split("/") if p]
         if request.path == "/version":
             return web.json_response({"major": "1", "minor": "33", "gitVersion": "v1.33.0-stowage-emulator",

@@ -4,7 +4,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use clap::Parser;
-use stowage_common::config::{DatabaseArgs, NatsArgs, TelemetryArgs};
+use stowage_common::config::{DatabaseArgs, NatsArgs, TelemetryArgs, parse_duration};
 
 /// The Stowage operator: reconciles UploadJob and IndexCollection resources
 /// into jobs, collections and tasks for the worker fleet, and rolls their
@@ -32,12 +32,12 @@ pub struct OperatorArgs {
 
     /// How often a held lock's session is checked; a lost session is noticed
     /// within about this long and the replica stops reconciling.
-    #[arg(long, env = "STOWAGE_LOCK_HEARTBEAT", value_parser = seconds, default_value = "2")]
+    #[arg(long, env = "STOWAGE_LOCK_HEARTBEAT", value_parser = parse_duration, default_value = "2s")]
     pub lock_heartbeat: Duration,
 
-    /// Safety-net resync of unfinished resources (seconds); progress events
+    /// Safety-net resync of unfinished resources; progress events
     /// from the workers trigger reconciles sooner.
-    #[arg(long, env = "STOWAGE_RESYNC", value_parser = seconds, default_value = "60")]
+    #[arg(long, env = "STOWAGE_RESYNC", value_parser = parse_duration, default_value = "60s")]
     pub resync: Duration,
 
     /// Directory of mounted credentials Secrets (`<dir>/<secret>/access_key_id`,
@@ -48,14 +48,4 @@ pub struct OperatorArgs {
     /// Identity in events and logs (default: host name and process id).
     #[arg(long, env = "POD_NAME")]
     pub instance: Option<String>,
-}
-
-fn seconds(s: &str) -> Result<Duration, String> {
-    let secs: f64 = s
-        .parse()
-        .map_err(|_| format!("{s:?} is not a number of seconds"))?;
-    if !(secs > 0.0 && secs.is_finite()) {
-        return Err(format!("{s} must be a positive number of seconds"));
-    }
-    Ok(Duration::from_secs_f64(secs))
 }

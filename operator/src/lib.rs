@@ -35,6 +35,9 @@ use crate::metrics::Metrics;
 /// Connects to PostgreSQL, NATS and the Kubernetes API, then campaigns for
 /// leadership and reconciles while leading, until `shutdown` resolves.
 pub async fn run(args: OperatorArgs, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
+    // Both rustls back ends are linked (kube, AWS SDK); TLS to the API
+    // server needs one chosen for the process. Already chosen is fine.
+    let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
     let mut registry = Registry::default();
     let lock_metrics = LockMetrics::register(&mut registry);
     let metrics = Metrics::register(&mut registry);

@@ -37,12 +37,12 @@ pub struct WorkerArgs {
     pub worker_id: Option<String>,
 
     /// Redelivery deadline of a task without progress acks.
-    #[arg(long, env = "STOWAGE_ACK_WAIT", value_parser = parse_duration, default_value = "30s")]
+    #[arg(long, env = "STOWAGE_ACK_WAIT", value_parser = stowage_common::config::parse_duration, default_value = "30s")]
     pub ack_wait: Duration,
 
     /// On SIGTERM, how long in-flight tasks may run before they are stopped
     /// and handed back (NAK) to resume elsewhere from their recorded parts.
-    #[arg(long, env = "STOWAGE_DRAIN_TIMEOUT", value_parser = parse_duration, default_value = "20s")]
+    #[arg(long, env = "STOWAGE_DRAIN_TIMEOUT", value_parser = stowage_common::config::parse_duration, default_value = "20s")]
     pub drain_timeout: Duration,
 
     /// Directory of mounted credentials Secrets: `<dir>/<secret name>/access_key_id`
@@ -53,11 +53,11 @@ pub struct WorkerArgs {
     pub credentials_dir: Option<PathBuf>,
 
     /// How often the sweeper looks for orphaned multipart uploads.
-    #[arg(long, env = "STOWAGE_SWEEP_INTERVAL", value_parser = parse_duration, default_value = "10m")]
+    #[arg(long, env = "STOWAGE_SWEEP_INTERVAL", value_parser = stowage_common::config::parse_duration, default_value = "10m")]
     pub sweep_interval: Duration,
 
     /// Multipart uploads older than this that no live item owns are aborted.
-    #[arg(long, env = "STOWAGE_ORPHAN_UPLOAD_AGE", value_parser = parse_duration, default_value = "24h")]
+    #[arg(long, env = "STOWAGE_ORPHAN_UPLOAD_AGE", value_parser = stowage_common::config::parse_duration, default_value = "24h")]
     pub orphan_upload_age: Duration,
 
     /// When a multipart object's SHA-256 becomes known only after its last
@@ -71,7 +71,7 @@ pub struct WorkerArgs {
 
     /// Lock session heartbeat: a lost database session is noticed within
     /// about twice this.
-    #[arg(long, env = "STOWAGE_LOCK_HEARTBEAT", value_parser = parse_duration, default_value = "2s")]
+    #[arg(long, env = "STOWAGE_LOCK_HEARTBEAT", value_parser = stowage_common::config::parse_duration, default_value = "2s")]
     pub lock_heartbeat: Duration,
 }
 
@@ -79,50 +79,4 @@ pub struct WorkerArgs {
 pub enum Sha256Metadata {
     Always,
     Known,
-}
-
-/// Parses `250ms`, `30s`, `10m`, `24h` or a plain number of seconds.
-pub fn parse_duration(s: &str) -> Result<Duration, String> {
-    let s = s.trim();
-    let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
-    let (num, unit) = s.split_at(split);
-    let n: u64 = num
-        .parse()
-        .map_err(|_| format!("{s:?} is not a duration like 500ms, 30s, 10m or 24h"))?;
-    Ok(match unit {
-        "ms" => Duration::from_millis(n),
-        "" | "s" => Duration::from_secs(n),
-        "m" => Duration::from_secs(n * 60),
-        "h" => Duration::from_secs(n * 3600),
-        _ => return Err(format!("{s:?}: unknown unit {unit:?} (use ms, s, m or h)")),
-    })
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn durations() {
-        assert_eq!(parse_duration("250ms"), Ok(Duration::from_millis(250)));
-        assert_eq!(parse_duration("30"), Ok(Duration::from_secs(30)));
-        assert_eq!(parse_duration("10m"), Ok(Duration::from_secs(600)));
-        assert!(parse_duration("ten").is_err());
-        assert!(parse_duration("3d").is_err());
-    }
-
-    #[test]
-    fn help_explains_itself() {
-        use clap::CommandFactory;
-        let help = WorkerArgs::command().render_long_help().to_string();
-        for flag in [
-            "--database-url",
-            "--nats-url",
-            "--capacity",
-            "--drain-timeout",
-            "STOWAGE_GRPC_ADDR",
-        ] {
-            assert!(help.contains(flag), "--help lacks {flag}");
-        }
-    }
 }

@@ -8,35 +8,13 @@ use crate::crd::condition::{self, Condition};
 use crate::crd::index_collection::{IndexCollection, IndexCollectionStatus, Phase, SyncRunStatus};
 
 /// Parses a resync interval such as `90s`, `10m` or `1h30m` (the CRD schema
-/// admits the same pattern).
+/// admits the same pattern); at least ten seconds.
 pub fn parse_interval(s: &str) -> Result<Duration, String> {
-    let mut total = Duration::zero();
-    let mut rest = s;
-    if rest.is_empty() {
-        return Err("empty duration".into());
-    }
-    while !rest.is_empty() {
-        let digits = rest.chars().take_while(char::is_ascii_digit).count();
-        let n: i64 = rest[..digits]
-            .parse()
-            .map_err(|_| format!("{s:?}: expected a number before each unit"))?;
-        rest = &rest[digits..];
-        let unit = rest.chars().take_while(char::is_ascii_alphabetic).count();
-        let d = match &rest[..unit] {
-            "ms" => Duration::milliseconds(n),
-            "s" => Duration::seconds(n),
-            "m" => Duration::minutes(n),
-            "h" => Duration::hours(n),
-            "d" => Duration::days(n),
-            u => return Err(format!("{s:?}: unknown unit {u:?} (ms, s, m, h, d)")),
-        };
-        total += d;
-        rest = &rest[unit..];
-    }
-    if total < Duration::seconds(10) {
+    let d = stowage_common::config::parse_duration(s)?;
+    if d < std::time::Duration::from_secs(10) {
         return Err(format!("{s:?} is shorter than the 10s minimum"));
     }
-    Ok(total)
+    Duration::from_std(d).map_err(|_| format!("{s:?} is too long"))
 }
 
 /// Why a sync run is due now, if one is.

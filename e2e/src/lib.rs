@@ -1,0 +1,537 @@
+//! The end-to-end harness: a Kubernetes API (the cluster `KUBECONFIG` names,
+//! else the emulator in `kube-emulator/`), the operator and worker binaries
+//! as processes, and buckets, credentials and a database of their own on the
+//! local stack. The same tests run against both kinds of API.
+
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use aws_sdk_s3::config::{Credentials, Region};
+use bytes::Bytes;
+use sha2::{Digest, Sha256};
+use stowage_common::testing::{S3Target, StackEnv, fresh_database, unique};
+
+/// Where the repository's `crds/` are.
+fn crd_dir() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../crds")
+}
+
+/// A Kubernetes API for one test.
+pub struct Kube {
+    kubeconfig: PathBuf,
+    kubectl: String,
+    emulator: Option<Child>,
+    /// True when the API is the local emulator (no schema validation).
+    pub emulated: bool,
+}
+
+impl Kube {
+    /// Uses the cluster of `KUBECONFIG` (installing the CRDs), or starts the
+    /// emulator with the CRDs and writes a kubeconfig for it into `dir`.
+    pub fn start(stack: &StackEnv, dir: &Path) -> Kube {
+        let kubectl = stack
+            .try_get("STOWAGE_KUBECTL")
+            .unwrap_or_else(|| "kubectl".into());
+        if let Ok(path) = std::env::var("KUBECONFIG") {
+            let kube = Kube {
+                kubeconfig: path.into(),
+                kubectl,
+                emulator: None,
+                emulated: false,
+            };
+            kube.ok(&["apply", "--server-side", "-f", &crd_dir().to_string_lossy()]);
+            kube.ok(&[
+                "wait",
+                "--for=condition=Established",
+                "crd/uploadjobs.stowage.dev",
+                "crd/indexcollections.stowage.dev",
+            ]);
+            return kube;
+        }
+        let python = stack.get("STOWAGE_KUBE_EMULATOR_PYTHON");
+        let port_file = dir.join("kube-port");
+        let log = std::fs::File::create(dir.join("kube-emulator.log")).expect("emulator log");
+        let child = Command::new(python)
+            .arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("kube-emulator/emulator.py"))
+            .arg("--crds")
+            .arg(crd_dir())
+            .arg("--port-file")
+            .arg(&port_file)
+            .stdout(log.try_clone().expect("log"))
+            .stderr(log)
+            .spawn()
+            .expect("start the Kubernetes API emulator");
+        let deadline = Instant::now() + Duration::from_secs(20);
+        let port = loop {
+            if let Ok(p) = std::fs::read_to_string(&port_file) {
+                break p;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "the emulator did not start; see {}",
+                dir.join("kube-emulator.log").display()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        };
+        let kubeconfig = dir.join("kubeconfig");
+        std::fs::write(
+            &kubeconfig,
+            format!(
+                "apiVersion: v1\nkind: Config\n\
+                 clusters: [{{name: emu, cluster: {{server: 'http://127.0.0.1:{}'}}}}]\n\
+                 users: [{{name: emu, user: {{}}}}]\n\
+                 contexts: [{{name: emu, context: {{cluster: emu, user: emu}}}}]\n\
+                 current-context: emu\n",
+                port.trim()
+            ),
+        )
+        .expect("kubeconfig");
+        Kube {
+            kubeconfig,
+            kubectl,
+            emulator: Some(child),
+            emulated: true,
+        }
+    }
+
+    pub fn kubeconfig(&self) -> &Path {
+        &self.kubeconfig
+    }
+
+    pub fn run(&self, args: &[&str]) -> Output {
+        Command::new(&self.kubectl)
+            .args(args)
+            .env("KUBECONFIG", &self.kubeconfig)
+            .stdin(Stdio::null())
+            .output()
+            .expect("run kubectl")
+    }
+
+    /// Runs kubectl and returns its stdout; fails the test with its stderr.
+    pub fn ok(&self, args: &[&str]) -> String {
+        let out = self.run(args);
+        assert!(
+            out.status.success(),
+            "kubectl {} failed: {}{}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    /// `kubectl apply --server-side` of a manifest.
+    pub fn apply(&self, dir: &Path, manifest: &str) -> Output {
+        let file = dir.join(format!("{}.yaml", unique("manifest")));
+        std::fs::write(&file, manifest).expect("manifest");
+        let path = file.to_string_lossy().into_owned();
+        let mut args = vec!["apply", "--server-side", "-f", &path];
+        if self.emulated {
+            args.push("--validate=false"); // the emulator serves no OpenAPI
+        }
+        self.run(&args)
+    }
+}
+
+impl Drop for Kube {
+    fn drop(&mut self) {
+        if let Some(c) = &mut self.emulator {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+/// A child process (operator or worker), SIGKILLed when dropped.
+pub struct Proc {
+    child: Child,
+    pub log: PathBuf,
+    /// Its `/metrics` address.
+    pub metrics: String,
+}
+
+impl Proc {
+    /// SIGKILL: no drain, no lock release; the session dies with the process.
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// The value of a metric without labels, if exposed.
+    pub async fn metric(&self, name: &str) -> Option<f64> {
+        let body = reqwest_get(&format!("http://{}/metrics", self.metrics)).await?;
+        body.lines()
+            .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+async fn reqwest_get(url: &str) -> Option<String> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let rest = url.strip_prefix("http://")?;
+    let (host, path) = rest.split_once('/')?;
+    let mut s = tokio::net::TcpStream::connect(host).await.ok()?;
+    s.write_all(format!("GET /{path} HTTP/1.0\r\nHost: {host}\r\n\r\n").as_bytes())
+        .await
+        .ok()?;
+    let mut body = String::new();
+    s.read_to_string(&mut body).await.ok()?;
+    Some(body.split_once("\r\n\r\n")?.1.to_string())
+}
+
+/// A free TCP port on 127.0.0.1.
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("a free port")
+}
+
+/// One test's world: database, queue prefix, buckets, credentials, API.
+pub struct World {
+    pub stack: StackEnv,
+    pub dir: tempfile::TempDir,
+    pub kube: Kube,
+    pub namespace: String,
+    pub database_url: String,
+    pub prefix: String,
+    pub target: S3Target,
+    pub s3: aws_sdk_s3::Client,
+    pub source_bucket: String,
+    pub bucket: String,
+    creds: PathBuf,
+    binaries: Binaries,
+}
+
+/// The operator and worker executables (`env!("CARGO_BIN_EXE_…")` of the test).
+#[derive(Clone, Copy)]
+pub struct Binaries {
+    pub operator: &'static str,
+    pub worker: &'static str,
+}
+
+/// The credentials Secret the manifests name.
+pub const SECRET: &str = "s3";
+
+impl World {
+    pub async fn new(binaries: Binaries) -> World {
+        let stack = StackEnv::load();
+        let dir = tempfile::tempdir().expect("tempdir");
+        let kube = Kube::start(&stack, dir.path());
+        let namespace = unique("e2e").to_lowercase().replace('_', "-");
+        if !kube.emulated {
+            // (The emulator takes any namespace; kubectl would send it a
+            // protobuf Namespace, which it does not speak.)
+            kube.ok(&["create", "namespace", &namespace]);
+        }
+        let database_url = fresh_database(&stack).await;
+        let target = stack
+            .s3_targets()
+            .into_iter()
+            .find(|t| t.name == "garage")
+            .expect("garage in the stack");
+        let creds = dir.path().join("credentials");
+        std::fs::create_dir_all(creds.join(SECRET)).expect("creds dir");
+        std::fs::write(
+            creds.join(SECRET).join("access_key_id"),
+            &target.access_key_id,
+        )
+        .expect("key");
+        std::fs::write(
+            creds.join(SECRET).join("secret_access_key"),
+            &target.secret_access_key,
+        )
+        .expect("secret");
+        let s3 = aws_sdk_s3::Client::from_conf(
+            aws_sdk_s3::Config::builder()
+                .behavior_version_latest()
+                .region(Region::new(target.region.clone()))
+                .endpoint_url(&target.endpoint)
+                .force_path_style(true)
+                .credentials_provider(Credentials::new(
+                    &target.access_key_id,
+                    &target.secret_access_key,
+                    None,
+                    None,
+                    "e2e",
+                ))
+                .build(),
+        );
+        let source_bucket = unique("e2e-src").to_lowercase().replace('_', "-");
+        let bucket = unique("e2e-dst").to_lowercase().replace('_', "-");
+        for b in [&source_bucket, &bucket] {
+            s3.create_bucket()
+                .bucket(b)
+                .send()
+                .await
+                .expect("create bucket");
+        }
+        World {
+            prefix: unique("e2e"),
+            stack,
+            dir,
+            kube,
+            namespace,
+            database_url,
+            target,
+            s3,
+            source_bucket,
+            bucket,
+            creds,
+            binaries,
+        }
+    }
+
+    fn spawn(&self, exe: &str, name: &str, args: Vec<String>) -> Proc {
+        let log = self.dir.path().join(format!("{}.log", unique(name)));
+        let port = free_port();
+        let file = std::fs::File::create(&log).expect("log file");
+        let child = Command::new(exe)
+            .args(&args)
+            .arg(format!("--metrics-addr=127.0.0.1:{port}"))
+            .env("KUBECONFIG", self.kube.kubeconfig())
+            .env("RUST_LOG", "info,kube=warn,refinery_core=warn")
+            .stdin(Stdio::null())
+            .stdout(file.try_clone().expect("log"))
+            .stderr(file)
+            .spawn()
+            .unwrap_or_else(|e| panic!("start {exe}: {e}"));
+        Proc {
+            child,
+            log,
+            metrics: format!("127.0.0.1:{port}"),
+        }
+    }
+
+    fn common_args(&self) -> Vec<String> {
+        vec![
+            format!("--database-url={}", self.database_url),
+            format!("--nats-url={}", self.stack.nats_url()),
+            format!("--queue-prefix={}", self.prefix),
+            format!("--credentials-dir={}", self.creds.display()),
+            "--lock-heartbeat=500ms".into(),
+        ]
+    }
+
+    /// Starts an operator replica watching this test's namespace.
+    pub fn operator(&self) -> Proc {
+        let mut args = self.common_args();
+        args.extend([
+            format!("--namespace={}", self.namespace),
+            format!("--leader-lock={}", self.prefix),
+            "--resync=5s".into(),
+        ]);
+        self.spawn(self.binaries.operator, "operator", args)
+    }
+
+    /// Starts a worker with `capacity` slots.
+    pub fn worker(&self, capacity: usize) -> Proc {
+        let mut args = self.common_args();
+        args.extend([
+            "--grpc-addr=127.0.0.1:0".into(),
+            format!("--capacity={capacity}"),
+            "--ack-wait=4s".into(),
+            "--drain-timeout=1s".into(),
+        ]);
+        self.spawn(self.binaries.worker, "worker", args)
+    }
+
+    /// The `destination` (and S3 source) endpoint fields of a manifest.
+    pub fn endpoint_yaml(&self) -> String {
+        format!(
+            "endpoint: {}\n      region: {}\n      credentialsSecretRef: {{name: {SECRET}}}",
+            self.target.endpoint, self.target.region
+        )
+    }
+
+    pub async fn put(&self, bucket: &str, key: &str, data: Bytes) {
+        self.s3
+            .put_object()
+            .bucket(bucket)
+            .key(key)
+            .body(data.into())
+            .send()
+            .await
+            .expect("put object");
+    }
+
+    /// SHA-256 of an object's bytes as read back, or None if it is missing.
+    pub async fn sha256(&self, bucket: &str, key: &str) -> Option<String> {
+        let out = self
+            .s3
+            .get_object()
+            .bucket(bucket)
+            .key(key)
+            .send()
+            .await
+            .ok()?;
+        let bytes = out.body.collect().await.ok()?.into_bytes();
+        Some(hex::encode(Sha256::digest(&bytes)))
+    }
+
+    /// Multipart uploads open in `bucket`.
+    pub async fn open_uploads(&self, bucket: &str) -> usize {
+        self.s3
+            .list_multipart_uploads()
+            .bucket(bucket)
+            .send()
+            .await
+            .expect("list multipart uploads")
+            .uploads()
+            .len()
+    }
+
+    /// Rows of upload jobs for `name` in this test's namespace.
+    pub async fn job_rows(&self, name: &str) -> i64 {
+        let (client, conn) = tokio_postgres::connect(&self.database_url, tokio_postgres::NoTls)
+            .await
+            .expect("db");
+        tokio::spawn(conn);
+        client
+            .query_one(
+                "SELECT count(*) FROM upload_jobs WHERE namespace = $1 AND name = $2",
+                &[&self.namespace, &name],
+            )
+            .await
+            .expect("count")
+            .get(0)
+    }
+
+    /// A field of a resource, through kubectl's JSONPath.
+    pub fn field(&self, resource: &str, jsonpath: &str) -> String {
+        self.kube.ok(&[
+            "get",
+            resource,
+            "-n",
+            &self.namespace,
+            "-o",
+            &format!("jsonpath={jsonpath}"),
+        ])
+    }
+
+    /// `kubectl wait` for a condition (the operator's status drives it).
+    pub fn wait_for(&self, resource: &str, condition: &str, timeout: &str) {
+        let out = self.kube.run(&[
+            "wait",
+            resource,
+            "-n",
+            &self.namespace,
+            &format!("--for=condition={condition}"),
+            &format!("--timeout={timeout}"),
+        ]);
+        assert!(
+            out.status.success(),
+            "kubectl wait {resource} --for=condition={condition}: {}\nstatus: {}",
+            String::from_utf8_lossy(&out.stderr),
+            self.field(resource, "{.status}"),
+        );
+    }
+}
+
+/// Polls `check` until it holds; fails the test after `within`.
+pub async fn eventually<F, Fut>(what: &str, within: Duration, mut check: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let start = Instant::now();
+    while !check().await {
+        assert!(start.elapsed() < within, "{what}: not within {within:?}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// Deterministic pseudo-random bytes.
+pub fn data(len: usize, seed: u64) -> Bytes {
+    use rand::{RngCore, SeedableRng};
+    let mut v = vec![0u8; len];
+    rand::rngs::StdRng::seed_from_u64(seed).fill_bytes(&mut v);
+    Bytes::from(v)
+}
+
+pub fn sha256_hex(b: &[u8]) -> String {
+    hex::encode(Sha256::digest(b))
+}
+
+/// An HTTP server on 127.0.0.1 that serves files slowly (`bytes_per_sec`),
+/// so that uploads are still running when a test deletes or kills something.
+pub struct SlowFiles {
+    pub base: String,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl SlowFiles {
+    pub async fn start(files: Vec<(String, Bytes)>, bytes_per_sec: usize) -> SlowFiles {
+        use axum::extract::{Path as UrlPath, State};
+        use axum::http::StatusCode;
+        use axum::response::IntoResponse;
+        use std::sync::Arc;
+        type Files = Arc<std::collections::HashMap<String, Bytes>>;
+        async fn serve(
+            State((files, rate)): State<(Files, usize)>,
+            UrlPath(name): UrlPath<String>,
+        ) -> axum::response::Response {
+            let Some(data) = files.get(&name).cloned() else {
+                return StatusCode::NOT_FOUND.into_response();
+            };
+            let chunk = (rate / 20).max(1);
+            let stream = futures::stream::unfold(0usize, move |at| {
+                let data = data.clone();
+                async move {
+                    if at >= data.len() {
+                        return None;
+                    }
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    let end = (at + chunk).min(data.len());
+                    Some((Ok::<_, std::io::Error>(data.slice(at..end)), end))
+                }
+            });
+            let len = files.get(&name).map_or(0, |d| d.len());
+            (
+                [(axum::http::header::CONTENT_LENGTH, len.to_string())],
+                axum::body::Body::from_stream(stream),
+            )
+                .into_response()
+        }
+        let files: Files = Arc::new(files.into_iter().collect());
+        let app = axum::Router::new()
+            .route("/f/{name}", axum::routing::get(serve))
+            .with_state((files, bytes_per_sec));
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let task = tokio::spawn(async move {
+            let _ = axum::serve(listener, app).await;
+        });
+        SlowFiles {
+            base: format!("http://{addr}/f"),
+            task,
+        }
+    }
+}
+
+impl Drop for SlowFiles {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+impl Drop for World {
+    /// A failed test keeps its logs (operator, workers, emulator, manifests).
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            let keep = std::env::temp_dir().join(format!("stowage-e2e-{}", self.namespace));
+            if std::fs::rename(self.dir.path(), &keep).is_ok() {
+                eprintln!("logs of the failed test kept in {}", keep.display());
+            }
+        }
+    }
+}

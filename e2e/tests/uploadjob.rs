@@ -1,0 +1,315 @@
+//! UploadJob end to end: kubectl → Kubernetes API → operator → JetStream →
+//! workers → S3, and back into `.status`. Runs against the cluster that
+//! `KUBECONFIG` names, else against the local emulator; no sleeps — every
+//! wait is `kubectl wait` or a poll with a deadline.
+
+use std::time::Duration;
+
+use stowage_e2e::{Binaries, SlowFiles, World, data, eventually, sha256_hex};
+
+async fn world() -> World {
+    World::new(Binaries {
+        operator: env!("CARGO_BIN_EXE_e2e-operator"),
+        worker: env!("CARGO_BIN_EXE_e2e-worker"),
+    })
+    .await
+}
+
+fn s3_job(w: &World, name: &str, prefix: &str) -> String {
+    format!(
+        r#"apiVersion: stowage.dev/v1alpha1
+kind: UploadJob
+metadata: {{name: {name}, namespace: {ns}}}
+spec:
+  source:
+    s3:
+      bucket: {src}
+      prefix: {prefix}
+      endpoint: {endpoint}
+      region: {region}
+      credentialsSecretRef: {{name: s3}}
+  destination:
+    bucket: {dst}
+    keyPrefix: {name}/
+    endpoint: {endpoint}
+    region: {region}
+    credentialsSecretRef: {{name: s3}}
+  partSizeBytes: 5242880
+  retry: {{maxAttempts: 3, backoff: {{baseMillis: 200, maxMillis: 1000}}}}
+"#,
+        ns = w.namespace,
+        src = w.source_bucket,
+        dst = w.bucket,
+        endpoint = w.target.endpoint,
+        region = w.target.region,
+    )
+}
+
+fn http_job(w: &World, name: &str, urls: &[String]) -> String {
+    let list: Vec<String> = urls.iter().map(|u| format!("\"{u}\"")).collect();
+    format!(
+        r#"apiVersion: stowage.dev/v1alpha1
+kind: UploadJob
+metadata: {{name: {name}, namespace: {ns}}}
+spec:
+  source:
+    http: {{urls: [{urls}], allowPrivateNetworks: true}}
+  destination:
+    bucket: {dst}
+    keyPrefix: {name}/
+    endpoint: {endpoint}
+    region: {region}
+    credentialsSecretRef: {{name: s3}}
+  partSizeBytes: 5242880
+  concurrency: 2
+"#,
+        ns = w.namespace,
+        urls = list.join(", "),
+        dst = w.bucket,
+        endpoint = w.target.endpoint,
+        region = w.target.region,
+    )
+}
+
+/// Source objects under `prefix`: sizes from a few KiB to 12 MiB (multipart).
+async fn seed(w: &World, prefix: &str, n: usize) -> Vec<(String, String)> {
+    let mut out = Vec::new();
+    for i in 0..n {
+        let len = if i == 0 {
+            12 * 1024 * 1024 + 17
+        } else {
+            3000 * (i + 1)
+        };
+        let body = data(len, i as u64 + 1);
+        let rel = format!("doc-{i}.bin");
+        w.put(&w.source_bucket, &format!("{prefix}{rel}"), body.clone())
+            .await;
+        out.push((rel, sha256_hex(&body)));
+    }
+    out
+}
+
+#[tokio::test]
+async fn applied_job_completes_with_verified_objects_and_counts() {
+    let w = world().await;
+    let _operator = w.operator();
+    let _workers = [w.worker(2), w.worker(2)];
+    let files = seed(&w, "in/", 5).await;
+    let out = w.kube.apply(w.dir.path(), &s3_job(&w, "docs", "in/"));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    w.wait_for("uj/docs", "Complete", "120s");
+    for (rel, sha) in &files {
+        let got = w.sha256(&w.bucket, &format!("docs/{rel}")).await;
+        assert_eq!(got.as_deref(), Some(sha.as_str()), "docs/{rel}");
+    }
+    assert_eq!(w.field("uj/docs", "{.status.phase}"), "Succeeded");
+    assert_eq!(w.field("uj/docs", "{.status.files.uploaded}"), "5");
+    assert_eq!(w.field("uj/docs", "{.status.files.total}"), "5");
+    let bytes: i64 = w
+        .field("uj/docs", "{.status.bytes.done}")
+        .parse()
+        .expect("bytes");
+    assert!(bytes > 12 * 1024 * 1024, "bytes done {bytes}");
+    // What a person sees: the printer columns.
+    let table = w.kube.ok(&["get", "uj", "-n", &w.namespace]);
+    let row = table
+        .lines()
+        .find(|l| l.starts_with("docs"))
+        .expect("a row for docs");
+    assert!(row.contains("Succeeded") && row.contains("5/5"), "{table}");
+    let all = w.kube.ok(&["get", "stowage", "-n", &w.namespace]);
+    assert!(all.contains("uploadjob.stowage.dev/docs"), "{all}");
+}
+
+#[tokio::test]
+async fn a_spec_only_the_operator_can_judge_gets_invalid_spec() {
+    let w = world().await;
+    let _operator = w.operator();
+    // A key prefix that escapes with `..`: the schema admits the string, the
+    // operator refuses it.
+    let manifest = s3_job(&w, "bad", "in/").replace("keyPrefix: bad/", "keyPrefix: ../escape/");
+    let out = w.kube.apply(w.dir.path(), &manifest);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    w.wait_for("uj/bad", "Failed", "60s");
+    let ready = w.field(
+        "uj/bad",
+        r#"{.status.conditions[?(@.type=="Ready")].reason}"#,
+    );
+    assert_eq!(ready, "InvalidSpec");
+    let message = w.field(
+        "uj/bad",
+        r#"{.status.conditions[?(@.type=="Ready")].message}"#,
+    );
+    assert!(
+        message.starts_with("destination.keyPrefix:") && message.contains(".."),
+        "{message}"
+    );
+    assert_eq!(w.job_rows("bad").await, 0, "nothing registered");
+
+    // Out-of-range values are the schema's job on a real API server.
+    if !w.kube.emulated {
+        let manifest = s3_job(&w, "tiny-parts", "in/")
+            .replace("partSizeBytes: 5242880", "partSizeBytes: 1024");
+        let out = w.kube.apply(w.dir.path(), &manifest);
+        assert!(
+            !out.status.success(),
+            "the API server must refuse partSizeBytes 1024"
+        );
+    }
+}
+
+#[tokio::test]
+async fn deleting_a_running_job_drops_its_work_and_aborts_its_uploads() {
+    let w = world().await;
+    let _operator = w.operator();
+    let _worker = w.worker(2);
+    // Three 24 MiB files at 6 MiB/s: minutes of work, multipart in flight.
+    let files: Vec<(String, bytes::Bytes)> = (0..3)
+        .map(|i| (format!("big-{i}.bin"), data(24 * 1024 * 1024, 40 + i)))
+        .collect();
+    let server = SlowFiles::start(files.clone(), 6 * 1024 * 1024).await;
+    let urls: Vec<String> = files
+        .iter()
+        .map(|(n, _)| format!("{}/{n}", server.base))
+        .collect();
+    let out = w.kube.apply(w.dir.path(), &http_job(&w, "slow", &urls));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    eventually(
+        "a multipart upload in flight",
+        Duration::from_secs(60),
+        || async { w.open_uploads(&w.bucket).await > 0 },
+    )
+    .await;
+
+    w.kube.ok(&[
+        "delete",
+        "uj/slow",
+        "-n",
+        &w.namespace,
+        "--wait=true",
+        "--timeout=60s",
+    ]);
+    let gone = w.kube.run(&["get", "uj/slow", "-n", &w.namespace]);
+    assert!(
+        !gone.status.success(),
+        "the resource is gone (finalizer removed)"
+    );
+    eventually(
+        "every multipart upload aborted",
+        Duration::from_secs(30),
+        || async { w.open_uploads(&w.bucket).await == 0 },
+    )
+    .await;
+    assert_eq!(w.job_rows("slow").await, 0, "job rows deleted");
+    for (name, _) in &files {
+        assert_eq!(
+            w.sha256(&w.bucket, &format!("slow/{name}")).await,
+            None,
+            "{name} never completed"
+        );
+    }
+}
+
+#[tokio::test]
+async fn a_worker_killed_mid_job_does_not_stop_the_job() {
+    let w = world().await;
+    let _operator = w.operator();
+    let mut doomed = w.worker(1);
+    let _survivor = w.worker(1);
+    let files: Vec<(String, bytes::Bytes)> = (0..4)
+        .map(|i| (format!("f-{i}.bin"), data(12 * 1024 * 1024, 70 + i)))
+        .collect();
+    let server = SlowFiles::start(files.clone(), 8 * 1024 * 1024).await;
+    let urls: Vec<String> = files
+        .iter()
+        .map(|(n, _)| format!("{}/{n}", server.base))
+        .collect();
+    let out = w.kube.apply(w.dir.path(), &http_job(&w, "killed", &urls));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    eventually(
+        "both workers uploading",
+        Duration::from_secs(60),
+        || async { w.open_uploads(&w.bucket).await >= 2 },
+    )
+    .await;
+    doomed.kill();
+
+    w.wait_for("uj/killed", "Complete", "180s");
+    for (name, body) in &files {
+        let got = w.sha256(&w.bucket, &format!("killed/{name}")).await;
+        assert_eq!(got.as_deref(), Some(sha256_hex(body).as_str()), "{name}");
+    }
+    assert_eq!(w.field("uj/killed", "{.status.files.uploaded}"), "4");
+    assert_eq!(
+        w.open_uploads(&w.bucket).await,
+        0,
+        "no multipart upload left behind"
+    );
+}
+
+#[tokio::test]
+async fn a_standby_operator_takes_over_when_the_leader_is_killed() {
+    let w = world().await;
+    let _worker = w.worker(2);
+    let mut first = w.operator();
+    eventually(
+        "the first replica leads",
+        Duration::from_secs(30),
+        || async { first.metric("stowage_operator_leader").await == Some(1.0) },
+    )
+    .await;
+    let second = w.operator();
+    eventually(
+        "the second replica is up, standing by",
+        Duration::from_secs(30),
+        || async { second.metric("stowage_operator_leader").await == Some(0.0) },
+    )
+    .await;
+    seed(&w, "one/", 2).await;
+    assert!(
+        w.kube
+            .apply(w.dir.path(), &s3_job(&w, "one", "one/"))
+            .status
+            .success()
+    );
+    w.wait_for("uj/one", "Complete", "120s");
+    assert_eq!(
+        second.metric("stowage_operator_leader").await,
+        Some(0.0),
+        "one leader at a time"
+    );
+
+    first.kill();
+    eventually(
+        "the standby takes over within seconds",
+        Duration::from_secs(10),
+        || async { second.metric("stowage_operator_leader").await == Some(1.0) },
+    )
+    .await;
+    seed(&w, "two/", 2).await;
+    assert!(
+        w.kube
+            .apply(w.dir.path(), &s3_job(&w, "two", "two/"))
+            .status
+            .success()
+    );
+    w.wait_for("uj/two", "Complete", "120s");
+    assert_eq!(w.field("uj/two", "{.status.files.uploaded}"), "2");
+}
