@@ -502,7 +502,7 @@ impl SlowFiles {
         }
         let files: Files = Arc::new(files.into_iter().collect());
         let app = axum::Router::new()
-            .route("/f/{name}", axum::routing::get(serve))
+            .route("/{name}", axum::routing::get(serve))
             .with_state((files, bytes_per_sec));
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
             .await
@@ -512,7 +512,7 @@ impl SlowFiles {
             let _ = axum::serve(listener, app).await;
         });
         SlowFiles {
-            base: format!("http://{addr}/f"),
+            base: format!("http://{addr}"),
             task,
         }
     }

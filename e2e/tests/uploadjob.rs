@@ -89,7 +89,7 @@ async fn seed(w: &World, prefix: &str, n: usize) -> Vec<(String, String)> {
     out
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn applied_job_completes_with_verified_objects_and_counts() {
     let w = world().await;
     let _operator = w.operator();
@@ -126,7 +126,7 @@ async fn applied_job_completes_with_verified_objects_and_counts() {
     assert!(all.contains("uploadjob.stowage.dev/docs"), "{all}");
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_spec_only_the_operator_can_judge_gets_invalid_spec() {
     let w = world().await;
     let _operator = w.operator();
@@ -167,7 +167,7 @@ async fn a_spec_only_the_operator_can_judge_gets_invalid_spec() {
     }
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn deleting_a_running_job_drops_its_work_and_aborts_its_uploads() {
     let w = world().await;
     let _operator = w.operator();
@@ -223,7 +223,7 @@ async fn deleting_a_running_job_drops_its_work_and_aborts_its_uploads() {
     }
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_worker_killed_mid_job_does_not_stop_the_job() {
     let w = world().await;
     let _operator = w.operator();
@@ -264,7 +264,7 @@ async fn a_worker_killed_mid_job_does_not_stop_the_job() {
     );
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_standby_operator_takes_over_when_the_leader_is_killed() {
     let w = world().await;
     let _worker = w.worker(2);
