@@ -462,25 +462,28 @@ pub fn sha256_hex(b: &[u8]) -> String {
 
 /// An HTTP server on 127.0.0.1 that serves files slowly (`bytes_per_sec`),
 /// so that uploads are still running when a test deletes or kills something.
+/// Files can be added while it runs (a source that comes back).
 pub struct SlowFiles {
     pub base: String,
+    files: Files,
     task: tokio::task::JoinHandle<()>,
 }
+
+type Files = std::sync::Arc<std::sync::Mutex<std::collections::HashMap<String, Bytes>>>;
 
 impl SlowFiles {
     pub async fn start(files: Vec<(String, Bytes)>, bytes_per_sec: usize) -> SlowFiles {
         use axum::extract::{Path as UrlPath, State};
         use axum::http::StatusCode;
         use axum::response::IntoResponse;
-        use std::sync::Arc;
-        type Files = Arc<std::collections::HashMap<String, Bytes>>;
         async fn serve(
             State((files, rate)): State<(Files, usize)>,
             UrlPath(name): UrlPath<String>,
         ) -> axum::response::Response {
-            let Some(data) = files.get(&name).cloned() else {
+            let Some(data) = files.lock().ok().and_then(|f| f.get(&name).cloned()) else {
                 return StatusCode::NOT_FOUND.into_response();
             };
+            let len = data.len();
             let chunk = (rate / 20).max(1);
             let stream = futures::stream::unfold(0usize, move |at| {
                 let data = data.clone();
@@ -493,17 +496,16 @@ impl SlowFiles {
                     Some((Ok::<_, std::io::Error>(data.slice(at..end)), end))
                 }
             });
-            let len = files.get(&name).map_or(0, |d| d.len());
             (
                 [(axum::http::header::CONTENT_LENGTH, len.to_string())],
                 axum::body::Body::from_stream(stream),
             )
                 .into_response()
         }
-        let files: Files = Arc::new(files.into_iter().collect());
+        let files: Files = std::sync::Arc::new(std::sync::Mutex::new(files.into_iter().collect()));
         let app = axum::Router::new()
             .route("/{name}", axum::routing::get(serve))
-            .with_state((files, bytes_per_sec));
+            .with_state((std::sync::Arc::clone(&files), bytes_per_sec));
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
             .await
             .expect("bind");
@@ -513,7 +515,15 @@ impl SlowFiles {
         });
         SlowFiles {
             base: format!("http://{addr}"),
+            files,
             task,
+        }
+    }
+
+    /// Serves `name` from now on.
+    pub fn put(&self, name: &str, data: Bytes) {
+        if let Ok(mut f) = self.files.lock() {
+            f.insert(name.to_string(), data);
         }
     }
 }

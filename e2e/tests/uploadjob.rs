@@ -313,3 +313,148 @@ async fn a_standby_operator_takes_over_when_the_leader_is_killed() {
     w.wait_for("uj/two", "Complete", "120s");
     assert_eq!(w.field("uj/two", "{.status.files.uploaded}"), "2");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_suspended_job_starts_no_file_until_resumed() {
+    let w = world().await;
+    let _operator = w.operator();
+    let _worker = w.worker(2);
+    let files = seed(&w, "held/", 3).await;
+    let manifest = s3_job(&w, "held", "held/")
+        .replace("  partSizeBytes:", "  suspend: true\n  partSizeBytes:");
+    assert!(w.kube.apply(w.dir.path(), &manifest).status.success());
+    w.wait_for("uj/held", "Suspended", "60s");
+    // Planned (the workers listed the source) but not one file started.
+    eventually("the files are planned", Duration::from_secs(30), || async {
+        w.field("uj/held", "{.status.files.total}") == "3"
+    })
+    .await;
+    assert_eq!(w.field("uj/held", "{.status.phase}"), "Suspended");
+    assert_eq!(w.field("uj/held", "{.status.files.uploaded}"), "0");
+    for (rel, _) in &files {
+        assert_eq!(
+            w.sha256(&w.bucket, &format!("held/{rel}")).await,
+            None,
+            "{rel} uploaded while suspended"
+        );
+    }
+    w.kube.ok(&[
+        "patch",
+        "uj/held",
+        "-n",
+        &w.namespace,
+        "--type=merge",
+        "-p",
+        r#"{"spec":{"suspend":false}}"#,
+    ]);
+    w.wait_for("uj/held", "Complete", "120s");
+    for (rel, sha) in &files {
+        assert_eq!(
+            w.sha256(&w.bucket, &format!("held/{rel}")).await.as_deref(),
+            Some(sha.as_str())
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_replay_annotation_brings_dead_letters_back() {
+    let w = world().await;
+    let _operator = w.operator();
+    let _worker = w.worker(2);
+    let here = data(40_000, 5);
+    let late = data(50_000, 6);
+    let server = SlowFiles::start(vec![("here.bin".into(), here.clone())], 64 * 1024 * 1024).await;
+    let urls = [
+        format!("{}/here.bin", server.base),
+        format!("{}/late.bin", server.base),
+    ];
+    assert!(
+        w.kube
+            .apply(w.dir.path(), &http_job(&w, "replay", &urls))
+            .status
+            .success()
+    );
+    // late.bin answers 404: permanent, dead-lettered at once, the job fails.
+    w.wait_for("uj/replay", "Failed", "60s");
+    assert_eq!(w.field("uj/replay", "{.status.files.deadLettered}"), "1");
+    let failed = w.field(
+        "uj/replay",
+        r#"{.status.conditions[?(@.type=="Failed")].message}"#,
+    );
+    assert!(
+        failed.contains("replay/late.bin") && failed.contains("404"),
+        "{failed}"
+    );
+
+    server.put("late.bin", late.clone());
+    w.kube.ok(&[
+        "annotate",
+        "uj/replay",
+        "-n",
+        &w.namespace,
+        "stowage.dev/replay=1",
+    ]);
+    w.wait_for("uj/replay", "Complete", "60s");
+    assert_eq!(w.field("uj/replay", "{.status.replayed}"), "1");
+    assert_eq!(w.field("uj/replay", "{.status.files.deadLettered}"), "0");
+    assert_eq!(
+        w.sha256(&w.bucket, "replay/late.bin").await,
+        Some(sha256_hex(&late))
+    );
+    assert_eq!(
+        w.sha256(&w.bucket, "replay/here.bin").await,
+        Some(sha256_hex(&here))
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn deadline_fails_a_slow_job_and_ttl_deletes_a_finished_one() {
+    let w = world().await;
+    let _operator = w.operator();
+    let _worker = w.worker(1);
+    let files: Vec<(String, bytes::Bytes)> = (0..3)
+        .map(|i| (format!("s-{i}.bin"), data(16 * 1024 * 1024, 90 + i)))
+        .collect();
+    let server = SlowFiles::start(files.clone(), 2 * 1024 * 1024).await;
+    let urls: Vec<String> = files
+        .iter()
+        .map(|(n, _)| format!("{}/{n}", server.base))
+        .collect();
+    let manifest = http_job(&w, "late", &urls).replace(
+        "  concurrency: 2",
+        "  concurrency: 2\n  activeDeadlineSeconds: 3",
+    );
+    assert!(w.kube.apply(w.dir.path(), &manifest).status.success());
+    w.wait_for("uj/late", "Failed", "60s");
+    assert_eq!(
+        w.field(
+            "uj/late",
+            r#"{.status.conditions[?(@.type=="Failed")].reason}"#
+        ),
+        "DeadlineExceeded"
+    );
+
+    seed(&w, "brief/", 1).await;
+    let manifest = s3_job(&w, "brief", "brief/").replace(
+        "  partSizeBytes:",
+        "  ttlSecondsAfterFinished: 1\n  partSizeBytes:",
+    );
+    assert!(w.kube.apply(w.dir.path(), &manifest).status.success());
+    w.kube.ok(&[
+        "wait",
+        "uj/brief",
+        "-n",
+        &w.namespace,
+        "--for=delete",
+        "--timeout=60s",
+    ]);
+    assert_eq!(
+        w.job_rows("brief").await,
+        0,
+        "deleted through the finalizer"
+    );
+    assert!(
+        w.sha256(&w.bucket, "brief/doc-0.bin").await.is_some(),
+        "the object stays"
+    );
+}
