@@ -1,7 +1,7 @@
 """A small, stateful Kubernetes API emulator for Stowage's end-to-end tests.
 
-No kube-apiserver can run on the development and CI machines (see
-docs/testing.md), so the e2e suite runs against this emulator unless
+No kube-apiserver can run on the development and CI machines (see the
+README, "End-to-end tests"), so the e2e suite runs against this emulator unless
 KUBECONFIG names a real cluster. It serves exactly what the operator
 (kube-rs), kubectl get / apply --server-side / wait / delete / annotate and the
 tests use, with the Kubernetes semantics they rely on:
