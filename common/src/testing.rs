@@ -111,3 +111,17 @@ pub async fn fresh_database(env: &StackEnv) -> String {
         None => panic!("STOWAGE_DATABASE_URL must be a postgres:// URL ending in /<database>"),
     }
 }
+
+/// Deterministic pseudo-random bytes: test files whose content is known.
+pub fn data(len: usize, seed: u64) -> bytes::Bytes {
+    use rand::{RngCore, SeedableRng};
+    let mut v = vec![0u8; len];
+    rand::rngs::StdRng::seed_from_u64(seed).fill_bytes(&mut v);
+    bytes::Bytes::from(v)
+}
+
+/// Lowercase hex SHA-256 of `b`.
+pub fn sha256_hex(b: &[u8]) -> String {
+    use sha2::Digest;
+    hex::encode(sha2::Sha256::digest(b))
+}

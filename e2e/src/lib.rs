@@ -404,6 +404,16 @@ impl World {
             .get(0)
     }
 
+    /// Applies a manifest; fails the test if the API refuses it.
+    pub fn apply_ok(&self, manifest: &str) {
+        let out = self.kube.apply(self.dir.path(), manifest);
+        assert!(
+            out.status.success(),
+            "kubectl apply refused the manifest: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+
     /// A field of a resource, through kubectl's JSONPath.
     pub fn field(&self, resource: &str, jsonpath: &str) -> String {
         self.kube.ok(&[
@@ -446,18 +456,6 @@ where
         assert!(start.elapsed() < within, "{what}: not within {within:?}");
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-}
-
-/// Deterministic pseudo-random bytes.
-pub fn data(len: usize, seed: u64) -> Bytes {
-    use rand::{RngCore, SeedableRng};
-    let mut v = vec![0u8; len];
-    rand::rngs::StdRng::seed_from_u64(seed).fill_bytes(&mut v);
-    Bytes::from(v)
-}
-
-pub fn sha256_hex(b: &[u8]) -> String {
-    hex::encode(Sha256::digest(b))
 }
 
 /// An HTTP server on 127.0.0.1 that serves files slowly (`bytes_per_sec`),

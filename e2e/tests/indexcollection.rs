@@ -32,7 +32,7 @@ spec:
         endpoint = w.target.endpoint,
         region = w.target.region,
     );
-    assert!(w.kube.apply(w.dir.path(), &manifest).status.success());
+    w.apply_ok(&manifest);
     w.wait_for("ic/kb", "Failed", "60s");
     assert_eq!(w.field("ic/kb", "{.status.lastSyncRun.state}"), "Failed");
     assert_eq!(

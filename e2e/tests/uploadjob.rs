@@ -5,7 +5,8 @@
 
 use std::time::Duration;
 
-use stowage_e2e::{Binaries, SlowFiles, World, data, eventually, sha256_hex};
+use stowage_common::testing::{data, sha256_hex};
+use stowage_e2e::{Binaries, SlowFiles, World, eventually};
 
 async fn world() -> World {
     World::new(Binaries {
@@ -71,6 +72,29 @@ spec:
     )
 }
 
+/// `n` files of `mib` MiB named `<stem>-<i>.bin`, served at `rate` bytes/s.
+async fn slow_files(
+    stem: &str,
+    n: u64,
+    mib: usize,
+    rate: usize,
+) -> (SlowFiles, Vec<(String, bytes::Bytes)>, Vec<String>) {
+    let files: Vec<(String, bytes::Bytes)> = (0..n)
+        .map(|i| {
+            (
+                format!("{stem}-{i}.bin"),
+                data(mib * 1024 * 1024, i + mib as u64 * 100),
+            )
+        })
+        .collect();
+    let server = SlowFiles::start(files.clone(), rate).await;
+    let urls = files
+        .iter()
+        .map(|(n, _)| format!("{}/{n}", server.base))
+        .collect();
+    (server, files, urls)
+}
+
 /// Source objects under `prefix`: sizes from a few KiB to 12 MiB (multipart).
 async fn seed(w: &World, prefix: &str, n: usize) -> Vec<(String, String)> {
     let mut out = Vec::new();
@@ -95,12 +119,7 @@ async fn applied_job_completes_with_verified_objects_and_counts() {
     let _operator = w.operator();
     let _workers = [w.worker(2), w.worker(2)];
     let files = seed(&w, "in/", 5).await;
-    let out = w.kube.apply(w.dir.path(), &s3_job(&w, "docs", "in/"));
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    w.apply_ok(&s3_job(&w, "docs", "in/"));
 
     w.wait_for("uj/docs", "Complete", "120s");
     for (rel, sha) in &files {
@@ -133,12 +152,7 @@ async fn a_spec_only_the_operator_can_judge_gets_invalid_spec() {
     // A key prefix that escapes with `..`: the schema admits the string, the
     // operator refuses it.
     let manifest = s3_job(&w, "bad", "in/").replace("keyPrefix: bad/", "keyPrefix: ../escape/");
-    let out = w.kube.apply(w.dir.path(), &manifest);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    w.apply_ok(&manifest);
     w.wait_for("uj/bad", "Failed", "60s");
     let ready = w.field(
         "uj/bad",
@@ -173,20 +187,8 @@ async fn deleting_a_running_job_drops_its_work_and_aborts_its_uploads() {
     let _operator = w.operator();
     let _worker = w.worker(2);
     // Three 24 MiB files at 6 MiB/s: minutes of work, multipart in flight.
-    let files: Vec<(String, bytes::Bytes)> = (0..3)
-        .map(|i| (format!("big-{i}.bin"), data(24 * 1024 * 1024, 40 + i)))
-        .collect();
-    let server = SlowFiles::start(files.clone(), 6 * 1024 * 1024).await;
-    let urls: Vec<String> = files
-        .iter()
-        .map(|(n, _)| format!("{}/{n}", server.base))
-        .collect();
-    let out = w.kube.apply(w.dir.path(), &http_job(&w, "slow", &urls));
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let (_server, files, urls) = slow_files("big", 3, 24, 6 * 1024 * 1024).await;
+    w.apply_ok(&http_job(&w, "slow", &urls));
     eventually(
         "a multipart upload in flight",
         Duration::from_secs(60),
@@ -229,20 +231,8 @@ async fn a_worker_killed_mid_job_does_not_stop_the_job() {
     let _operator = w.operator();
     let mut doomed = w.worker(1);
     let _survivor = w.worker(1);
-    let files: Vec<(String, bytes::Bytes)> = (0..4)
-        .map(|i| (format!("f-{i}.bin"), data(12 * 1024 * 1024, 70 + i)))
-        .collect();
-    let server = SlowFiles::start(files.clone(), 8 * 1024 * 1024).await;
-    let urls: Vec<String> = files
-        .iter()
-        .map(|(n, _)| format!("{}/{n}", server.base))
-        .collect();
-    let out = w.kube.apply(w.dir.path(), &http_job(&w, "killed", &urls));
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let (_server, files, urls) = slow_files("f", 4, 12, 8 * 1024 * 1024).await;
+    w.apply_ok(&http_job(&w, "killed", &urls));
     eventually(
         "both workers uploading",
         Duration::from_secs(60),
@@ -283,12 +273,7 @@ async fn a_standby_operator_takes_over_when_the_leader_is_killed() {
     )
     .await;
     seed(&w, "one/", 2).await;
-    assert!(
-        w.kube
-            .apply(w.dir.path(), &s3_job(&w, "one", "one/"))
-            .status
-            .success()
-    );
+    w.apply_ok(&s3_job(&w, "one", "one/"));
     w.wait_for("uj/one", "Complete", "120s");
     assert_eq!(
         second.metric("stowage_operator_leader").await,
@@ -304,12 +289,7 @@ async fn a_standby_operator_takes_over_when_the_leader_is_killed() {
     )
     .await;
     seed(&w, "two/", 2).await;
-    assert!(
-        w.kube
-            .apply(w.dir.path(), &s3_job(&w, "two", "two/"))
-            .status
-            .success()
-    );
+    w.apply_ok(&s3_job(&w, "two", "two/"));
     w.wait_for("uj/two", "Complete", "120s");
     assert_eq!(w.field("uj/two", "{.status.files.uploaded}"), "2");
 }
@@ -322,7 +302,7 @@ async fn a_suspended_job_starts_no_file_until_resumed() {
     let files = seed(&w, "held/", 3).await;
     let manifest = s3_job(&w, "held", "held/")
         .replace("  partSizeBytes:", "  suspend: true\n  partSizeBytes:");
-    assert!(w.kube.apply(w.dir.path(), &manifest).status.success());
+    w.apply_ok(&manifest);
     w.wait_for("uj/held", "Suspended", "60s");
     // Planned (the workers listed the source) but not one file started.
     eventually("the files are planned", Duration::from_secs(30), || async {
@@ -368,12 +348,7 @@ async fn the_replay_annotation_brings_dead_letters_back() {
         format!("{}/here.bin", server.base),
         format!("{}/late.bin", server.base),
     ];
-    assert!(
-        w.kube
-            .apply(w.dir.path(), &http_job(&w, "replay", &urls))
-            .status
-            .success()
-    );
+    w.apply_ok(&http_job(&w, "replay", &urls));
     // late.bin answers 404: permanent, dead-lettered at once, the job fails.
     w.wait_for("uj/replay", "Failed", "60s");
     assert_eq!(w.field("uj/replay", "{.status.files.deadLettered}"), "1");
@@ -412,19 +387,12 @@ async fn deadline_fails_a_slow_job_and_ttl_deletes_a_finished_one() {
     let w = world().await;
     let _operator = w.operator();
     let _worker = w.worker(1);
-    let files: Vec<(String, bytes::Bytes)> = (0..3)
-        .map(|i| (format!("s-{i}.bin"), data(16 * 1024 * 1024, 90 + i)))
-        .collect();
-    let server = SlowFiles::start(files.clone(), 2 * 1024 * 1024).await;
-    let urls: Vec<String> = files
-        .iter()
-        .map(|(n, _)| format!("{}/{n}", server.base))
-        .collect();
+    let (_server, _files, urls) = slow_files("s", 3, 16, 2 * 1024 * 1024).await;
     let manifest = http_job(&w, "late", &urls).replace(
         "  concurrency: 2",
         "  concurrency: 2\n  activeDeadlineSeconds: 3",
     );
-    assert!(w.kube.apply(w.dir.path(), &manifest).status.success());
+    w.apply_ok(&manifest);
     w.wait_for("uj/late", "Failed", "60s");
     assert_eq!(
         w.field(
@@ -439,7 +407,7 @@ async fn deadline_fails_a_slow_job_and_ttl_deletes_a_finished_one() {
         "  partSizeBytes:",
         "  ttlSecondsAfterFinished: 1\n  partSizeBytes:",
     );
-    assert!(w.kube.apply(w.dir.path(), &manifest).status.success());
+    w.apply_ok(&manifest);
     w.kube.ok(&[
         "wait",
         "uj/brief",

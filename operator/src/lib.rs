@@ -21,7 +21,7 @@ use anyhow::Context as _;
 use kube::runtime::events::{Recorder, Reporter};
 use prometheus_client::registry::Registry;
 use stowage_common::db;
-use stowage_common::locks::{LockManager, LockMetrics};
+use stowage_common::locks::LockMetrics;
 use stowage_common::queue::Queue;
 use stowage_common::storage::S3Clients;
 use stowage_common::telemetry::{Readiness, serve_http};
@@ -41,14 +41,7 @@ pub async fn run(args: OperatorArgs, shutdown: impl Future<Output = ()>) -> anyh
     let mut registry = Registry::default();
     let lock_metrics = LockMetrics::register(&mut registry);
     let metrics = Metrics::register(&mut registry);
-    let pg = db::parse_url(&args.database.database_url)?;
-    let locks = LockManager::new(pg.clone(), lock_metrics, args.lock_heartbeat);
-    locks
-        .check_server()
-        .await
-        .context("checking that PostgreSQL advisory locks work")?;
-    let pool = db::pool(&pg, args.database.database_pool_size)?;
-    db::migrate(&pool, &locks).await?;
+    let (pool, locks) = db::connect(&args.database, lock_metrics, args.lock_heartbeat).await?;
     let queue = Queue::connect(&args.nats.nats_url, &args.nats.queue_prefix).await?;
     queue.ensure_streams().await?;
     let client = kube::Client::try_default()

@@ -73,14 +73,7 @@ pub async fn start(args: WorkerArgs, hook: Option<PartHook>) -> anyhow::Result<W
     let mut registry = Registry::default();
     let lock_metrics = LockMetrics::register(&mut registry);
     let metrics = WorkerMetrics::register(&mut registry);
-    let pg = db::parse_url(&args.database.database_url)?;
-    let locks = LockManager::new(pg.clone(), lock_metrics, args.lock_heartbeat);
-    locks
-        .check_server()
-        .await
-        .context("checking that PostgreSQL advisory locks work")?;
-    let pool = db::pool(&pg, args.database.database_pool_size)?;
-    db::migrate(&pool, &locks).await?;
+    let (pool, locks) = db::connect(&args.database, lock_metrics, args.lock_heartbeat).await?;
     let queue = Queue::connect(&args.nats.nats_url, &args.nats.queue_prefix).await?;
     queue
         .ensure(&ConsumerSettings {

@@ -8,8 +8,9 @@ use std::time::Duration;
 
 use stowage_common::spec::{HttpSource, UploadSource};
 use stowage_common::state::uploads::ItemState;
+use stowage_common::testing::{data, sha256_hex};
+use support::Harness;
 use support::source::{FileBehaviour, SourceServer};
-use support::{Harness, data, sha256_hex};
 use uuid::Uuid;
 
 const MIB: usize = 1024 * 1024;

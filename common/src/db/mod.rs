@@ -25,10 +25,28 @@ pub enum DbError {
     Pool(String),
     #[error("cannot get a database connection: {0}")]
     Connection(#[from] PoolError),
+    #[error("PostgreSQL advisory locks do not work here: {0}")]
+    LocksUnusable(#[source] LockError),
     #[error("taking the migrations lock: {0}")]
     Lock(#[from] LockError),
     #[error("applying schema migrations: {0}")]
     Migration(#[from] refinery::Error),
+}
+
+/// What every binary does first: checks that advisory locks work on this
+/// server (refusing a transaction-mode pooler), builds the pool and applies
+/// the migrations. Returns the pool and the lock manager.
+pub async fn connect(
+    args: &crate::config::DatabaseArgs,
+    lock_metrics: crate::locks::LockMetrics,
+    lock_heartbeat: Duration,
+) -> Result<(Pool, LockManager), DbError> {
+    let pg = parse_url(&args.database_url)?;
+    let locks = LockManager::new(pg.clone(), lock_metrics, lock_heartbeat);
+    locks.check_server().await.map_err(DbError::LocksUnusable)?;
+    let pool = pool(&pg, args.database_pool_size)?;
+    migrate(&pool, &locks).await?;
+    Ok((pool, locks))
 }
 
 /// Parses a `postgres://` URL or key=value connection string.

@@ -11,10 +11,7 @@ use std::process::Command;
 use std::time::Duration;
 
 use aws_sdk_s3::config::{Credentials, Region, RequestChecksumCalculation};
-use bytes::Bytes;
 use clap::Parser;
-use rand::{RngCore, SeedableRng};
-use sha2::{Digest, Sha256};
 use stowage_common::db::{self, Pool};
 use stowage_common::locks::{LockManager, LockMetrics};
 use stowage_common::queue::Queue;
@@ -265,17 +262,6 @@ fn aws_config_file() -> PathBuf {
     )
     .expect("write aws config");
     path
-}
-
-/// Deterministic pseudo-random bytes.
-pub fn data(len: usize, seed: u64) -> Bytes {
-    let mut v = vec![0u8; len];
-    rand::rngs::StdRng::seed_from_u64(seed).fill_bytes(&mut v);
-    Bytes::from(v)
-}
-
-pub fn sha256_hex(b: &[u8]) -> String {
-    hex::encode(Sha256::digest(b))
 }
 
 /// Declares one `#[tokio::test]` per S3 server of the stack.
