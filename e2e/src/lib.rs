@@ -159,9 +159,14 @@ impl Proc {
         let _ = self.child.wait();
     }
 
+    /// The body of `GET path` on its telemetry server, if it answers.
+    pub async fn http_get(&self, path: &str) -> Option<String> {
+        reqwest_get(&format!("http://{}{path}", self.metrics)).await
+    }
+
     /// The value of a metric without labels, if exposed.
     pub async fn metric(&self, name: &str) -> Option<f64> {
-        let body = reqwest_get(&format!("http://{}/metrics", self.metrics)).await?;
+        let body = self.http_get("/metrics").await?;
         body.lines()
             .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
     }

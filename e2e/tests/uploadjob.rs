@@ -116,7 +116,7 @@ async fn seed(w: &World, prefix: &str, n: usize) -> Vec<(String, String)> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn applied_job_completes_with_verified_objects_and_counts() {
     let w = world().await;
-    let _operator = w.operator();
+    let operator = w.operator();
     let _workers = [w.worker(2), w.worker(2)];
     let files = seed(&w, "in/", 5).await;
     w.apply_ok(&s3_job(&w, "docs", "in/"));
@@ -143,6 +143,29 @@ async fn applied_job_completes_with_verified_objects_and_counts() {
     assert!(row.contains("Succeeded") && row.contains("5/5"), "{table}");
     let all = w.kube.ok(&["get", "stowage", "-n", &w.namespace]);
     assert!(all.contains("uploadjob.stowage.dev/docs"), "{all}");
+    // The story in events, from one recorder.
+    let reasons = w.kube.ok(&[
+        "get",
+        "events.events.k8s.io",
+        "-n",
+        &w.namespace,
+        "-o",
+        "jsonpath={.items[*].reason}",
+    ]);
+    assert!(
+        reasons.contains("Registered") && reasons.contains("Completed"),
+        "{reasons}"
+    );
+    // And in metrics.
+    let metrics = operator
+        .http_get("/metrics")
+        .await
+        .expect("operator /metrics");
+    assert!(
+        metrics
+            .contains(r#"stowage_operator_reconciles_total{controller="uploadjob",result="ok"}"#),
+        "{metrics}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -265,6 +288,8 @@ async fn a_standby_operator_takes_over_when_the_leader_is_killed() {
         || async { first.metric("stowage_operator_leader").await == Some(1.0) },
     )
     .await;
+    assert_eq!(first.http_get("/healthz").await.as_deref(), Some("ok"));
+    assert_eq!(first.http_get("/readyz").await.as_deref(), Some("ready"));
     let second = w.operator();
     eventually(
         "the second replica is up, standing by",
