@@ -213,11 +213,11 @@ pub async fn run(ctx: Arc<Context>, namespace: Option<String>) {
         None => (Api::all(ctx.client.clone()), Api::all(ctx.client.clone())),
     };
     let uploads = Controller::new(jobs, watcher::Config::default())
-        .reconcile_on(tokio_stream(uploads_rx))
+        .reconcile_on(receiver_stream(uploads_rx))
         .run(upload_job::reconcile, error_policy, Arc::clone(&ctx))
         .for_each(|_| futures::future::ready(()));
     let indexes = Controller::new(collections, watcher::Config::default())
-        .reconcile_on(tokio_stream(collections_rx))
+        .reconcile_on(receiver_stream(collections_rx))
         .run(index_collection::reconcile, error_policy, Arc::clone(&ctx))
         .for_each(|_| futures::future::ready(()));
     info!("controllers running");
@@ -225,7 +225,7 @@ pub async fn run(ctx: Arc<Context>, namespace: Option<String>) {
     events.abort();
 }
 
-fn tokio_stream<T: Send + 'static>(
+fn receiver_stream<T: Send + 'static>(
     mut rx: mpsc::UnboundedReceiver<T>,
 ) -> impl futures::Stream<Item = T> + Send {
     futures::stream::poll_fn(move |cx| rx.poll_recv(cx))

@@ -51,7 +51,7 @@ async fn apply(uj: &UploadJob, api: &Api<UploadJob>, ctx: &Context) -> Result<Ac
         return refuse(uj, api, ctx, &e.to_string()).await;
     }
     let db = ctx.db.get().await?;
-    let mut job = lifecycle::find_job(&db, &uid).await?;
+    let job = lifecycle::find_job(&db, &uid).await?;
     if let Some(j) = &job
         && j.spec != uj.spec.upload
     {
@@ -66,7 +66,7 @@ async fn apply(uj: &UploadJob, api: &Api<UploadJob>, ctx: &Context) -> Result<Ac
         )
         .await;
     }
-    match &job {
+    let job = match job {
         None => {
             // Registered once per uid + generation; the planning task id is
             // deterministic, so publishing it again is deduplicated.
@@ -91,18 +91,19 @@ async fn apply(uj: &UploadJob, api: &Api<UploadJob>, ctx: &Context) -> Result<Ac
                 format!("job {id} registered; planning task published"),
             )
             .await;
-            job = Some(uploads::get_job(&db, id).await?);
+            uploads::get_job(&db, id).await?
         }
-        // Not planned yet: the task may have been lost with an operator
-        // that died between registering and publishing.
-        Some(j) if !j.planned => jobs::publish_plan(&ctx.queue, j.id, &ns, &name).await?,
-        Some(_) => {}
-    }
-    let Some(mut job) = job else {
-        return Err(Error::Metadata("job"));
+        Some(j) => {
+            if !j.planned {
+                // The task may have been lost with an operator that died
+                // between registering and publishing.
+                jobs::publish_plan(&ctx.queue, j.id, &ns, &name).await?;
+            }
+            j
+        }
     };
 
-    job = suspend_or_resume(uj, job, ctx).await?;
+    let mut job = suspend_or_resume(uj, job, ctx).await?;
     let now = Utc::now();
     if let Some(deadline) = status::deadline(uj, &job)
         && now >= deadline
