@@ -1,11 +1,17 @@
 //! Where indexing happens: IndexCollection sync runs.
 //!
+//! - [`extract`]: text from plain text, Markdown, HTML and PDF.
+//! - [`chunk`]: recursive and Markdown-aware chunks with offsets and headings.
+//!
 //! A run takes the collection's sync lock (one run per collection), marks a
 //! run left in progress by a dead worker abandoned, and records its outcome.
-//! The index data plane itself (listing and diffing the bucket, extraction,
-//! chunking, embeddings) is not part of this version: every run ends
-//! `failed` with the reason "indexing not available yet", so the
-//! IndexCollection's status says so plainly instead of claiming success.
+//! Listing and diffing the bucket, embeddings and storage are not part of
+//! this version yet: every run ends `failed` with the reason "indexing not
+//! available yet", so the IndexCollection's status says so plainly instead
+//! of claiming success.
+
+pub mod chunk;
+pub mod extract;
 
 use std::time::Duration;
 
