@@ -91,27 +91,30 @@ impl S3Clients {
 }
 
 fn read_secret(dir: &Path, name: &str) -> Result<(String, String), CredentialsError> {
+    Ok((
+        read_secret_key(dir, name, &["access_key_id", "AWS_ACCESS_KEY_ID"])?,
+        read_secret_key(dir, name, &["secret_access_key", "AWS_SECRET_ACCESS_KEY"])?,
+    ))
+}
+
+/// The first of `keys` present in Secret `name` mounted under `dir`
+/// (`<dir>/<name>/<key>`), trimmed.
+pub fn read_secret_key(dir: &Path, name: &str, keys: &[&str]) -> Result<String, CredentialsError> {
     if name.is_empty() || name.contains('/') || name.starts_with('.') {
         return Err(CredentialsError(format!(
             "{name:?} is not a valid Secret name"
         )));
     }
     let base = dir.join(name);
-    let read = |keys: &[&str]| -> Result<String, CredentialsError> {
-        for k in keys {
-            if let Ok(v) = std::fs::read_to_string(base.join(k)) {
-                return Ok(v.trim().to_string());
-            }
+    for k in keys {
+        if let Ok(v) = std::fs::read_to_string(base.join(k)) {
+            return Ok(v.trim().to_string());
         }
-        Err(CredentialsError(format!(
-            "credentials Secret {name:?} has none of {keys:?} under {}",
-            base.display()
-        )))
-    };
-    Ok((
-        read(&["access_key_id", "AWS_ACCESS_KEY_ID"])?,
-        read(&["secret_access_key", "AWS_SECRET_ACCESS_KEY"])?,
-    ))
+    }
+    Err(CredentialsError(format!(
+        "credentials Secret {name:?} has none of {keys:?} under {}",
+        base.display()
+    )))
 }
 
 #[cfg(test)]

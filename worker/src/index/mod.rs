@@ -2,6 +2,7 @@
 //!
 //! - [`extract`]: text from plain text, Markdown, HTML and PDF.
 //! - [`chunk`]: recursive and Markdown-aware chunks with offsets and headings.
+//! - [`embed`]: remote embedding providers (OpenAI-compatible, Ollama, TEI).
 //!
 //! A run takes the collection's sync lock (one run per collection), marks a
 //! run left in progress by a dead worker abandoned, and records its outcome.
@@ -11,6 +12,7 @@
 //! of claiming success.
 
 pub mod chunk;
+pub mod embed;
 pub mod extract;
 
 use std::time::Duration;
