@@ -3,6 +3,7 @@
 //! IndexCollections with their sync runs. All SQL about that state lives here.
 
 pub mod collections;
+pub mod index;
 pub mod lifecycle;
 pub mod uploads;
 
