@@ -3,6 +3,7 @@
 //! - [`extract`]: text from plain text, Markdown, HTML and PDF.
 //! - [`chunk`]: recursive and Markdown-aware chunks with offsets and headings.
 //! - [`embed`]: remote embedding providers (OpenAI-compatible, Ollama, TEI).
+//! - [`plan`]: a sync run's plan: the listing diffed with the indexed documents.
 //!
 //! A run takes the collection's sync lock (one run per collection), marks a
 //! run left in progress by a dead worker abandoned, and records its outcome.
@@ -14,6 +15,7 @@
 pub mod chunk;
 pub mod embed;
 pub mod extract;
+pub mod plan;
 
 use std::time::Duration;
 
