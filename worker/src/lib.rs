@@ -41,6 +41,8 @@ pub struct Context {
     pub locks: LockManager,
     pub queue: Queue,
     pub s3: S3Clients,
+    /// Mounted credentials Secrets (`<dir>/<secret>/<key>`).
+    pub credentials_dir: Option<std::path::PathBuf>,
     pub http: upload::net::HttpClients,
     pub metrics: WorkerMetrics,
     pub hook: Option<PartHook>,
@@ -89,6 +91,7 @@ pub async fn start(args: WorkerArgs, hook: Option<PartHook>) -> anyhow::Result<W
         locks,
         queue,
         s3: S3Clients::new(args.credentials_dir.clone()),
+        credentials_dir: args.credentials_dir.clone(),
         http: Default::default(),
         metrics,
         hook,

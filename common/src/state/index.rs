@@ -446,3 +446,53 @@ pub async fn search(
         })
         .collect())
 }
+
+/// What a generation holds for each key: the planner's view of the index.
+pub async fn documents(
+    client: &Client,
+    generation_id: i64,
+) -> Result<std::collections::HashMap<String, (Option<String>, Option<String>)>, StateError> {
+    let rows = client
+        .query(
+            "SELECT object_key, etag, sha256_hex FROM documents WHERE generation_id = $1",
+            &[&generation_id],
+        )
+        .await?;
+    Ok(rows
+        .iter()
+        .map(|r| (r.get(0), (r.get(1), r.get(2))))
+        .collect())
+}
+
+/// Documents by state and chunks in a collection's active generation.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct IndexCounts {
+    pub generation: Option<i64>,
+    pub indexed: i64,
+    pub skipped: i64,
+    pub failed: i64,
+    pub chunks: i64,
+}
+
+pub async fn counts(client: &Client, collection_id: Uuid) -> Result<IndexCounts, StateError> {
+    let Some(g) = active_generation(client, collection_id).await? else {
+        return Ok(IndexCounts::default());
+    };
+    let r = client
+        .query_one(
+            "SELECT count(*) FILTER (WHERE state = 'indexed'),
+                    count(*) FILTER (WHERE state = 'skipped'),
+                    count(*) FILTER (WHERE state = 'failed'),
+                    coalesce(sum(chunks), 0)::bigint
+             FROM documents WHERE generation_id = $1",
+            &[&g.id],
+        )
+        .await?;
+    Ok(IndexCounts {
+        generation: Some(g.id),
+        indexed: r.get(0),
+        skipped: r.get(1),
+        failed: r.get(2),
+        chunks: r.get(3),
+    })
+}

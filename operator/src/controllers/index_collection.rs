@@ -109,12 +109,14 @@ async fn apply(
         .await;
     }
     let latest = collections::latest_run(&db, id).await?;
+    let index = stowage_common::state::index::counts(&db, id).await?;
     let new = status::compute(
         ic,
         &Snapshot {
             collection_id: id,
             latest_run: latest.as_ref(),
             next_sync_time: next_sync,
+            index,
         },
     );
     apply_status(api, ic, ic.status.as_ref(), &new).await?;

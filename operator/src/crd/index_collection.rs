@@ -84,7 +84,12 @@ pub struct IndexCollectionStatus {
 #[serde(rename_all = "camelCase")]
 pub struct DocumentCounts {
     pub indexed: i64,
+    /// Listed but not processed yet (during a run).
     pub pending: i64,
+    /// Not indexed by design: unsupported type, too large, no text.
+    #[serde(default)]
+    pub skipped: i64,
+    /// Malformed or failed to embed; the reason is in the documents table.
     pub failed: i64,
 }
 

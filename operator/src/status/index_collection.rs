@@ -2,10 +2,13 @@
 
 use chrono::{DateTime, Duration, Utc};
 use stowage_common::state::collections::{RunState, SyncRun};
+use stowage_common::state::index::IndexCounts;
 
 use super::{FAILED, INVALID_SPEC, PROGRESSING, READY, SUSPENDED};
 use crate::crd::condition::{self, Condition};
-use crate::crd::index_collection::{IndexCollection, IndexCollectionStatus, Phase, SyncRunStatus};
+use crate::crd::index_collection::{
+    DocumentCounts, IndexCollection, IndexCollectionStatus, Phase, SyncRunStatus,
+};
 
 /// Parses a resync interval such as `90s`, `10m` or `1h30m` (the CRD schema
 /// admits the same pattern); at least ten seconds.
@@ -43,6 +46,8 @@ pub struct Snapshot<'a> {
     pub collection_id: uuid::Uuid,
     pub latest_run: Option<&'a SyncRun>,
     pub next_sync_time: Option<DateTime<Utc>>,
+    /// What the active generation holds.
+    pub index: IndexCounts,
 }
 
 pub fn compute(ic: &IndexCollection, snap: &Snapshot<'_>) -> IndexCollectionStatus {
@@ -128,13 +133,18 @@ pub fn compute(ic: &IndexCollection, snap: &Snapshot<'_>) -> IndexCollectionStat
         phase: Some(phase),
         progress: Some(format!(
             "{}/{}",
-            prev.documents.indexed,
-            prev.documents.indexed + prev.documents.pending + prev.documents.failed
+            snap.index.indexed,
+            snap.index.indexed + snap.index.skipped + snap.index.failed
         )),
-        documents: prev.documents,
-        chunks: prev.chunks,
+        documents: DocumentCounts {
+            indexed: snap.index.indexed,
+            pending: 0,
+            skipped: snap.index.skipped,
+            failed: snap.index.failed,
+        },
+        chunks: snap.index.chunks,
         last_sync_run: last,
-        active_generation: prev.active_generation,
+        active_generation: snap.index.generation,
         next_sync_time: if ic.spec.suspend {
             None
         } else {
@@ -249,6 +259,7 @@ mod tests {
                 collection_id: uuid::Uuid::nil(),
                 latest_run: Some(&r),
                 next_sync_time: None,
+                index: IndexCounts::default(),
             },
         );
         assert_eq!(s.phase, Some(Phase::Failed));
@@ -267,6 +278,7 @@ mod tests {
                 collection_id: uuid::Uuid::nil(),
                 latest_run: Some(&done),
                 next_sync_time: None,
+                index: IndexCounts::default(),
             },
         );
         assert_eq!(s.phase, Some(Phase::Ready));
@@ -276,6 +288,7 @@ mod tests {
                 collection_id: uuid::Uuid::nil(),
                 latest_run: None,
                 next_sync_time: None,
+                index: IndexCounts::default(),
             },
         );
         assert_eq!(s.phase, Some(Phase::Suspended));

@@ -4,18 +4,19 @@
 //! - [`chunk`]: recursive and Markdown-aware chunks with offsets and headings.
 //! - [`embed`]: remote embedding providers (OpenAI-compatible, Ollama, TEI).
 //! - [`plan`]: a sync run's plan: the listing diffed with the indexed documents.
+//! - [`sync`]: a run's work, from the listing to the stored chunks.
 //!
 //! A run takes the collection's sync lock (one run per collection), marks a
-//! run left in progress by a dead worker abandoned, and records its outcome.
-//! Listing and diffing the bucket, embeddings and storage are not part of
-//! this version yet: every run ends `failed` with the reason "indexing not
-//! available yet", so the IndexCollection's status says so plainly instead
-//! of claiming success.
+//! run left in progress by a dead worker abandoned, indexes, and records its
+//! outcome and counts. The built-in embedding model is not part of this
+//! version yet: a collection that uses it gets runs that fail with that
+//! reason, plainly, in its status.
 
 pub mod chunk;
 pub mod embed;
 pub mod extract;
 pub mod plan;
+pub mod sync;
 
 use std::time::Duration;
 
@@ -23,16 +24,13 @@ use prost::Message as _;
 use stowage_common::locks::{LockClass, LockKey};
 use stowage_common::queue::ProgressKind;
 use stowage_common::state::StateError;
-use stowage_common::state::collections::{self, RunCounts, RunState};
+use stowage_common::state::collections::{self, CollectionRecord, RunState};
 use stowage_proto::v1::CollectionProgress;
 use tracing::{info, warn};
 use uuid::Uuid;
 
 use crate::Context;
 use crate::tasks::Outcome;
-
-/// Why every run fails until the index data plane exists.
-pub const NOT_AVAILABLE: &str = "indexing not available yet";
 
 pub async fn sync(ctx: &Context, collection_id: Uuid, trigger: &str) -> Outcome {
     match run(ctx, collection_id, trigger).await {
@@ -61,24 +59,49 @@ async fn run(ctx: &Context, collection_id: Uuid, trigger: &str) -> Result<Outcom
     let run_id = collections::begin_run(&mut db, collection_id, trigger, collection.generation)
         .await
         .map_err(|e| e.to_string())?;
-    lock.ensure_held().map_err(|e| e.to_string())?;
+    publish_progress(ctx, &collection, run_id, RunState::InProgress).await;
+    // A lost lock (its database session died) abandons the run: the next
+    // run marks it so.
+    let ending = tokio::select! {
+        ending = sync::run(ctx, &collection) => ending,
+        reason = lock.lost() => return Err(format!("collection sync lock lost: {reason}")),
+    };
     collections::finish_run(
         &db,
         run_id,
-        RunState::Failed,
-        &RunCounts::default(),
-        Some(NOT_AVAILABLE),
+        ending.state,
+        &ending.counts,
+        ending.error.as_deref(),
     )
     .await
     .map_err(|e| e.to_string())?;
     if let Err(e) = lock.release().await {
         warn!(error = %e, "releasing the collection sync lock");
     }
-    info!(%collection_id, run_id, trigger, "sync run recorded as failed: {NOT_AVAILABLE}");
+    info!(
+        %collection_id, run_id, trigger, state = ending.state.as_str(), counts = ?ending.counts,
+        error = ending.error.as_deref().unwrap_or(""), "sync run finished"
+    );
+    publish_progress(ctx, &collection, run_id, ending.state).await;
+    Ok(Outcome::Done {
+        label: if ending.state == RunState::Failed {
+            "failed"
+        } else {
+            "ok"
+        },
+    })
+}
+
+async fn publish_progress(
+    ctx: &Context,
+    collection: &CollectionRecord,
+    run_id: i64,
+    state: RunState,
+) {
     let event = CollectionProgress {
-        collection_id: collection_id.to_string(),
+        collection_id: collection.id.to_string(),
         run_id,
-        run_state: RunState::Failed.as_str().into(),
+        run_state: state.as_str().into(),
         namespace: collection.namespace.clone(),
         name: collection.name.clone(),
     };
@@ -94,5 +117,4 @@ async fn run(ctx: &Context, collection_id: Uuid, trigger: &str) -> Result<Outcom
     {
         warn!(error = %e, "progress event not published");
     }
-    Ok(Outcome::Done { label: "failed" })
 }

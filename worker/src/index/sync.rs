@@ -1,0 +1,263 @@
+//! One sync run's work: list the source, plan against the generation being
+//! written, index what is new or changed (fetch, extract, chunk, embed,
+//! store), drop what is gone, and activate a freshly built generation once
+//! every document of it is in.
+
+use sha2::{Digest, Sha256};
+use stowage_common::spec::index::{EmbeddingProvider, IndexSpec};
+use stowage_common::state::collections::{CollectionRecord, RunCounts, RunState};
+use stowage_common::state::index::{self as store, NewChunk, Source};
+use stowage_common::storage::read_secret_key;
+use tracing::{info, warn};
+
+use super::chunk::chunk;
+use super::embed::{RemoteEmbedder, Retry};
+use super::extract::{DEFAULT_MAX_BYTES, extract};
+use super::plan::{Indexed, Listed, Plan, Selector, plan};
+use crate::Context;
+use crate::s3::s3_error;
+
+/// Why a collection using the built-in model cannot be indexed yet.
+pub const BUILTIN_UNAVAILABLE: &str = "the builtin embedding model is not available yet: use a remote provider (openai, ollama or tei)";
+
+/// How a run ended: its state, counts and (for failures) the reason.
+pub struct Ending {
+    pub state: RunState,
+    pub counts: RunCounts,
+    pub error: Option<String>,
+}
+
+impl Ending {
+    fn failed(error: impl Into<String>) -> Ending {
+        Ending {
+            state: RunState::Failed,
+            counts: RunCounts::default(),
+            error: Some(error.into()),
+        }
+    }
+}
+
+pub async fn run(ctx: &Context, collection: &CollectionRecord) -> Ending {
+    match index(ctx, collection).await {
+        Ok(ending) => ending,
+        Err(e) => Ending::failed(e),
+    }
+}
+
+async fn index(ctx: &Context, collection: &CollectionRecord) -> Result<Ending, String> {
+    let spec = &collection.spec;
+    if spec.embedding.provider == EmbeddingProvider::Builtin {
+        return Ok(Ending::failed(BUILTIN_UNAVAILABLE));
+    }
+    let embedder = embedder(ctx, spec)?;
+    let selector = Selector::new(&spec.source).map_err(|e| e.to_string())?;
+    let listing = list(ctx, spec).await?;
+    let mut db = ctx.db.get().await.map_err(|e| e.to_string())?;
+    let generation = store::generation_for(
+        &mut db,
+        collection.id,
+        &spec.embedding.generation_key(),
+        spec.embedding.dimensions as i32,
+    )
+    .await
+    .map_err(|e| e.to_string())?;
+    let indexed = store::documents(&db, generation.id)
+        .await
+        .map_err(|e| e.to_string())?
+        .into_iter()
+        .map(|(k, (etag, sha256_hex))| (k, Indexed { etag, sha256_hex }))
+        .collect();
+    let Plan {
+        new,
+        changed,
+        deleted,
+        unchanged,
+        ..
+    } = plan(&selector, listing, &indexed);
+    let mut counts = RunCounts {
+        seen: (new.len() + changed.len() + unchanged) as i64,
+        ..RunCounts::default()
+    };
+    let client = ctx
+        .s3
+        .client(&spec.source.endpoint)
+        .map_err(|e| e.to_string())?;
+    for (object, is_new) in new
+        .iter()
+        .map(|o| (o, true))
+        .chain(changed.iter().map(|o| (o, false)))
+    {
+        match document(ctx, &client, spec, &embedder, generation.id, object).await {
+            Ok(Some(chunks)) => {
+                counts.chunks_written += chunks as i64;
+                if is_new {
+                    counts.new += 1;
+                } else {
+                    counts.changed += 1;
+                }
+            }
+            Ok(None) => counts.skipped += 1,
+            Err(e) => {
+                warn!(key = object.key, error = %e, "document failed");
+                counts.failed += 1;
+            }
+        }
+    }
+    for key in &deleted {
+        store::delete_document(&mut db, generation.id, key)
+            .await
+            .map_err(|e| e.to_string())?;
+        counts.deleted += 1;
+    }
+    if generation.state == "building" {
+        store::activate(&mut db, generation.id)
+            .await
+            .map_err(|e| e.to_string())?;
+        info!(collection = %collection.id, generation = generation.id, "new embedding generation active");
+    }
+    Ok(Ending {
+        state: if counts.failed > 0 {
+            RunState::CompletedWithErrors
+        } else {
+            RunState::Completed
+        },
+        counts,
+        error: None,
+    })
+}
+
+fn embedder(ctx: &Context, spec: &IndexSpec) -> Result<RemoteEmbedder, String> {
+    let api_key = match (&spec.embedding.credentials_secret_ref, &ctx.credentials_dir) {
+        (None, _) => None,
+        (Some(r), Some(dir)) => Some(
+            read_secret_key(dir, &r.name, &["api_key", "API_KEY"]).map_err(|e| e.to_string())?,
+        ),
+        (Some(r), None) => {
+            return Err(format!(
+                "the collection names Secret {:?} but this worker has no --credentials-dir",
+                r.name
+            ));
+        }
+    };
+    RemoteEmbedder::new(&spec.embedding, api_key, Retry::default()).map_err(|e| e.to_string())
+}
+
+async fn list(ctx: &Context, spec: &IndexSpec) -> Result<Vec<Listed>, String> {
+    let client = ctx
+        .s3
+        .client(&spec.source.endpoint)
+        .map_err(|e| e.to_string())?;
+    let mut out = Vec::new();
+    let mut pages = client
+        .list_objects_v2()
+        .bucket(&spec.source.bucket)
+        .prefix(&spec.source.prefix)
+        .into_paginator()
+        .send();
+    while let Some(page) = pages.next().await {
+        let page = page.map_err(|e| s3_error("ListObjectsV2", e).to_string())?;
+        for o in page.contents() {
+            out.push(Listed {
+                key: o.key().unwrap_or_default().to_string(),
+                etag: o.e_tag().unwrap_or_default().trim_matches('"').to_string(),
+                sha256_hex: None,
+                size: o.size().unwrap_or_default(),
+            });
+        }
+    }
+    Ok(out)
+}
+
+/// Indexes one object; `Ok(None)` when it is skipped (recorded with the
+/// reason), `Err` when it failed (recorded with the reason too).
+async fn document(
+    ctx: &Context,
+    client: &aws_sdk_s3::Client,
+    spec: &IndexSpec,
+    embedder: &RemoteEmbedder,
+    generation_id: i64,
+    object: &Listed,
+) -> Result<Option<usize>, String> {
+    let mut db = ctx.db.get().await.map_err(|e| e.to_string())?;
+    let mut source = Source {
+        object_key: object.key.clone(),
+        etag: Some(object.etag.clone()),
+        sha256_hex: None,
+        content_type: None,
+        size_bytes: Some(object.size),
+    };
+    let outcome = fetch_and_index(client, spec, embedder, object, &mut source).await;
+    let recorded = match &outcome {
+        Ok(Ok(chunks)) => store::write_document(&mut db, generation_id, &source, chunks).await,
+        Ok(Err(reason)) => {
+            store::record_unindexed(&mut db, generation_id, &source, "skipped", reason).await
+        }
+        Err(reason) => {
+            store::record_unindexed(&mut db, generation_id, &source, "failed", reason).await
+        }
+    };
+    recorded.map_err(|e| e.to_string())?;
+    match outcome {
+        Ok(Ok(chunks)) => Ok(Some(chunks.len())),
+        Ok(Err(_)) => Ok(None),
+        Err(reason) => Err(reason),
+    }
+}
+
+/// `Ok(Ok(chunks))` to store, `Ok(Err(reason))` to skip, `Err(reason)` failed.
+async fn fetch_and_index(
+    client: &aws_sdk_s3::Client,
+    spec: &IndexSpec,
+    embedder: &RemoteEmbedder,
+    object: &Listed,
+    source: &mut Source,
+) -> Result<Result<Vec<NewChunk>, String>, String> {
+    if object.size as usize > DEFAULT_MAX_BYTES {
+        return Ok(Err(format!(
+            "not indexed: {} bytes is more than the extraction limit of {DEFAULT_MAX_BYTES}",
+            object.size
+        )));
+    }
+    let got = client
+        .get_object()
+        .bucket(&spec.source.bucket)
+        .key(&object.key)
+        .send()
+        .await
+        .map_err(|e| s3_error("GetObject", e).to_string())?;
+    source.content_type = got.content_type().map(str::to_string);
+    let bytes = got
+        .body
+        .collect()
+        .await
+        .map_err(|e| format!("reading {}: {e}", object.key))?
+        .into_bytes();
+    source.sha256_hex = Some(hex::encode(Sha256::digest(&bytes)));
+    let extracted = match extract(
+        source.content_type.as_deref(),
+        &object.key,
+        &bytes,
+        DEFAULT_MAX_BYTES,
+    ) {
+        Ok(x) => x,
+        Err(e) if e.is_skip() => return Ok(Err(e.to_string())),
+        Err(e) => return Err(e.to_string()),
+    };
+    let pieces =
+        chunk(&extracted.text, extracted.format, &spec.chunking).map_err(|e| e.to_string())?;
+    let texts: Vec<String> = pieces.iter().map(|c| c.text.clone()).collect();
+    let vectors = embedder.embed(&texts).await.map_err(|e| e.to_string())?;
+    Ok(Ok(pieces
+        .into_iter()
+        .zip(vectors)
+        .map(|(c, embedding)| NewChunk {
+            content: c.text,
+            byte_start: c.byte_start as i32,
+            byte_end: c.byte_end as i32,
+            char_start: c.char_start as i32,
+            char_end: c.char_end as i32,
+            heading_path: c.heading_path,
+            embedding,
+        })
+        .collect()))
+}
