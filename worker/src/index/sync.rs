@@ -188,8 +188,10 @@ async fn document(
     };
     let outcome = fetch_and_index(client, spec, embedder, object, &mut source).await;
     let recorded = match &outcome {
-        Ok(Ok(chunks)) => store::write_document(&mut db, generation_id, &source, chunks).await,
-        Ok(Err(reason)) => {
+        Ok(Prepared::Chunks(chunks)) => {
+            store::write_document(&mut db, generation_id, &source, chunks).await
+        }
+        Ok(Prepared::Skipped(reason)) => {
             store::record_unindexed(&mut db, generation_id, &source, "skipped", reason).await
         }
         Err(reason) => {
@@ -198,22 +200,28 @@ async fn document(
     };
     recorded.map_err(|e| e.to_string())?;
     match outcome {
-        Ok(Ok(chunks)) => Ok(Some(chunks.len())),
-        Ok(Err(_)) => Ok(None),
+        Ok(Prepared::Chunks(chunks)) => Ok(Some(chunks.len())),
+        Ok(Prepared::Skipped(_)) => Ok(None),
         Err(reason) => Err(reason),
     }
 }
 
-/// `Ok(Ok(chunks))` to store, `Ok(Err(reason))` to skip, `Err(reason)` failed.
+/// A document ready to record; an `Err` instead means it failed.
+enum Prepared {
+    Chunks(Vec<NewChunk>),
+    /// Not indexed by design, with the reason.
+    Skipped(String),
+}
+
 async fn fetch_and_index(
     client: &aws_sdk_s3::Client,
     spec: &IndexSpec,
     embedder: &RemoteEmbedder,
     object: &Listed,
     source: &mut Source,
-) -> Result<Result<Vec<NewChunk>, String>, String> {
+) -> Result<Prepared, String> {
     if object.size as usize > DEFAULT_MAX_BYTES {
-        return Ok(Err(format!(
+        return Ok(Prepared::Skipped(format!(
             "not indexed: {} bytes is more than the extraction limit of {DEFAULT_MAX_BYTES}",
             object.size
         )));
@@ -240,24 +248,26 @@ async fn fetch_and_index(
         DEFAULT_MAX_BYTES,
     ) {
         Ok(x) => x,
-        Err(e) if e.is_skip() => return Ok(Err(e.to_string())),
+        Err(e) if e.is_skip() => return Ok(Prepared::Skipped(e.to_string())),
         Err(e) => return Err(e.to_string()),
     };
     let pieces =
         chunk(&extracted.text, extracted.format, &spec.chunking).map_err(|e| e.to_string())?;
     let texts: Vec<String> = pieces.iter().map(|c| c.text.clone()).collect();
     let vectors = embedder.embed(&texts).await.map_err(|e| e.to_string())?;
-    Ok(Ok(pieces
-        .into_iter()
-        .zip(vectors)
-        .map(|(c, embedding)| NewChunk {
-            content: c.text,
-            byte_start: c.byte_start as i32,
-            byte_end: c.byte_end as i32,
-            char_start: c.char_start as i32,
-            char_end: c.char_end as i32,
-            heading_path: c.heading_path,
-            embedding,
-        })
-        .collect()))
+    Ok(Prepared::Chunks(
+        pieces
+            .into_iter()
+            .zip(vectors)
+            .map(|(c, embedding)| NewChunk {
+                content: c.text,
+                byte_start: c.byte_start as i32,
+                byte_end: c.byte_end as i32,
+                char_start: c.char_start as i32,
+                char_end: c.char_end as i32,
+                heading_path: c.heading_path,
+                embedding,
+            })
+            .collect(),
+    ))
 }
