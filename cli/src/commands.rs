@@ -42,6 +42,42 @@ enum Command {
     /// List or replay dead-lettered tasks.
     #[command(subcommand)]
     DeadLetters(DeadLetterCommand),
+    /// Search an IndexCollection through a worker's gRPC API.
+    Search(SearchArgs),
+}
+
+#[derive(Args)]
+struct SearchArgs {
+    /// The IndexCollection's name.
+    collection: String,
+    /// What to look for.
+    query: String,
+    #[arg(long, default_value = "default")]
+    namespace: String,
+    #[arg(long, value_enum, default_value_t = SearchModeArg::Hybrid)]
+    mode: SearchModeArg,
+    #[arg(long, default_value_t = 10)]
+    top_k: u32,
+    /// Only objects whose key starts with this.
+    #[arg(long)]
+    prefix: Option<String>,
+    /// Only objects of this content type.
+    #[arg(long)]
+    content_type: Option<String>,
+    /// A worker's gRPC address.
+    #[arg(
+        long,
+        env = "STOWAGE_WORKER_GRPC",
+        default_value = "http://127.0.0.1:50051"
+    )]
+    worker: String,
+}
+
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum SearchModeArg {
+    Hybrid,
+    Vector,
+    Keyword,
 }
 
 #[derive(Subcommand)]
@@ -191,10 +227,16 @@ async fn connect(database: &DatabaseArgs) -> anyhow::Result<Pool> {
 
 impl Cli {
     pub async fn run(self) -> anyhow::Result<()> {
+        // Search needs only a worker, not the database or NATS.
+        let command = match self.command {
+            Command::Search(args) => return search(args).await,
+            other => other,
+        };
         let pool = connect(&self.database).await?;
         let queue = Queue::connect(&self.nats.nats_url, &self.nats.queue_prefix).await?;
         queue.ensure(&Default::default()).await?;
-        match self.command {
+        match command {
+            Command::Search(args) => search(args).await,
             Command::Upload(args) => upload(&pool, &queue, *args).await,
             Command::Status { job } => {
                 let state = print_status(&pool, job).await?;
@@ -313,4 +355,61 @@ async fn print_status(pool: &Pool, id: Uuid) -> anyhow::Result<String> {
         }
     }
     Ok(job.state)
+}
+
+async fn search(a: SearchArgs) -> anyhow::Result<()> {
+    use stowage_proto::v1::search_client::SearchClient;
+    use stowage_proto::v1::{SearchMode, SearchRequest};
+    let mut client = SearchClient::connect(a.worker.clone())
+        .await
+        .with_context(|| format!("connecting to the worker at {}", a.worker))?;
+    let mode = match a.mode {
+        SearchModeArg::Hybrid => SearchMode::Hybrid,
+        SearchModeArg::Vector => SearchMode::Vector,
+        SearchModeArg::Keyword => SearchMode::Keyword,
+    };
+    let hits = client
+        .query(SearchRequest {
+            namespace: a.namespace,
+            collection: a.collection,
+            query: a.query,
+            mode: mode as i32,
+            top_k: a.top_k,
+            key_prefix: a.prefix.unwrap_or_default(),
+            content_type: a.content_type.unwrap_or_default(),
+        })
+        .await
+        .map_err(|s| anyhow::anyhow!("search failed: {}", s.message()))?
+        .into_inner()
+        .hits;
+    if hits.is_empty() {
+        println!("no matches");
+    }
+    for (i, h) in hits.iter().enumerate() {
+        let headings = if h.heading_path.is_empty() {
+            String::new()
+        } else {
+            format!(" [{}]", h.heading_path.join(" > "))
+        };
+        println!(
+            "{}. {:.4}  s3://{}/{}{headings}  chars {}-{}",
+            i + 1,
+            h.score,
+            h.bucket,
+            h.key,
+            h.char_start,
+            h.char_end
+        );
+        let text: String = h.text.split_whitespace().collect::<Vec<_>>().join(" ");
+        let short: String = text.chars().take(200).collect();
+        println!(
+            "   {short}{}",
+            if text.chars().count() > 200 {
+                "…"
+            } else {
+                ""
+            }
+        );
+    }
+    Ok(())
 }

@@ -1,4 +1,5 @@
-//! The worker's gRPC server: WorkerStatus, standard health and reflection.
+//! The worker's gRPC server: WorkerStatus, Search, standard health and
+//! reflection.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -61,7 +62,12 @@ pub async fn serve(
     let server = tonic::transport::Server::builder()
         .add_service(health)
         .add_service(reflection)
-        .add_service(WorkerStatusServer::new(StatusService { ctx }))
+        .add_service(WorkerStatusServer::new(StatusService {
+            ctx: Arc::clone(&ctx),
+        }))
+        .add_service(stowage_proto::v1::search_server::SearchServer::new(
+            crate::index::search::SearchService { ctx },
+        ))
         .serve_with_incoming_shutdown(tokio_stream_listener(listener), async move {
             let _ = shutdown.wait_for(|s| *s).await;
             health_reporter

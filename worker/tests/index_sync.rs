@@ -19,7 +19,10 @@ use stowage_common::queue::TaskKind;
 use stowage_common::spec::index::IndexSpec;
 use stowage_common::state::collections::{self, NewCollection, RunState, SyncRun};
 use stowage_common::state::index::{self as store, Mode, Query};
-use stowage_proto::v1::{CollectionProgress, SyncCollection, Task, task};
+use stowage_proto::v1::search_client::SearchClient;
+use stowage_proto::v1::{
+    CollectionProgress, SearchMode, SearchRequest, SyncCollection, Task, task,
+};
 use stowage_worker::index::sync::BUILTIN_UNAVAILABLE;
 use support::Harness;
 use uuid::Uuid;
@@ -189,7 +192,7 @@ async fn search(h: &Harness, id: Uuid, mode: Mode, text: &str) -> Vec<String> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sync_runs_index_incrementally_and_search_finds_the_documents() {
     let h = Harness::new("localstack").await;
-    let _worker = h.worker(None).await;
+    let worker = h.worker(None).await;
     let embedded = Arc::new(AtomicUsize::new(0));
     let url = embedder(Arc::clone(&embedded)).await;
     let mut source = serde_json::to_value(h.endpoint()).expect("endpoint");
@@ -276,6 +279,63 @@ async fn sync_runs_index_incrementally_and_search_finds_the_documents() {
             .map(String::as_str),
         Some("kb/nats.txt")
     );
+
+    // The same over gRPC, the query embedded with the collection's model.
+    let mut client = SearchClient::connect(format!("http://{}", worker.grpc_addr))
+        .await
+        .expect("gRPC");
+    let request = |query: &str, mode: SearchMode| SearchRequest {
+        namespace: "team-a".into(),
+        collection: "kb".into(),
+        query: query.into(),
+        mode: mode as i32,
+        top_k: 2,
+        ..Default::default()
+    };
+    let hits = client
+        .query(request("promote the standby replica", SearchMode::Hybrid))
+        .await
+        .expect("hybrid query")
+        .into_inner()
+        .hits;
+    assert_eq!(hits[0].key, "kb/postgres.md");
+    assert_eq!(hits[0].bucket, h.bucket);
+    assert_eq!(
+        hits[0].heading_path,
+        ["Runbook"],
+        "one chunk, starting at the top heading"
+    );
+    assert!(
+        hits[0].text.contains("Promote the standby")
+            && hits[0].vector_rank > 0
+            && hits[0].keyword_rank > 0
+    );
+    assert!(hits.len() <= 2);
+    let mut filtered = request("standby", SearchMode::Keyword);
+    filtered.content_type = "text/plain".into();
+    let none = client
+        .query(filtered)
+        .await
+        .expect("filtered")
+        .into_inner()
+        .hits;
+    assert!(none.is_empty(), "the only match is Markdown: {none:?}");
+    let missing = client
+        .query(SearchRequest {
+            collection: "nope".into(),
+            ..request("x", SearchMode::Keyword)
+        })
+        .await
+        .expect_err("unknown collection");
+    assert_eq!(missing.code(), tonic::Code::NotFound);
+    let bad = client
+        .query(SearchRequest {
+            top_k: 1000,
+            ..request("x", SearchMode::Keyword)
+        })
+        .await
+        .expect_err("top_k");
+    assert_eq!(bad.code(), tonic::Code::InvalidArgument);
 
     // Change one, delete one, add one: only those are embedded.
     put(

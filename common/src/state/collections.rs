@@ -268,3 +268,27 @@ pub async fn finish_run(
         .await?;
     Ok(())
 }
+
+/// The collection of resource `namespace/name` (the newest, should an old
+/// one still be being deleted).
+pub async fn find_by_name(
+    client: &Client,
+    namespace: &str,
+    name: &str,
+) -> Result<Option<CollectionRecord>, StateError> {
+    let row = client
+        .query_opt(
+            &client
+                .prepare_cached(
+                    "SELECT id FROM collections WHERE namespace = $1 AND name = $2
+                     ORDER BY created_at DESC LIMIT 1",
+                )
+                .await?,
+            &[&namespace, &name],
+        )
+        .await?;
+    match row {
+        Some(r) => Ok(Some(get(client, r.get(0)).await?)),
+        None => Ok(None),
+    }
+}

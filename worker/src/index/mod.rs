@@ -5,6 +5,7 @@
 //! - [`embed`]: remote embedding providers (OpenAI-compatible, Ollama, TEI).
 //! - [`plan`]: a sync run's plan: the listing diffed with the indexed documents.
 //! - [`sync`]: a run's work, from the listing to the stored chunks.
+//! - [`search`]: the `Search.Query` gRPC service.
 //!
 //! A run takes the collection's sync lock (one run per collection), marks a
 //! run left in progress by a dead worker abandoned, indexes, and records its
@@ -16,6 +17,7 @@ pub mod chunk;
 pub mod embed;
 pub mod extract;
 pub mod plan;
+pub mod search;
 pub mod sync;
 
 use std::time::Duration;

@@ -126,7 +126,7 @@ async fn index(ctx: &Context, collection: &CollectionRecord) -> Result<Ending, S
     })
 }
 
-fn embedder(ctx: &Context, spec: &IndexSpec) -> Result<RemoteEmbedder, String> {
+pub(crate) fn embedder(ctx: &Context, spec: &IndexSpec) -> Result<RemoteEmbedder, String> {
     let api_key = match (&spec.embedding.credentials_secret_ref, &ctx.credentials_dir) {
         (None, _) => None,
         (Some(r), Some(dir)) => Some(

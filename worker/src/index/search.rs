@@ -1,0 +1,124 @@
+//! `Search.Query`: the query is embedded with the collection's own model,
+//! then answered from its active index (vector, keyword or hybrid).
+
+use std::sync::Arc;
+
+use stowage_common::spec::index::EmbeddingProvider;
+use stowage_common::state::collections;
+use stowage_common::state::index::{self as store, Mode, Query, SearchError};
+use stowage_proto::v1::search_server::Search;
+use stowage_proto::v1::{SearchHit, SearchMode, SearchRequest, SearchResponse};
+use tonic::{Request, Response, Status};
+
+use super::sync::{BUILTIN_UNAVAILABLE, embedder};
+use crate::Context;
+
+pub struct SearchService {
+    pub ctx: Arc<Context>,
+}
+
+/// Longest query text accepted.
+const MAX_QUERY_CHARS: usize = 4096;
+
+#[tonic::async_trait]
+impl Search for SearchService {
+    async fn query(
+        &self,
+        request: Request<SearchRequest>,
+    ) -> Result<Response<SearchResponse>, Status> {
+        let r = request.into_inner();
+        let mode = match SearchMode::try_from(r.mode) {
+            Ok(SearchMode::Hybrid) => Mode::Hybrid,
+            Ok(SearchMode::Vector) => Mode::Vector,
+            Ok(SearchMode::Keyword) => Mode::Keyword,
+            Err(_) => {
+                return Err(Status::invalid_argument(format!(
+                    "unknown search mode {}",
+                    r.mode
+                )));
+            }
+        };
+        if r.query.trim().is_empty() {
+            return Err(Status::invalid_argument("query is empty"));
+        }
+        if r.query.chars().count() > MAX_QUERY_CHARS {
+            return Err(Status::invalid_argument(format!(
+                "query is longer than {MAX_QUERY_CHARS} characters"
+            )));
+        }
+        let top_k = match r.top_k {
+            0 => 10,
+            k @ 1..=100 => i64::from(k),
+            k => {
+                return Err(Status::invalid_argument(format!(
+                    "top_k {k} is not within [1, 100]"
+                )));
+            }
+        };
+        let db = self
+            .ctx
+            .db
+            .get()
+            .await
+            .map_err(|e| Status::unavailable(e.to_string()))?;
+        let collection = collections::find_by_name(&db, &r.namespace, &r.collection)
+            .await
+            .map_err(|e| Status::unavailable(e.to_string()))?
+            .ok_or_else(|| {
+                Status::not_found(format!(
+                    "no IndexCollection {}/{}",
+                    r.namespace, r.collection
+                ))
+            })?;
+        let vector = if mode == Mode::Keyword {
+            None
+        } else {
+            if collection.spec.embedding.provider == EmbeddingProvider::Builtin {
+                return Err(Status::failed_precondition(BUILTIN_UNAVAILABLE));
+            }
+            let e = embedder(&self.ctx, &collection.spec).map_err(Status::failed_precondition)?;
+            let mut v = e
+                .embed(std::slice::from_ref(&r.query))
+                .await
+                .map_err(|e| Status::unavailable(format!("embedding the query: {e}")))?;
+            v.pop()
+        };
+        let q = Query {
+            mode,
+            vector: vector.as_deref(),
+            text: &r.query,
+            top_k,
+            key_prefix: Some(r.key_prefix.as_str()).filter(|p| !p.is_empty()),
+            content_type: Some(r.content_type.as_str()).filter(|t| !t.is_empty()),
+        };
+        let hits = store::search(&db, collection.id, &q)
+            .await
+            .map_err(|e| match e {
+                SearchError::NoIndex => Status::failed_precondition(e.to_string()),
+                SearchError::Dimensions { .. } | SearchError::NoVector(_) => {
+                    Status::invalid_argument(e.to_string())
+                }
+                SearchError::State(_) => Status::unavailable(e.to_string()),
+            })?;
+        let bucket = collection.spec.source.bucket.clone();
+        Ok(Response::new(SearchResponse {
+            hits: hits
+                .into_iter()
+                .map(|h| SearchHit {
+                    bucket: bucket.clone(),
+                    key: h.object_key,
+                    text: h.content,
+                    content_type: h.content_type.unwrap_or_default(),
+                    byte_start: h.byte_start as u32,
+                    byte_end: h.byte_end as u32,
+                    char_start: h.char_start as u32,
+                    char_end: h.char_end as u32,
+                    heading_path: h.heading_path,
+                    score: h.score,
+                    vector_rank: h.vector_rank.unwrap_or_default(),
+                    keyword_rank: h.keyword_rank.unwrap_or_default(),
+                })
+                .collect(),
+        }))
+    }
+}
