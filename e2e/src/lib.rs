@@ -161,7 +161,8 @@ impl Proc {
 
     /// The body of `GET path` on its telemetry server, if it answers.
     pub async fn http_get(&self, path: &str) -> Option<String> {
-        reqwest_get(&format!("http://{}{path}", self.metrics)).await
+        let url = format!("http://{}{path}", self.metrics);
+        reqwest::get(url).await.ok()?.text().await.ok()
     }
 
     /// The value of a metric without labels, if exposed.
@@ -176,19 +177,6 @@ impl Drop for Proc {
     fn drop(&mut self) {
         self.kill();
     }
-}
-
-async fn reqwest_get(url: &str) -> Option<String> {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let rest = url.strip_prefix("http://")?;
-    let (host, path) = rest.split_once('/')?;
-    let mut s = tokio::net::TcpStream::connect(host).await.ok()?;
-    s.write_all(format!("GET /{path} HTTP/1.0\r\nHost: {host}\r\n\r\n").as_bytes())
-        .await
-        .ok()?;
-    let mut body = String::new();
-    s.read_to_string(&mut body).await.ok()?;
-    Some(body.split_once("\r\n\r\n")?.1.to_string())
 }
 
 /// A free TCP port on 127.0.0.1.

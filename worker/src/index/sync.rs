@@ -51,7 +51,11 @@ async fn index(ctx: &Context, collection: &CollectionRecord) -> Result<Ending, S
     }
     let embedder = embedder(ctx, spec)?;
     let selector = Selector::new(&spec.source).map_err(|e| e.to_string())?;
-    let listing = list(ctx, spec).await?;
+    let client = ctx
+        .s3
+        .client(&spec.source.endpoint)
+        .map_err(|e| e.to_string())?;
+    let listing = list(&client, spec).await?;
     let mut db = ctx.db.get().await.map_err(|e| e.to_string())?;
     let generation = store::generation_for(
         &mut db,
@@ -78,10 +82,6 @@ async fn index(ctx: &Context, collection: &CollectionRecord) -> Result<Ending, S
         seen: (new.len() + changed.len() + unchanged) as i64,
         ..RunCounts::default()
     };
-    let client = ctx
-        .s3
-        .client(&spec.source.endpoint)
-        .map_err(|e| e.to_string())?;
     for (object, is_new) in new
         .iter()
         .map(|o| (o, true))
@@ -142,11 +142,7 @@ pub(crate) fn embedder(ctx: &Context, spec: &IndexSpec) -> Result<RemoteEmbedder
     RemoteEmbedder::new(&spec.embedding, api_key, Retry::default()).map_err(|e| e.to_string())
 }
 
-async fn list(ctx: &Context, spec: &IndexSpec) -> Result<Vec<Listed>, String> {
-    let client = ctx
-        .s3
-        .client(&spec.source.endpoint)
-        .map_err(|e| e.to_string())?;
+async fn list(client: &aws_sdk_s3::Client, spec: &IndexSpec) -> Result<Vec<Listed>, String> {
     let mut out = Vec::new();
     let mut pages = client
         .list_objects_v2()
