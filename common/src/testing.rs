@@ -86,6 +86,37 @@ pub struct S3Target {
     pub secret_access_key: String,
 }
 
+impl S3Target {
+    /// A client of this server (path-style; checksums only where required).
+    pub fn client(&self) -> aws_sdk_s3::Client {
+        use aws_sdk_s3::config::{Credentials, Region, RequestChecksumCalculation};
+        let conf = aws_sdk_s3::Config::builder()
+            .behavior_version_latest()
+            .region(Region::new(self.region.clone()))
+            .endpoint_url(&self.endpoint)
+            .force_path_style(true)
+            .request_checksum_calculation(RequestChecksumCalculation::WhenRequired)
+            .credentials_provider(Credentials::new(
+                &self.access_key_id,
+                &self.secret_access_key,
+                None,
+                None,
+                "test",
+            ))
+            .build();
+        aws_sdk_s3::Client::from_conf(conf)
+    }
+
+    /// Writes this server's keys as the Secret `secret` under `dir`, the
+    /// way Kubernetes mounts it (`<dir>/<secret>/access_key_id`, …).
+    pub fn write_secret(&self, dir: &std::path::Path, secret: &str) -> std::io::Result<()> {
+        let d = dir.join(secret);
+        std::fs::create_dir_all(&d)?;
+        std::fs::write(d.join("access_key_id"), &self.access_key_id)?;
+        std::fs::write(d.join("secret_access_key"), &self.secret_access_key)
+    }
+}
+
 /// A short random suffix for names that must not collide between tests.
 pub fn unique(prefix: &str) -> String {
     format!(
@@ -124,4 +155,17 @@ pub fn data(len: usize, seed: u64) -> bytes::Bytes {
 pub fn sha256_hex(b: &[u8]) -> String {
     use sha2::Digest;
     hex::encode(sha2::Sha256::digest(b))
+}
+
+/// Polls `check` every 100 ms until it holds; fails the test after `within`.
+pub async fn eventually<F, Fut>(what: &str, within: std::time::Duration, mut check: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let start = std::time::Instant::now();
+    while !check().await {
+        assert!(start.elapsed() < within, "{what}: not within {within:?}");
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
 }

@@ -10,7 +10,7 @@ use std::time::Duration;
 use prometheus_client::registry::Registry;
 use stowage_common::db::{self, Pool};
 use stowage_common::locks::{LockManager, LockMetrics};
-use stowage_common::spec::index::IndexSpec;
+use stowage_common::spec::index::{Embedding, EmbeddingProvider, IndexSpec};
 use stowage_common::state::collections::{self, NewCollection};
 use stowage_common::state::index::{self, Mode, NewChunk, Query, SearchError, Source};
 use stowage_common::testing::{StackEnv, fresh_database, unique};
@@ -78,9 +78,20 @@ fn query<'a>(mode: Mode, vector: Option<&'a [f32]>, text: &'a str) -> Query<'a> 
     }
 }
 
-async fn corpus(pool: &Pool, collection: Uuid, model: &str) -> i64 {
+/// A 3-dimensional model of a (never called) remote provider.
+fn model(name: &str) -> Embedding {
+    Embedding {
+        provider: EmbeddingProvider::Ollama,
+        model: name.into(),
+        dimensions: 3,
+        endpoint: Some("http://127.0.0.1:9".into()),
+        credentials_secret_ref: None,
+    }
+}
+
+async fn corpus(pool: &Pool, collection: Uuid, model_name: &str) -> i64 {
     let mut db = pool.get().await.expect("db");
-    let g = index::generation_for(&mut db, collection, model, 3)
+    let g = index::generation_for(&mut db, collection, &model(model_name))
         .await
         .expect("generation");
     let docs = [
@@ -129,7 +140,7 @@ async fn corpus(pool: &Pool, collection: Uuid, model: &str) -> i64 {
 #[tokio::test]
 async fn vector_keyword_and_hybrid_search_with_filters() {
     let (pool, collection) = setup().await;
-    corpus(&pool, collection, "test/m1/3").await;
+    corpus(&pool, collection, "m1").await;
     let db = pool.get().await.expect("db");
 
     let near_nats = [0.1f32, 0.9, 0.0];
@@ -197,7 +208,7 @@ async fn vector_keyword_and_hybrid_search_with_filters() {
 #[tokio::test]
 async fn a_rewritten_document_is_never_missing_or_doubled() {
     let (pool, collection) = setup().await;
-    let g = corpus(&pool, collection, "test/m1/3").await;
+    let g = corpus(&pool, collection, "m1").await;
     let stop = Arc::new(AtomicBool::new(false));
     let reader = {
         let (pool, stop) = (pool.clone(), Arc::clone(&stop));
@@ -271,22 +282,30 @@ async fn a_rewritten_document_is_never_missing_or_doubled() {
 #[tokio::test]
 async fn a_new_generation_replaces_the_old_only_when_activated() {
     let (pool, collection) = setup().await;
-    let old = corpus(&pool, collection, "test/m1/3").await;
+    let old = corpus(&pool, collection, "m1").await;
     let mut db = pool.get().await.expect("db");
     // Same model: the active generation is reused, nothing is rebuilt.
     assert_eq!(
-        index::generation_for(&mut db, collection, "test/m1/3", 3)
+        index::generation_for(&mut db, collection, &model("m1"))
             .await
             .expect("same")
             .id,
         old
     );
 
-    let new = index::generation_for(&mut db, collection, "test/m2/3", 3)
+    let new = index::generation_for(&mut db, collection, &model("m2"))
         .await
         .expect("new");
     assert_ne!(new.id, old);
     assert_eq!(new.state, "building");
+    assert_eq!(new.embedding, model("m2"), "a generation keeps its model");
+    let live: Vec<i64> = index::live_generations(&db, collection)
+        .await
+        .expect("live")
+        .iter()
+        .map(|g| g.id)
+        .collect();
+    assert_eq!(live, vec![old, new.id], "document changes reach both");
     index::write_document(
         &mut db,
         new.id,
@@ -321,6 +340,7 @@ async fn a_new_generation_replaces_the_old_only_when_activated() {
         .expect("active")
         .expect("one");
     assert_eq!(active.id, new.id);
+    assert_eq!(active.embedding.model, "m2");
     let left: i64 = db
         .query_one(
             "SELECT count(*) FROM chunks WHERE generation_id = $1",
@@ -339,4 +359,13 @@ async fn a_new_generation_replaces_the_old_only_when_activated() {
         .expect("pg_indexes")
         .get(0);
     assert_eq!(index_left, 0, "with its vector index");
+    let new_index: i64 = db
+        .query_one(
+            "SELECT count(*) FROM pg_indexes WHERE indexname = $1",
+            &[&format!("chunks_hnsw_g{}", new.id)],
+        )
+        .await
+        .expect("pg_indexes")
+        .get(0);
+    assert_eq!(new_index, 1, "the active generation has its vector index");
 }

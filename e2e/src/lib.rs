@@ -8,7 +8,6 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
-use aws_sdk_s3::config::{Credentials, Region};
 use bytes::Bytes;
 use sha2::{Digest, Sha256};
 use stowage_common::testing::{S3Target, StackEnv, fresh_database, unique};
@@ -150,6 +149,8 @@ pub struct Proc {
     pub log: PathBuf,
     /// Its `/metrics` address.
     pub metrics: String,
+    /// A worker's gRPC address (`Search`, `WorkerStatus`).
+    pub grpc: Option<String>,
 }
 
 impl Proc {
@@ -231,32 +232,10 @@ impl World {
             .find(|t| t.name == "garage")
             .expect("garage in the stack");
         let creds = dir.path().join("credentials");
-        std::fs::create_dir_all(creds.join(SECRET)).expect("creds dir");
-        std::fs::write(
-            creds.join(SECRET).join("access_key_id"),
-            &target.access_key_id,
-        )
-        .expect("key");
-        std::fs::write(
-            creds.join(SECRET).join("secret_access_key"),
-            &target.secret_access_key,
-        )
-        .expect("secret");
-        let s3 = aws_sdk_s3::Client::from_conf(
-            aws_sdk_s3::Config::builder()
-                .behavior_version_latest()
-                .region(Region::new(target.region.clone()))
-                .endpoint_url(&target.endpoint)
-                .force_path_style(true)
-                .credentials_provider(Credentials::new(
-                    &target.access_key_id,
-                    &target.secret_access_key,
-                    None,
-                    None,
-                    "e2e",
-                ))
-                .build(),
-        );
+        target
+            .write_secret(&creds, SECRET)
+            .expect("credentials Secret");
+        let s3 = target.client();
         let source_bucket = unique("e2e-src").to_lowercase().replace('_', "-");
         let bucket = unique("e2e-dst").to_lowercase().replace('_', "-");
         for b in [&source_bucket, &bucket] {
@@ -300,6 +279,7 @@ impl World {
             child,
             log,
             metrics: format!("127.0.0.1:{port}"),
+            grpc: None,
         }
     }
 
@@ -324,16 +304,23 @@ impl World {
         self.spawn(self.binaries.operator, "operator", args)
     }
 
-    /// Starts a worker with `capacity` slots.
+    /// Starts a worker with `capacity` slots (and the built-in embedding
+    /// model, where the stack has it).
     pub fn worker(&self, capacity: usize) -> Proc {
+        let grpc = format!("127.0.0.1:{}", free_port());
         let mut args = self.common_args();
         args.extend([
-            "--grpc-addr=127.0.0.1:0".into(),
+            format!("--grpc-addr={grpc}"),
             format!("--capacity={capacity}"),
             "--ack-wait=4s".into(),
             "--drain-timeout=1s".into(),
         ]);
-        self.spawn(self.binaries.worker, "worker", args)
+        if let Some(dir) = self.stack.try_get("STOWAGE_EMBEDDING_MODEL_DIR") {
+            args.push(format!("--embedding-model-dir={dir}"));
+        }
+        let mut proc = self.spawn(self.binaries.worker, "worker", args);
+        proc.grpc = Some(grpc);
+        proc
     }
 
     /// The `destination` (and S3 source) endpoint fields of a manifest.
@@ -438,18 +425,7 @@ impl World {
     }
 }
 
-/// Polls `check` until it holds; fails the test after `within`.
-pub async fn eventually<F, Fut>(what: &str, within: Duration, mut check: F)
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = bool>,
-{
-    let start = Instant::now();
-    while !check().await {
-        assert!(start.elapsed() < within, "{what}: not within {within:?}");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-}
+pub use stowage_common::testing::eventually;
 
 /// An HTTP server on 127.0.0.1 that serves files slowly (`bytes_per_sec`),
 /// so that uploads are still running when a test deletes or kills something.

@@ -1,19 +1,61 @@
-//! IndexCollection end to end: registered, a sync run scheduled and run by a
-//! worker, its outcome in `.status` — for a collection on the built-in model,
-//! which this version does not ship yet, a failed run with that reason, never
-//! a fake success — and deletion that removes the collection's data.
+//! IndexCollection end to end, on the built-in embedding model: kubectl
+//! apply → the operator schedules a sync run → a worker indexes the bucket
+//! (extract, chunk, embed, store) → `.status` and `kubectl get` say so →
+//! `Search.Query` over gRPC finds the right document; then an UploadJob
+//! lands a new object and, the collection watching uploads, it is searchable
+//! within seconds, with no resync; deletion removes the collection's data.
 
-use stowage_e2e::{Binaries, World};
+use std::time::Duration;
+
+use stowage_e2e::{Binaries, World, eventually};
+use stowage_proto::v1::search_client::SearchClient;
+use stowage_proto::v1::{SearchMode, SearchRequest};
+
+const POSTGRES: &str = "# Restoring PostgreSQL\n\nTo restore the database, fetch the latest \
+base backup, replay the write-ahead log archive up to the target time, then promote the \
+server and point the connection pooler at it.\n";
+const BREAD: &str = "# Sourdough\n\nMix flour, water and salt with an active starter. Let \
+the dough rise overnight, shape the loaf and bake it in a hot oven until the crust is dark.\n";
+const GARDEN: &str = "# Tomatoes\n\nPlant tomato seedlings after the last frost, water them \
+deeply twice a week and tie the stems to stakes as the plants grow.\n";
+const NATS: &str = "# Message queues\n\nNATS JetStream keeps every task in a stream; \
+consumers acknowledge each message explicitly and redeliveries happen after the ack wait.\n";
+
+async fn keys(grpc: &str, namespace: &str, query: &str, mode: SearchMode) -> Vec<String> {
+    let Ok(mut client) = SearchClient::connect(format!("http://{grpc}")).await else {
+        return Vec::new();
+    };
+    let request = SearchRequest {
+        namespace: namespace.into(),
+        collection: "kb".into(),
+        query: query.into(),
+        mode: mode as i32,
+        top_k: 3,
+        ..Default::default()
+    };
+    match client.query(request).await {
+        Ok(r) => r.into_inner().hits.into_iter().map(|h| h.key).collect(),
+        Err(_) => Vec::new(),
+    }
+}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_collection_reports_its_sync_run_and_is_cleaned_up() {
+async fn a_collection_indexes_its_bucket_follows_uploads_and_is_cleaned_up() {
     let w = World::new(Binaries {
         operator: env!("CARGO_BIN_EXE_e2e-operator"),
         worker: env!("CARGO_BIN_EXE_e2e-worker"),
     })
     .await;
+    for (key, text) in [
+        ("docs/postgres.md", POSTGRES),
+        ("docs/bread.md", BREAD),
+        ("docs/garden.md", GARDEN),
+    ] {
+        w.put(&w.bucket, key, text.as_bytes().to_vec().into()).await;
+    }
     let _operator = w.operator();
-    let _worker = w.worker(1);
+    let worker = w.worker(2);
+    let grpc = worker.grpc.clone().expect("worker gRPC address");
     let manifest = format!(
         r#"apiVersion: stowage.dev/v1alpha1
 kind: IndexCollection
@@ -25,6 +67,7 @@ spec:
     endpoint: {endpoint}
     region: {region}
     credentialsSecretRef: {{name: s3}}
+  watchUploads: true
   resyncInterval: 1h
 "#,
         ns = w.namespace,
@@ -33,25 +76,104 @@ spec:
         region = w.target.region,
     );
     w.apply_ok(&manifest);
-    w.wait_for("ic/kb", "Failed", "60s");
-    assert_eq!(w.field("ic/kb", "{.status.lastSyncRun.state}"), "Failed");
-    let error = w.field("ic/kb", "{.status.lastSyncRun.error}");
-    assert!(
-        error.starts_with("the builtin embedding model is not available yet"),
-        "{error}"
-    );
-    let ready = w.field(
-        "ic/kb",
-        r#"{.status.conditions[?(@.type=="Ready")].reason}"#,
-    );
-    assert_eq!(ready, "SyncFailed");
-    assert!(!w.field("ic/kb", "{.status.nextSyncTime}").is_empty());
+    w.wait_for("ic/kb", "Ready", "180s");
+    assert_eq!(w.field("ic/kb", "{.status.lastSyncRun.state}"), "Completed");
+    assert_eq!(w.field("ic/kb", "{.status.documents.indexed}"), "3");
+    assert!(!w.field("ic/kb", "{.status.activeGeneration}").is_empty());
+    let chunks: i64 = w
+        .field("ic/kb", "{.status.chunks}")
+        .parse()
+        .expect("chunk count");
+    assert!(chunks >= 3, "{chunks} chunks");
     let table = w.kube.ok(&["get", "ic", "-n", &w.namespace]);
     assert!(
         table
             .lines()
-            .any(|l| l.starts_with("kb") && l.contains("Failed")),
+            .any(|l| l.starts_with("kb") && l.contains("Ready")),
         "{table}"
+    );
+
+    // Meaning, not words: no query word appears in the document it finds.
+    let hits = keys(
+        &grpc,
+        &w.namespace,
+        "how do I recover my SQL server from a backup?",
+        SearchMode::Vector,
+    )
+    .await;
+    assert_eq!(hits.first().map(String::as_str), Some("docs/postgres.md"));
+    let hits = keys(&grpc, &w.namespace, "baking a loaf", SearchMode::Hybrid).await;
+    assert_eq!(hits.first().map(String::as_str), Some("docs/bread.md"));
+
+    // An UploadJob lands a new document; the collection watches uploads.
+    w.put(
+        &w.source_bucket,
+        "incoming/queues.md",
+        NATS.as_bytes().to_vec().into(),
+    )
+    .await;
+    w.apply_ok(&format!(
+        r#"apiVersion: stowage.dev/v1alpha1
+kind: UploadJob
+metadata: {{name: more, namespace: {ns}}}
+spec:
+  source:
+    s3:
+      bucket: {src}
+      prefix: incoming/
+      endpoint: {endpoint}
+      region: {region}
+      credentialsSecretRef: {{name: s3}}
+  destination:
+    bucket: {dst}
+    keyPrefix: docs/
+    endpoint: {endpoint}
+    region: {region}
+    credentialsSecretRef: {{name: s3}}
+"#,
+        ns = w.namespace,
+        src = w.source_bucket,
+        dst = w.bucket,
+        endpoint = w.target.endpoint,
+        region = w.target.region,
+    ));
+    w.wait_for("uj/more", "Complete", "60s");
+    eventually(
+        "the uploaded document is searchable without a resync",
+        Duration::from_secs(60),
+        || async {
+            keys(
+                &grpc,
+                &w.namespace,
+                "message queue acknowledgements",
+                SearchMode::Hybrid,
+            )
+            .await
+            .first()
+            .is_some_and(|k| k == "docs/queues.md")
+        },
+    )
+    .await;
+    eventually(
+        "status counts the new document",
+        Duration::from_secs(30),
+        || async { w.field("ic/kb", "{.status.documents.indexed}") == "4" },
+    )
+    .await;
+    let runs = {
+        let (client, conn) = tokio_postgres::connect(&w.database_url, tokio_postgres::NoTls)
+            .await
+            .expect("db");
+        tokio::spawn(conn);
+        client
+            .query_one("SELECT count(*) FROM sync_runs", &[])
+            .await
+            .expect("runs")
+            .get::<_, i64>(0)
+    };
+    assert_eq!(
+        runs, 1,
+        "indexed by its object event, not by another sync run"
     );
 
     w.kube.ok(&[
@@ -66,10 +188,12 @@ spec:
         .await
         .expect("db");
     tokio::spawn(conn);
-    let left: i64 = client
-        .query_one("SELECT count(*) FROM collections", &[])
-        .await
-        .expect("count")
-        .get(0);
-    assert_eq!(left, 0, "the collection and its runs are gone");
+    for table in ["collections", "documents", "chunks"] {
+        let left: i64 = client
+            .query_one(&format!("SELECT count(*) FROM {table}"), &[])
+            .await
+            .expect("count")
+            .get(0);
+        assert_eq!(left, 0, "{table}: the collection's data is gone");
+    }
 }

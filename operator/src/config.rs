@@ -40,6 +40,15 @@ pub struct OperatorArgs {
     #[arg(long, env = "STOWAGE_RESYNC", value_parser = parse_duration, default_value = "60s")]
     pub resync: Duration,
 
+    /// IndexCollections with `watchUploads`: a landed object is indexed once
+    /// its key has had no new write for this long…
+    #[arg(long, env = "STOWAGE_INDEX_DEBOUNCE", value_parser = parse_duration, default_value = "2s")]
+    pub index_debounce: Duration,
+
+    /// …and at most this long after its first write.
+    #[arg(long, env = "STOWAGE_INDEX_MAX_DELAY", value_parser = parse_duration, default_value = "30s")]
+    pub index_max_delay: Duration,
+
     /// Directory of mounted credentials Secrets (`<dir>/<secret>/access_key_id`,
     /// `secret_access_key`), used to abort the multipart uploads of deleted jobs.
     #[arg(long, env = "STOWAGE_CREDENTIALS_DIR")]

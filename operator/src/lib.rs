@@ -5,6 +5,7 @@
 //! - [`status`]: status computation as pure functions.
 //! - [`leader`]: leader election on a PostgreSQL advisory lock.
 //! - [`triggers`]: worker progress events turned into prompt reconciles.
+//! - [`watch_uploads`]: landed objects turned into debounced document tasks.
 
 pub mod config;
 pub mod controllers;
@@ -13,6 +14,7 @@ pub mod leader;
 pub mod metrics;
 pub mod status;
 pub mod triggers;
+pub mod watch_uploads;
 
 use std::future::Future;
 use std::sync::Arc;
@@ -67,6 +69,10 @@ pub async fn run(args: OperatorArgs, shutdown: impl Future<Output = ()>) -> anyh
         recorder,
         metrics: metrics.clone(),
         resync: args.resync,
+        debounce: watch_uploads::Debounce {
+            quiet: args.index_debounce,
+            max_delay: args.index_max_delay,
+        },
     });
     let (stop, stopped) = watch::channel(false);
     let ready = Readiness::default();

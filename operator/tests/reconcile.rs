@@ -98,6 +98,10 @@ async fn fixture() -> Fixture {
         s3: S3Clients::new(None),
         metrics: Metrics::register(&mut registry),
         resync: Duration::from_secs(60),
+        debounce: stowage_operator::watch_uploads::Debounce {
+            quiet: Duration::from_millis(200),
+            max_delay: Duration::from_secs(5),
+        },
     });
     Fixture {
         ctx,

@@ -52,6 +52,13 @@ pub struct WorkerArgs {
     #[arg(long, env = "STOWAGE_CREDENTIALS_DIR")]
     pub credentials_dir: Option<PathBuf>,
 
+    /// Folder of the built-in embedding model (all-MiniLM-L6-v2:
+    /// `config.json`, `tokenizer.json`, `model.safetensors`; `scripts/stack
+    /// install model` unpacks it). Loaded on first use; without it,
+    /// collections on the `builtin` provider fail with that reason.
+    #[arg(long, env = "STOWAGE_EMBEDDING_MODEL_DIR")]
+    pub embedding_model_dir: Option<PathBuf>,
+
     /// How often the sweeper looks for orphaned multipart uploads.
     #[arg(long, env = "STOWAGE_SWEEP_INTERVAL", value_parser = stowage_common::config::parse_duration, default_value = "10m")]
     pub sweep_interval: Duration,

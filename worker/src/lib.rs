@@ -43,6 +43,9 @@ pub struct Context {
     pub s3: S3Clients,
     /// Mounted credentials Secrets (`<dir>/<secret>/<key>`).
     pub credentials_dir: Option<std::path::PathBuf>,
+    /// The built-in embedding model's folder, and the model once loaded.
+    pub embedding_model_dir: Option<std::path::PathBuf>,
+    pub builtin_model: tokio::sync::OnceCell<Arc<index::embed::BuiltinModel>>,
     pub http: upload::net::HttpClients,
     pub metrics: WorkerMetrics,
     pub hook: Option<PartHook>,
@@ -92,6 +95,8 @@ pub async fn start(args: WorkerArgs, hook: Option<PartHook>) -> anyhow::Result<W
         queue,
         s3: S3Clients::new(args.credentials_dir.clone()),
         credentials_dir: args.credentials_dir.clone(),
+        embedding_model_dir: args.embedding_model_dir.clone(),
+        builtin_model: Default::default(),
         http: Default::default(),
         metrics,
         hook,

@@ -28,7 +28,7 @@ pub async fn sweep_once(ctx: &Context, older_than: Duration) -> Result<u64, Uplo
         endpoint, bucket, ..
     } in destinations
     {
-        let label = format!("{}/{bucket}", endpoint.endpoint.as_deref().unwrap_or("aws"));
+        let label = format!("{}/{bucket}", endpoint.label());
         if !seen.insert(label.clone()) {
             continue;
         }

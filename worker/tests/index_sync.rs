@@ -3,8 +3,10 @@
 //! incremental behaviour (only new and changed documents are embedded,
 //! deleted ones leave the index), every format including malformed and
 //! unsupported files, search over the result; a run left in progress by a
-//! dead worker is marked abandoned; a collection on the built-in model gets
-//! a failed run with the reason.
+//! dead worker is marked abandoned; a collection on the built-in model, on a
+//! worker whose model folder is missing, gets a failed run that says so; the
+//! queries that run while the embedding model changes are all answered, each
+//! by one complete generation.
 
 mod support;
 
@@ -14,25 +16,22 @@ use std::time::Duration;
 
 use axum::body::Bytes;
 use axum::routing::post;
-use prost::Message as _;
-use stowage_common::queue::TaskKind;
 use stowage_common::spec::index::IndexSpec;
-use stowage_common::state::collections::{self, NewCollection, RunState, SyncRun};
+use stowage_common::state::collections::{self, NewCollection, RunState};
 use stowage_common::state::index::{self as store, Mode, Query};
+use stowage_common::testing::eventually;
 use stowage_proto::v1::search_client::SearchClient;
-use stowage_proto::v1::{
-    CollectionProgress, SearchMode, SearchRequest, SyncCollection, Task, task,
-};
-use stowage_worker::index::sync::BUILTIN_UNAVAILABLE;
+use stowage_proto::v1::{SearchMode, SearchRequest};
 use support::Harness;
+use support::index::{put, register, sync};
 use uuid::Uuid;
 
 const DIMS: usize = 64;
 
 /// A bag-of-words embedding: texts that share words point the same way, so
 /// vector search is meaningful without a model.
-fn bag_of_words(text: &str) -> Vec<f32> {
-    let mut v = vec![0.0f32; DIMS];
+fn bag_of_words(text: &str, dims: usize) -> Vec<f32> {
+    let mut v = vec![0.0f32; dims];
     for word in text
         .split(|c: char| !c.is_alphanumeric())
         .filter(|w| w.len() > 2)
@@ -41,12 +40,18 @@ fn bag_of_words(text: &str) -> Vec<f32> {
             .to_lowercase()
             .bytes()
             .fold(5381u32, |h, b| h.wrapping_mul(33) ^ u32::from(b));
-        v[h as usize % DIMS] += 1.0;
+        v[h as usize % dims] += 1.0;
     }
     v
 }
 
-/// An OpenAI-compatible `/v1/embeddings` counting the texts it embeds.
+/// The model that the generation-switch test changes to: 32 dimensions, and
+/// slow, so that its generation takes a while to build.
+const SLOW_MODEL: &str = "slow-32";
+
+/// An OpenAI-compatible `/v1/embeddings` counting the texts it embeds:
+/// bag-of-words vectors of 64 dimensions (32, 100 ms late, for
+/// [`SLOW_MODEL`]).
 async fn embedder(embedded: Arc<AtomicUsize>) -> String {
     let app = axum::Router::new().route(
         "/v1/embeddings",
@@ -61,10 +66,16 @@ async fn embedder(embedded: Arc<AtomicUsize>) -> String {
                     .map(|v| v.as_str().unwrap_or_default().to_string())
                     .collect();
                 embedded.fetch_add(inputs.len(), Ordering::SeqCst);
+                let dims = if req["model"] == SLOW_MODEL {
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    32
+                } else {
+                    DIMS
+                };
                 let data: Vec<serde_json::Value> = inputs
                     .iter()
                     .enumerate()
-                    .map(|(i, t)| serde_json::json!({"index": i, "embedding": bag_of_words(t)}))
+                    .map(|(i, t)| serde_json::json!({"index": i, "embedding": bag_of_words(t, dims)}))
                     .collect();
                 (
                     [("content-type", "application/json")],
@@ -79,82 +90,6 @@ async fn embedder(embedded: Arc<AtomicUsize>) -> String {
     let addr = listener.local_addr().expect("addr");
     tokio::spawn(async move { axum::serve(listener, app).await });
     format!("http://{addr}")
-}
-
-async fn register(h: &Harness, spec: serde_json::Value) -> Uuid {
-    let spec: IndexSpec = serde_json::from_value(spec).expect("spec");
-    let db = h.pool.get().await.expect("db");
-    collections::register(
-        &db,
-        &NewCollection {
-            namespace: "team-a".into(),
-            name: "kb".into(),
-            source_uid: stowage_common::testing::unique("uid"),
-            generation: 1,
-            spec,
-        },
-    )
-    .await
-    .expect("register")
-}
-
-/// Queues a sync run and waits for its end (its progress event).
-async fn sync(h: &Harness, id: Uuid, round: &str) -> SyncRun {
-    let mut events = h
-        .queue
-        .client()
-        .subscribe(h.queue.topology().progress_wildcard())
-        .await
-        .expect("subscribe");
-    let subject = h
-        .queue
-        .topology()
-        .task_subject(TaskKind::IndexSync, "team-a", "kb");
-    h.queue
-        .publish_task(
-            &subject,
-            &Task {
-                task_id: format!("index-sync/{id}/{round}"),
-                kind: Some(task::Kind::SyncCollection(SyncCollection {
-                    collection_id: id.to_string(),
-                    trigger: "manual".into(),
-                })),
-            },
-        )
-        .await
-        .expect("publish");
-    let run_id = tokio::time::timeout(Duration::from_secs(60), async {
-        use futures::StreamExt;
-        loop {
-            let msg = events.next().await.expect("event stream");
-            if let Ok(p) = CollectionProgress::decode(msg.payload.as_ref())
-                && p.collection_id == id.to_string()
-                && p.run_state != "in_progress"
-            {
-                return p.run_id;
-            }
-        }
-    })
-    .await
-    .expect("the run ends");
-    let db = h.pool.get().await.expect("db");
-    let run = collections::latest_run(&db, id)
-        .await
-        .expect("query")
-        .expect("a run");
-    assert_eq!(run.id, run_id);
-    run
-}
-
-async fn put(h: &Harness, key: &str, content_type: &str, body: &[u8]) {
-    h.s3.put_object()
-        .bucket(&h.bucket)
-        .key(key)
-        .content_type(content_type)
-        .body(body.to_vec().into())
-        .send()
-        .await
-        .expect("put");
 }
 
 async fn document_state(h: &Harness, key: &str) -> Option<(String, Option<String>, i32)> {
@@ -172,7 +107,7 @@ async fn document_state(h: &Harness, key: &str) -> Option<(String, Option<String
 
 async fn search(h: &Harness, id: Uuid, mode: Mode, text: &str) -> Vec<String> {
     let db = h.pool.get().await.expect("db");
-    let vector = bag_of_words(text);
+    let vector = bag_of_words(text, DIMS);
     let q = Query {
         mode,
         vector: Some(&vector),
@@ -391,9 +326,11 @@ async fn sync_runs_index_incrementally_and_search_finds_the_documents() {
 }
 
 #[tokio::test]
-async fn a_stale_run_is_abandoned_and_the_builtin_model_is_reported_missing() {
+async fn a_stale_run_is_abandoned_and_a_missing_builtin_model_is_reported() {
     let h = Harness::new("localstack").await;
-    let _worker = h.worker(None).await;
+    let _worker = h
+        .worker_with(&["--embedding-model-dir=/nonexistent/minilm"], None)
+        .await;
     let id = register(&h, serde_json::json!({"source": {"bucket": h.bucket}})).await;
     // A run left in progress by a worker that died.
     let stale = {
@@ -406,7 +343,11 @@ async fn a_stale_run_is_abandoned_and_the_builtin_model_is_reported_missing() {
     assert_ne!(run.id, stale);
     assert_eq!(run.state, RunState::Failed);
     assert_eq!(run.trigger, "manual");
-    assert_eq!(run.error.as_deref(), Some(BUILTIN_UNAVAILABLE));
+    let error = run.error.as_deref().unwrap_or_default();
+    assert!(
+        error.starts_with("builtin embedding model at /nonexistent/minilm: reading config.json"),
+        "{error}"
+    );
     let db = h.pool.get().await.expect("db");
     let abandoned = db
         .query_one(
@@ -421,4 +362,137 @@ async fn a_stale_run_is_abandoned_and_the_builtin_model_is_reported_missing() {
             .get::<_, Option<String>>(1)
             .is_some_and(|e| e.contains("stopped before finishing"))
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn queries_during_a_model_change_are_answered_by_one_complete_generation() {
+    const DOCS: usize = 24;
+    let h = Harness::new("localstack").await;
+    let worker = h.worker(None).await;
+    let url = embedder(Arc::new(AtomicUsize::new(0))).await;
+    for i in 0..DOCS {
+        let text = format!("Stowage document {i} covers topic{i}.");
+        put(
+            &h,
+            &format!("kb/doc-{i:02}.txt"),
+            "text/plain",
+            text.as_bytes(),
+        )
+        .await;
+    }
+    let uid = stowage_common::testing::unique("uid");
+    let spec_for = |model: &str, dims: u32| -> IndexSpec {
+        let mut source = serde_json::to_value(h.endpoint()).expect("endpoint");
+        source["bucket"] = h.bucket.clone().into();
+        source["prefix"] = "kb/".into();
+        serde_json::from_value(serde_json::json!({
+            "source": source,
+            "embedding": {"provider": "openai", "model": model, "dimensions": dims, "endpoint": url},
+        }))
+        .expect("spec")
+    };
+    let apply = |generation: i64, spec: IndexSpec| {
+        let uid = uid.clone();
+        let pool = h.pool.clone();
+        async move {
+            let db = pool.get().await.expect("db");
+            collections::register(
+                &db,
+                &NewCollection {
+                    namespace: "team-a".into(),
+                    name: "kb".into(),
+                    source_uid: uid,
+                    generation,
+                    spec,
+                },
+            )
+            .await
+            .expect("register")
+        }
+    };
+    let id = apply(1, spec_for("bow-64", 64)).await;
+    assert_eq!(sync(&h, id, "one").await.state, RunState::Completed);
+    let active = move |pool: stowage_common::db::Pool| async move {
+        let db = pool.get().await.expect("db");
+        store::active_generation(&db, id)
+            .await
+            .expect("query")
+            .expect("an active generation")
+    };
+    let old = active(h.pool.clone()).await;
+
+    // The model changes (and its dimensions); queries run all along.
+    assert_eq!(apply(2, spec_for(SLOW_MODEL, 32)).await, id);
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let answered = Arc::new(AtomicUsize::new(0));
+    let querier = {
+        let (stop, answered, pool) = (Arc::clone(&stop), Arc::clone(&answered), h.pool.clone());
+        let addr = format!("http://{}", worker.grpc_addr);
+        tokio::spawn(async move {
+            let mut client = SearchClient::connect(addr).await.expect("gRPC");
+            let mut answers = Vec::new();
+            while !stop.load(Ordering::SeqCst) {
+                for mode in [SearchMode::Vector, SearchMode::Keyword, SearchMode::Hybrid] {
+                    let hits = client
+                        .query(SearchRequest {
+                            namespace: "team-a".into(),
+                            collection: "kb".into(),
+                            query: "stowage document".into(),
+                            mode: mode as i32,
+                            top_k: 100,
+                            ..Default::default()
+                        })
+                        .await
+                        .unwrap_or_else(|e| panic!("a {mode:?} query failed mid-change: {e}"))
+                        .into_inner()
+                        .hits;
+                    let generation = active(pool.clone()).await.id;
+                    answers.push((generation, mode, hits.len()));
+                    answered.fetch_add(1, Ordering::SeqCst);
+                }
+            }
+            answers
+        })
+    };
+    let second = sync(&h, id, "two").await;
+    assert_eq!(second.state, RunState::Completed, "{second:?}");
+    let after_switch = answered.load(Ordering::SeqCst);
+    eventually(
+        "queries after the switch",
+        Duration::from_secs(30),
+        || async { answered.load(Ordering::SeqCst) >= after_switch + 6 },
+    )
+    .await;
+    stop.store(true, Ordering::SeqCst);
+    let answers = querier.await.expect("querier");
+
+    let new = active(h.pool.clone()).await;
+    assert_ne!(new.id, old.id);
+    assert_eq!(
+        (new.embedding.model.as_str(), new.dimensions),
+        (SLOW_MODEL, 32)
+    );
+    for (generation, mode, hits) in &answers {
+        assert_eq!(
+            *hits, DOCS,
+            "{mode:?} answered with {hits} documents (generation {generation}): \
+             only complete generations answer"
+        );
+    }
+    let from_old = answers.iter().filter(|a| a.0 == old.id).count();
+    let from_new = answers.iter().filter(|a| a.0 == new.id).count();
+    assert!(
+        from_old >= 3 && from_new >= 3,
+        "queries ran while the new generation was built ({from_old}) and after the switch ({from_new})"
+    );
+    let db = h.pool.get().await.expect("db");
+    let left: i64 = db
+        .query_one(
+            "SELECT count(*) FROM chunks WHERE generation_id = $1",
+            &[&old.id],
+        )
+        .await
+        .expect("count")
+        .get(0);
+    assert_eq!(left, 0, "the old generation is removed after the switch");
 }

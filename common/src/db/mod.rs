@@ -12,6 +12,8 @@ use crate::locks::{LockClass, LockError, LockKey, LockManager};
 
 pub type Pool = deadpool_postgres::Pool;
 pub type PoolError = deadpool_postgres::PoolError;
+/// A pooled connection, as the state functions take it.
+pub type Client = deadpool_postgres::ClientWrapper;
 
 mod embedded {
     refinery::embed_migrations!("migrations");

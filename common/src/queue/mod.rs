@@ -8,7 +8,10 @@
 //!   acks on long work and NAKs with [`backoff_delay`] on retryable errors.
 //! - Stream `<P>_DEAD` (limits retention) on `<p>.dead.<kind>.<namespace>.<name>`
 //!   keeps [`DeadLetter`]s until a person replays or discards them.
-//! - Subjects `<p>.event.>` carry object-landed and progress events.
+//! - Subjects `<p>.event.>` carry object-landed and progress events; the
+//!   object-landed ones are also kept in stream `<P>_OBJECTS` (one day), read
+//!   by the operator's durable consumer `indexer`, so that a restart or a
+//!   leader change loses none of them.
 //!
 //! `<p>` is the configurable prefix (`stowage` by default), `<P>` its upper case.
 
@@ -20,7 +23,7 @@ use bytes::Bytes;
 use futures::StreamExt;
 use prost::Message as _;
 use rand::Rng;
-use stowage_proto::v1::{DeadLetter, Task};
+use stowage_proto::v1::{DeadLetter, ObjectLanded, Task};
 use tracing::info;
 
 pub use async_nats::jetstream::AckKind;
@@ -28,6 +31,8 @@ pub use async_nats::jetstream::Message;
 
 /// Name of the durable consumer every worker pulls from.
 pub const WORKER_CONSUMER: &str = "workers";
+/// Name of the durable consumer of object-landed events (the operator's).
+pub const INDEXER_CONSUMER: &str = "indexer";
 
 #[derive(Debug, thiserror::Error)]
 pub enum QueueError {
@@ -69,6 +74,7 @@ pub enum TaskKind {
     UploadPlan,
     Upload,
     IndexSync,
+    IndexDocument,
 }
 
 impl TaskKind {
@@ -77,6 +83,7 @@ impl TaskKind {
             TaskKind::UploadPlan => "upload-plan",
             TaskKind::Upload => "upload",
             TaskKind::IndexSync => "index-sync",
+            TaskKind::IndexDocument => "index-doc",
         }
     }
 }
@@ -124,6 +131,14 @@ impl Topology {
 
     pub fn dead_stream(&self) -> String {
         format!("{}_DEAD", self.prefix.to_uppercase().replace('-', "_"))
+    }
+
+    pub fn objects_stream(&self) -> String {
+        format!("{}_OBJECTS", self.prefix.to_uppercase().replace('-', "_"))
+    }
+
+    pub fn object_wildcard(&self) -> String {
+        format!("{}.event.object.>", self.prefix)
     }
 
     pub fn task_subject(&self, kind: TaskKind, namespace: &str, name: &str) -> String {
@@ -312,7 +327,15 @@ impl Queue {
             max_age: Duration::from_secs(30 * 24 * 3600),
             ..Default::default()
         };
-        for config in [tasks, dead] {
+        let objects = stream::Config {
+            name: t.objects_stream(),
+            subjects: vec![t.object_wildcard()],
+            retention: stream::RetentionPolicy::Limits,
+            storage: stream::StorageType::File,
+            max_age: Duration::from_secs(24 * 3600),
+            ..Default::default()
+        };
+        for config in [tasks, dead, objects] {
             let name = config.name.clone();
             match self.js.get_stream(&name).await {
                 Ok(_) => {
@@ -450,6 +473,59 @@ impl Queue {
         js!(
             "publish event",
             self.client.publish(subject, payload.into()).await
+        )
+    }
+
+    /// Publishes an object-landed event into the objects stream
+    /// (`Nats-Msg-Id` = endpoint/bucket/key/version: a retried publish is
+    /// dropped), waiting for the server's ack.
+    pub async fn publish_object_landed(&self, event: &ObjectLanded) -> Result<(), QueueError> {
+        let mut headers = HeaderMap::new();
+        headers.insert(
+            "Nats-Msg-Id",
+            format!(
+                "{}/{}/{}/{}",
+                event.endpoint, event.bucket, event.key, event.version
+            )
+            .as_str(),
+        );
+        let ack = js!(
+            "publish object event",
+            self.js
+                .publish_with_headers(
+                    self.topology.object_subject(&event.bucket),
+                    headers,
+                    Bytes::from(event.encode_to_vec()),
+                )
+                .await
+        )?;
+        js!("object event ack", ack.await)?;
+        Ok(())
+    }
+
+    /// The durable consumer of object-landed events (created if missing).
+    /// Messages stay un-acked while their key's debounce runs: `ack_wait`
+    /// must be longer than the longest debounce.
+    pub async fn object_consumer(
+        &self,
+        ack_wait: Duration,
+    ) -> Result<consumer::PullConsumer, QueueError> {
+        let stream = js!(
+            "get stream",
+            self.js.get_stream(self.topology.objects_stream()).await
+        )?;
+        let config = consumer::pull::Config {
+            durable_name: Some(INDEXER_CONSUMER.into()),
+            ack_policy: consumer::AckPolicy::Explicit,
+            ack_wait,
+            max_ack_pending: 10_000,
+            ..Default::default()
+        };
+        js!(
+            "create consumer",
+            stream
+                .get_or_create_consumer(INDEXER_CONSUMER, config)
+                .await
         )
     }
 

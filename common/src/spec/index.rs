@@ -144,13 +144,11 @@ impl IndexSpec {
     pub fn validate(&self) -> Result<(), SpecError> {
         validate_bucket("source.bucket", &self.source.bucket)?;
         validate_endpoint("source.endpoint", &self.source.endpoint)?;
-        for (field, globs) in [
-            ("source.include", &self.source.include),
-            ("source.exclude", &self.source.exclude),
-        ] {
-            for g in globs {
-                glob_ok(g).map_err(|m| invalid(field, format!("{g:?}: {m}")))?;
-            }
+        if let Err(e) = super::select::Selector::new(&self.source) {
+            return Err(invalid(
+                e.field,
+                format!("{:?} is not a valid glob: {}", e.pattern, e.message),
+            ));
         }
         let c = &self.chunking;
         if !(64..=32768).contains(&c.size) || c.overlap >= c.size {
@@ -195,28 +193,6 @@ impl IndexSpec {
     }
 }
 
-/// Glob syntax Stowage accepts: `*`, `**`, `?` and character classes `[...]`.
-fn glob_ok(g: &str) -> Result<(), &'static str> {
-    if g.is_empty() {
-        return Err("empty pattern");
-    }
-    let mut depth = 0i32;
-    for c in g.chars() {
-        match c {
-            '[' => depth += 1,
-            ']' => depth -= 1,
-            _ => {}
-        }
-        if !(0..=1).contains(&depth) {
-            return Err("unbalanced [ ]");
-        }
-    }
-    if depth != 0 {
-        return Err("unbalanced [ ]");
-    }
-    Ok(())
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -258,10 +234,9 @@ mod tests {
         );
         let s = spec(serde_json::json!({"source": {"bucket": "docs", "include": ["a[b"]}}));
         assert!(
-            s.validate()
-                .expect_err("glob")
-                .to_string()
-                .contains("unbalanced")
+            s.validate().expect_err("glob").to_string().starts_with(
+                "source.include: \"a[b\" is not a valid glob: unclosed character class"
+            )
         );
         let s = spec(serde_json::json!({"embedding": {"dimensions": 768}}));
         assert!(

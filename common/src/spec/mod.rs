@@ -4,6 +4,7 @@
 use serde::{Deserialize, Serialize};
 
 pub mod index;
+pub mod select;
 
 /// S3's limits on multipart uploads.
 pub const MIN_PART_SIZE: u64 = 5 * 1024 * 1024;
@@ -113,6 +114,16 @@ pub struct Endpoint {
     /// Name of the credentials the worker was given (a mounted Secret).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub credentials_secret_ref: Option<SecretRef>,
+}
+
+impl Endpoint {
+    /// The endpoint URL, or `aws`: names the store in lock keys, events and
+    /// logs.
+    pub fn label(&self) -> &str {
+        self.endpoint
+            .as_deref()
+            .map_or("aws", |e| e.trim_end_matches('/'))
+    }
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]

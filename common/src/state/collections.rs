@@ -60,6 +60,36 @@ pub async fn register(client: &Client, c: &NewCollection) -> Result<Uuid, StateE
     Ok(row.get(0))
 }
 
+fn record(row: &Row) -> Result<CollectionRecord, StateError> {
+    Ok(CollectionRecord {
+        id: row.get(0),
+        namespace: row.get(1),
+        name: row.get(2),
+        generation: row.get(3),
+        spec: serde_json::from_value(row.get(4))?,
+    })
+}
+
+/// Collections that index `bucket` and watch uploads (`spec.watchUploads`);
+/// the caller matches endpoint, prefix and globs.
+pub async fn watching(client: &Client, bucket: &str) -> Result<Vec<CollectionRecord>, StateError> {
+    client
+        .query(
+            &client
+                .prepare_cached(
+                    "SELECT id, namespace, name, generation, spec FROM collections
+                     WHERE spec -> 'source' ->> 'bucket' = $1
+                       AND coalesce((spec ->> 'watchUploads')::boolean, false)",
+                )
+                .await?,
+            &[&bucket],
+        )
+        .await?
+        .iter()
+        .map(record)
+        .collect()
+}
+
 pub async fn get(client: &Client, id: Uuid) -> Result<CollectionRecord, StateError> {
     let row = client
         .query_opt(
@@ -75,13 +105,7 @@ pub async fn get(client: &Client, id: Uuid) -> Result<CollectionRecord, StateErr
             what: "collection",
             id: id.to_string(),
         })?;
-    Ok(CollectionRecord {
-        id: row.get(0),
-        namespace: row.get(1),
-        name: row.get(2),
-        generation: row.get(3),
-        spec: serde_json::from_value(row.get(4))?,
-    })
+    record(&row)
 }
 
 pub async fn find(client: &Client, source_uid: &str) -> Result<Option<Uuid>, StateError> {

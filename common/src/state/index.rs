@@ -2,36 +2,41 @@
 //! search over them (vector, keyword, hybrid by reciprocal rank fusion).
 //!
 //! Each generation has its own HNSW index on `embedding::vector(N)`
-//! restricted to its rows, so generations of different dimensions live in
-//! one table; queries name the generation and the dimension as literals
-//! (integers from this table) so that the planner uses that index.
+//! restricted to its rows (built in bulk when it is activated), so
+//! generations of different dimensions live in one table; queries name the
+//! generation and the dimension as literals (integers from this table) so
+//! that the planner uses that index.
 
 use deadpool_postgres::ClientWrapper as Client;
 use pgvector::Vector;
 use uuid::Uuid;
 
 use super::StateError;
+use crate::spec::index::Embedding;
 
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq)]
 pub struct Generation {
     pub id: i64,
     pub collection_id: Uuid,
     pub model_key: String,
     pub dimensions: i32,
     pub state: String,
+    /// What it embeds with (queries against it must use the same model).
+    pub embedding: Embedding,
 }
 
-const GENERATION_SELECT: &str =
-    "SELECT id, collection_id, model_key, dimensions, state FROM embedding_generations";
+const GENERATION_COLUMNS: &str = "id, collection_id, model_key, dimensions, state, embedding";
 
-fn generation(r: &tokio_postgres::Row) -> Generation {
-    Generation {
+fn generation(r: &tokio_postgres::Row) -> Result<Generation, StateError> {
+    let embedding: serde_json::Value = r.get(5);
+    Ok(Generation {
         id: r.get(0),
         collection_id: r.get(1),
         model_key: r.get(2),
         dimensions: r.get(3),
         state: r.get(4),
-    }
+        embedding: serde_json::from_value(embedding)?,
+    })
 }
 
 pub async fn active_generation(
@@ -40,22 +45,47 @@ pub async fn active_generation(
 ) -> Result<Option<Generation>, StateError> {
     let row = client
         .query_opt(
-            &format!("{GENERATION_SELECT} WHERE collection_id = $1 AND state = 'active'"),
+            &format!(
+                "SELECT {GENERATION_COLUMNS} FROM embedding_generations
+                 WHERE collection_id = $1 AND state = 'active'"
+            ),
             &[&collection_id],
         )
         .await?;
-    Ok(row.as_ref().map(generation))
+    row.as_ref().map(generation).transpose()
 }
 
-/// The generation to write for `model_key`: the active one if it already
+/// The generations a document change must reach: the active one and the
+/// one being built, if any.
+pub async fn live_generations(
+    client: &Client,
+    collection_id: Uuid,
+) -> Result<Vec<Generation>, StateError> {
+    client
+        .query(
+            &format!(
+                "SELECT {GENERATION_COLUMNS} FROM embedding_generations
+                 WHERE collection_id = $1 AND state <> 'retired' ORDER BY id"
+            ),
+            &[&collection_id],
+        )
+        .await?
+        .iter()
+        .map(generation)
+        .collect()
+}
+
+/// The generation to write for `embedding`: the active one if it already
 /// uses that model, else the one being built for it (created, with its
 /// vector index, if missing; a build for another model is dropped).
 pub async fn generation_for(
     client: &mut Client,
     collection_id: Uuid,
-    model_key: &str,
-    dimensions: i32,
+    embedding: &Embedding,
 ) -> Result<Generation, StateError> {
+    let model_key = embedding.generation_key();
+    let dimensions = embedding.dimensions as i32;
+    let spec = serde_json::to_value(embedding)?;
     let tx = client.transaction().await?;
     // Serialises concurrent callers for this collection.
     tx.execute(
@@ -65,17 +95,31 @@ pub async fn generation_for(
     .await?;
     let rows = tx
         .query(
-            &format!("{GENERATION_SELECT} WHERE collection_id = $1 AND state <> 'retired'"),
+            &format!(
+                "SELECT {GENERATION_COLUMNS} FROM embedding_generations
+                 WHERE collection_id = $1 AND state <> 'retired'"
+            ),
             &[&collection_id],
         )
         .await?;
-    let existing: Vec<Generation> = rows.iter().map(generation).collect();
+    let existing = rows.iter().map(generation).collect::<Result<Vec<_>, _>>()?;
     if let Some(g) = existing
         .iter()
         .find(|g| g.model_key == model_key && g.dimensions == dimensions)
     {
+        // The same model may have moved (endpoint, Secret): queries follow.
+        if g.embedding != *embedding {
+            tx.execute(
+                "UPDATE embedding_generations SET embedding = $2 WHERE id = $1",
+                &[&g.id, &spec],
+            )
+            .await?;
+        }
         tx.commit().await?;
-        return Ok(g.clone());
+        return Ok(Generation {
+            embedding: embedding.clone(),
+            ..g.clone()
+        });
     }
     for stale in existing.iter().filter(|g| g.state == "building") {
         drop_generation(&tx, stale.id).await?;
@@ -83,23 +127,30 @@ pub async fn generation_for(
     let row = tx
         .query_one(
             &format!(
-                "INSERT INTO embedding_generations (collection_id, model_key, dimensions)
-                 VALUES ($1, $2, $3) RETURNING {}",
-                "id, collection_id, model_key, dimensions, state"
+                "INSERT INTO embedding_generations (collection_id, model_key, dimensions, embedding)
+                 VALUES ($1, $2, $3, $4) RETURNING {GENERATION_COLUMNS}"
             ),
-            &[&collection_id, &model_key, &dimensions],
+            &[&collection_id, &model_key, &dimensions, &spec],
         )
         .await?;
-    let g = generation(&row);
-    tx.batch_execute(&format!(
-        "CREATE INDEX chunks_hnsw_g{id} ON chunks
-         USING hnsw ((embedding::vector({dims})) vector_cosine_ops) WHERE generation_id = {id}",
-        id = g.id,
-        dims = g.dimensions
-    ))
-    .await?;
+    let g = generation(&row)?;
     tx.commit().await?;
     Ok(g)
+}
+
+/// The generation's HNSW index (cosine) on `embedding::vector(N)`, limited
+/// to its rows. Built when the generation is activated, once its rows are
+/// in: one bulk build is much faster than growing the graph row by row.
+async fn create_vector_index(client: &Client, g: &Generation) -> Result<(), StateError> {
+    client
+        .batch_execute(&format!(
+            "CREATE INDEX IF NOT EXISTS chunks_hnsw_g{id} ON chunks
+             USING hnsw ((embedding::vector({dims})) vector_cosine_ops) WHERE generation_id = {id}",
+            id = g.id,
+            dims = g.dimensions
+        ))
+        .await?;
+    Ok(())
 }
 
 async fn drop_generation(tx: &tokio_postgres::Transaction<'_>, id: i64) -> Result<(), StateError> {
@@ -112,9 +163,17 @@ async fn drop_generation(tx: &tokio_postgres::Transaction<'_>, id: i64) -> Resul
     Ok(())
 }
 
-/// Makes `generation_id` the one search answers from, in one transaction,
-/// then removes the generation it replaces.
+/// Makes `generation_id` the one search answers from — its vector index
+/// built first, then the switch in one transaction — and removes the
+/// generation it replaces.
 pub async fn activate(client: &mut Client, generation_id: i64) -> Result<(), StateError> {
+    let g = client
+        .query_one(
+            &format!("SELECT {GENERATION_COLUMNS} FROM embedding_generations WHERE id = $1"),
+            &[&generation_id],
+        )
+        .await?;
+    create_vector_index(client, &generation(&g)?).await?;
     let tx = client.transaction().await?;
     let old: Vec<i64> = tx
         .query(
@@ -364,6 +423,18 @@ pub async fn search(
     let g = active_generation(client, collection_id)
         .await?
         .ok_or(SearchError::NoIndex)?;
+    search_generation(client, &g, q).await
+}
+
+/// Searches one generation (the query vector must come from its model).
+/// One statement: it sees the generation whole, or — if the generation was
+/// replaced and dropped meanwhile — not at all; callers that embedded the
+/// query for `g` check that `g` is still active and else ask again.
+pub async fn search_generation(
+    client: &Client,
+    g: &Generation,
+    q: &Query<'_>,
+) -> Result<Vec<Hit>, SearchError> {
     let vector = match (q.mode, q.vector) {
         (Mode::Keyword, _) => None,
         (_, Some(v)) if v.len() != g.dimensions as usize => {
@@ -462,6 +533,21 @@ pub async fn documents(
         .iter()
         .map(|r| (r.get(0), (r.get(1), r.get(2))))
         .collect())
+}
+
+/// The ETag a generation holds for `object_key`, if it has the document.
+pub async fn document_etag(
+    client: &Client,
+    generation_id: i64,
+    object_key: &str,
+) -> Result<Option<String>, StateError> {
+    Ok(client
+        .query_opt(
+            "SELECT etag FROM documents WHERE generation_id = $1 AND object_key = $2",
+            &[&generation_id, &object_key],
+        )
+        .await?
+        .and_then(|r| r.get(0)))
 }
 
 /// Documents by state and chunks in a collection's active generation.

@@ -13,7 +13,7 @@ pub enum StateError {
     Query(#[from] tokio_postgres::Error),
     #[error("cannot get a database connection: {0}")]
     Pool(#[from] deadpool_postgres::PoolError),
-    #[error("stored job spec is not valid JSON for this version: {0}")]
+    #[error("a stored spec is not valid JSON for this version: {0}")]
     Spec(#[from] serde_json::Error),
     #[error("{what} {id} does not exist")]
     NotFound { what: &'static str, id: String },

@@ -170,10 +170,13 @@ async fn cleanup(ic: &IndexCollection, ctx: &Context) -> Result<Action, Error> {
         return Ok(Action::await_change());
     };
     let topology = ctx.queue.topology();
-    let dropped = ctx
-        .queue
-        .purge_tasks(&topology.task_subject(TaskKind::IndexSync, &ns, &name))
-        .await?;
+    let mut dropped = 0;
+    for kind in [TaskKind::IndexSync, TaskKind::IndexDocument] {
+        dropped += ctx
+            .queue
+            .purge_tasks(&topology.task_subject(kind, &ns, &name))
+            .await?;
+    }
     let key = LockKey::new(LockClass::CollectionSync, id.to_string());
     let Some(lock) = ctx.locks.try_lock(key).await? else {
         info!(%ns, %name, "a sync run is in progress; deleting the collection after it");
@@ -187,7 +190,7 @@ async fn cleanup(ic: &IndexCollection, ctx: &Context) -> Result<Action, Error> {
         ic,
         EventType::Normal,
         "CleanedUp",
-        format!("index data removed; {dropped} queued sync tasks dropped"),
+        format!("index data removed; {dropped} queued tasks dropped"),
     )
     .await;
     Ok(Action::await_change())

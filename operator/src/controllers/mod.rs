@@ -44,6 +44,8 @@ pub struct Context {
     pub metrics: Metrics,
     /// Safety-net resync of unfinished resources.
     pub resync: Duration,
+    /// Object events → document tasks (collections with `watchUploads`).
+    pub debounce: crate::watch_uploads::Debounce,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -220,9 +222,16 @@ pub async fn run(ctx: Arc<Context>, namespace: Option<String>) {
         .reconcile_on(receiver_stream(collections_rx))
         .run(index_collection::reconcile, error_policy, Arc::clone(&ctx))
         .for_each(|_| futures::future::ready(()));
+    let routing = tokio::spawn(crate::watch_uploads::run(
+        ctx.db.clone(),
+        ctx.queue.clone(),
+        namespace.clone(),
+        ctx.debounce,
+    ));
     info!("controllers running");
     futures::join!(uploads, indexes);
     events.abort();
+    routing.abort();
 }
 
 fn receiver_stream<T: Send + 'static>(

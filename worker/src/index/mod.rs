@@ -2,18 +2,20 @@
 //!
 //! - [`extract`]: text from plain text, Markdown, HTML and PDF.
 //! - [`chunk`]: recursive and Markdown-aware chunks with offsets and headings.
-//! - [`embed`]: remote embedding providers (OpenAI-compatible, Ollama, TEI).
+//! - [`embed`]: the built-in model (all-MiniLM-L6-v2 on candle) and remote
+//!   providers (OpenAI-compatible, Ollama, TEI).
 //! - [`plan`]: a sync run's plan: the listing diffed with the indexed documents.
 //! - [`sync`]: a run's work, from the listing to the stored chunks.
+//! - [`document`]: one document between runs (object events of collections
+//!   that watch uploads).
 //! - [`search`]: the `Search.Query` gRPC service.
 //!
 //! A run takes the collection's sync lock (one run per collection), marks a
 //! run left in progress by a dead worker abandoned, indexes, and records its
-//! outcome and counts. The built-in embedding model is not part of this
-//! version yet: a collection that uses it gets runs that fail with that
-//! reason, plainly, in its status.
+//! outcome and counts.
 
 pub mod chunk;
+pub mod document;
 pub mod embed;
 pub mod extract;
 pub mod plan;
@@ -61,7 +63,7 @@ async fn run(ctx: &Context, collection_id: Uuid, trigger: &str) -> Result<Outcom
     let run_id = collections::begin_run(&mut db, collection_id, trigger, collection.generation)
         .await
         .map_err(|e| e.to_string())?;
-    publish_progress(ctx, &collection, run_id, RunState::InProgress).await;
+    publish_progress(ctx, &collection, run_id, RunState::InProgress.as_str()).await;
     // A lost lock (its database session died) abandons the run: the next
     // run marks it so.
     let ending = tokio::select! {
@@ -84,7 +86,7 @@ async fn run(ctx: &Context, collection_id: Uuid, trigger: &str) -> Result<Outcom
         %collection_id, run_id, trigger, state = ending.state.as_str(), counts = ?ending.counts,
         error = ending.error.as_deref().unwrap_or(""), "sync run finished"
     );
-    publish_progress(ctx, &collection, run_id, ending.state).await;
+    publish_progress(ctx, &collection, run_id, ending.state.as_str()).await;
     Ok(Outcome::Done {
         label: if ending.state == RunState::Failed {
             "failed"
@@ -94,16 +96,13 @@ async fn run(ctx: &Context, collection_id: Uuid, trigger: &str) -> Result<Outcom
     })
 }
 
-async fn publish_progress(
-    ctx: &Context,
-    collection: &CollectionRecord,
-    run_id: i64,
-    state: RunState,
-) {
+/// Tells the operator that the collection's index changed: a run's state
+/// (`run_id` > 0), or a `document` indexed between runs (`run_id` 0).
+async fn publish_progress(ctx: &Context, collection: &CollectionRecord, run_id: i64, state: &str) {
     let event = CollectionProgress {
         collection_id: collection.id.to_string(),
         run_id,
-        run_state: state.as_str().into(),
+        run_state: state.into(),
         namespace: collection.namespace.clone(),
         name: collection.name.clone(),
     };

@@ -6,8 +6,7 @@
 
 use std::collections::HashMap;
 
-use globset::{GlobBuilder, GlobSet, GlobSetBuilder};
-use stowage_common::spec::index::IndexSource;
+use stowage_common::spec::select::Selector;
 
 /// An object in the listing.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -38,65 +37,6 @@ pub struct Plan {
 impl Plan {
     pub fn seen(&self) -> usize {
         self.new.len() + self.changed.len() + self.unchanged
-    }
-}
-
-#[derive(Debug, thiserror::Error)]
-#[error("source.{field}: {pattern:?} is not a valid glob: {message}")]
-pub struct GlobError {
-    field: &'static str,
-    pattern: String,
-    message: String,
-}
-
-/// The objects of a source that belong in its index.
-pub struct Selector {
-    prefix: String,
-    include: Option<GlobSet>,
-    exclude: GlobSet,
-}
-
-impl Selector {
-    pub fn new(source: &IndexSource) -> Result<Selector, GlobError> {
-        let set = |field: &'static str, patterns: &[String]| {
-            let mut b = GlobSetBuilder::new();
-            for p in patterns {
-                // `*` stays within one path segment, `**` crosses them.
-                let glob = GlobBuilder::new(p)
-                    .literal_separator(true)
-                    .build()
-                    .map_err(|e| GlobError {
-                        field,
-                        pattern: p.clone(),
-                        message: e.kind().to_string(),
-                    })?;
-                b.add(glob);
-            }
-            b.build().map_err(|e| GlobError {
-                field,
-                pattern: patterns.join(","),
-                message: e.to_string(),
-            })
-        };
-        Ok(Selector {
-            prefix: source.prefix.clone(),
-            include: if source.include.is_empty() {
-                None
-            } else {
-                Some(set("include", &source.include)?)
-            },
-            exclude: set("exclude", &source.exclude)?,
-        })
-    }
-
-    pub fn wants(&self, key: &str) -> bool {
-        let Some(rel) = key.strip_prefix(&self.prefix) else {
-            return false;
-        };
-        if rel.is_empty() || rel.ends_with('/') {
-            return false; // "directory" markers
-        }
-        self.include.as_ref().is_none_or(|i| i.is_match(rel)) && !self.exclude.is_match(rel)
     }
 }
 
@@ -136,6 +76,8 @@ pub fn plan(selector: &Selector, listing: Vec<Listed>, indexed: &HashMap<String,
 
 #[cfg(test)]
 mod tests {
+    use stowage_common::spec::index::IndexSource;
+
     use super::*;
 
     fn source(include: &[&str], exclude: &[&str]) -> IndexSource {
@@ -210,21 +152,5 @@ mod tests {
         assert_eq!(plan(&sel, vec![obj.clone()], &docs).unchanged, 1);
         obj.sha256_hex = Some("def".into());
         assert_eq!(plan(&sel, vec![obj], &docs).changed.len(), 1);
-    }
-
-    #[test]
-    fn globs_are_relative_to_the_prefix() {
-        let sel = Selector::new(&source(&["**/*.md", "*.pdf"], &["drafts/**"])).expect("selector");
-        assert!(sel.wants("kb/guide.md"));
-        assert!(sel.wants("kb/deep/er/notes.md"));
-        assert!(sel.wants("kb/report.pdf"));
-        assert!(!sel.wants("kb/sub/report.pdf"), "*.pdf does not cross /");
-        assert!(!sel.wants("kb/drafts/wip.md"));
-        assert!(!sel.wants("kb/image.png"));
-        assert!(!sel.wants("elsewhere/guide.md"));
-        let e = Selector::new(&source(&["a[b"], &[]))
-            .err()
-            .expect("invalid glob");
-        assert!(e.to_string().starts_with("source.include: \"a[b\""), "{e}");
     }
 }

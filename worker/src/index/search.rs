@@ -1,16 +1,18 @@
-//! `Search.Query`: the query is embedded with the collection's own model,
-//! then answered from its active index (vector, keyword or hybrid).
+//! `Search.Query`: answered from the collection's active generation
+//! (vector, keyword or hybrid), the query embedded by that generation's own
+//! model — during a model change, the old one until the new generation is
+//! complete.
 
 use std::sync::Arc;
 
-use stowage_common::spec::index::EmbeddingProvider;
+use stowage_common::db::Client;
 use stowage_common::state::collections;
-use stowage_common::state::index::{self as store, Mode, Query, SearchError};
+use stowage_common::state::index::{self as store, Hit, Mode, Query, SearchError};
 use stowage_proto::v1::search_server::Search;
 use stowage_proto::v1::{SearchHit, SearchMode, SearchRequest, SearchResponse};
 use tonic::{Request, Response, Status};
 
-use super::sync::{BUILTIN_UNAVAILABLE, embedder};
+use super::sync::embedder;
 use crate::Context;
 
 pub struct SearchService {
@@ -19,6 +21,69 @@ pub struct SearchService {
 
 /// Longest query text accepted.
 const MAX_QUERY_CHARS: usize = 4096;
+/// Times a query is asked again when the generation it was embedded for
+/// was replaced before it was answered.
+const GENERATION_RACES: usize = 3;
+
+impl SearchService {
+    async fn answer(
+        &self,
+        db: &Client,
+        collection_id: uuid::Uuid,
+        mode: Mode,
+        r: &SearchRequest,
+        top_k: i64,
+    ) -> Result<Vec<Hit>, Status> {
+        let unavailable = |e: SearchError| match e {
+            SearchError::NoIndex => Status::failed_precondition(e.to_string()),
+            SearchError::Dimensions { .. } | SearchError::NoVector(_) => {
+                Status::invalid_argument(e.to_string())
+            }
+            SearchError::State(_) => Status::unavailable(e.to_string()),
+        };
+        let active = || async {
+            store::active_generation(db, collection_id)
+                .await
+                .map_err(|e| unavailable(e.into()))?
+                .ok_or_else(|| unavailable(SearchError::NoIndex))
+        };
+        let mut generation = active().await?;
+        for _ in 0..GENERATION_RACES {
+            let vector = if mode == Mode::Keyword {
+                None
+            } else {
+                let e = embedder(&self.ctx, &generation.embedding)
+                    .await
+                    .map_err(Status::failed_precondition)?;
+                e.embed(std::slice::from_ref(&r.query))
+                    .await
+                    .map_err(|e| Status::unavailable(format!("embedding the query: {e}")))?
+                    .pop()
+            };
+            let q = Query {
+                mode,
+                vector: vector.as_deref(),
+                text: &r.query,
+                top_k,
+                key_prefix: Some(r.key_prefix.as_str()).filter(|p| !p.is_empty()),
+                content_type: Some(r.content_type.as_str()).filter(|t| !t.is_empty()),
+            };
+            let hits = store::search_generation(db, &generation, &q)
+                .await
+                .map_err(unavailable)?;
+            let now = active().await?;
+            if now.id == generation.id {
+                return Ok(hits);
+            }
+            // Replaced while we asked: the answer may be of a dropped
+            // generation. Ask the new one.
+            generation = now;
+        }
+        Err(Status::unavailable(
+            "the collection's index kept changing generation; try again",
+        ))
+    }
+}
 
 #[tonic::async_trait]
 impl Search for SearchService {
@@ -70,36 +135,7 @@ impl Search for SearchService {
                     r.namespace, r.collection
                 ))
             })?;
-        let vector = if mode == Mode::Keyword {
-            None
-        } else {
-            if collection.spec.embedding.provider == EmbeddingProvider::Builtin {
-                return Err(Status::failed_precondition(BUILTIN_UNAVAILABLE));
-            }
-            let e = embedder(&self.ctx, &collection.spec).map_err(Status::failed_precondition)?;
-            let mut v = e
-                .embed(std::slice::from_ref(&r.query))
-                .await
-                .map_err(|e| Status::unavailable(format!("embedding the query: {e}")))?;
-            v.pop()
-        };
-        let q = Query {
-            mode,
-            vector: vector.as_deref(),
-            text: &r.query,
-            top_k,
-            key_prefix: Some(r.key_prefix.as_str()).filter(|p| !p.is_empty()),
-            content_type: Some(r.content_type.as_str()).filter(|t| !t.is_empty()),
-        };
-        let hits = store::search(&db, collection.id, &q)
-            .await
-            .map_err(|e| match e {
-                SearchError::NoIndex => Status::failed_precondition(e.to_string()),
-                SearchError::Dimensions { .. } | SearchError::NoVector(_) => {
-                    Status::invalid_argument(e.to_string())
-                }
-                SearchError::State(_) => Status::unavailable(e.to_string()),
-            })?;
+        let hits = self.answer(&db, collection.id, mode, &r, top_k).await?;
         let bucket = collection.spec.source.bucket.clone();
         Ok(Response::new(SearchResponse {
             hits: hits

@@ -4,21 +4,23 @@
 //! every document of it is in.
 
 use sha2::{Digest, Sha256};
-use stowage_common::spec::index::{EmbeddingProvider, IndexSpec};
+use std::sync::Arc;
+use std::time::Duration;
+
+use stowage_common::locks::{LockClass, LockKey};
+use stowage_common::spec::index::{Embedding, EmbeddingProvider, IndexSpec};
+use stowage_common::spec::select::Selector;
 use stowage_common::state::collections::{CollectionRecord, RunCounts, RunState};
 use stowage_common::state::index::{self as store, NewChunk, Source};
 use stowage_common::storage::read_secret_key;
 use tracing::{info, warn};
 
 use super::chunk::chunk;
-use super::embed::{RemoteEmbedder, Retry};
+use super::embed::{BuiltinModel, Embedder, RemoteEmbedder, Retry};
 use super::extract::{DEFAULT_MAX_BYTES, extract};
-use super::plan::{Indexed, Listed, Plan, Selector, plan};
+use super::plan::{Indexed, Listed, Plan, plan};
 use crate::Context;
 use crate::s3::s3_error;
-
-/// Why a collection using the built-in model cannot be indexed yet.
-pub const BUILTIN_UNAVAILABLE: &str = "the builtin embedding model is not available yet: use a remote provider (openai, ollama or tei)";
 
 /// How a run ended: its state, counts and (for failures) the reason.
 pub struct Ending {
@@ -46,10 +48,7 @@ pub async fn run(ctx: &Context, collection: &CollectionRecord) -> Ending {
 
 async fn index(ctx: &Context, collection: &CollectionRecord) -> Result<Ending, String> {
     let spec = &collection.spec;
-    if spec.embedding.provider == EmbeddingProvider::Builtin {
-        return Ok(Ending::failed(BUILTIN_UNAVAILABLE));
-    }
-    let embedder = embedder(ctx, spec)?;
+    let embedder = embedder(ctx, &spec.embedding).await?;
     let selector = Selector::new(&spec.source).map_err(|e| e.to_string())?;
     let client = ctx
         .s3
@@ -57,14 +56,9 @@ async fn index(ctx: &Context, collection: &CollectionRecord) -> Result<Ending, S
         .map_err(|e| e.to_string())?;
     let listing = list(&client, spec).await?;
     let mut db = ctx.db.get().await.map_err(|e| e.to_string())?;
-    let generation = store::generation_for(
-        &mut db,
-        collection.id,
-        &spec.embedding.generation_key(),
-        spec.embedding.dimensions as i32,
-    )
-    .await
-    .map_err(|e| e.to_string())?;
+    let generation = store::generation_for(&mut db, collection.id, &spec.embedding)
+        .await
+        .map_err(|e| e.to_string())?;
     let indexed = store::documents(&db, generation.id)
         .await
         .map_err(|e| e.to_string())?
@@ -87,7 +81,7 @@ async fn index(ctx: &Context, collection: &CollectionRecord) -> Result<Ending, S
         .map(|o| (o, true))
         .chain(changed.iter().map(|o| (o, false)))
     {
-        match document(ctx, &client, spec, &embedder, generation.id, object).await {
+        match document(ctx, &client, collection, &embedder, generation.id, object).await {
             Ok(Some(chunks)) => {
                 counts.chunks_written += chunks as i64;
                 if is_new {
@@ -126,8 +120,32 @@ async fn index(ctx: &Context, collection: &CollectionRecord) -> Result<Ending, S
     })
 }
 
-pub(crate) fn embedder(ctx: &Context, spec: &IndexSpec) -> Result<RemoteEmbedder, String> {
-    let api_key = match (&spec.embedding.credentials_secret_ref, &ctx.credentials_dir) {
+/// The embedder for `spec`: the worker's built-in model (loaded once, on
+/// first use) or a remote provider with the API key from its Secret.
+pub(crate) async fn embedder(ctx: &Context, spec: &Embedding) -> Result<Embedder, String> {
+    if spec.provider == EmbeddingProvider::Builtin {
+        let Some(dir) = ctx.embedding_model_dir.clone() else {
+            return Err(
+                "the collection uses the builtin embedding model, but this worker has no \
+                 --embedding-model-dir (STOWAGE_EMBEDDING_MODEL_DIR; `scripts/stack install model` \
+                 unpacks it)"
+                    .to_string(),
+            );
+        };
+        let model = ctx
+            .builtin_model
+            .get_or_try_init(|| async move {
+                let loaded = tokio::task::spawn_blocking(move || BuiltinModel::load(&dir))
+                    .await
+                    .map_err(|e| e.to_string())?
+                    .map_err(|e| e.to_string())?;
+                info!("builtin embedding model loaded");
+                Ok::<_, String>(Arc::new(loaded))
+            })
+            .await?;
+        return Ok(Embedder::Builtin(model.clone()));
+    }
+    let api_key = match (&spec.credentials_secret_ref, &ctx.credentials_dir) {
         (None, _) => None,
         (Some(r), Some(dir)) => Some(
             read_secret_key(dir, &r.name, &["api_key", "API_KEY"]).map_err(|e| e.to_string())?,
@@ -139,7 +157,9 @@ pub(crate) fn embedder(ctx: &Context, spec: &IndexSpec) -> Result<RemoteEmbedder
             ));
         }
     };
-    RemoteEmbedder::new(&spec.embedding, api_key, Retry::default()).map_err(|e| e.to_string())
+    RemoteEmbedder::new(spec, api_key, Retry::default())
+        .map(|r| Embedder::Remote(Arc::new(r)))
+        .map_err(|e| e.to_string())
 }
 
 async fn list(client: &aws_sdk_s3::Client, spec: &IndexSpec) -> Result<Vec<Listed>, String> {
@@ -164,16 +184,35 @@ async fn list(client: &aws_sdk_s3::Client, spec: &IndexSpec) -> Result<Vec<Liste
     Ok(out)
 }
 
-/// Indexes one object; `Ok(None)` when it is skipped (recorded with the
-/// reason), `Err` when it failed (recorded with the reason too).
-async fn document(
+/// How long a document waits for another indexer of it (an event-driven
+/// task, or a sync run) to finish.
+const DOCUMENT_LOCK_WAIT: Duration = Duration::from_secs(60);
+
+/// Indexes one object into one generation, under the document's lock (held
+/// from the fetch to the commit, so that two indexers of a key never store
+/// an older version over a newer one); `Ok(None)` when it is skipped
+/// (recorded with the reason), `Err` when it failed (recorded with the
+/// reason too).
+pub(crate) async fn document(
     ctx: &Context,
     client: &aws_sdk_s3::Client,
-    spec: &IndexSpec,
-    embedder: &RemoteEmbedder,
+    collection: &CollectionRecord,
+    embedder: &Embedder,
     generation_id: i64,
     object: &Listed,
 ) -> Result<Option<usize>, String> {
+    let spec = &collection.spec;
+    let lock = ctx
+        .locks
+        .lock_with_timeout(
+            LockKey::new(
+                LockClass::Document,
+                format!("{}/{}", collection.id, object.key),
+            ),
+            DOCUMENT_LOCK_WAIT,
+        )
+        .await
+        .map_err(|e| format!("document lock: {e}"))?;
     let mut db = ctx.db.get().await.map_err(|e| e.to_string())?;
     let mut source = Source {
         object_key: object.key.clone(),
@@ -195,6 +234,9 @@ async fn document(
         }
     };
     recorded.map_err(|e| e.to_string())?;
+    if let Err(e) = lock.release().await {
+        warn!(error = %e, "releasing a document lock");
+    }
     match outcome {
         Ok(Prepared::Chunks(chunks)) => Ok(Some(chunks.len())),
         Ok(Prepared::Skipped(_)) => Ok(None),
@@ -212,7 +254,7 @@ enum Prepared {
 async fn fetch_and_index(
     client: &aws_sdk_s3::Client,
     spec: &IndexSpec,
-    embedder: &RemoteEmbedder,
+    embedder: &Embedder,
     object: &Listed,
     source: &mut Source,
 ) -> Result<Prepared, String> {

@@ -123,6 +123,7 @@ async fn handle(ctx: Arc<Context>, msg: Message, cancel: CancellationToken) {
         Some(task::Kind::PlanUpload(_)) => "upload-plan",
         Some(task::Kind::UploadFile(_)) => "upload",
         Some(task::Kind::SyncCollection(_)) => "index-sync",
+        Some(task::Kind::IndexDocument(_)) => "index-doc",
         None => "unknown",
     };
     let progress = Arc::new(AtomicU64::new(0));
@@ -186,6 +187,12 @@ async fn run_task(
                 return invalid(format!("collection id {:?} is not a UUID", s.collection_id));
             };
             crate::index::sync(ctx, collection_id, &s.trigger).await
+        }
+        Some(task::Kind::IndexDocument(d)) => {
+            let Ok(collection_id) = Uuid::parse_str(&d.collection_id) else {
+                return invalid(format!("collection id {:?} is not a UUID", d.collection_id));
+            };
+            crate::index::document::run(ctx, collection_id, &d.key).await
         }
         None => invalid("task has no kind (sent by a newer version?)".into()),
     }

@@ -200,11 +200,7 @@ async fn process(
     validate_key(&item.dest_key)?;
     let dest = &spec.destination;
     let client = ctx.s3.client(&dest.endpoint)?;
-    let endpoint = dest
-        .endpoint
-        .endpoint
-        .clone()
-        .unwrap_or_else(|| "aws".into());
+    let endpoint = dest.endpoint.label().to_string();
     let lock_key = LockKey::new(
         LockClass::ObjectKey,
         format!("{endpoint}/{}/{}", dest.bucket, item.dest_key),
@@ -436,6 +432,7 @@ async fn record(
     )
     .await?;
     let event = ObjectLanded {
+        endpoint: target.endpoint.to_string(),
         bucket: target.bucket.to_string(),
         key: target.key.to_string(),
         sha256_hex: sha.to_string(),
@@ -443,12 +440,9 @@ async fn record(
         job_id: item.job_id.to_string(),
         version: version as u32,
     };
-    let subject = ctx.queue.topology().object_subject(target.bucket);
-    if let Err(e) = ctx
-        .queue
-        .publish_event(subject, event.encode_to_vec())
-        .await
-    {
+    // After the object row: a lost event only delays indexing until the
+    // collection's next resync.
+    if let Err(e) = ctx.queue.publish_object_landed(&event).await {
         warn!(error = %e, "object-landed event not published");
     }
     Ok(())

@@ -4,13 +4,13 @@
 //! a reader nobody in this project wrote (the AWS CLI) to check objects.
 #![allow(dead_code)]
 
+pub mod index;
 pub mod source;
 
 use std::path::PathBuf;
 use std::process::Command;
 use std::time::Duration;
 
-use aws_sdk_s3::config::{Credentials, Region, RequestChecksumCalculation};
 use clap::Parser;
 use stowage_common::db::{self, Pool};
 use stowage_common::locks::{LockManager, LockMetrics};
@@ -47,11 +47,10 @@ impl Harness {
         let database_url = fresh_database(&env).await;
         let prefix = unique("t");
         let creds_dir = tempfile::tempdir().expect("tempdir");
-        let secret = creds_dir.path().join(SECRET);
-        std::fs::create_dir_all(&secret).expect("mkdir secret");
-        std::fs::write(secret.join("access_key_id"), &target.access_key_id).expect("write");
-        std::fs::write(secret.join("secret_access_key"), &target.secret_access_key).expect("write");
-        let s3 = s3_client(&target);
+        target
+            .write_secret(creds_dir.path(), SECRET)
+            .expect("credentials Secret");
+        let s3 = target.client();
         let bucket = unique("b-");
         s3.create_bucket()
             .bucket(&bucket)
@@ -204,24 +203,6 @@ impl Harness {
     pub fn peer_sha256(&self, key: &str) -> String {
         peer_sha256(&self.target, &self.bucket, key)
     }
-}
-
-pub fn s3_client(t: &S3Target) -> aws_sdk_s3::Client {
-    let conf = aws_sdk_s3::Config::builder()
-        .behavior_version_latest()
-        .region(Region::new(t.region.clone()))
-        .endpoint_url(&t.endpoint)
-        .force_path_style(true)
-        .request_checksum_calculation(RequestChecksumCalculation::WhenRequired)
-        .credentials_provider(Credentials::new(
-            &t.access_key_id,
-            &t.secret_access_key,
-            None,
-            None,
-            "test",
-        ))
-        .build();
-    aws_sdk_s3::Client::from_conf(conf)
 }
 
 /// Streams the object through `aws s3 cp … -` into SHA-256.

@@ -8,7 +8,7 @@
 //!
 //! Batched, retried with jittered backoff on throttling, 5xx and transport
 //! errors; every vector is checked against the collection's dimensions and
-//! L2-normalised (cosine distance then equals the dot product).
+//! L2-normalised.
 
 use std::time::Duration;
 
@@ -18,31 +18,7 @@ use stowage_common::errors::{Classify, ErrorClass};
 use stowage_common::queue::backoff_delay;
 use stowage_common::spec::index::{Embedding, EmbeddingProvider};
 
-#[derive(Debug, thiserror::Error)]
-pub enum EmbedError {
-    #[error("embedding provider answered HTTP {status}: {body}")]
-    Status { status: u16, body: String },
-    #[error("embedding provider unreachable: {0}")]
-    Transport(String),
-    #[error("embedding provider sent an unexpected answer: {0}")]
-    Response(String),
-    #[error("embedding has {got} dimensions, the collection expects {want}")]
-    Dimensions { got: usize, want: usize },
-    #[error("the builtin model is not available to the remote embedder")]
-    NotRemote,
-}
-
-impl Classify for EmbedError {
-    fn class(&self) -> ErrorClass {
-        match self {
-            EmbedError::Status { status, .. } if *status == 429 || *status >= 500 => {
-                ErrorClass::Retryable
-            }
-            EmbedError::Transport(_) => ErrorClass::Retryable,
-            _ => ErrorClass::Permanent,
-        }
-    }
-}
+use super::{EmbedError, normalize};
 
 /// How hard to try before giving up on a batch.
 #[derive(Clone, Debug)]
@@ -203,15 +179,6 @@ impl RemoteEmbedder {
             })
             .collect()
     }
-}
-
-/// Scales `v` to unit length (a zero vector stays zero).
-pub fn normalize(mut v: Vec<f32>) -> Vec<f32> {
-    let norm = v.iter().map(|x| x * x).sum::<f32>().sqrt();
-    if norm > 0.0 {
-        v.iter_mut().for_each(|x| *x /= norm);
-    }
-    v
 }
 
 #[cfg(test)]

@@ -1,0 +1,79 @@
+//! Embeddings: text → unit-length vectors (cosine distance is then the dot
+//! product), from the built-in model or a remote provider.
+//!
+//! - [`builtin`]: all-MiniLM-L6-v2 on the CPU (candle), no network.
+//! - [`remote`]: OpenAI-compatible, Ollama and Hugging Face TEI over HTTP.
+
+pub mod builtin;
+pub mod remote;
+
+use std::sync::Arc;
+
+use stowage_common::errors::{Classify, ErrorClass};
+
+pub use builtin::BuiltinModel;
+pub use remote::{RemoteEmbedder, Retry};
+
+#[derive(Debug, thiserror::Error)]
+pub enum EmbedError {
+    #[error("embedding provider answered HTTP {status}: {body}")]
+    Status { status: u16, body: String },
+    #[error("embedding provider unreachable: {0}")]
+    Transport(String),
+    #[error("embedding provider sent an unexpected answer: {0}")]
+    Response(String),
+    #[error("embedding has {got} dimensions, the collection expects {want}")]
+    Dimensions { got: usize, want: usize },
+    #[error("the builtin model is not available to the remote embedder")]
+    NotRemote,
+    #[error("builtin embedding model at {path}: {reason}")]
+    Load { path: String, reason: String },
+    #[error("builtin embedding model: {0}")]
+    Inference(String),
+}
+
+impl Classify for EmbedError {
+    fn class(&self) -> ErrorClass {
+        match self {
+            EmbedError::Status { status, .. } if *status == 429 || *status >= 500 => {
+                ErrorClass::Retryable
+            }
+            EmbedError::Transport(_) => ErrorClass::Retryable,
+            _ => ErrorClass::Permanent,
+        }
+    }
+}
+
+/// What a collection embeds with.
+#[derive(Clone)]
+pub enum Embedder {
+    Builtin(Arc<BuiltinModel>),
+    Remote(Arc<RemoteEmbedder>),
+}
+
+impl Embedder {
+    /// One normalised vector per text, in order.
+    pub async fn embed(&self, texts: &[String]) -> Result<Vec<Vec<f32>>, EmbedError> {
+        match self {
+            Embedder::Remote(remote) => remote.embed(texts).await,
+            Embedder::Builtin(model) => {
+                let model = model.clone();
+                let texts = texts.to_vec();
+                // CPU-bound: off the async threads (the model's matrix
+                // products run on the rayon pool, shared by all callers).
+                tokio::task::spawn_blocking(move || model.embed(&texts))
+                    .await
+                    .map_err(|e| EmbedError::Inference(e.to_string()))?
+            }
+        }
+    }
+}
+
+/// Scales `v` to unit length (a zero vector stays zero).
+pub fn normalize(mut v: Vec<f32>) -> Vec<f32> {
+    let norm = v.iter().map(|x| x * x).sum::<f32>().sqrt();
+    if norm > 0.0 {
+        v.iter_mut().for_each(|x| *x /= norm);
+    }
+    v
+}
