@@ -12,6 +12,7 @@ implementation) from the same local folder the worker loads
                                   the samples change)
   reference.py bench TEXTS.json   embeds the texts (a JSON list) in batches of
                                   32 and prints one JSON line: texts, seconds
+  reference.py vectors TEXTS.json prints the texts' vectors as one JSON list
 """
 import json
 import os
@@ -80,7 +81,16 @@ def bench(path):
     print(json.dumps({"texts": len(texts), "seconds": time.perf_counter() - t0}))
 
 
+def vectors(path):
+    with open(path, encoding="utf-8") as f:
+        texts = json.load(f)
+    v = model().encode(texts, batch_size=32, normalize_embeddings=True)
+    print(json.dumps([[float(x) for x in row] for row in v]))
+
+
+COMMANDS = {"fixture": fixture, "bench": bench, "vectors": vectors}
+
 if __name__ == "__main__":
-    if len(sys.argv) != 3 or sys.argv[1] not in ("fixture", "bench"):
+    if len(sys.argv) != 3 or sys.argv[1] not in COMMANDS:
         sys.exit(__doc__)
-    {"fixture": fixture, "bench": bench}[sys.argv[1]](sys.argv[2])
+    COMMANDS[sys.argv[1]](sys.argv[2])
