@@ -50,7 +50,7 @@ fn bag_of_words(text: &str, dims: usize) -> Vec<f32> {
 const SLOW_MODEL: &str = "slow-32";
 
 /// An OpenAI-compatible `/v1/embeddings` counting the texts it embeds:
-/// bag-of-words vectors of 64 dimensions (32, 100 ms late, for
+/// bag-of-words vectors of 64 dimensions (32, 300 ms late, for
 /// [`SLOW_MODEL`]).
 async fn embedder(embedded: Arc<AtomicUsize>) -> String {
     let app = axum::Router::new().route(
@@ -67,7 +67,7 @@ async fn embedder(embedded: Arc<AtomicUsize>) -> String {
                     .collect();
                 embedded.fetch_add(inputs.len(), Ordering::SeqCst);
                 let dims = if req["model"] == SLOW_MODEL {
-                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    tokio::time::sleep(Duration::from_millis(300)).await;
                     32
                 } else {
                     DIMS

@@ -7,6 +7,8 @@ use sha2::{Digest, Sha256};
 use std::sync::Arc;
 use std::time::Duration;
 
+use futures::StreamExt;
+
 use stowage_common::locks::{LockClass, LockKey};
 use stowage_common::spec::index::{Embedding, EmbeddingProvider, IndexSpec};
 use stowage_common::spec::select::Selector;
@@ -76,12 +78,22 @@ async fn index(ctx: &Context, collection: &CollectionRecord) -> Result<Ending, S
         seen: (new.len() + changed.len() + unchanged) as i64,
         ..RunCounts::default()
     };
-    for (object, is_new) in new
+    // A few documents at a time: fetching and remote embedding wait on the
+    // network; the built-in model shares the CPU pool between them.
+    let work: Vec<_> = new
         .iter()
         .map(|o| (o, true))
         .chain(changed.iter().map(|o| (o, false)))
-    {
-        match document(ctx, &client, collection, &embedder, generation.id, object).await {
+        .map(|(object, is_new)| {
+            tagged(
+                document(ctx, &client, collection, &embedder, generation.id, object),
+                (object, is_new),
+            )
+        })
+        .collect();
+    let mut outcomes = futures::stream::iter(work).buffer_unordered(DOCUMENTS_AT_ONCE);
+    while let Some(((object, is_new), outcome)) = outcomes.next().await {
+        match outcome {
             Ok(Some(chunks)) => {
                 counts.chunks_written += chunks as i64;
                 if is_new {
@@ -97,6 +109,7 @@ async fn index(ctx: &Context, collection: &CollectionRecord) -> Result<Ending, S
             }
         }
     }
+    drop(outcomes);
     for key in &deleted {
         store::delete_document(&mut db, generation.id, key)
             .await
@@ -122,6 +135,11 @@ async fn index(ctx: &Context, collection: &CollectionRecord) -> Result<Ending, S
 
 /// The embedder for `spec`: the worker's built-in model (loaded once, on
 /// first use) or a remote provider with the API key from its Secret.
+/// `future`'s output with `tag` beside it.
+async fn tagged<T, F: Future>(future: F, tag: T) -> (T, F::Output) {
+    (tag, future.await)
+}
+
 pub(crate) async fn embedder(ctx: &Context, spec: &Embedding) -> Result<Embedder, String> {
     if spec.provider == EmbeddingProvider::Builtin {
         let Some(dir) = ctx.embedding_model_dir.clone() else {
@@ -183,6 +201,9 @@ async fn list(client: &aws_sdk_s3::Client, spec: &IndexSpec) -> Result<Vec<Liste
     }
     Ok(out)
 }
+
+/// Documents a sync run indexes concurrently.
+const DOCUMENTS_AT_ONCE: usize = 4;
 
 /// How long a document waits for another indexer of it (an event-driven
 /// task, or a sync run) to finish.
