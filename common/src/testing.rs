@@ -157,6 +157,20 @@ pub fn sha256_hex(b: &[u8]) -> String {
     hex::encode(sha2::Sha256::digest(b))
 }
 
+/// A fresh database with Stowage's schema: a pool and a lock manager on it.
+pub async fn fresh_schema(env: &StackEnv) -> (crate::db::Pool, crate::locks::LockManager) {
+    let url = fresh_database(env).await;
+    let pg = crate::db::parse_url(&url).expect("database URL");
+    let locks = crate::locks::LockManager::new(
+        pg.clone(),
+        crate::locks::LockMetrics::default(),
+        std::time::Duration::from_secs(1),
+    );
+    let pool = crate::db::pool(&pg, 8).expect("pool");
+    crate::db::migrate(&pool, &locks).await.expect("migrate");
+    (pool, locks)
+}
+
 /// Polls `check` every 100 ms until it holds; fails the test after `within`.
 pub async fn eventually<F, Fut>(what: &str, within: std::time::Duration, mut check: F)
 where

@@ -5,28 +5,16 @@
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::time::Duration;
 
-use prometheus_client::registry::Registry;
-use stowage_common::db::{self, Pool};
-use stowage_common::locks::{LockManager, LockMetrics};
+use stowage_common::db::Pool;
 use stowage_common::spec::index::{Embedding, EmbeddingProvider, IndexSpec};
 use stowage_common::state::collections::{self, NewCollection};
 use stowage_common::state::index::{self, Mode, NewChunk, Query, SearchError, Source};
-use stowage_common::testing::{StackEnv, fresh_database, unique};
+use stowage_common::testing::{StackEnv, fresh_schema, unique};
 use uuid::Uuid;
 
 async fn setup() -> (Pool, Uuid) {
-    let env = StackEnv::load();
-    let url = fresh_database(&env).await;
-    let pg = db::parse_url(&url).expect("url");
-    let locks = LockManager::new(
-        pg.clone(),
-        LockMetrics::register(&mut Registry::default()),
-        Duration::from_secs(1),
-    );
-    let pool = db::pool(&pg, 8).expect("pool");
-    db::migrate(&pool, &locks).await.expect("migrate");
+    let (pool, _) = fresh_schema(&StackEnv::load()).await;
     let spec: IndexSpec =
         serde_json::from_value(serde_json::json!({"source": {"bucket": "docs"}})).expect("spec");
     let db = pool.get().await.expect("db");

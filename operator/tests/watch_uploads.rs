@@ -6,12 +6,10 @@
 use std::time::Duration;
 
 use futures::StreamExt;
-use prometheus_client::registry::Registry;
 use stowage_common::db;
-use stowage_common::locks::{LockManager, LockMetrics};
 use stowage_common::queue::Queue;
 use stowage_common::state::collections::{self, NewCollection};
-use stowage_common::testing::{StackEnv, eventually, fresh_database, unique};
+use stowage_common::testing::{StackEnv, eventually, fresh_schema, unique};
 use stowage_operator::watch_uploads::{self, Debounce};
 use stowage_proto::v1::{ObjectLanded, task};
 use uuid::Uuid;
@@ -49,15 +47,7 @@ fn landed(endpoint: &str, key: &str, version: u32) -> ObjectLanded {
 #[tokio::test]
 async fn bursts_collapse_into_one_task_per_key_and_collection() {
     let env = StackEnv::load();
-    let url = fresh_database(&env).await;
-    let pg = db::parse_url(&url).expect("url");
-    let locks = LockManager::new(
-        pg.clone(),
-        LockMetrics::register(&mut Registry::default()),
-        Duration::from_secs(1),
-    );
-    let pool = db::pool(&pg, 4).expect("pool");
-    db::migrate(&pool, &locks).await.expect("migrate");
+    let (pool, _) = fresh_schema(&env).await;
     let queue = Queue::connect(&env.nats_url(), &unique("op"))
         .await
         .expect("nats");

@@ -76,15 +76,13 @@ pub fn plan(selector: &Selector, listing: Vec<Listed>, indexed: &HashMap<String,
 
 #[cfg(test)]
 mod tests {
-    use stowage_common::spec::index::IndexSource;
-
     use super::*;
 
-    fn source(include: &[&str], exclude: &[&str]) -> IndexSource {
-        serde_json::from_value(serde_json::json!({
-            "bucket": "docs", "prefix": "kb/", "include": include, "exclude": exclude,
-        }))
-        .expect("source")
+    /// Everything under `kb/`.
+    fn selector() -> Selector {
+        let source = serde_json::from_value(serde_json::json!({"bucket": "docs", "prefix": "kb/"}))
+            .expect("source");
+        Selector::new(&source).expect("selector")
     }
 
     fn listed(key: &str, etag: &str) -> Listed {
@@ -105,7 +103,7 @@ mod tests {
 
     #[test]
     fn new_changed_unchanged_and_deleted() {
-        let sel = Selector::new(&source(&[], &[])).expect("selector");
+        let sel = selector();
         let docs: HashMap<String, Indexed> = [
             ("kb/same.md".to_string(), indexed("e1")),
             ("kb/edited.md".to_string(), indexed("e2")),
@@ -138,7 +136,7 @@ mod tests {
     #[test]
     fn content_hash_wins_over_etag_when_both_sides_know_it() {
         // A multipart re-upload of identical bytes gets a new ETag.
-        let sel = Selector::new(&source(&[], &[])).expect("selector");
+        let sel = selector();
         let docs: HashMap<String, Indexed> = [(
             "kb/a.pdf".to_string(),
             Indexed {

@@ -11,19 +11,17 @@
 mod corpus;
 
 use std::path::PathBuf;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use anyhow::{Context as _, bail};
 use clap::{Parser, Subcommand};
 use futures::StreamExt;
 use prost::Message as _;
-use stowage_common::db;
-use stowage_common::locks::{LockManager, LockMetrics};
 use stowage_common::queue::TaskKind;
 use stowage_common::spec::index::{Embedding, IndexSpec};
 use stowage_common::state::collections::{self, NewCollection};
 use stowage_common::state::index::{self as store, Mode, Query};
-use stowage_common::testing::{StackEnv, fresh_database, unique};
+use stowage_common::testing::{StackEnv, fresh_database, fresh_schema, unique};
 use stowage_proto::v1::{CollectionProgress, SyncCollection, Task, task};
 use stowage_worker::index::embed::BuiltinModel;
 
@@ -275,12 +273,7 @@ async fn index(docs: usize, server: &str) -> anyhow::Result<()> {
 
 async fn search(chunks: usize, queries: usize) -> anyhow::Result<()> {
     const DIMS: usize = 384;
-    let env = StackEnv::load();
-    let url = fresh_database(&env).await;
-    let pg = db::parse_url(&url)?;
-    let locks = LockManager::new(pg.clone(), LockMetrics::default(), Duration::from_secs(2));
-    let pool = db::pool(&pg, 4)?;
-    db::migrate(&pool, &locks).await?;
+    let (pool, _) = fresh_schema(&StackEnv::load()).await;
     let mut client = pool.get().await?;
     let id = collections::register(
         &client,
