@@ -24,12 +24,13 @@ pub const DIMENSIONS: usize = 384;
 /// sentence-transformers' `max_seq_length` for this model.
 pub const MAX_TOKENS: usize = 256;
 /// Texts per forward pass.
-const BATCH: usize = 32;
+pub const DEFAULT_BATCH: usize = 32;
 
 pub struct BuiltinModel {
     model: BertModel,
     tokenizer: Tokenizer,
     device: Device,
+    batch: usize,
 }
 
 impl BuiltinModel {
@@ -63,6 +64,7 @@ impl BuiltinModel {
             model,
             tokenizer,
             device,
+            batch: DEFAULT_BATCH,
         };
         // The dimensions come from the weights: check them once here.
         let probe = loaded.embed(&["probe".to_string()])?;
@@ -75,6 +77,12 @@ impl BuiltinModel {
         Ok(loaded)
     }
 
+    /// Texts per forward pass (at least 1).
+    pub fn with_batch(mut self, batch: usize) -> BuiltinModel {
+        self.batch = batch.max(1);
+        self
+    }
+
     /// One normalised 384-dimensional vector per text, in order. Blocking.
     pub fn embed(&self, texts: &[String]) -> Result<Vec<Vec<f32>>, EmbedError> {
         let encodings = self
@@ -84,7 +92,7 @@ impl BuiltinModel {
         let mut order: Vec<usize> = (0..texts.len()).collect();
         order.sort_by_key(|&i| encodings[i].len());
         let mut out = vec![Vec::new(); texts.len()];
-        for batch in order.chunks(BATCH) {
+        for batch in order.chunks(self.batch) {
             let group: Vec<&Encoding> = batch.iter().map(|&i| &encodings[i]).collect();
             let vectors = self
                 .forward(&group)
