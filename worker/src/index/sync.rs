@@ -3,12 +3,11 @@
 //! store), drop what is gone, and activate a freshly built generation once
 //! every document of it is in.
 
-use sha2::{Digest, Sha256};
 use std::sync::Arc;
 use std::time::Duration;
 
 use futures::StreamExt;
-
+use sha2::{Digest, Sha256};
 use stowage_common::locks::{LockClass, LockKey};
 use stowage_common::spec::index::{Embedding, EmbeddingProvider, IndexSpec};
 use stowage_common::spec::select::Selector;
@@ -133,13 +132,13 @@ async fn index(ctx: &Context, collection: &CollectionRecord) -> Result<Ending, S
     })
 }
 
-/// The embedder for `spec`: the worker's built-in model (loaded once, on
-/// first use) or a remote provider with the API key from its Secret.
 /// `future`'s output with `tag` beside it.
 async fn tagged<T, F: Future>(future: F, tag: T) -> (T, F::Output) {
     (tag, future.await)
 }
 
+/// The embedder for `spec`: the worker's built-in model (loaded once, on
+/// first use) or a remote provider with the API key from its Secret.
 pub(crate) async fn embedder(ctx: &Context, spec: &Embedding) -> Result<Embedder, String> {
     if spec.provider == EmbeddingProvider::Builtin {
         let Some(dir) = ctx.embedding_model_dir.clone() else {
