@@ -496,3 +496,95 @@ async fn queries_during_a_model_change_are_answered_by_one_complete_generation()
         .get(0);
     assert_eq!(left, 0, "the old generation is removed after the switch");
 }
+
+/// An `IndexDocument` task (what the operator publishes for a landed object).
+async fn document_task(h: &Harness, id: Uuid, key: &str, round: &str) {
+    use stowage_proto::v1::{IndexDocument, Task, task};
+    let subject = h.queue.topology().task_subject(
+        stowage_common::queue::TaskKind::IndexDocument,
+        "team-a",
+        "kb",
+    );
+    h.queue
+        .publish_task(
+            &subject,
+            &Task {
+                task_id: format!("index-doc/{id}/{key}/{round}"),
+                kind: Some(task::Kind::IndexDocument(IndexDocument {
+                    collection_id: id.to_string(),
+                    key: key.into(),
+                })),
+            },
+        )
+        .await
+        .expect("publish");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn document_tasks_update_and_remove_single_documents_between_runs() {
+    let h = Harness::new("localstack").await;
+    let _worker = h.worker(None).await;
+    let embedded = Arc::new(AtomicUsize::new(0));
+    let url = embedder(Arc::clone(&embedded)).await;
+    put(&h, "kb/a.txt", "text/plain", b"Alpha notes about buckets.").await;
+    put(&h, "kb/b.txt", "text/plain", b"Beta notes about queues.").await;
+    let mut source = serde_json::to_value(h.endpoint()).expect("endpoint");
+    source["bucket"] = h.bucket.clone().into();
+    source["prefix"] = "kb/".into();
+    let id = register(
+        &h,
+        serde_json::json!({"source": source, "embedding": {
+            "provider": "openai", "model": "bow", "dimensions": DIMS, "endpoint": url}}),
+    )
+    .await;
+    assert_eq!(sync(&h, id, "one").await.state, RunState::Completed);
+    let after_sync = embedded.load(Ordering::SeqCst);
+
+    put(
+        &h,
+        "kb/a.txt",
+        "text/plain",
+        b"Alpha notes, rewritten: lifecycle rules.",
+    )
+    .await;
+    h.s3.delete_object()
+        .bucket(&h.bucket)
+        .key("kb/b.txt")
+        .send()
+        .await
+        .expect("delete");
+    document_task(&h, id, "kb/a.txt", "1").await;
+    document_task(&h, id, "kb/b.txt", "1").await;
+    eventually(
+        "a re-indexed, b removed",
+        Duration::from_secs(30),
+        || async {
+            search(&h, id, Mode::Keyword, "lifecycle").await == ["kb/a.txt"]
+                && document_state(&h, "kb/b.txt").await.is_none()
+        },
+    )
+    .await;
+    assert!(search(&h, id, Mode::Keyword, "queues").await.is_empty());
+    assert_eq!(
+        embedded.load(Ordering::SeqCst),
+        after_sync + 1,
+        "only the changed document was embedded"
+    );
+    // The same task again: nothing changed, nothing embedded.
+    document_task(&h, id, "kb/a.txt", "2").await;
+    eventually("the repeat is handled", Duration::from_secs(30), || async {
+        h.queue.backlog().await.is_ok_and(|b| b == 0)
+    })
+    .await;
+    assert_eq!(embedded.load(Ordering::SeqCst), after_sync + 1);
+    let runs: i64 = h
+        .pool
+        .get()
+        .await
+        .expect("db")
+        .query_one("SELECT count(*) FROM sync_runs", &[])
+        .await
+        .expect("runs")
+        .get(0);
+    assert_eq!(runs, 1, "no sync run was needed");
+}

@@ -6,16 +6,15 @@
 
 use std::time::Duration;
 
+use stowage_common::spec::select::Selector;
 use stowage_common::state::StateError;
 use stowage_common::state::collections::{self, CollectionRecord};
 use stowage_common::state::index as store;
 use tracing::info;
 use uuid::Uuid;
 
-use stowage_common::spec::select::Selector;
-
 use super::plan::Listed;
-use super::sync::{document, embedder};
+use super::sync::{document, document_lock, embedder};
 use crate::Context;
 use crate::s3::s3_error;
 use crate::tasks::Outcome;
@@ -54,6 +53,7 @@ async fn index(ctx: &Context, collection_id: Uuid, key: &str) -> Result<&'static
         .client(&collection.spec.source.endpoint)
         .map_err(|e| e.to_string())?;
     let Some(object) = head(&client, &collection, key).await? else {
+        let _lock = document_lock(ctx, collection_id, key).await?;
         let mut db = ctx.db.get().await.map_err(|e| e.to_string())?;
         for g in &generations {
             store::delete_document(&mut db, g.id, key)

@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use futures::StreamExt;
 use sha2::{Digest, Sha256};
-use stowage_common::locks::{LockClass, LockKey};
+use stowage_common::locks::{LockClass, LockKey, SessionLock};
 use stowage_common::spec::index::{Embedding, EmbeddingProvider, IndexSpec};
 use stowage_common::spec::select::Selector;
 use stowage_common::state::collections::{CollectionRecord, RunCounts, RunState};
@@ -110,6 +110,7 @@ async fn index(ctx: &Context, collection: &CollectionRecord) -> Result<Ending, S
     }
     drop(outcomes);
     for key in &deleted {
+        let _lock = document_lock(ctx, collection.id, key).await?;
         store::delete_document(&mut db, generation.id, key)
             .await
             .map_err(|e| e.to_string())?;
@@ -208,6 +209,21 @@ const DOCUMENTS_AT_ONCE: usize = 4;
 /// task, or a sync run) to finish.
 const DOCUMENT_LOCK_WAIT: Duration = Duration::from_secs(60);
 
+/// The document's lock: one indexer (or remover) of a key at a time.
+pub(crate) async fn document_lock(
+    ctx: &Context,
+    collection_id: uuid::Uuid,
+    key: &str,
+) -> Result<SessionLock, String> {
+    ctx.locks
+        .lock_with_timeout(
+            LockKey::new(LockClass::Document, format!("{collection_id}/{key}")),
+            DOCUMENT_LOCK_WAIT,
+        )
+        .await
+        .map_err(|e| format!("document lock: {e}"))
+}
+
 /// Indexes one object into one generation, under the document's lock (held
 /// from the fetch to the commit, so that two indexers of a key never store
 /// an older version over a newer one); `Ok(None)` when it is skipped
@@ -222,17 +238,7 @@ pub(crate) async fn document(
     object: &Listed,
 ) -> Result<Option<usize>, String> {
     let spec = &collection.spec;
-    let lock = ctx
-        .locks
-        .lock_with_timeout(
-            LockKey::new(
-                LockClass::Document,
-                format!("{}/{}", collection.id, object.key),
-            ),
-            DOCUMENT_LOCK_WAIT,
-        )
-        .await
-        .map_err(|e| format!("document lock: {e}"))?;
+    let lock = document_lock(ctx, collection.id, &object.key).await?;
     let mut db = ctx.db.get().await.map_err(|e| e.to_string())?;
     let mut source = Source {
         object_key: object.key.clone(),
