@@ -323,6 +323,37 @@ impl World {
         proc
     }
 
+    /// An UploadJob `name` copying `source_bucket/<prefix>` to `bucket/<name>/`.
+    pub fn s3_job(&self, name: &str, prefix: &str) -> String {
+        format!(
+            r#"apiVersion: stowage.dev/v1alpha1
+kind: UploadJob
+metadata: {{name: {name}, namespace: {ns}}}
+spec:
+  source:
+    s3:
+      bucket: {src}
+      prefix: {prefix}
+      endpoint: {endpoint}
+      region: {region}
+      credentialsSecretRef: {{name: s3}}
+  destination:
+    bucket: {dst}
+    keyPrefix: {name}/
+    endpoint: {endpoint}
+    region: {region}
+    credentialsSecretRef: {{name: s3}}
+  partSizeBytes: 5242880
+  retry: {{maxAttempts: 3, backoff: {{baseMillis: 200, maxMillis: 1000}}}}
+"#,
+            ns = self.namespace,
+            src = self.source_bucket,
+            dst = self.bucket,
+            endpoint = self.target.endpoint,
+            region = self.target.region,
+        )
+    }
+
     /// The `destination` (and S3 source) endpoint fields of a manifest.
     pub fn endpoint_yaml(&self) -> String {
         format!(

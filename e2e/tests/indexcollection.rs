@@ -112,32 +112,9 @@ spec:
         NATS.as_bytes().to_vec().into(),
     )
     .await;
-    w.apply_ok(&format!(
-        r#"apiVersion: stowage.dev/v1alpha1
-kind: UploadJob
-metadata: {{name: more, namespace: {ns}}}
-spec:
-  source:
-    s3:
-      bucket: {src}
-      prefix: incoming/
-      endpoint: {endpoint}
-      region: {region}
-      credentialsSecretRef: {{name: s3}}
-  destination:
-    bucket: {dst}
-    keyPrefix: docs/
-    endpoint: {endpoint}
-    region: {region}
-    credentialsSecretRef: {{name: s3}}
-"#,
-        ns = w.namespace,
-        src = w.source_bucket,
-        dst = w.bucket,
-        endpoint = w.target.endpoint,
-        region = w.target.region,
-    ));
-    w.wait_for("uj/more", "Complete", "60s");
+    // Named `docs`, it lands `incoming/*` under `docs/`, the collection's prefix.
+    w.apply_ok(&w.s3_job("docs", "incoming/"));
+    w.wait_for("uj/docs", "Complete", "60s");
     eventually(
         "the uploaded document is searchable without a resync",
         Duration::from_secs(60),

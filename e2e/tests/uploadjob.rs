@@ -16,36 +16,6 @@ async fn world() -> World {
     .await
 }
 
-fn s3_job(w: &World, name: &str, prefix: &str) -> String {
-    format!(
-        r#"apiVersion: stowage.dev/v1alpha1
-kind: UploadJob
-metadata: {{name: {name}, namespace: {ns}}}
-spec:
-  source:
-    s3:
-      bucket: {src}
-      prefix: {prefix}
-      endpoint: {endpoint}
-      region: {region}
-      credentialsSecretRef: {{name: s3}}
-  destination:
-    bucket: {dst}
-    keyPrefix: {name}/
-    endpoint: {endpoint}
-    region: {region}
-    credentialsSecretRef: {{name: s3}}
-  partSizeBytes: 5242880
-  retry: {{maxAttempts: 3, backoff: {{baseMillis: 200, maxMillis: 1000}}}}
-"#,
-        ns = w.namespace,
-        src = w.source_bucket,
-        dst = w.bucket,
-        endpoint = w.target.endpoint,
-        region = w.target.region,
-    )
-}
-
 fn http_job(w: &World, name: &str, urls: &[String]) -> String {
     let list: Vec<String> = urls.iter().map(|u| format!("\"{u}\"")).collect();
     format!(
@@ -119,7 +89,7 @@ async fn applied_job_completes_with_verified_objects_and_counts() {
     let operator = w.operator();
     let _workers = [w.worker(2), w.worker(2)];
     let files = seed(&w, "in/", 5).await;
-    w.apply_ok(&s3_job(&w, "docs", "in/"));
+    w.apply_ok(&w.s3_job("docs", "in/"));
 
     w.wait_for("uj/docs", "Complete", "120s");
     for (rel, sha) in &files {
@@ -174,7 +144,9 @@ async fn a_spec_only_the_operator_can_judge_gets_invalid_spec() {
     let _operator = w.operator();
     // A key prefix that escapes with `..`: the schema admits the string, the
     // operator refuses it.
-    let manifest = s3_job(&w, "bad", "in/").replace("keyPrefix: bad/", "keyPrefix: ../escape/");
+    let manifest = w
+        .s3_job("bad", "in/")
+        .replace("keyPrefix: bad/", "keyPrefix: ../escape/");
     w.apply_ok(&manifest);
     w.wait_for("uj/bad", "Failed", "60s");
     let ready = w.field(
@@ -194,7 +166,8 @@ async fn a_spec_only_the_operator_can_judge_gets_invalid_spec() {
 
     // Out-of-range values are the schema's job on a real API server.
     if !w.kube.emulated {
-        let manifest = s3_job(&w, "tiny-parts", "in/")
+        let manifest = w
+            .s3_job("tiny-parts", "in/")
             .replace("partSizeBytes: 5242880", "partSizeBytes: 1024");
         let out = w.kube.apply(w.dir.path(), &manifest);
         assert!(
@@ -298,7 +271,7 @@ async fn a_standby_operator_takes_over_when_the_leader_is_killed() {
     )
     .await;
     seed(&w, "one/", 2).await;
-    w.apply_ok(&s3_job(&w, "one", "one/"));
+    w.apply_ok(&w.s3_job("one", "one/"));
     w.wait_for("uj/one", "Complete", "120s");
     assert_eq!(
         second.metric("stowage_operator_leader").await,
@@ -314,7 +287,7 @@ async fn a_standby_operator_takes_over_when_the_leader_is_killed() {
     )
     .await;
     seed(&w, "two/", 2).await;
-    w.apply_ok(&s3_job(&w, "two", "two/"));
+    w.apply_ok(&w.s3_job("two", "two/"));
     w.wait_for("uj/two", "Complete", "120s");
     assert_eq!(w.field("uj/two", "{.status.files.uploaded}"), "2");
 }
@@ -325,7 +298,8 @@ async fn a_suspended_job_starts_no_file_until_resumed() {
     let _operator = w.operator();
     let _worker = w.worker(2);
     let files = seed(&w, "held/", 3).await;
-    let manifest = s3_job(&w, "held", "held/")
+    let manifest = w
+        .s3_job("held", "held/")
         .replace("  partSizeBytes:", "  suspend: true\n  partSizeBytes:");
     w.apply_ok(&manifest);
     w.wait_for("uj/held", "Suspended", "60s");
@@ -428,7 +402,7 @@ async fn deadline_fails_a_slow_job_and_ttl_deletes_a_finished_one() {
     );
 
     seed(&w, "brief/", 1).await;
-    let manifest = s3_job(&w, "brief", "brief/").replace(
+    let manifest = w.s3_job("brief", "brief/").replace(
         "  partSizeBytes:",
         "  ttlSecondsAfterFinished: 1\n  partSizeBytes:",
     );
