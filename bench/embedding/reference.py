@@ -11,8 +11,8 @@ implementation) from the same local folder the worker loads
                                   agreement test (committed; rerun only when
                                   the samples change)
   reference.py bench TEXTS.json   embeds the texts (a JSON list) in batches of
-                                  32 and prints one JSON line: texts, seconds
-  reference.py vectors TEXTS.json prints the texts' vectors as one JSON list
+                                  32 and prints one JSON line: texts, seconds,
+                                  vectors (for the agreement figure)
 """
 import json
 import os
@@ -77,18 +77,13 @@ def bench(path):
     m = model()
     m.encode(texts[:32], batch_size=32)  # warm-up, as the Rust side's load probe
     t0 = time.perf_counter()
-    m.encode(texts, batch_size=32, normalize_embeddings=True)
-    print(json.dumps({"texts": len(texts), "seconds": time.perf_counter() - t0}))
+    v = m.encode(texts, batch_size=32, normalize_embeddings=True)
+    seconds = time.perf_counter() - t0
+    vectors = [[float(x) for x in row] for row in v]
+    print(json.dumps({"texts": len(texts), "seconds": seconds, "vectors": vectors}))
 
 
-def vectors(path):
-    with open(path, encoding="utf-8") as f:
-        texts = json.load(f)
-    v = model().encode(texts, batch_size=32, normalize_embeddings=True)
-    print(json.dumps([[float(x) for x in row] for row in v]))
-
-
-COMMANDS = {"fixture": fixture, "bench": bench, "vectors": vectors}
+COMMANDS = {"fixture": fixture, "bench": bench}
 
 if __name__ == "__main__":
     if len(sys.argv) != 3 or sys.argv[1] not in COMMANDS:
