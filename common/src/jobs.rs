@@ -1,7 +1,7 @@
 //! Submitting work and replaying dead letters: the steps that touch both the
 //! state in PostgreSQL and the queue, shared by the operator and stowctl.
 
-use stowage_proto::v1::{PlanUpload, Task, UploadFile, task};
+use stowage_proto::v1::{IndexDocument, PlanUpload, Task, UploadFile, task};
 use uuid::Uuid;
 
 use crate::db::Pool;
@@ -91,4 +91,32 @@ pub async fn replay_dead_letter(pool: &Pool, queue: &Queue, seq: u64) -> Result<
         uploads::reset_for_replay(&db, u.item_id).await?;
     }
     Ok(queue.replay_dead_letter(seq).await?)
+}
+
+/// What asks for a document to be indexed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DocumentOrigin {
+    /// Object events, the last of them at this stream sequence.
+    Event { sequence: u64 },
+    /// A sync run's plan.
+    Run { id: i64 },
+}
+
+/// The task that indexes `key` of a collection. Its id is deterministic per
+/// origin, so a republished task is deduplicated.
+pub fn index_document_task(collection_id: Uuid, key: &str, origin: DocumentOrigin) -> Task {
+    use sha2::{Digest, Sha256};
+    let key_hash = hex::encode(&Sha256::digest(key.as_bytes())[..8]);
+    let (instance, run_id) = match origin {
+        DocumentOrigin::Event { sequence } => (sequence.to_string(), 0),
+        DocumentOrigin::Run { id } => (format!("run-{id}"), id),
+    };
+    Task {
+        task_id: format!("index-doc/{collection_id}/{key_hash}/{instance}"),
+        kind: Some(task::Kind::IndexDocument(IndexDocument {
+            collection_id: collection_id.to_string(),
+            key: key.to_string(),
+            run_id,
+        })),
+    }
 }

@@ -18,10 +18,11 @@ use std::time::Duration;
 
 use futures::StreamExt;
 use prost::Message as _;
+use stowage_common::jobs::{DocumentOrigin, index_document_task};
 use stowage_common::queue::{Message, TaskKind};
 use stowage_common::spec::select::Selector;
 use stowage_common::state::collections::{self, CollectionRecord};
-use stowage_proto::v1::{IndexDocument, ObjectLanded, Task, task};
+use stowage_proto::v1::ObjectLanded;
 use tokio::time::Instant;
 use tracing::{debug, info, warn};
 use uuid::Uuid;
@@ -151,17 +152,13 @@ async fn fire(queue: &Queue, pending: &mut HashMap<(Uuid, String), Pending>) {
         let Some(p) = pending.remove(&(collection_id, key.clone())) else {
             continue;
         };
-        let task = Task {
-            task_id: format!(
-                "index-doc/{collection_id}/{}/{}",
-                short_hash(&key),
-                p.last_sequence
-            ),
-            kind: Some(task::Kind::IndexDocument(IndexDocument {
-                collection_id: collection_id.to_string(),
-                key: key.clone(),
-            })),
-        };
+        let task = index_document_task(
+            collection_id,
+            &key,
+            DocumentOrigin::Event {
+                sequence: p.last_sequence,
+            },
+        );
         let subject = queue
             .topology()
             .task_subject(TaskKind::IndexDocument, &p.namespace, &p.name);
@@ -196,8 +193,3 @@ async fn ack(msg: &Message) {
     }
 }
 
-/// 16 hex digits of the key's SHA-256: task ids stay short and subject-safe.
-fn short_hash(key: &str) -> String {
-    use sha2::{Digest, Sha256};
-    hex::encode(&Sha256::digest(key.as_bytes())[..8])
-}

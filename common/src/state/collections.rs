@@ -230,8 +230,50 @@ pub async fn latest_run(
     Ok(row.as_ref().map(SyncRun::from_row))
 }
 
-/// Starts a run; a run still marked in progress (its worker died) is marked
-/// abandoned first. The caller holds the collection's sync lock.
+/// The collection's run in progress, if any, and whether it is alive.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct LiveRun {
+    pub id: i64,
+    /// The collection generation it indexes for.
+    pub generation: i64,
+    /// Its documents' tasks are all published.
+    pub dispatched: bool,
+    /// Time since its last sign of life (dispatch or a document finished).
+    pub idle: std::time::Duration,
+    /// Documents not finished yet.
+    pub pending: i64,
+}
+
+pub async fn run_in_progress(
+    client: &Client,
+    collection_id: Uuid,
+) -> Result<Option<LiveRun>, StateError> {
+    let row = client
+        .query_opt(
+            &client
+                .prepare_cached(
+                    "SELECT r.id, r.generation, r.dispatched_at IS NOT NULL,
+                            extract(epoch FROM now() - r.updated_at)::float8,
+                            (SELECT count(*) FROM sync_run_documents d
+                              WHERE d.run_id = r.id AND d.state = 'pending')
+                     FROM sync_runs r WHERE r.collection_id = $1 AND r.state = 'in_progress'",
+                )
+                .await?,
+            &[&collection_id],
+        )
+        .await?;
+    Ok(row.map(|r| LiveRun {
+        id: r.get(0),
+        generation: r.get(1),
+        dispatched: r.get(2),
+        idle: std::time::Duration::from_secs_f64(r.get::<_, f64>(3).max(0.0)),
+        pending: r.get(4),
+    }))
+}
+
+/// Starts a run; a run still marked in progress (its planner died, or it
+/// stopped making progress) is marked abandoned first. The caller holds the
+/// collection's sync lock.
 pub async fn begin_run(
     client: &mut Client,
     collection_id: Uuid,
@@ -241,7 +283,8 @@ pub async fn begin_run(
     let tx = client.transaction().await?;
     tx.execute(
         "UPDATE sync_runs SET state = 'abandoned', finished_at = now(),
-                error = coalesce(error, 'abandoned: its worker stopped before finishing')
+                error = coalesce(error, 'abandoned: it stopped making progress (a worker died, its \
+                         tasks were lost, or a newer spec replaced it)')
          WHERE collection_id = $1 AND state = 'in_progress'",
         &[&collection_id],
     )
@@ -315,4 +358,221 @@ pub async fn find_by_name(
         Some(r) => Ok(Some(get(client, r.get(0)).await?)),
         None => Ok(None),
     }
+}
+
+/// An object a run indexes, as its plan found it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PlannedDocument {
+    pub key: String,
+    pub etag: String,
+    pub size: i64,
+    /// New to the generation (else changed, or failed last time).
+    pub new: bool,
+}
+
+/// Records a run's plan: the generation it writes, what it saw and deleted,
+/// and one pending row per document to index (their tasks are published
+/// next, then [`mark_dispatched`]).
+pub async fn record_plan(
+    client: &mut Client,
+    run_id: i64,
+    generation_id: i64,
+    counts: &RunCounts,
+    documents: &[PlannedDocument],
+) -> Result<(), StateError> {
+    let tx = client.transaction().await?;
+    tx.execute(
+        "UPDATE sync_runs SET generation_id = $2, seen = $3, deleted = $4, updated_at = now()
+         WHERE id = $1",
+        &[&run_id, &generation_id, &counts.seen, &counts.deleted],
+    )
+    .await?;
+    for batch in documents.chunks(1000) {
+        let keys: Vec<&str> = batch.iter().map(|d| d.key.as_str()).collect();
+        let etags: Vec<&str> = batch.iter().map(|d| d.etag.as_str()).collect();
+        let sizes: Vec<i64> = batch.iter().map(|d| d.size).collect();
+        let changes: Vec<&str> = batch
+            .iter()
+            .map(|d| if d.new { "new" } else { "changed" })
+            .collect();
+        tx.execute(
+            "INSERT INTO sync_run_documents (run_id, object_key, etag, size_bytes, change)
+             SELECT $1, * FROM unnest($2::text[], $3::text[], $4::int8[], $5::text[])
+             ON CONFLICT DO NOTHING",
+            &[&run_id, &keys, &etags, &sizes, &changes],
+        )
+        .await?;
+    }
+    tx.commit().await?;
+    Ok(())
+}
+
+/// Every document task of the run is published: documents may now close it.
+pub async fn mark_dispatched(client: &Client, run_id: i64) -> Result<(), StateError> {
+    client
+        .execute(
+            "UPDATE sync_runs SET dispatched_at = now(), updated_at = now() WHERE id = $1",
+            &[&run_id],
+        )
+        .await?;
+    Ok(())
+}
+
+/// One document of a run, with its run's state.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RunDocument {
+    pub run_state: RunState,
+    pub generation_id: Option<i64>,
+    pub document: PlannedDocument,
+    /// `pending` until a worker finished it.
+    pub state: String,
+    pub attempts: i32,
+}
+
+pub async fn run_document(
+    client: &Client,
+    run_id: i64,
+    key: &str,
+) -> Result<Option<RunDocument>, StateError> {
+    let row = client
+        .query_opt(
+            &client
+                .prepare_cached(
+                    "SELECT r.state, r.generation_id, d.etag, d.size_bytes, d.change, d.state,
+                            d.attempts
+                     FROM sync_run_documents d JOIN sync_runs r ON r.id = d.run_id
+                     WHERE d.run_id = $1 AND d.object_key = $2",
+                )
+                .await?,
+            &[&run_id, &key],
+        )
+        .await?;
+    Ok(row.map(|r| RunDocument {
+        run_state: RunState::parse(r.get(0)).unwrap_or(RunState::Failed),
+        generation_id: r.get(1),
+        document: PlannedDocument {
+            key: key.to_string(),
+            etag: r.get(2),
+            size: r.get(3),
+            new: r.get::<_, &str>(4) == "new",
+        },
+        state: r.get(5),
+        attempts: r.get(6),
+    }))
+}
+
+/// Counts a failed attempt at a document's task; returns the attempts so far.
+pub async fn count_document_attempt(
+    client: &Client,
+    run_id: i64,
+    key: &str,
+) -> Result<i32, StateError> {
+    let row = client
+        .query_one(
+            "UPDATE sync_run_documents SET attempts = attempts + 1
+             WHERE run_id = $1 AND object_key = $2 RETURNING attempts",
+            &[&run_id, &key],
+        )
+        .await?;
+    Ok(row.get(0))
+}
+
+/// How a run's document ended.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum DocumentEnd {
+    Indexed { chunks: i32 },
+    Skipped { reason: String },
+    Failed { reason: String },
+}
+
+/// Finishes a pending document of a run (a second finish changes nothing)
+/// and counts as the run's sign of life.
+pub async fn finish_document(
+    client: &Client,
+    run_id: i64,
+    key: &str,
+    end: &DocumentEnd,
+    worker: &str,
+) -> Result<(), StateError> {
+    let (state, chunks, reason) = match end {
+        DocumentEnd::Indexed { chunks } => ("indexed", *chunks, None),
+        DocumentEnd::Skipped { reason } => ("skipped", 0, Some(reason.as_str())),
+        DocumentEnd::Failed { reason } => ("failed", 0, Some(reason.as_str())),
+    };
+    client
+        .execute(
+            &client
+                .prepare_cached(
+                    "WITH done AS (
+                        UPDATE sync_run_documents
+                           SET state = $3, chunks = $4, reason = $5, worker = $6,
+                               finished_at = now()
+                         WHERE run_id = $1 AND object_key = $2 AND state = 'pending'
+                         RETURNING run_id)
+                     UPDATE sync_runs SET updated_at = now() WHERE id IN (SELECT run_id FROM done)",
+                )
+                .await?,
+            &[&run_id, &key, &state, &chunks, &reason, &worker],
+        )
+        .await?;
+    Ok(())
+}
+
+/// Where a run stands, from its documents.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RunProgress {
+    pub state: RunState,
+    pub dispatched: bool,
+    pub generation_id: Option<i64>,
+    pub pending: i64,
+    /// Seen and deleted from the plan; the rest from the finished documents.
+    pub counts: RunCounts,
+}
+
+impl RunProgress {
+    /// In progress, dispatched, and no document pending: time to close it.
+    pub fn complete(&self) -> bool {
+        self.state == RunState::InProgress && self.dispatched && self.pending == 0
+    }
+}
+
+pub async fn run_progress(client: &Client, run_id: i64) -> Result<RunProgress, StateError> {
+    let row = client
+        .query_opt(
+            &client
+                .prepare_cached(
+                    "SELECT r.state, r.dispatched_at IS NOT NULL, r.generation_id, r.seen,
+                            r.deleted,
+                            count(d.*) FILTER (WHERE d.state = 'pending'),
+                            count(d.*) FILTER (WHERE d.state = 'indexed' AND d.change = 'new'),
+                            count(d.*) FILTER (WHERE d.state = 'indexed' AND d.change = 'changed'),
+                            count(d.*) FILTER (WHERE d.state = 'failed'),
+                            count(d.*) FILTER (WHERE d.state = 'skipped'),
+                            coalesce(sum(d.chunks), 0)::int8
+                     FROM sync_runs r LEFT JOIN sync_run_documents d ON d.run_id = r.id
+                     WHERE r.id = $1 GROUP BY r.id",
+                )
+                .await?,
+            &[&run_id],
+        )
+        .await?
+        .ok_or_else(|| StateError::NotFound {
+            what: "sync run",
+            id: run_id.to_string(),
+        })?;
+    Ok(RunProgress {
+        state: RunState::parse(row.get(0)).unwrap_or(RunState::Failed),
+        dispatched: row.get(1),
+        generation_id: row.get(2),
+        pending: row.get(5),
+        counts: RunCounts {
+            seen: row.get(3),
+            deleted: row.get(4),
+            new: row.get(6),
+            changed: row.get(7),
+            failed: row.get(8),
+            skipped: row.get(9),
+            chunks_written: row.get(10),
+        },
+    })
 }

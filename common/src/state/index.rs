@@ -27,7 +27,7 @@ pub struct Generation {
 
 const GENERATION_COLUMNS: &str = "id, collection_id, model_key, dimensions, state, embedding";
 
-fn generation(r: &tokio_postgres::Row) -> Result<Generation, StateError> {
+fn generation_row(r: &tokio_postgres::Row) -> Result<Generation, StateError> {
     let embedding: serde_json::Value = r.get(5);
     Ok(Generation {
         id: r.get(0),
@@ -52,7 +52,7 @@ pub async fn active_generation(
             &[&collection_id],
         )
         .await?;
-    row.as_ref().map(generation).transpose()
+    row.as_ref().map(generation_row).transpose()
 }
 
 /// The generations a document change must reach: the active one and the
@@ -71,7 +71,7 @@ pub async fn live_generations(
         )
         .await?
         .iter()
-        .map(generation)
+        .map(generation_row)
         .collect()
 }
 
@@ -102,7 +102,7 @@ pub async fn generation_for(
             &[&collection_id],
         )
         .await?;
-    let existing = rows.iter().map(generation).collect::<Result<Vec<_>, _>>()?;
+    let existing = rows.iter().map(generation_row).collect::<Result<Vec<_>, _>>()?;
     if let Some(g) = existing
         .iter()
         .find(|g| g.model_key == model_key && g.dimensions == dimensions)
@@ -133,7 +133,7 @@ pub async fn generation_for(
             &[&collection_id, &model_key, &dimensions, &spec],
         )
         .await?;
-    let g = generation(&row)?;
+    let g = generation_row(&row)?;
     tx.commit().await?;
     Ok(g)
 }
@@ -173,7 +173,7 @@ pub async fn activate(client: &mut Client, generation_id: i64) -> Result<(), Sta
             &[&generation_id],
         )
         .await?;
-    create_vector_index(client, &generation(&g)?).await?;
+    create_vector_index(client, &generation_row(&g)?).await?;
     let tx = client.transaction().await?;
     let old: Vec<i64> = tx
         .query(
@@ -522,17 +522,47 @@ pub async fn search_generation(
 pub async fn documents(
     client: &Client,
     generation_id: i64,
-) -> Result<std::collections::HashMap<String, (Option<String>, Option<String>)>, StateError> {
+) -> Result<std::collections::HashMap<String, IndexedDocument>, StateError> {
     let rows = client
         .query(
-            "SELECT object_key, etag, sha256_hex FROM documents WHERE generation_id = $1",
+            "SELECT object_key, etag, sha256_hex, state FROM documents WHERE generation_id = $1",
             &[&generation_id],
         )
         .await?;
     Ok(rows
         .iter()
-        .map(|r| (r.get(0), (r.get(1), r.get(2))))
+        .map(|r| {
+            (
+                r.get(0),
+                IndexedDocument {
+                    etag: r.get(1),
+                    sha256_hex: r.get(2),
+                    failed: r.get::<_, &str>(3) == "failed",
+                },
+            )
+        })
         .collect())
+}
+
+/// What a generation holds for one object key.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct IndexedDocument {
+    pub etag: Option<String>,
+    pub sha256_hex: Option<String>,
+    /// Its last indexing failed (recorded with the reason).
+    pub failed: bool,
+}
+
+/// One generation by id; `None` once it is gone (replaced, or its
+/// collection deleted).
+pub async fn generation(client: &Client, id: i64) -> Result<Option<Generation>, StateError> {
+    let row = client
+        .query_opt(
+            &format!("SELECT {GENERATION_COLUMNS} FROM embedding_generations WHERE id = $1"),
+            &[&id],
+        )
+        .await?;
+    row.as_ref().map(generation_row).transpose()
 }
 
 /// The ETag a generation holds for `object_key`, if it has the document.

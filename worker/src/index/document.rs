@@ -1,16 +1,26 @@
-//! One document brought up to date between sync runs: an `IndexDocument`
-//! task (from an object an UploadJob landed in a bucket that a collection
-//! watches) indexes the object in every live generation — the active one
-//! and one being built — if it is new or changed there, or drops it if the
-//! object is gone. Under the document's lock, like a sync run's documents.
+//! One document: an `IndexDocument` task.
+//!
+//! - Of a sync run: indexes the object as the run planned it into the run's
+//!   generation, records how it ended on the run, and closes the run if it
+//!   was the last. A task that cannot record an outcome (database, locks)
+//!   is tried again; after [`MAX_ATTEMPTS`] the document is failed with the
+//!   reason and the task dead-lettered, so the run still ends.
+//! - From object events (an UploadJob landed it in a bucket a collection
+//!   watches): brings the object up to date in every live generation — the
+//!   active one and one being built — if it is new or changed there, or
+//!   drops it if the object is gone.
+//!
+//! Both under the document's lock.
 
 use std::time::Duration;
 
+use stowage_common::errors::ErrorClass;
+use stowage_common::queue::backoff_delay;
 use stowage_common::spec::select::Selector;
 use stowage_common::state::StateError;
-use stowage_common::state::collections::{self, CollectionRecord};
+use stowage_common::state::collections::{self, CollectionRecord, DocumentEnd, RunState};
 use stowage_common::state::index as store;
-use tracing::info;
+use tracing::{info, warn};
 use uuid::Uuid;
 
 use super::plan::Listed;
@@ -19,13 +29,158 @@ use crate::Context;
 use crate::s3::s3_error;
 use crate::tasks::Outcome;
 
-pub async fn run(ctx: &Context, collection_id: Uuid, key: &str) -> Outcome {
+/// Attempts at a run's document before it is failed and dead-lettered.
+pub const MAX_ATTEMPTS: i32 = 5;
+
+pub async fn run(ctx: &Context, collection_id: Uuid, key: &str, run_id: i64) -> Outcome {
+    if run_id > 0 {
+        return in_run(ctx, collection_id, run_id, key).await;
+    }
     match index(ctx, collection_id, key).await {
         Ok(label) => Outcome::Done { label },
         Err(e) => Outcome::Retry {
             delay: Duration::from_secs(5),
             reason: e,
         },
+    }
+}
+
+async fn in_run(ctx: &Context, collection_id: Uuid, run_id: i64, key: &str) -> Outcome {
+    let collection = match current(ctx, collection_id).await {
+        Ok(Some(c)) => c,
+        Ok(None) => return Outcome::Done { label: "cancelled" },
+        Err(e) => return retry(e),
+    };
+    let label = match index_in_run(ctx, &collection, run_id, key).await {
+        Ok(label) => label,
+        Err(e) => return attempt_failed(ctx, &collection, run_id, key, e).await,
+    };
+    // Closing waits for the collection's sync lock; if that fails, the
+    // redelivered task finds its document done and tries closing again.
+    match super::close_run(ctx, &collection, run_id).await {
+        Ok(()) => Outcome::Done { label },
+        Err(e) => retry(e),
+    }
+}
+
+/// The collection, `None` if it was deleted.
+async fn current(ctx: &Context, id: Uuid) -> Result<Option<CollectionRecord>, String> {
+    let db = ctx.db.get().await.map_err(|e| e.to_string())?;
+    match collections::get(&db, id).await {
+        Ok(c) => Ok(Some(c)),
+        Err(StateError::NotFound { .. }) => Ok(None),
+        Err(e) => Err(e.to_string()),
+    }
+}
+
+fn retry(reason: String) -> Outcome {
+    Outcome::Retry {
+        delay: Duration::from_secs(5),
+        reason,
+    }
+}
+
+/// Indexes a pending document of a run and records how it ended; labels a
+/// task whose document is already done, or whose run ended, and does
+/// nothing else for it (the next run plans what is left).
+async fn index_in_run(
+    ctx: &Context,
+    collection: &CollectionRecord,
+    run_id: i64,
+    key: &str,
+) -> Result<&'static str, String> {
+    let db = ctx.db.get().await.map_err(|e| e.to_string())?;
+    let Some(planned) = collections::run_document(&db, run_id, key)
+        .await
+        .map_err(|e| e.to_string())?
+    else {
+        return Ok("run-ended");
+    };
+    if planned.run_state != RunState::InProgress {
+        return Ok("run-ended");
+    }
+    if planned.state != "pending" {
+        return Ok("duplicate");
+    }
+    let generation = match planned.generation_id {
+        Some(id) => store::generation(&db, id)
+            .await
+            .map_err(|e| e.to_string())?,
+        None => None,
+    };
+    drop(db);
+    let end = match generation {
+        None => DocumentEnd::Failed {
+            reason: "the run's embedding generation was replaced".into(),
+        },
+        Some(g) => {
+            let embedder = embedder(ctx, &g.embedding).await?;
+            let client = ctx
+                .s3
+                .client(&collection.spec.source.endpoint)
+                .map_err(|e| e.to_string())?;
+            let object = Listed {
+                key: key.to_string(),
+                etag: planned.document.etag,
+                sha256_hex: None,
+                size: planned.document.size,
+            };
+            document(ctx, &client, collection, &embedder, g.id, &object).await?
+        }
+    };
+    let db = ctx.db.get().await.map_err(|e| e.to_string())?;
+    collections::finish_document(&db, run_id, key, &end, &ctx.worker_id)
+        .await
+        .map_err(|e| e.to_string())?;
+    Ok(match end {
+        DocumentEnd::Indexed { .. } => "indexed",
+        DocumentEnd::Skipped { .. } => "skipped",
+        DocumentEnd::Failed { .. } => "failed",
+    })
+}
+
+/// A run's document could not be indexed or recorded: try again later, or,
+/// out of attempts, fail it with the reason (the run can then end) and
+/// dead-letter the task.
+async fn attempt_failed(
+    ctx: &Context,
+    collection: &CollectionRecord,
+    run_id: i64,
+    key: &str,
+    error: String,
+) -> Outcome {
+    let Ok(db) = ctx.db.get().await else {
+        return retry(error);
+    };
+    let attempts = match collections::count_document_attempt(&db, run_id, key).await {
+        Ok(n) => n,
+        Err(_) => return retry(error),
+    };
+    if attempts < MAX_ATTEMPTS {
+        warn!(run_id, key, attempts, %error, "document attempt failed; will retry");
+        return Outcome::Retry {
+            delay: backoff_delay(
+                attempts as u32,
+                Duration::from_secs(2),
+                Duration::from_secs(60),
+            ),
+            reason: error,
+        };
+    }
+    let end = DocumentEnd::Failed {
+        reason: format!("gave up after {attempts} attempts: {error}"),
+    };
+    if let Err(e) = collections::finish_document(&db, run_id, key, &end, &ctx.worker_id).await {
+        return retry(e.to_string());
+    }
+    drop(db);
+    if let Err(e) = super::close_run(ctx, collection, run_id).await {
+        warn!(run_id, error = %e, "closing the run after a failed document");
+    }
+    Outcome::Dead {
+        error,
+        class: ErrorClass::Retryable,
+        attempts: attempts as u32,
     }
 }
 
@@ -76,16 +231,16 @@ async fn index(ctx: &Context, collection_id: Uuid, key: &str) -> Result<&'static
             continue;
         }
         let embedder = embedder(ctx, &g.embedding).await?;
-        match document(ctx, &client, &collection, &embedder, g.id, &object).await {
-            Ok(Some(chunks)) => {
+        label = match document(ctx, &client, &collection, &embedder, g.id, &object).await? {
+            DocumentEnd::Indexed { chunks } => {
                 info!(%collection_id, key, generation = g.id, chunks, "document indexed");
-                label = "indexed";
+                "indexed"
             }
-            Ok(None) => label = "skipped",
-            // Recorded on the document with its reason; a retry would fail
-            // the same way until the object changes.
-            Err(_) => label = "failed",
-        }
+            DocumentEnd::Skipped { .. } => "skipped",
+            // Recorded on the document with its reason; the next sync run
+            // tries it again.
+            DocumentEnd::Failed { .. } => "failed",
+        };
     }
     if label != "unchanged" {
         super::publish_progress(ctx, &collection, 0, "document").await;

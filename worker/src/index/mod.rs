@@ -5,14 +5,16 @@
 //! - [`embed`]: the built-in model (all-MiniLM-L6-v2 on candle) and remote
 //!   providers (OpenAI-compatible, Ollama, TEI).
 //! - [`plan`]: a sync run's plan: the listing diffed with the indexed documents.
-//! - [`sync`]: a run's work, from the listing to the stored chunks.
-//! - [`document`]: one document between runs (object events of collections
-//!   that watch uploads).
+//! - [`sync`]: a run: planned by one worker, its documents indexed by any.
+//! - [`document`]: one document, of a sync run or from object events of
+//!   collections that watch uploads.
 //! - [`search`]: the `Search.Query` gRPC service.
 //!
-//! A run takes the collection's sync lock (one run per collection), marks a
-//! run left in progress by a dead worker abandoned, indexes, and records its
-//! outcome and counts.
+//! A run's planner takes the collection's sync lock: one run in progress
+//! per collection. A run still in progress that is alive (dispatched, a
+//! document finished within [`RUN_STALL_AFTER`], same spec) makes a new
+//! sync wait; a stale one — its planner died, its tasks were lost, or the
+//! spec changed — is marked abandoned by the new run.
 
 pub mod chunk;
 pub mod document;
@@ -25,16 +27,20 @@ pub mod sync;
 use std::time::Duration;
 
 use prost::Message as _;
-use stowage_common::locks::{LockClass, LockKey};
+use stowage_common::locks::{LockClass, LockKey, SessionLock};
 use stowage_common::queue::ProgressKind;
 use stowage_common::state::StateError;
-use stowage_common::state::collections::{self, CollectionRecord, RunState};
+use stowage_common::state::collections::{self, CollectionRecord, RunCounts, RunState};
 use stowage_proto::v1::CollectionProgress;
 use tracing::{info, warn};
 use uuid::Uuid;
 
 use crate::Context;
 use crate::tasks::Outcome;
+
+/// A run in progress in which no document finished for this long is
+/// abandoned by the next sync (its tasks were lost: a purged stream, say).
+pub const RUN_STALL_AFTER: Duration = Duration::from_secs(15 * 60);
 
 pub async fn sync(ctx: &Context, collection_id: Uuid, trigger: &str) -> Outcome {
     match run(ctx, collection_id, trigger).await {
@@ -53,47 +59,108 @@ async fn run(ctx: &Context, collection_id: Uuid, trigger: &str) -> Result<Outcom
         Err(StateError::NotFound { .. }) => return Ok(Outcome::Done { label: "cancelled" }),
         Err(e) => return Err(e.to_string()),
     };
-    let key = LockKey::new(LockClass::CollectionSync, collection_id.to_string());
-    let Some(lock) = ctx.locks.try_lock(key).await.map_err(|e| e.to_string())? else {
+    let Some(lock) = ctx
+        .locks
+        .try_lock(sync_lock(collection_id))
+        .await
+        .map_err(|e| e.to_string())?
+    else {
         return Ok(Outcome::Retry {
             delay: Duration::from_secs(10),
-            reason: "another sync run of this collection is in progress".into(),
+            reason: "another sync run of this collection is being planned or closed".into(),
         });
     };
+    if let Some(live) = collections::run_in_progress(&db, collection_id)
+        .await
+        .map_err(|e| e.to_string())?
+        && live.dispatched
+        && live.idle < RUN_STALL_AFTER
+        && live.generation >= collection.generation
+    {
+        release(lock).await;
+        return Ok(Outcome::Retry {
+            delay: Duration::from_secs(10),
+            reason: format!(
+                "run {} of this collection is still indexing ({} documents left)",
+                live.id, live.pending
+            ),
+        });
+    }
     let run_id = collections::begin_run(&mut db, collection_id, trigger, collection.generation)
         .await
         .map_err(|e| e.to_string())?;
     publish_progress(ctx, &collection, run_id, RunState::InProgress.as_str()).await;
-    // A lost lock (its database session died) abandons the run: the next
-    // run marks it so.
-    let ending = tokio::select! {
-        ending = sync::run(ctx, &collection) => ending,
+    // A lost lock (its database session died) leaves the run undispatched:
+    // the next sync marks it abandoned.
+    let dispatched = tokio::select! {
+        d = sync::dispatch(ctx, &collection, run_id) => d,
         reason = lock.lost() => return Err(format!("collection sync lock lost: {reason}")),
     };
-    collections::finish_run(
-        &db,
-        run_id,
-        ending.state,
-        &ending.counts,
-        ending.error.as_deref(),
-    )
-    .await
-    .map_err(|e| e.to_string())?;
-    if let Err(e) = lock.release().await {
-        warn!(error = %e, "releasing the collection sync lock");
+    let ended = match dispatched {
+        // Documents that finished while the tasks were still being
+        // published could not close the run: it may be complete already.
+        Ok(()) => sync::close_if_done(ctx, run_id).await?,
+        Err(e) => {
+            warn!(%collection_id, run_id, error = %e, "sync run failed");
+            collections::finish_run(&db, run_id, RunState::Failed, &RunCounts::default(), Some(&e))
+                .await
+                .map_err(|e| e.to_string())?;
+            Some(RunState::Failed)
+        }
+    };
+    release(lock).await;
+    if let Some(state) = ended {
+        publish_progress(ctx, &collection, run_id, state.as_str()).await;
     }
-    info!(
-        %collection_id, run_id, trigger, state = ending.state.as_str(), counts = ?ending.counts,
-        error = ending.error.as_deref().unwrap_or(""), "sync run finished"
-    );
-    publish_progress(ctx, &collection, run_id, ending.state.as_str()).await;
+    info!(%collection_id, run_id, trigger, "sync run planned");
     Ok(Outcome::Done {
-        label: if ending.state == RunState::Failed {
+        label: if ended == Some(RunState::Failed) {
             "failed"
         } else {
             "ok"
         },
     })
+}
+
+/// The lock of a collection's runs: held by the planner, and by whoever
+/// closes a run.
+fn sync_lock(collection_id: Uuid) -> LockKey {
+    LockKey::new(LockClass::CollectionSync, collection_id.to_string())
+}
+
+/// Closes run `run_id` of `collection` if its documents are all done, under
+/// the collection's sync lock (waiting for a planner or another closer),
+/// and tells the operator.
+pub(crate) async fn close_run(
+    ctx: &Context,
+    collection: &CollectionRecord,
+    run_id: i64,
+) -> Result<(), String> {
+    let db = ctx.db.get().await.map_err(|e| e.to_string())?;
+    let progress = collections::run_progress(&db, run_id)
+        .await
+        .map_err(|e| e.to_string())?;
+    drop(db);
+    if !progress.complete() {
+        return Ok(());
+    }
+    let lock = ctx
+        .locks
+        .lock_with_timeout(sync_lock(collection.id), sync::DOCUMENT_LOCK_WAIT)
+        .await
+        .map_err(|e| format!("collection sync lock: {e}"))?;
+    let ended = sync::close_if_done(ctx, run_id).await;
+    release(lock).await;
+    if let Some(state) = ended? {
+        publish_progress(ctx, collection, run_id, state.as_str()).await;
+    }
+    Ok(())
+}
+
+async fn release(lock: SessionLock) {
+    if let Err(e) = lock.release().await {
+        warn!(error = %e, "releasing the collection sync lock");
+    }
 }
 
 /// Tells the operator that the collection's index changed: a run's state

@@ -1,7 +1,8 @@
 //! Planning a sync run: the bucket listing against the documents already
 //! indexed. An object is new when no document has its key, changed when its
-//! ETag (or, where both are known, its SHA-256) differs, unchanged
-//! otherwise; a document whose object is gone is deleted. Include and
+//! ETag (or, where both are known, its SHA-256) differs or its last
+//! indexing failed (a provider outage, say: each run tries it again),
+//! unchanged otherwise; a document whose object is gone is deleted. Include and
 //! exclude globs (relative to the prefix) choose the objects.
 
 use std::collections::HashMap;
@@ -22,6 +23,8 @@ pub struct Listed {
 pub struct Indexed {
     pub etag: Option<String>,
     pub sha256_hex: Option<String>,
+    /// Its last indexing failed.
+    pub failed: bool,
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -56,7 +59,7 @@ pub fn plan(selector: &Selector, listing: Vec<Listed>, indexed: &HashMap<String,
                     (Some(a), Some(b)) => a == b,
                     _ => doc.etag.as_deref() == Some(object.etag.as_str()),
                 };
-                if same_content {
+                if same_content && !doc.failed {
                     plan.unchanged += 1;
                 } else {
                     plan.changed.push(object);
@@ -98,6 +101,7 @@ mod tests {
         Indexed {
             etag: Some(etag.into()),
             sha256_hex: None,
+            failed: false,
         }
     }
 
@@ -142,6 +146,7 @@ mod tests {
             Indexed {
                 etag: Some("old-etag".into()),
                 sha256_hex: Some("abc".into()),
+                failed: false,
             },
         )]
         .into();
@@ -150,5 +155,15 @@ mod tests {
         assert_eq!(plan(&sel, vec![obj.clone()], &docs).unchanged, 1);
         obj.sha256_hex = Some("def".into());
         assert_eq!(plan(&sel, vec![obj], &docs).changed.len(), 1);
+    }
+
+    #[test]
+    fn a_failed_document_is_tried_again_even_if_unchanged() {
+        let sel = selector();
+        let mut doc = indexed("e1");
+        doc.failed = true;
+        let docs: HashMap<String, Indexed> = [("kb/a.md".to_string(), doc)].into();
+        let p = plan(&sel, vec![listed("kb/a.md", "e1")], &docs);
+        assert_eq!((p.changed.len(), p.unchanged), (1, 0));
     }
 }

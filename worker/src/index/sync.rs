@@ -1,17 +1,24 @@
-//! One sync run's work: list the source, plan against the generation being
-//! written, index what is new or changed (fetch, extract, chunk, embed,
-//! store), drop what is gone, and activate a freshly built generation once
-//! every document of it is in.
+//! A sync run, fanned out over the fleet. The planner (the `SyncCollection`
+//! task, holding the collection's sync lock) lists the source, plans it
+//! against the generation being written, drops what is gone, records one
+//! pending row per new or changed object and publishes an `IndexDocument`
+//! task for each. Any worker indexes a document (fetch, extract, chunk,
+//! embed, store) and records how it ended; the one that finishes the last
+//! document — or the planner, if they all finished while it was still
+//! publishing — activates a freshly built generation and closes the run.
 
 use std::sync::Arc;
 use std::time::Duration;
 
-use futures::StreamExt;
 use sha2::{Digest, Sha256};
+use stowage_common::jobs::{DocumentOrigin, index_document_task};
 use stowage_common::locks::{LockClass, LockKey, SessionLock};
+use stowage_common::queue::TaskKind;
 use stowage_common::spec::index::{Embedding, EmbeddingProvider, IndexSpec};
 use stowage_common::spec::select::Selector;
-use stowage_common::state::collections::{CollectionRecord, RunCounts, RunState};
+use stowage_common::state::collections::{
+    self, CollectionRecord, DocumentEnd, PlannedDocument, RunCounts, RunState,
+};
 use stowage_common::state::index::{self as store, NewChunk, Source};
 use stowage_common::storage::read_secret_key;
 use tracing::{info, warn};
@@ -23,33 +30,17 @@ use super::plan::{Indexed, Listed, Plan, plan};
 use crate::Context;
 use crate::s3::s3_error;
 
-/// How a run ended: its state, counts and (for failures) the reason.
-pub struct Ending {
-    pub state: RunState,
-    pub counts: RunCounts,
-    pub error: Option<String>,
-}
-
-impl Ending {
-    fn failed(error: impl Into<String>) -> Ending {
-        Ending {
-            state: RunState::Failed,
-            counts: RunCounts::default(),
-            error: Some(error.into()),
-        }
-    }
-}
-
-pub async fn run(ctx: &Context, collection: &CollectionRecord) -> Ending {
-    match index(ctx, collection).await {
-        Ok(ending) => ending,
-        Err(e) => Ending::failed(e),
-    }
-}
-
-async fn index(ctx: &Context, collection: &CollectionRecord) -> Result<Ending, String> {
+/// Plans run `run_id` and hands its documents to the fleet: deletions are
+/// done here, every new or changed object gets a pending row and a task.
+/// The caller holds the collection's sync lock.
+pub async fn dispatch(
+    ctx: &Context,
+    collection: &CollectionRecord,
+    run_id: i64,
+) -> Result<(), String> {
     let spec = &collection.spec;
-    let embedder = embedder(ctx, &spec.embedding).await?;
+    // A model that cannot load fails the run now, not once per document.
+    embedder(ctx, &spec.embedding).await?;
     let selector = Selector::new(&spec.source).map_err(|e| e.to_string())?;
     let client = ctx
         .s3
@@ -64,78 +55,106 @@ async fn index(ctx: &Context, collection: &CollectionRecord) -> Result<Ending, S
         .await
         .map_err(|e| e.to_string())?
         .into_iter()
-        .map(|(k, (etag, sha256_hex))| (k, Indexed { etag, sha256_hex }))
+        .map(|(k, d)| {
+            (
+                k,
+                Indexed {
+                    etag: d.etag,
+                    sha256_hex: d.sha256_hex,
+                    failed: d.failed,
+                },
+            )
+        })
         .collect();
+    let planned = plan(&selector, listing, &indexed);
     let Plan {
         new,
         changed,
         deleted,
-        unchanged,
         ..
-    } = plan(&selector, listing, &indexed);
-    let mut counts = RunCounts {
-        seen: (new.len() + changed.len() + unchanged) as i64,
-        ..RunCounts::default()
-    };
-    // A few documents at a time: fetching and remote embedding wait on the
-    // network; the built-in model shares the CPU pool between them.
-    let work: Vec<_> = new
-        .iter()
-        .map(|o| (o, true))
-        .chain(changed.iter().map(|o| (o, false)))
-        .map(|(object, is_new)| {
-            tagged(
-                document(ctx, &client, collection, &embedder, generation.id, object),
-                (object, is_new),
-            )
-        })
-        .collect();
-    let mut outcomes = futures::stream::iter(work).buffer_unordered(DOCUMENTS_AT_ONCE);
-    while let Some(((object, is_new), outcome)) = outcomes.next().await {
-        match outcome {
-            Ok(Some(chunks)) => {
-                counts.chunks_written += chunks as i64;
-                if is_new {
-                    counts.new += 1;
-                } else {
-                    counts.changed += 1;
-                }
-            }
-            Ok(None) => counts.skipped += 1,
-            Err(e) => {
-                warn!(key = object.key, error = %e, "document failed");
-                counts.failed += 1;
-            }
-        }
-    }
-    drop(outcomes);
-    for key in &deleted {
+    } = &planned;
+    for key in deleted {
         let _lock = document_lock(ctx, collection.id, key).await?;
         store::delete_document(&mut db, generation.id, key)
             .await
             .map_err(|e| e.to_string())?;
-        counts.deleted += 1;
     }
-    if generation.state == "building" {
-        store::activate(&mut db, generation.id)
-            .await
-            .map_err(|e| e.to_string())?;
-        info!(collection = %collection.id, generation = generation.id, "new embedding generation active");
-    }
-    Ok(Ending {
-        state: if counts.failed > 0 {
-            RunState::CompletedWithErrors
-        } else {
-            RunState::Completed
-        },
-        counts,
-        error: None,
-    })
+    let documents: Vec<PlannedDocument> = new
+        .iter()
+        .map(|o| (o, true))
+        .chain(changed.iter().map(|o| (o, false)))
+        .map(|(o, new)| PlannedDocument {
+            key: o.key.clone(),
+            etag: o.etag.clone(),
+            size: o.size,
+            new,
+        })
+        .collect();
+    let counts = RunCounts {
+        seen: planned.seen() as i64,
+        deleted: deleted.len() as i64,
+        ..RunCounts::default()
+    };
+    collections::record_plan(&mut db, run_id, generation.id, &counts, &documents)
+        .await
+        .map_err(|e| e.to_string())?;
+    let tasks: Vec<_> = documents
+        .iter()
+        .map(|d| index_document_task(collection.id, &d.key, DocumentOrigin::Run { id: run_id }))
+        .collect();
+    let subject = ctx.queue.topology().task_subject(
+        TaskKind::IndexDocument,
+        &collection.namespace,
+        &collection.name,
+    );
+    ctx.queue
+        .publish_tasks(&subject, &tasks)
+        .await
+        .map_err(|e| e.to_string())?;
+    collections::mark_dispatched(&db, run_id)
+        .await
+        .map_err(|e| e.to_string())?;
+    info!(
+        collection = %collection.id, run_id, documents = documents.len(),
+        deleted = deleted.len(), unchanged = planned.unchanged, "sync run dispatched"
+    );
+    Ok(())
 }
 
-/// `future`'s output with `tag` beside it.
-async fn tagged<T, F: Future>(future: F, tag: T) -> (T, F::Output) {
-    (tag, future.await)
+/// Closes run `run_id` if every document of it has finished: activates the
+/// generation it built, if new, and records the run's end and counts.
+/// Returns the state it ended in; `None` while documents are pending (or if
+/// it already ended). The caller holds the collection's sync lock, so that
+/// one closer at a time reads the documents.
+pub(crate) async fn close_if_done(ctx: &Context, run_id: i64) -> Result<Option<RunState>, String> {
+    let mut db = ctx.db.get().await.map_err(|e| e.to_string())?;
+    let progress = collections::run_progress(&db, run_id)
+        .await
+        .map_err(|e| e.to_string())?;
+    if !progress.complete() {
+        return Ok(None);
+    }
+    if let Some(id) = progress.generation_id
+        && let Some(g) = store::generation(&db, id)
+            .await
+            .map_err(|e| e.to_string())?
+        && g.state == "building"
+    {
+        store::activate(&mut db, id)
+            .await
+            .map_err(|e| e.to_string())?;
+        info!(collection = %g.collection_id, generation = id, "new embedding generation active");
+    }
+    let state = if progress.counts.failed > 0 {
+        RunState::CompletedWithErrors
+    } else {
+        RunState::Completed
+    };
+    collections::finish_run(&db, run_id, state, &progress.counts, None)
+        .await
+        .map_err(|e| e.to_string())?;
+    info!(run_id, state = state.as_str(), counts = ?progress.counts, "sync run finished");
+    Ok(Some(state))
 }
 
 /// The embedder for `spec`: the worker's built-in model (loaded once, on
@@ -202,12 +221,9 @@ async fn list(client: &aws_sdk_s3::Client, spec: &IndexSpec) -> Result<Vec<Liste
     Ok(out)
 }
 
-/// Documents a sync run indexes concurrently.
-const DOCUMENTS_AT_ONCE: usize = 4;
-
 /// How long a document waits for another indexer of it (an event-driven
 /// task, or a sync run) to finish.
-const DOCUMENT_LOCK_WAIT: Duration = Duration::from_secs(60);
+pub(crate) const DOCUMENT_LOCK_WAIT: Duration = Duration::from_secs(60);
 
 /// The document's lock: one indexer (or remover) of a key at a time.
 pub(crate) async fn document_lock(
@@ -226,9 +242,9 @@ pub(crate) async fn document_lock(
 
 /// Indexes one object into one generation, under the document's lock (held
 /// from the fetch to the commit, so that two indexers of a key never store
-/// an older version over a newer one); `Ok(None)` when it is skipped
-/// (recorded with the reason), `Err` when it failed (recorded with the
-/// reason too).
+/// an older version over a newer one), and records the outcome on the
+/// document: indexed, skipped or failed, with the reason. `Err` when the
+/// outcome could not be recorded (database, lock): worth another try.
 pub(crate) async fn document(
     ctx: &Context,
     client: &aws_sdk_s3::Client,
@@ -236,7 +252,7 @@ pub(crate) async fn document(
     embedder: &Embedder,
     generation_id: i64,
     object: &Listed,
-) -> Result<Option<usize>, String> {
+) -> Result<DocumentEnd, String> {
     let spec = &collection.spec;
     let lock = document_lock(ctx, collection.id, &object.key).await?;
     let mut db = ctx.db.get().await.map_err(|e| e.to_string())?;
@@ -248,26 +264,33 @@ pub(crate) async fn document(
         size_bytes: Some(object.size),
     };
     let outcome = fetch_and_index(client, spec, embedder, object, &mut source).await;
-    let recorded = match &outcome {
+    let end = match outcome {
         Ok(Prepared::Chunks(chunks)) => {
-            store::write_document(&mut db, generation_id, &source, chunks).await
+            store::write_document(&mut db, generation_id, &source, &chunks)
+                .await
+                .map_err(|e| e.to_string())?;
+            DocumentEnd::Indexed {
+                chunks: chunks.len() as i32,
+            }
         }
         Ok(Prepared::Skipped(reason)) => {
-            store::record_unindexed(&mut db, generation_id, &source, "skipped", reason).await
+            store::record_unindexed(&mut db, generation_id, &source, "skipped", &reason)
+                .await
+                .map_err(|e| e.to_string())?;
+            DocumentEnd::Skipped { reason }
         }
         Err(reason) => {
-            store::record_unindexed(&mut db, generation_id, &source, "failed", reason).await
+            warn!(key = object.key, error = %reason, "document failed");
+            store::record_unindexed(&mut db, generation_id, &source, "failed", &reason)
+                .await
+                .map_err(|e| e.to_string())?;
+            DocumentEnd::Failed { reason }
         }
     };
-    recorded.map_err(|e| e.to_string())?;
     if let Err(e) = lock.release().await {
         warn!(error = %e, "releasing a document lock");
     }
-    match outcome {
-        Ok(Prepared::Chunks(chunks)) => Ok(Some(chunks.len())),
-        Ok(Prepared::Skipped(_)) => Ok(None),
-        Err(reason) => Err(reason),
-    }
+    Ok(end)
 }
 
 /// A document ready to record; an `Err` instead means it failed.

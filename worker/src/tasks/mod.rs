@@ -192,7 +192,7 @@ async fn run_task(
             let Ok(collection_id) = Uuid::parse_str(&d.collection_id) else {
                 return invalid(format!("collection id {:?} is not a UUID", d.collection_id));
             };
-            crate::index::document::run(ctx, collection_id, &d.key).await
+            crate::index::document::run(ctx, collection_id, &d.key, d.run_id).await
         }
         None => invalid("task has no kind (sent by a newer version?)".into()),
     }
