@@ -192,4 +192,3 @@ async fn ack(msg: &Message) {
         warn!(error = %e, "object event not acked");
     }
 }
-

@@ -102,7 +102,10 @@ pub async fn generation_for(
             &[&collection_id],
         )
         .await?;
-    let existing = rows.iter().map(generation_row).collect::<Result<Vec<_>, _>>()?;
+    let existing = rows
+        .iter()
+        .map(generation_row)
+        .collect::<Result<Vec<_>, _>>()?;
     if let Some(g) = existing
         .iter()
         .find(|g| g.model_key == model_key && g.dimensions == dimensions)

@@ -102,9 +102,15 @@ async fn run(ctx: &Context, collection_id: Uuid, trigger: &str) -> Result<Outcom
         Ok(()) => sync::close_if_done(ctx, run_id).await?,
         Err(e) => {
             warn!(%collection_id, run_id, error = %e, "sync run failed");
-            collections::finish_run(&db, run_id, RunState::Failed, &RunCounts::default(), Some(&e))
-                .await
-                .map_err(|e| e.to_string())?;
+            collections::finish_run(
+                &db,
+                run_id,
+                RunState::Failed,
+                &RunCounts::default(),
+                Some(&e),
+            )
+            .await
+            .map_err(|e| e.to_string())?;
             Some(RunState::Failed)
         }
     };
