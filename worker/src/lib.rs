@@ -45,7 +45,7 @@ pub struct Context {
     pub credentials_dir: Option<std::path::PathBuf>,
     /// The built-in embedding model's folder, and the model once loaded.
     pub embedding_model_dir: Option<std::path::PathBuf>,
-    pub builtin_model: tokio::sync::OnceCell<Arc<index::embed::BuiltinModel>>,
+    pub builtin_model: tokio::sync::OnceCell<Arc<index::embed::Batcher>>,
     pub http: upload::net::HttpClients,
     pub metrics: WorkerMetrics,
     pub hook: Option<PartHook>,

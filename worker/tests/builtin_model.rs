@@ -12,7 +12,7 @@ use std::sync::{Arc, OnceLock};
 use serde::Deserialize;
 use stowage_common::testing::StackEnv;
 use stowage_worker::index::embed::builtin::{BuiltinModel, DIMENSIONS};
-use stowage_worker::index::embed::{EmbedError, Embedder};
+use stowage_worker::index::embed::{Batcher, EmbedError, Embedder};
 
 #[derive(Deserialize)]
 struct Sample {
@@ -108,11 +108,25 @@ async fn a_missing_or_broken_model_folder_is_a_clear_error() {
     std::fs::write(dir.path().join("config.json"), "{not json").expect("write");
     let broken = BuiltinModel::load(dir.path()).err().expect("broken config");
     assert!(broken.to_string().contains("config.json"), "{broken}");
-    // Through the async embedder too (it runs the model off the runtime).
-    let embedder = Embedder::Builtin(model().clone());
-    let v = embedder
-        .embed(&["hello".to_string()])
-        .await
-        .expect("async embed");
-    assert_eq!(v[0].len(), DIMENSIONS);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_documents_are_batched_and_each_gets_its_own_vectors() {
+    let embedder = Embedder::Builtin(Arc::new(Batcher::start(model().clone()).expect("batcher")));
+    let texts = |i: usize| vec![format!("document {i} about backups"), format!("note {i}")];
+    let answers = futures::future::join_all((0..6).map(|i| {
+        let embedder = embedder.clone();
+        async move { embedder.embed(&texts(i)).await.expect("async embed") }
+    }))
+    .await;
+    for (i, vectors) in answers.iter().enumerate() {
+        let alone = model().embed(&texts(i)).expect("embed alone");
+        assert_eq!(vectors.len(), 2);
+        for (v, w) in vectors.iter().zip(&alone) {
+            assert_eq!(v.len(), DIMENSIONS);
+            assert!(cosine(v, w) > 0.9999, "request {i} got another's vectors");
+        }
+    }
+    let query = embedder.embed_query("hello").await.expect("query");
+    assert_eq!(query.len(), DIMENSIONS);
 }

@@ -55,10 +55,11 @@ impl SearchService {
                 let e = embedder(&self.ctx, &generation.embedding)
                     .await
                     .map_err(Status::failed_precondition)?;
-                e.embed(std::slice::from_ref(&r.query))
-                    .await
-                    .map_err(|e| Status::unavailable(format!("embedding the query: {e}")))?
-                    .pop()
+                Some(
+                    e.embed_query(&r.query)
+                        .await
+                        .map_err(|e| Status::unavailable(format!("embedding the query: {e}")))?,
+                )
             };
             let q = Query {
                 mode,

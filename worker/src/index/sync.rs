@@ -24,7 +24,7 @@ use stowage_common::storage::read_secret_key;
 use tracing::{info, warn};
 
 use super::chunk::chunk;
-use super::embed::{BuiltinModel, Embedder, RemoteEmbedder, Retry};
+use super::embed::{Batcher, BuiltinModel, Embedder, RemoteEmbedder, Retry};
 use super::extract::{DEFAULT_MAX_BYTES, extract};
 use super::plan::{Indexed, Listed, Plan, plan};
 use crate::Context;
@@ -177,7 +177,9 @@ pub(crate) async fn embedder(ctx: &Context, spec: &Embedding) -> Result<Embedder
                     .map_err(|e| e.to_string())?
                     .map_err(|e| e.to_string())?;
                 info!("builtin embedding model loaded");
-                Ok::<_, String>(Arc::new(loaded))
+                Batcher::start(Arc::new(loaded))
+                    .map(Arc::new)
+                    .map_err(|e| e.to_string())
             })
             .await?;
         return Ok(Embedder::Builtin(model.clone()));

@@ -83,6 +83,11 @@ impl BuiltinModel {
         self
     }
 
+    /// Texts per forward pass.
+    pub fn batch_size(&self) -> usize {
+        self.batch
+    }
+
     /// One normalised 384-dimensional vector per text, in order. Blocking.
     pub fn embed(&self, texts: &[String]) -> Result<Vec<Vec<f32>>, EmbedError> {
         let encodings = self

@@ -2,8 +2,10 @@
 //! product), from the built-in model or a remote provider.
 //!
 //! - [`builtin`]: all-MiniLM-L6-v2 on the CPU (candle), no network.
+//! - [`batch`]: the built-in model batched across a worker's documents.
 //! - [`remote`]: OpenAI-compatible, Ollama and Hugging Face TEI over HTTP.
 
+pub mod batch;
 pub mod builtin;
 pub mod remote;
 
@@ -11,6 +13,7 @@ use std::sync::Arc;
 
 use stowage_common::errors::{Classify, ErrorClass};
 
+pub use batch::Batcher;
 pub use builtin::BuiltinModel;
 pub use remote::{RemoteEmbedder, Retry};
 
@@ -47,25 +50,36 @@ impl Classify for EmbedError {
 /// What a collection embeds with.
 #[derive(Clone)]
 pub enum Embedder {
-    Builtin(Arc<BuiltinModel>),
+    Builtin(Arc<Batcher>),
     Remote(Arc<RemoteEmbedder>),
 }
 
 impl Embedder {
-    /// One normalised vector per text, in order.
+    /// One normalised vector per text, in order (for the built-in model,
+    /// batched with the texts of other documents).
     pub async fn embed(&self, texts: &[String]) -> Result<Vec<Vec<f32>>, EmbedError> {
         match self {
             Embedder::Remote(remote) => remote.embed(texts).await,
-            Embedder::Builtin(model) => {
-                let model = model.clone();
-                let texts = texts.to_vec();
-                // CPU-bound: off the async threads (the model's matrix
-                // products run on the rayon pool, shared by all callers).
+            Embedder::Builtin(batcher) => batcher.embed(texts.to_vec()).await,
+        }
+    }
+
+    /// One query's vector, without waiting behind indexing batches.
+    pub async fn embed_query(&self, text: &str) -> Result<Vec<f32>, EmbedError> {
+        let texts = vec![text.to_string()];
+        let mut vectors = match self {
+            Embedder::Remote(remote) => remote.embed(&texts).await?,
+            Embedder::Builtin(batcher) => {
+                let model = Arc::clone(batcher.model());
+                // CPU-bound: off the async threads.
                 tokio::task::spawn_blocking(move || model.embed(&texts))
                     .await
-                    .map_err(|e| EmbedError::Inference(e.to_string()))?
+                    .map_err(|e| EmbedError::Inference(e.to_string()))??
             }
-        }
+        };
+        vectors
+            .pop()
+            .ok_or_else(|| EmbedError::Response("no vector for the query".into()))
     }
 }
 
