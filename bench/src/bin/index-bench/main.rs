@@ -55,6 +55,10 @@ enum Cmd {
         /// S3 server of the stack: localstack or garage.
         #[arg(long, default_value = "garage")]
         server: String,
+        /// Documents the worker indexes at once (their chunks share the
+        /// model's batches).
+        #[arg(long, default_value_t = 8)]
+        capacity: usize,
     },
     /// Search latency per mode over generated chunks (384-d vectors).
     Search {
@@ -73,7 +77,11 @@ async fn main() -> anyhow::Result<()> {
             python,
             batches,
         } => embed(texts, python, &batches).await,
-        Cmd::Index { docs, server } => index(docs, &server).await,
+        Cmd::Index {
+            docs,
+            server,
+            capacity,
+        } => index(docs, &server, capacity).await,
         Cmd::Search { chunks, queries } => search(chunks, queries).await,
     }
 }
@@ -157,7 +165,7 @@ async fn embed(n: usize, python: Option<PathBuf>, batches: &[usize]) -> anyhow::
     Ok(())
 }
 
-async fn index(docs: usize, server: &str) -> anyhow::Result<()> {
+async fn index(docs: usize, server: &str, capacity: usize) -> anyhow::Result<()> {
     let env = StackEnv::load();
     let target = env
         .s3_targets()
@@ -210,6 +218,7 @@ async fn index(docs: usize, server: &str) -> anyhow::Result<()> {
             format!("--embedding-model-dir={}", model_dir(&env)?.display()),
             "--grpc-addr=127.0.0.1:0".into(),
             "--metrics-addr=127.0.0.1:0".into(),
+            format!("--capacity={capacity}"),
         ]),
         None,
     )
@@ -265,7 +274,7 @@ async fn index(docs: usize, server: &str) -> anyhow::Result<()> {
         collections::latest_run(&db, id).await?.context("a run")?
     };
     println!(
-        "one sync run, built-in model, {server}: {docs} Markdown documents, {:.1} MiB",
+        "one sync run, built-in model, {server}, capacity {capacity}: {docs} Markdown documents, {:.1} MiB",
         bytes as f64 / (1 << 20) as f64
     );
     println!(
