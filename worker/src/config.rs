@@ -67,12 +67,15 @@ pub struct WorkerArgs {
     #[arg(long, env = "STOWAGE_ORPHAN_UPLOAD_AGE", value_parser = stowage_common::config::parse_duration, default_value = "24h")]
     pub orphan_upload_age: Duration,
 
-    /// When a multipart object's SHA-256 becomes known only after its last
-    /// part, write it into the object's metadata with a server-side
-    /// self-copy (`always`), or keep it in PostgreSQL only (`known`: metadata
-    /// is then set only where the hash is known up front — single-PUT objects
-    /// and dedup jobs). The self-copy makes stores that keep per-object
-    /// checksums (Garage, LocalStack) re-read the whole object.
+    /// How a multipart object's SHA-256 reaches its metadata (`sha256`).
+    /// `always`: the source is hashed in a first pass and the hash goes into
+    /// CreateMultipartUpload (checked against the upload's own hash before
+    /// completing); costs a second read of the source, which is cheap next
+    /// to the upload. `copy`: hashed while uploading, written afterwards by
+    /// a server-side self-copy (one read of the source; stores that keep
+    /// per-object checksums re-read the whole object; objects up to 5 GiB).
+    /// `known`: metadata only where the hash is known up front (single-PUT
+    /// objects, dedup jobs); PostgreSQL always has it.
     #[arg(long, env = "STOWAGE_SHA256_METADATA", value_enum, default_value_t = Sha256Metadata::Always)]
     pub sha256_metadata: Sha256Metadata,
 
@@ -85,5 +88,6 @@ pub struct WorkerArgs {
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
 pub enum Sha256Metadata {
     Always,
+    Copy,
     Known,
 }

@@ -319,7 +319,8 @@ async fn progress_acks_keep_long_tasks_from_redelivery() {
     let h = Harness::new("localstack").await;
     let src = SourceServer::start().await;
     let worker = h.worker(None).await;
-    // 20 MiB at 1 MiB / 500 ms ≈ 10 s, twice the 5 s ack deadline.
+    // 20 MiB at 1 MiB / 500 ms ≈ 10 s, twice the 5 s ack deadline, read
+    // twice: the hashing pass, then the upload.
     let job = slow_job(&h, &src, &data(20 * MIB, 33), Duration::from_millis(500)).await;
     assert_eq!(
         h.wait_job(job, Duration::from_secs(120)).await.state,
@@ -331,6 +332,10 @@ async fn progress_acks_keep_long_tasks_from_redelivery() {
         info.num_redelivered, 0,
         "no task was redelivered while it ran"
     );
-    assert_eq!(src.hits("slow.bin"), 1, "the source was read once");
+    assert_eq!(
+        src.hits("slow.bin"),
+        2,
+        "the source was read twice (hashed, then uploaded) and never again"
+    );
     worker.shutdown().await.expect("shutdown");
 }

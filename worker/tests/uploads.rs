@@ -537,7 +537,9 @@ async fn final_failure_aborts_the_multipart_upload(target: &str) {
             ..Default::default()
         },
     );
-    let worker = h.worker(None).await;
+    // Hashed while uploading (no hashing pass first, which the cut would
+    // stop before any part is sent).
+    let worker = h.worker_with(&["--sha256-metadata=copy"], None).await;
     let mut spec = h.spec(http(vec![src.url("cut.bin")]), "");
     spec.part_size_bytes = 5 * MIB as u64;
     spec.retry.max_attempts = 2;
@@ -620,3 +622,48 @@ async fn sha256_kept_in_postgres_only_when_asked(target: &str) {
     worker.shutdown().await.expect("shutdown");
 }
 on_each_s3!(sha256_kept_in_postgres_only_when_asked);
+
+async fn a_source_rewritten_between_hashing_and_upload_is_never_completed(target: &str) {
+    let h = Harness::new(target).await;
+    let src = SourceServer::start().await;
+    let (before, after) = (data(12 * MIB, 80), data(12 * MIB, 81));
+    // The hashing pass reads `before`; the upload, and everything after,
+    // reads `after`.
+    src.put(
+        "moving.bin",
+        FileBehaviour {
+            data: before.clone(),
+            rewritten_after: Some((1, after.clone())),
+            ..Default::default()
+        },
+    );
+    let worker = h.worker(None).await;
+    let mut spec = h.spec(http(vec![src.url("moving.bin")]), "");
+    spec.part_size_bytes = 5 * MIB as u64;
+    let job = h.submit("moving", spec).await;
+    assert_eq!(
+        h.wait_job(job, Duration::from_secs(120)).await.state,
+        "succeeded"
+    );
+    let items = h.items(job).await;
+    // The first upload carried the earlier hash: aborted, not completed
+    // (one failed attempt); the second hashed and uploaded the new content.
+    assert_eq!(items[0].attempts, 1, "{:?}", items[0]);
+    assert_eq!(src.hits("moving.bin"), 4);
+    let expected = sha256_hex(&after);
+    assert_eq!(items[0].sha256_hex.as_deref(), Some(expected.as_str()));
+    assert_eq!(
+        h.object_sha256_metadata("moving.bin").await.as_deref(),
+        Some(expected.as_str())
+    );
+    assert_eq!(h.peer_sha256("moving.bin"), expected);
+    let open =
+        h.s3.list_multipart_uploads()
+            .bucket(&h.bucket)
+            .send()
+            .await
+            .expect("list uploads");
+    assert!(open.uploads().is_empty(), "the first upload was aborted");
+    worker.shutdown().await.expect("shutdown");
+}
+on_each_s3!(a_source_rewritten_between_hashing_and_upload_is_never_completed);

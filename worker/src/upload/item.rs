@@ -18,13 +18,14 @@ use stowage_common::state::uploads::{
 };
 use stowage_proto::v1::{JobProgress, ObjectLanded};
 use tokio_util::sync::CancellationToken;
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 use uuid::Uuid;
 
 use super::UploadError;
 use super::multipart::{self, Options, SHA256_METADATA, Target, Transfer};
-use super::source::Source;
+use super::source::{Source, SourceBody};
 use crate::Context;
+use crate::config::Sha256Metadata;
 use crate::tasks::Outcome;
 
 /// Runs the item and decides what happens to its task.
@@ -341,7 +342,19 @@ async fn transfer(
         known_sha256 = Some(sha);
     }
     let archived = archive_if_versioned(ctx, spec, target, existing.is_some()).await?;
-    let body = source.open(&item.source_ref).await?;
+    let mut body = source.open(&item.source_ref).await?;
+    if known_sha256.is_none()
+        && ctx.sha256_metadata == Sha256Metadata::Always
+        && body.size.is_none_or(|size| size > spec.part_size_bytes)
+    {
+        // A multipart object's metadata is set when the upload is created:
+        // hash the source first (the upload checks it gets the same hash).
+        let started = std::time::Instant::now();
+        let (sha, size) = hash_body(body).await?;
+        debug!(key = target.key, size, took = ?started.elapsed(), "source hashed up front");
+        known_sha256 = Some(sha);
+        body = source.open(&item.source_ref).await?;
+    }
     // Status shows the size of a file that takes a while; a small file's
     // size is recorded when it finishes.
     if let Some(size) = body.size.filter(|s| *s > spec.part_size_bytes) {
@@ -359,7 +372,7 @@ async fn transfer(
         concurrency: spec.concurrency as usize,
         algorithm: spec.checksum,
         known_sha256,
-        sha256_metadata_copy: ctx.sha256_metadata == crate::config::Sha256Metadata::Always,
+        sha256_metadata_copy: ctx.sha256_metadata == Sha256Metadata::Copy,
     };
     let up = t.run(item.id, target, &opts, body, lock).await?;
     if up.parts > 1 || up.parts_resumed > 0 {
@@ -462,8 +475,12 @@ async fn finish(
 
 /// Reads the whole source once for its SHA-256 and size (dedup).
 async fn hash_source(source: &Source, source_ref: &str) -> Result<(String, u64), UploadError> {
+    hash_body(source.open(source_ref).await?).await
+}
+
+/// Reads `body` to its end: its SHA-256 (hex) and size.
+async fn hash_body(mut body: SourceBody) -> Result<(String, u64), UploadError> {
     use futures::StreamExt;
-    let mut body = source.open(source_ref).await?;
     let mut h = Sha256::new();
     let mut n = 0u64;
     while let Some(chunk) = body.stream.next().await {

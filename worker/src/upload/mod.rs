@@ -45,6 +45,8 @@ pub enum UploadError {
         "the source changed while resuming: part {part} no longer matches its recorded checksum"
     )]
     SourceChanged { part: i32 },
+    #[error("the source changed during the upload: SHA-256 {hashed} before it, {read} in it")]
+    SourceChangedDuringUpload { hashed: String, read: String },
     #[error("verification failed for {key}: {message}")]
     Verification { key: String, message: String },
     #[error("state: {0}")]
@@ -109,6 +111,7 @@ impl Classify for UploadError {
             | UploadError::TooManyParts { .. } => Permanent,
             UploadError::SourceRead { .. }
             | UploadError::SourceChanged { .. }
+            | UploadError::SourceChangedDuringUpload { .. }
             | UploadError::Verification { .. }
             | UploadError::State(_)
             | UploadError::Lock(_)

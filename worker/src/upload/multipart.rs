@@ -137,6 +137,9 @@ impl Transfer {
             if let Some(prev) = done.get(&number) {
                 let checksum = part_checksum(opts.algorithm, &data);
                 if prev.checksum != checksum || prev.size_bytes != data.len() as i64 {
+                    // Its recorded parts are of other content: the next
+                    // attempt starts over instead of resuming them again.
+                    self.forget(item_id, target).await?;
                     return Err(UploadError::SourceChanged { part: number });
                 }
                 self.metrics.parts_resumed.inc();
@@ -196,6 +199,15 @@ impl Transfer {
         kept.sort_by_key(|p| p.part_number);
         fence.ensure_held()?;
         let sha = hex::encode(whole.finalize());
+        if let Some(hashed) = opts.known_sha256.as_ref().filter(|h| **h != sha) {
+            // The upload carries the earlier hash in its metadata: never
+            // complete it; the next attempt starts over.
+            self.forget(item_id, target).await?;
+            return Err(UploadError::SourceChangedDuringUpload {
+                hashed: hashed.clone(),
+                read: sha,
+            });
+        }
         let parts_done = std::time::Instant::now();
         let etag = self
             .complete(target, opts, &upload_id, &kept, total, &sha)
@@ -216,6 +228,17 @@ impl Transfer {
             parts: kept.len() as u32,
             parts_resumed: resumed,
         })
+    }
+
+    /// Aborts the item's multipart upload and forgets it: the next attempt
+    /// starts a new one.
+    async fn forget(&self, item_id: i64, target: &Target<'_>) -> Result<(), UploadError> {
+        let db = self.db.get().await?;
+        if let Some((rec, _)) = state::get_multipart(&db, item_id).await? {
+            abort(target.client, &rec).await;
+            state::delete_multipart(&db, item_id).await?;
+        }
+        Ok(())
     }
 
     /// The multipart upload to continue and its parts that are both recorded

@@ -25,6 +25,9 @@ pub struct FileBehaviour {
     pub trickle: Option<Duration>,
     /// Promise the full length but drop the connection after this many bytes.
     pub cut_after: Option<usize>,
+    /// After this many requests, serve these bytes instead (the file was
+    /// rewritten).
+    pub rewritten_after: Option<(usize, Bytes)>,
 }
 
 #[derive(Clone, Default)]
@@ -96,6 +99,12 @@ async fn serve(State(s): State<SourceServer>, Path(path): Path<String>) -> Respo
     }
     if n <= f.fail_first {
         return (StatusCode::SERVICE_UNAVAILABLE, "scripted flake").into_response();
+    }
+    let mut f = f;
+    if let Some((after, data)) = f.rewritten_after.clone()
+        && n > after
+    {
+        f.data = data;
     }
     let len = f.data.len();
     if let Some(cut) = f.cut_after {
