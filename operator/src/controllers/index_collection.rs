@@ -13,7 +13,7 @@ use kube::runtime::finalizer::{Event as Finalizer, finalizer};
 use kube::{Api, ResourceExt};
 use stowage_common::locks::{LockClass, LockKey};
 use stowage_common::queue::TaskKind;
-use stowage_common::state::collections::{self, NewCollection};
+use stowage_common::state::collections::{self, NewCollection, RunState};
 use stowage_proto::v1::{SyncCollection, Task, task};
 use tracing::info;
 use uuid::Uuid;
@@ -108,7 +108,15 @@ async fn apply(
         )
         .await;
     }
-    let latest = collections::latest_run(&db, id).await?;
+    let mut latest = collections::latest_run(&db, id).await?;
+    let mut run_pending = 0;
+    if let Some(run) = latest.as_mut().filter(|r| r.state == RunState::InProgress) {
+        // A run's counts are summed when it closes; meanwhile, from its
+        // documents so far.
+        let progress = collections::run_progress(&db, run.id).await?;
+        run.counts = progress.counts;
+        run_pending = progress.pending;
+    }
     let index = stowage_common::state::index::counts(&db, id).await?;
     let new = status::compute(
         ic,
@@ -117,6 +125,7 @@ async fn apply(
             latest_run: latest.as_ref(),
             next_sync_time: next_sync,
             index,
+            run_pending,
         },
     );
     apply_status(api, ic, ic.status.as_ref(), &new).await?;

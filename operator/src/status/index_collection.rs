@@ -48,6 +48,8 @@ pub struct Snapshot<'a> {
     pub next_sync_time: Option<DateTime<Utc>>,
     /// What the active generation holds.
     pub index: IndexCounts,
+    /// Documents the run in progress has yet to index.
+    pub run_pending: i64,
 }
 
 pub fn compute(ic: &IndexCollection, snap: &Snapshot<'_>) -> IndexCollectionStatus {
@@ -138,7 +140,7 @@ pub fn compute(ic: &IndexCollection, snap: &Snapshot<'_>) -> IndexCollectionStat
         )),
         documents: DocumentCounts {
             indexed: snap.index.indexed,
-            pending: 0,
+            pending: snap.run_pending,
             skipped: snap.index.skipped,
             failed: snap.index.failed,
         },
@@ -260,6 +262,7 @@ mod tests {
                 latest_run: Some(&r),
                 next_sync_time: None,
                 index: IndexCounts::default(),
+                run_pending: 0,
             },
         );
         assert_eq!(s.phase, Some(Phase::Failed));
@@ -279,6 +282,7 @@ mod tests {
                 latest_run: Some(&done),
                 next_sync_time: None,
                 index: IndexCounts::default(),
+                run_pending: 0,
             },
         );
         assert_eq!(s.phase, Some(Phase::Ready));
@@ -289,8 +293,29 @@ mod tests {
                 latest_run: None,
                 next_sync_time: None,
                 index: IndexCounts::default(),
+                run_pending: 0,
             },
         );
         assert_eq!(s.phase, Some(Phase::Suspended));
+    }
+
+    #[test]
+    fn a_run_in_progress_shows_its_pending_documents() {
+        let ic = resource(None, false);
+        let r = run(RunState::InProgress, None);
+        let s = compute(
+            &ic,
+            &Snapshot {
+                collection_id: uuid::Uuid::nil(),
+                latest_run: Some(&r),
+                next_sync_time: None,
+                index: IndexCounts::default(),
+                run_pending: 3,
+            },
+        );
+        assert_eq!(s.phase, Some(Phase::Syncing));
+        assert_eq!(s.documents.pending, 3);
+        let progressing = condition::find(&s.conditions, PROGRESSING).expect("progressing");
+        assert!(progressing.is_true());
     }
 }
