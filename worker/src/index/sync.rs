@@ -323,6 +323,10 @@ async fn fetch_and_index(
         .await
         .map_err(|e| s3_error("GetObject", e).to_string())?;
     source.content_type = got.content_type().map(str::to_string);
+    // The version read, which may be newer than the one planned.
+    if let Some(etag) = got.e_tag() {
+        source.etag = Some(etag.trim_matches('"').to_string());
+    }
     let bytes = got
         .body
         .collect()
