@@ -30,3 +30,8 @@ CREATE TABLE sync_run_documents (
     PRIMARY KEY (run_id, object_key)
 );
 CREATE INDEX sync_run_documents_pending ON sync_run_documents (run_id) WHERE state = 'pending';
+
+-- The SHA-256 a multipart upload was created with in its metadata (NULL:
+-- none). A resume must have the same, or it would complete an object whose
+-- metadata describes other bytes.
+ALTER TABLE multipart_uploads ADD COLUMN metadata_sha256 text;

@@ -13,7 +13,7 @@ use stowage_common::state::collections::RunState;
 use stowage_proto::v1::search_client::SearchClient;
 use stowage_proto::v1::{SearchMode, SearchRequest};
 use support::Harness;
-use support::index::{put, register, sync};
+use support::index::{put, register, source, sync};
 
 #[derive(Deserialize)]
 struct Labelled {
@@ -39,9 +39,7 @@ async fn the_labelled_corpus_finds_the_expected_documents() {
     for (key, text) in &corpus.documents {
         put(&h, &format!("kb/{key}"), "text/markdown", text.as_bytes()).await;
     }
-    let mut source = serde_json::to_value(h.endpoint()).expect("endpoint");
-    source["bucket"] = h.bucket.clone().into();
-    source["prefix"] = "kb/".into();
+    let source = source(&h, "kb/");
     let id = register(&h, serde_json::json!({"source": source})).await;
     let run = sync(&h, id, "one").await;
     assert_eq!(run.state, RunState::Completed, "{run:?}");

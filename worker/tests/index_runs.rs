@@ -2,7 +2,8 @@
 //! indexed by every worker and the run closes when the last one is done; a
 //! new sync waits while a run is alive and abandons one that stalled; a
 //! document that keeps failing before it can be recorded is failed after
-//! its last attempt, dead-lettered, and the run still ends.
+//! its last attempt, dead-lettered, and the run still ends; replayed, its
+//! task brings the document up to date.
 
 mod support;
 
@@ -18,7 +19,7 @@ use stowage_common::state::collections::{self, PlannedDocument, RunCounts, RunSt
 use stowage_common::state::index as store;
 use stowage_common::testing::eventually;
 use support::Harness;
-use support::index::{SLOW_MODEL, embedder, put, register, sync};
+use support::index::{SLOW_MODEL, embedder, put, register, source, sync};
 use uuid::Uuid;
 
 /// A run recorded the way a planner records one — `keys` pending, all
@@ -53,6 +54,21 @@ async fn planned_run(h: &Harness, id: Uuid, embedding: &Embedding, keys: &[&str]
     run
 }
 
+/// Whether the worker's metrics have counted a task of `kind` ending in
+/// `outcome`.
+async fn counted(worker: &stowage_worker::Worker, kind: &str, outcome: &str) -> bool {
+    let Ok(r) = reqwest::get(format!("http://{}/metrics", worker.http_addr)).await else {
+        return false;
+    };
+    r.text().await.is_ok_and(|body| {
+        body.lines().any(|l| {
+            l.starts_with("stowage_worker_tasks_total")
+                && l.contains(&format!("kind=\"{kind}\""))
+                && l.contains(&format!("outcome=\"{outcome}\""))
+        })
+    })
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_runs_documents_spread_over_the_workers_and_the_last_one_closes_it() {
     let h = Harness::new("localstack").await;
@@ -74,9 +90,7 @@ async fn a_runs_documents_spread_over_the_workers_and_the_last_one_closes_it() {
         )
         .await;
     }
-    let mut source = serde_json::to_value(h.endpoint()).expect("endpoint");
-    source["bucket"] = h.bucket.clone().into();
-    source["prefix"] = "kb/".into();
+    let source = source(&h, "kb/");
     let id = register(
         &h,
         serde_json::json!({"source": source, "embedding": {
@@ -121,9 +135,7 @@ async fn a_new_sync_waits_for_a_live_run_and_abandons_a_stalled_one() {
     let worker = h.worker(None).await;
     let url = embedder(Arc::new(AtomicUsize::new(0))).await;
     put(&h, "kb/a.txt", "text/plain", b"Alpha notes about buckets.").await;
-    let mut source = serde_json::to_value(h.endpoint()).expect("endpoint");
-    source["bucket"] = h.bucket.clone().into();
-    source["prefix"] = "kb/".into();
+    let source = source(&h, "kb/");
     let spec = serde_json::json!({"source": source, "embedding": {
         "provider": "openai", "model": "bow", "dimensions": 64, "endpoint": url}});
     let id = register(&h, spec.clone()).await;
@@ -132,23 +144,11 @@ async fn a_new_sync_waits_for_a_live_run_and_abandons_a_stalled_one() {
     // A run whose only document's task is still queued somewhere.
     let live = planned_run(&h, id, &embedding, &["kb/elsewhere.txt"]).await;
 
-    let metrics = format!("http://{}/metrics", worker.http_addr);
     let (run, ()) = tokio::join!(sync(&h, id, "two"), async {
         eventually(
             "the new sync waits behind the live run",
             Duration::from_secs(30),
-            || async {
-                let Ok(r) = reqwest::get(&metrics).await else {
-                    return false;
-                };
-                r.text().await.is_ok_and(|body| {
-                    body.lines().any(|l| {
-                        l.starts_with("stowage_worker_tasks_total")
-                            && l.contains("kind=\"index-sync\"")
-                            && l.contains("outcome=\"retry\"")
-                    })
-                })
-            },
+            || counted(&worker, "index-sync", "retry"),
         )
         .await;
         let db = h.pool.get().await.expect("db");
@@ -190,10 +190,11 @@ async fn a_document_out_of_attempts_is_failed_dead_lettered_and_the_run_ends() {
     let h = Harness::new("localstack").await;
     // The run's generation uses the built-in model; this worker has none,
     // so every attempt fails before anything can be recorded.
-    let _worker = h
+    let worker = h
         .worker_with(&["--embedding-model-dir=/nonexistent/minilm"], None)
         .await;
-    let id = register(&h, serde_json::json!({"source": {"bucket": h.bucket}})).await;
+    let source = source(&h, "");
+    let id = register(&h, serde_json::json!({ "source": source })).await;
     let run = planned_run(&h, id, &Embedding::default(), &["notes.txt"]).await;
     let subject = h
         .queue
@@ -241,4 +242,13 @@ async fn a_document_out_of_attempts_is_failed_dead_lettered_and_the_run_ends() {
         .find(|(_, l)| l.task.as_ref().is_some_and(|t| t.task_id == task.task_id))
         .expect("the task is dead-lettered");
     assert_eq!(letter.1.attempts, 5);
+
+    // Replayed after its run ended, the task brings the document up to date
+    // as an object event would: the object does not exist, so it is
+    // removed from the index.
+    h.queue.replay_dead_letter(letter.0).await.expect("replay");
+    eventually("the replayed task runs", Duration::from_secs(30), || {
+        counted(&worker, "index-doc", "deleted")
+    })
+    .await;
 }

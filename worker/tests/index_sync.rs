@@ -21,7 +21,7 @@ use stowage_common::testing::eventually;
 use stowage_proto::v1::search_client::SearchClient;
 use stowage_proto::v1::{SearchMode, SearchRequest};
 use support::Harness;
-use support::index::{DIMS, SLOW_MODEL, bag_of_words, embedder, put, register, sync};
+use support::index::{DIMS, SLOW_MODEL, bag_of_words, embedder, put, register, source, sync};
 use uuid::Uuid;
 
 async fn document_state(h: &Harness, key: &str) -> Option<(String, Option<String>, i32)> {
@@ -62,9 +62,7 @@ async fn sync_runs_index_incrementally_and_search_finds_the_documents() {
     let worker = h.worker(None).await;
     let embedded = Arc::new(AtomicUsize::new(0));
     let url = embedder(Arc::clone(&embedded)).await;
-    let mut source = serde_json::to_value(h.endpoint()).expect("endpoint");
-    source["bucket"] = h.bucket.clone().into();
-    source["prefix"] = "kb/".into();
+    let mut source = source(&h, "kb/");
     source["exclude"] = serde_json::json!(["drafts/**"]);
     let id = register(
         &h,
@@ -316,9 +314,7 @@ async fn queries_during_a_model_change_are_answered_by_one_complete_generation()
     }
     let uid = stowage_common::testing::unique("uid");
     let spec_for = |model: &str, dims: u32| -> IndexSpec {
-        let mut source = serde_json::to_value(h.endpoint()).expect("endpoint");
-        source["bucket"] = h.bucket.clone().into();
-        source["prefix"] = "kb/".into();
+        let source = source(&h, "kb/");
         serde_json::from_value(serde_json::json!({
             "source": source,
             "embedding": {"provider": "openai", "model": model, "dimensions": dims, "endpoint": url},
@@ -456,9 +452,7 @@ async fn document_tasks_update_and_remove_single_documents_between_runs() {
     let url = embedder(Arc::clone(&embedded)).await;
     put(&h, "kb/a.txt", "text/plain", b"Alpha notes about buckets.").await;
     put(&h, "kb/b.txt", "text/plain", b"Beta notes about queues.").await;
-    let mut source = serde_json::to_value(h.endpoint()).expect("endpoint");
-    source["bucket"] = h.bucket.clone().into();
-    source["prefix"] = "kb/".into();
+    let source = source(&h, "kb/");
     let id = register(
         &h,
         serde_json::json!({"source": source, "embedding": {

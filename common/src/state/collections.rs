@@ -429,8 +429,10 @@ pub struct RunDocument {
     pub attempts: i32,
 }
 
+/// Document `key` of run `run_id` of collection `collection_id`.
 pub async fn run_document(
     client: &Client,
+    collection_id: Uuid,
     run_id: i64,
     key: &str,
 ) -> Result<Option<RunDocument>, StateError> {
@@ -441,10 +443,10 @@ pub async fn run_document(
                     "SELECT r.state, r.generation_id, d.etag, d.size_bytes, d.change, d.state,
                             d.attempts
                      FROM sync_run_documents d JOIN sync_runs r ON r.id = d.run_id
-                     WHERE d.run_id = $1 AND d.object_key = $2",
+                     WHERE d.run_id = $1 AND d.object_key = $2 AND r.collection_id = $3",
                 )
                 .await?,
-            &[&run_id, &key],
+            &[&run_id, &key, &collection_id],
         )
         .await?;
     Ok(row.map(|r| RunDocument {
@@ -459,6 +461,20 @@ pub async fn run_document(
         state: r.get(5),
         attempts: r.get(6),
     }))
+}
+
+/// A document of the run started: a sign of life, so that a run of slow
+/// documents is not taken for a stalled one.
+pub async fn touch_run(client: &Client, run_id: i64) -> Result<(), StateError> {
+    client
+        .execute(
+            &client
+                .prepare_cached("UPDATE sync_runs SET updated_at = now() WHERE id = $1")
+                .await?,
+            &[&run_id],
+        )
+        .await?;
+    Ok(())
 }
 
 /// Counts a failed attempt at a document's task; returns the attempts so far.

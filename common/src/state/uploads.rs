@@ -511,6 +511,8 @@ pub struct MultipartRecord {
     pub upload_id: String,
     pub part_size_bytes: i64,
     pub checksum_algorithm: String,
+    /// The SHA-256 set in the object's metadata at creation, if any.
+    pub metadata_sha256: Option<String>,
 }
 
 #[derive(Clone, Debug, PartialEq)]
@@ -527,7 +529,8 @@ pub async fn get_multipart(
 ) -> Result<Option<(MultipartRecord, Vec<PartRecord>)>, StateError> {
     let Some(r) = client
         .query_opt(
-            &client.prepare_cached("SELECT endpoint, bucket, object_key, upload_id, part_size_bytes, checksum_algorithm
+            &client.prepare_cached("SELECT endpoint, bucket, object_key, upload_id, part_size_bytes, checksum_algorithm,
+                    metadata_sha256
              FROM multipart_uploads WHERE item_id = $1").await?,
             &[&item_id],
         )
@@ -542,6 +545,7 @@ pub async fn get_multipart(
         upload_id: r.get(3),
         part_size_bytes: r.get(4),
         checksum_algorithm: r.get(5),
+        metadata_sha256: r.get(6),
     };
     let parts = client
         .query(
@@ -573,8 +577,8 @@ pub async fn save_multipart(
     client
         .execute(
             &client.prepare_cached("INSERT INTO multipart_uploads (item_id, endpoint, bucket, object_key, upload_id,
-                                            part_size_bytes, checksum_algorithm)
-             VALUES ($1, $2, $3, $4, $5, $6, $7)").await?,
+                                            part_size_bytes, checksum_algorithm, metadata_sha256)
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8)").await?,
             &[
                 &item_id,
                 &upload.endpoint,
@@ -583,6 +587,7 @@ pub async fn save_multipart(
                 &upload.upload_id,
                 &upload.part_size_bytes,
                 &upload.checksum_algorithm,
+                &upload.metadata_sha256,
             ],
         )
         .await?;

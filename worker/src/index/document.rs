@@ -90,18 +90,27 @@ async fn index_in_run(
     key: &str,
 ) -> Result<&'static str, String> {
     let db = ctx.db.get().await.map_err(|e| e.to_string())?;
-    let Some(planned) = collections::run_document(&db, run_id, key)
+    let Some(planned) = collections::run_document(&db, collection.id, run_id, key)
         .await
         .map_err(|e| e.to_string())?
     else {
         return Ok("run-ended");
     };
-    if planned.run_state != RunState::InProgress {
-        return Ok("run-ended");
+    match (planned.run_state, planned.state.as_str()) {
+        (RunState::InProgress, "pending") => {}
+        (RunState::InProgress, _) => return Ok("duplicate"),
+        // A dead letter replayed after its run: bring the document up to
+        // date as an object event would.
+        (_, "failed") => {
+            drop(db);
+            return index(ctx, collection.id, key).await;
+        }
+        // Left over from an abandoned run: the run after it plans the rest.
+        _ => return Ok("run-ended"),
     }
-    if planned.state != "pending" {
-        return Ok("duplicate");
-    }
+    collections::touch_run(&db, run_id)
+        .await
+        .map_err(|e| e.to_string())?;
     let generation = match planned.generation_id {
         Some(id) => store::generation(&db, id)
             .await
@@ -175,7 +184,8 @@ async fn attempt_failed(
     }
     drop(db);
     if let Err(e) = super::close_run(ctx, collection, run_id).await {
-        warn!(run_id, error = %e, "closing the run after a failed document");
+        // Its document is failed now: the redelivered task only closes.
+        return retry(e);
     }
     Outcome::Dead {
         error,
@@ -185,12 +195,10 @@ async fn attempt_failed(
 }
 
 async fn index(ctx: &Context, collection_id: Uuid, key: &str) -> Result<&'static str, String> {
-    let db = ctx.db.get().await.map_err(|e| e.to_string())?;
-    let collection = match collections::get(&db, collection_id).await {
-        Ok(c) => c,
-        Err(StateError::NotFound { .. }) => return Ok("cancelled"),
-        Err(e) => return Err(e.to_string()),
+    let Some(collection) = current(ctx, collection_id).await? else {
+        return Ok("cancelled");
     };
+    let db = ctx.db.get().await.map_err(|e| e.to_string())?;
     let selector = Selector::new(&collection.spec.source).map_err(|e| e.to_string())?;
     if !selector.wants(key) {
         return Ok("excluded"); // the spec changed since the event

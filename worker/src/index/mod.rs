@@ -70,9 +70,15 @@ async fn run(ctx: &Context, collection_id: Uuid, trigger: &str) -> Result<Outcom
             reason: "another sync run of this collection is being planned or closed".into(),
         });
     };
-    if let Some(live) = collections::run_in_progress(&db, collection_id)
+    let live = collections::run_in_progress(&db, collection_id)
         .await
-        .map_err(|e| e.to_string())?
+        .map_err(|e| e.to_string())?;
+    if let Some(live) = live.as_ref().filter(|r| r.dispatched && r.pending == 0) {
+        // Complete, but its closer failed: close it now.
+        if let Some(state) = sync::close_if_done(ctx, live.id).await? {
+            publish_progress(ctx, &collection, live.id, state.as_str()).await;
+        }
+    } else if let Some(live) = live
         && live.dispatched
         && live.idle < RUN_STALL_AFTER
         && live.generation >= collection.generation

@@ -134,23 +134,28 @@ pub(crate) async fn close_if_done(ctx: &Context, run_id: i64) -> Result<Option<R
     if !progress.complete() {
         return Ok(None);
     }
+    let mut error = None;
     if let Some(id) = progress.generation_id
         && let Some(g) = store::generation(&db, id)
             .await
             .map_err(|e| e.to_string())?
         && g.state == "building"
     {
-        store::activate(&mut db, id)
-            .await
-            .map_err(|e| e.to_string())?;
-        info!(collection = %g.collection_id, generation = id, "new embedding generation active");
+        match store::activate(&mut db, id).await {
+            Ok(()) => {
+                info!(collection = %g.collection_id, generation = id, "new embedding generation active")
+            }
+            // Its documents stay; the next run finds them indexed and
+            // activates it.
+            Err(e) => error = Some(format!("activating the new embedding generation: {e}")),
+        }
     }
-    let state = if progress.counts.failed > 0 {
-        RunState::CompletedWithErrors
-    } else {
-        RunState::Completed
+    let state = match (&error, progress.counts.failed) {
+        (Some(_), _) => RunState::Failed,
+        (None, 0) => RunState::Completed,
+        (None, _) => RunState::CompletedWithErrors,
     };
-    collections::finish_run(&db, run_id, state, &progress.counts, None)
+    collections::finish_run(&db, run_id, state, &progress.counts, error.as_deref())
         .await
         .map_err(|e| e.to_string())?;
     info!(run_id, state = state.as_str(), counts = ?progress.counts, "sync run finished");

@@ -257,7 +257,11 @@ impl Transfer {
             && rec.object_key == target.key
             && rec.endpoint == target.endpoint
             && rec.part_size_bytes == opts.part_size as i64
-            && rec.checksum_algorithm == opts.algorithm.as_str();
+            && rec.checksum_algorithm == opts.algorithm.as_str()
+            // Created with another hash in its metadata (the source changed
+            // since), or with none: completing it would describe the object
+            // wrongly.
+            && rec.metadata_sha256 == opts.known_sha256;
         if !same {
             abort(target.client, &rec).await;
             state::delete_multipart(&db, item_id).await?;
@@ -332,6 +336,7 @@ impl Transfer {
             upload_id: upload_id.clone(),
             part_size_bytes: opts.part_size as i64,
             checksum_algorithm: opts.algorithm.as_str().to_string(),
+            metadata_sha256: opts.known_sha256.clone(),
         };
         let saved = match self.db.get().await {
             Ok(db) => state::save_multipart(&db, item_id, &rec).await,

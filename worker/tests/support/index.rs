@@ -84,6 +84,15 @@ pub async fn embedder(embedded: Arc<AtomicUsize>) -> String {
     format!("http://{addr}")
 }
 
+/// A collection source: the harness bucket under `prefix`, on the
+/// harness's S3 server.
+pub fn source(h: &Harness, prefix: &str) -> serde_json::Value {
+    let mut source = serde_json::to_value(h.endpoint()).expect("endpoint");
+    source["bucket"] = h.bucket.clone().into();
+    source["prefix"] = prefix.into();
+    source
+}
+
 pub async fn register(h: &Harness, spec: serde_json::Value) -> Uuid {
     let spec: IndexSpec = serde_json::from_value(spec).expect("spec");
     let db = h.pool.get().await.expect("db");

@@ -77,11 +77,11 @@ fn answer(model: &BuiltinModel, mut batch: Vec<Request>) {
     if batch.len() == 1
         && let Some(Request { texts, reply }) = batch.pop()
     {
-        let _ = reply.send(model.embed(&texts));
+        let _ = reply.send(embed(model, &texts));
         return;
     }
     let texts: Vec<String> = batch.iter().flat_map(|r| r.texts.clone()).collect();
-    match model.embed(&texts) {
+    match embed(model, &texts) {
         Ok(vectors) => {
             let mut vectors = vectors.into_iter();
             for r in batch {
@@ -94,8 +94,23 @@ fn answer(model: &BuiltinModel, mut batch: Vec<Request>) {
             // only that one fails.
             warn!(error = %e, requests = batch.len(), "batched embedding failed; embedding each request alone");
             for r in batch {
-                let _ = r.reply.send(model.embed(&r.texts));
+                let _ = r.reply.send(embed(model, &r.texts));
             }
         }
     }
+}
+
+/// `model.embed`, with a panic in the tokenizer or the model turned into an
+/// error for its callers rather than the end of the batching thread.
+fn embed(model: &BuiltinModel, texts: &[String]) -> Result<Vec<Vec<f32>>, EmbedError> {
+    std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| model.embed(texts))).unwrap_or_else(
+        |panic| {
+            let what = panic
+                .downcast_ref::<&str>()
+                .map(|s| s.to_string())
+                .or_else(|| panic.downcast_ref::<String>().cloned())
+                .unwrap_or_default();
+            Err(EmbedError::Inference(format!("the model panicked: {what}")))
+        },
+    )
 }
