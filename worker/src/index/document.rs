@@ -38,10 +38,7 @@ pub async fn run(ctx: &Context, collection_id: Uuid, key: &str, run_id: i64) -> 
     }
     match index(ctx, collection_id, key).await {
         Ok(label) => Outcome::Done { label },
-        Err(e) => Outcome::Retry {
-            delay: Duration::from_secs(5),
-            reason: e,
-        },
+        Err(e) => retry(e),
     }
 }
 
@@ -80,9 +77,10 @@ fn retry(reason: String) -> Outcome {
     }
 }
 
-/// Indexes a pending document of a run and records how it ended; labels a
-/// task whose document is already done, or whose run ended, and does
-/// nothing else for it (the next run plans what is left).
+/// Indexes a pending document of a run and records how it ended. A task
+/// whose document is already done, or whose run ended, does nothing (the
+/// next run plans what is left), except a replayed dead letter: its
+/// document failed, and is brought up to date as for an object event.
 async fn index_in_run(
     ctx: &Context,
     collection: &CollectionRecord,
