@@ -22,6 +22,8 @@ pub struct WorkerMetrics {
     pub parts_resumed: Counter,
     pub part_retries: Counter,
     pub orphans_aborted: Counter,
+    pub embedded_texts: Counter,
+    pub embed_batches: Counter,
 }
 
 impl WorkerMetrics {
@@ -58,6 +60,16 @@ impl WorkerMetrics {
             "orphan_uploads_aborted",
             "Orphaned multipart uploads aborted by the sweeper",
             m.orphans_aborted.clone(),
+        );
+        r.register(
+            "builtin_embedded_texts",
+            "Texts the built-in model embedded for indexing",
+            m.embedded_texts.clone(),
+        );
+        r.register(
+            "builtin_embed_batches",
+            "Batches the built-in model ran for indexing (texts / batches = batch size)",
+            m.embed_batches.clone(),
         );
         m
     }

@@ -13,6 +13,7 @@ use serde::Deserialize;
 use stowage_common::testing::StackEnv;
 use stowage_worker::index::embed::builtin::{BuiltinModel, DIMENSIONS};
 use stowage_worker::index::embed::{Batcher, EmbedError, Embedder};
+use stowage_worker::metrics::WorkerMetrics;
 
 #[derive(Deserialize)]
 struct Sample {
@@ -112,7 +113,10 @@ async fn a_missing_or_broken_model_folder_is_a_clear_error() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn concurrent_documents_are_batched_and_each_gets_its_own_vectors() {
-    let embedder = Embedder::Builtin(Arc::new(Batcher::start(model().clone()).expect("batcher")));
+    let metrics = WorkerMetrics::default();
+    let embedder = Embedder::Builtin(Arc::new(
+        Batcher::start(model().clone(), metrics.clone()).expect("batcher"),
+    ));
     let texts = |i: usize| vec![format!("document {i} about backups"), format!("note {i}")];
     let answers = futures::future::join_all((0..6).map(|i| {
         let embedder = embedder.clone();
@@ -127,6 +131,14 @@ async fn concurrent_documents_are_batched_and_each_gets_its_own_vectors() {
             assert!(cosine(v, w) > 0.9999, "request {i} got another's vectors");
         }
     }
+    // Sent at once: the first batch may start alone, the other five queue
+    // behind it and run together.
+    assert_eq!(metrics.embedded_texts.get(), 12);
+    assert!(
+        (1..=2).contains(&metrics.embed_batches.get()),
+        "{} batches for 6 concurrent requests",
+        metrics.embed_batches.get()
+    );
     let query = embedder.embed_query("hello").await.expect("query");
     assert_eq!(query.len(), DIMENSIONS);
 }

@@ -182,7 +182,7 @@ pub(crate) async fn embedder(ctx: &Context, spec: &Embedding) -> Result<Embedder
                     .map_err(|e| e.to_string())?
                     .map_err(|e| e.to_string())?;
                 info!("builtin embedding model loaded");
-                Batcher::start(Arc::new(loaded))
+                Batcher::start(Arc::new(loaded), ctx.metrics.clone())
                     .map(Arc::new)
                     .map_err(|e| e.to_string())
             })

@@ -11,6 +11,7 @@ use tokio::sync::{mpsc, oneshot};
 use tracing::warn;
 
 use super::{BuiltinModel, EmbedError};
+use crate::metrics::WorkerMetrics;
 
 type Reply = oneshot::Sender<Result<Vec<Vec<f32>>, EmbedError>>;
 
@@ -27,18 +28,18 @@ pub struct Batcher {
 
 impl Batcher {
     /// Starts the batching thread; it ends when the batcher is dropped.
-    pub fn start(model: Arc<BuiltinModel>) -> Result<Batcher, EmbedError> {
+    pub fn start(model: Arc<BuiltinModel>, metrics: WorkerMetrics) -> Result<Batcher, EmbedError> {
         let (queue, requests) = mpsc::unbounded_channel();
         let worker = Arc::clone(&model);
         std::thread::Builder::new()
             .name("embed-batcher".into())
-            .spawn(move || serve(&worker, requests))
+            .spawn(move || serve(&worker, requests, &metrics))
             .map_err(|e| EmbedError::Inference(format!("starting the batching thread: {e}")))?;
         Ok(Batcher { model, queue })
     }
 
     /// The model itself, for callers that must not wait behind a batch
-    /// (a search query).
+    /// (a search query; not counted in the batch metrics).
     pub fn model(&self) -> &Arc<BuiltinModel> {
         &self.model
     }
@@ -56,7 +57,11 @@ impl Batcher {
     }
 }
 
-fn serve(model: &BuiltinModel, mut requests: mpsc::UnboundedReceiver<Request>) {
+fn serve(
+    model: &BuiltinModel,
+    mut requests: mpsc::UnboundedReceiver<Request>,
+    metrics: &WorkerMetrics,
+) {
     while let Some(first) = requests.blocking_recv() {
         let mut queued = first.texts.len();
         let mut batch = vec![first];
@@ -69,6 +74,8 @@ fn serve(model: &BuiltinModel, mut requests: mpsc::UnboundedReceiver<Request>) {
                 Err(_) => break,
             }
         }
+        metrics.embed_batches.inc();
+        metrics.embedded_texts.inc_by(queued as u64);
         answer(model, batch);
     }
 }
