@@ -187,6 +187,18 @@ fn run_state_name(s: RunState) -> &'static str {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// What the controller would read: `latest_run`, with `run_pending`
+    /// documents left if it is in progress, and an empty index.
+    fn snapshot(latest_run: Option<&SyncRun>, run_pending: i64) -> Snapshot<'_> {
+        Snapshot {
+            collection_id: uuid::Uuid::nil(),
+            latest_run,
+            next_sync_time: None,
+            index: IndexCounts::default(),
+            run_pending,
+        }
+    }
     use stowage_common::state::collections::RunCounts;
 
     fn resource(status: Option<serde_json::Value>, suspend: bool) -> IndexCollection {
@@ -255,16 +267,7 @@ mod tests {
     fn a_failed_run_is_reported_with_its_reason() {
         let ic = resource(None, false);
         let r = run(RunState::Failed, Some("indexing not available yet"));
-        let s = compute(
-            &ic,
-            &Snapshot {
-                collection_id: uuid::Uuid::nil(),
-                latest_run: Some(&r),
-                next_sync_time: None,
-                index: IndexCounts::default(),
-                run_pending: 0,
-            },
-        );
+        let s = compute(&ic, &snapshot(Some(&r), 0));
         assert_eq!(s.phase, Some(Phase::Failed));
         let ready = condition::find(&s.conditions, READY).expect("ready");
         assert!(!ready.is_true());
@@ -275,27 +278,9 @@ mod tests {
             Some("Failed")
         );
         let done = run(RunState::Completed, None);
-        let s = compute(
-            &ic,
-            &Snapshot {
-                collection_id: uuid::Uuid::nil(),
-                latest_run: Some(&done),
-                next_sync_time: None,
-                index: IndexCounts::default(),
-                run_pending: 0,
-            },
-        );
+        let s = compute(&ic, &snapshot(Some(&done), 0));
         assert_eq!(s.phase, Some(Phase::Ready));
-        let s = compute(
-            &resource(None, true),
-            &Snapshot {
-                collection_id: uuid::Uuid::nil(),
-                latest_run: None,
-                next_sync_time: None,
-                index: IndexCounts::default(),
-                run_pending: 0,
-            },
-        );
+        let s = compute(&resource(None, true), &snapshot(None, 0));
         assert_eq!(s.phase, Some(Phase::Suspended));
     }
 
@@ -303,16 +288,7 @@ mod tests {
     fn a_run_in_progress_shows_its_pending_documents() {
         let ic = resource(None, false);
         let r = run(RunState::InProgress, None);
-        let s = compute(
-            &ic,
-            &Snapshot {
-                collection_id: uuid::Uuid::nil(),
-                latest_run: Some(&r),
-                next_sync_time: None,
-                index: IndexCounts::default(),
-                run_pending: 3,
-            },
-        );
+        let s = compute(&ic, &snapshot(Some(&r), 3));
         assert_eq!(s.phase, Some(Phase::Syncing));
         assert_eq!(s.documents.pending, 3);
         let progressing = condition::find(&s.conditions, PROGRESSING).expect("progressing");
