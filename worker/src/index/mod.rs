@@ -12,8 +12,8 @@
 //!
 //! A run's planner takes the collection's sync lock: one run in progress
 //! per collection. A run still in progress that is alive (dispatched, a
-//! document finished within [`RUN_STALL_AFTER`], same spec) makes a new
-//! sync wait; a stale one — its planner died, its tasks were lost, or the
+//! document started or finished within [`RUN_STALL_AFTER`], same spec)
+//! makes a new sync wait; a stale one — its planner died, its tasks were lost, or the
 //! spec changed — is marked abandoned by the new run.
 
 pub mod chunk;
@@ -38,8 +38,9 @@ use uuid::Uuid;
 use crate::Context;
 use crate::tasks::Outcome;
 
-/// A run in progress in which no document finished for this long is
-/// abandoned by the next sync (its tasks were lost: a purged stream, say).
+/// A run in progress in which no document started or finished for this
+/// long is abandoned by the next sync (its tasks were lost: a purged
+/// stream, say).
 pub const RUN_STALL_AFTER: Duration = Duration::from_secs(15 * 60);
 
 pub async fn sync(ctx: &Context, collection_id: Uuid, trigger: &str) -> Outcome {
