@@ -33,28 +33,28 @@ use crate::tasks::Outcome;
 pub const MAX_ATTEMPTS: i32 = 5;
 
 pub async fn run(ctx: &Context, collection_id: Uuid, key: &str, run_id: i64) -> Outcome {
-    if run_id > 0 {
-        return in_run(ctx, collection_id, run_id, key).await;
-    }
-    match index(ctx, collection_id, key).await {
-        Ok(label) => Outcome::Done { label },
-        Err(e) => retry(e),
-    }
-}
-
-async fn in_run(ctx: &Context, collection_id: Uuid, run_id: i64, key: &str) -> Outcome {
     let collection = match current(ctx, collection_id).await {
         Ok(Some(c)) => c,
         Ok(None) => return Outcome::Done { label: "cancelled" },
         Err(e) => return retry(e),
     };
-    let label = match index_in_run(ctx, &collection, run_id, key).await {
+    if run_id > 0 {
+        return in_run(ctx, &collection, run_id, key).await;
+    }
+    match index(ctx, &collection, key).await {
+        Ok(label) => Outcome::Done { label },
+        Err(e) => retry(e),
+    }
+}
+
+async fn in_run(ctx: &Context, collection: &CollectionRecord, run_id: i64, key: &str) -> Outcome {
+    let label = match index_in_run(ctx, collection, run_id, key).await {
         Ok(label) => label,
-        Err(e) => return attempt_failed(ctx, &collection, run_id, key, e).await,
+        Err(e) => return attempt_failed(ctx, collection, run_id, key, e).await,
     };
     // Closing waits for the collection's sync lock; if that fails, the
     // redelivered task finds its document done and tries closing again.
-    match super::close_run(ctx, &collection, run_id).await {
+    match super::close_run(ctx, collection, run_id).await {
         Ok(()) => Outcome::Done { label },
         Err(e) => retry(e),
     }
@@ -101,7 +101,7 @@ async fn index_in_run(
         // date as an object event would.
         (_, "failed") => {
             drop(db);
-            return index(ctx, collection.id, key).await;
+            return index(ctx, collection, key).await;
         }
         // Left over from an abandoned run: the run after it plans the rest.
         _ => return Ok("run-ended"),
@@ -192,10 +192,12 @@ async fn attempt_failed(
     }
 }
 
-async fn index(ctx: &Context, collection_id: Uuid, key: &str) -> Result<&'static str, String> {
-    let Some(collection) = current(ctx, collection_id).await? else {
-        return Ok("cancelled");
-    };
+async fn index(
+    ctx: &Context,
+    collection: &CollectionRecord,
+    key: &str,
+) -> Result<&'static str, String> {
+    let collection_id = collection.id;
     let db = ctx.db.get().await.map_err(|e| e.to_string())?;
     let selector = Selector::new(&collection.spec.source).map_err(|e| e.to_string())?;
     if !selector.wants(key) {
@@ -213,7 +215,7 @@ async fn index(ctx: &Context, collection_id: Uuid, key: &str) -> Result<&'static
         .s3
         .client(&collection.spec.source.endpoint)
         .map_err(|e| e.to_string())?;
-    let Some(object) = head(&client, &collection, key).await? else {
+    let Some(object) = head(&client, collection, key).await? else {
         let _lock = document_lock(ctx, collection_id, key).await?;
         let mut db = ctx.db.get().await.map_err(|e| e.to_string())?;
         for g in &generations {
@@ -222,7 +224,7 @@ async fn index(ctx: &Context, collection_id: Uuid, key: &str) -> Result<&'static
                 .map_err(|e| e.to_string())?;
         }
         info!(%collection_id, key, "object gone: document removed");
-        super::publish_progress(ctx, &collection, 0, "document").await;
+        super::publish_progress(ctx, collection, 0, "document").await;
         return Ok("deleted");
     };
     let mut label = "unchanged";
@@ -237,7 +239,7 @@ async fn index(ctx: &Context, collection_id: Uuid, key: &str) -> Result<&'static
             continue;
         }
         let embedder = embedder(ctx, &g.embedding).await?;
-        label = match document(ctx, &client, &collection, &embedder, g.id, &object).await? {
+        label = match document(ctx, &client, collection, &embedder, g.id, &object).await? {
             DocumentEnd::Indexed { chunks } => {
                 info!(%collection_id, key, generation = g.id, chunks, "document indexed");
                 "indexed"
@@ -249,7 +251,7 @@ async fn index(ctx: &Context, collection_id: Uuid, key: &str) -> Result<&'static
         };
     }
     if label != "unchanged" {
-        super::publish_progress(ctx, &collection, 0, "document").await;
+        super::publish_progress(ctx, collection, 0, "document").await;
     }
     Ok(label)
 }

@@ -71,27 +71,27 @@ async fn run(ctx: &Context, collection_id: Uuid, trigger: &str) -> Result<Outcom
             reason: "another sync run of this collection is being planned or closed".into(),
         });
     };
-    let live = collections::run_in_progress(&db, collection_id)
+    if let Some(live) = collections::run_in_progress(&db, collection_id)
         .await
-        .map_err(|e| e.to_string())?;
-    if let Some(live) = live.as_ref().filter(|r| r.dispatched && r.pending == 0) {
-        // Complete, but its closer failed: close it now.
+        .map_err(|e| e.to_string())?
+    {
+        // Complete but left open (its closer failed): close it now; alive:
+        // wait for it; stale: abandon it below.
         if let Some(state) = sync::close_if_done(ctx, live.id).await? {
             publish_progress(ctx, &collection, live.id, state.as_str()).await;
+        } else if live.dispatched
+            && live.idle < RUN_STALL_AFTER
+            && live.generation >= collection.generation
+        {
+            release(lock).await;
+            return Ok(Outcome::Retry {
+                delay: Duration::from_secs(10),
+                reason: format!(
+                    "run {} of this collection is still indexing ({} documents left)",
+                    live.id, live.pending
+                ),
+            });
         }
-    } else if let Some(live) = live
-        && live.dispatched
-        && live.idle < RUN_STALL_AFTER
-        && live.generation >= collection.generation
-    {
-        release(lock).await;
-        return Ok(Outcome::Retry {
-            delay: Duration::from_secs(10),
-            reason: format!(
-                "run {} of this collection is still indexing ({} documents left)",
-                live.id, live.pending
-            ),
-        });
     }
     let run_id = collections::begin_run(&mut db, collection_id, trigger, collection.generation)
         .await
