@@ -306,10 +306,11 @@ STOWAGE_ARGS=(--to-endpoint "$EP" --to-credentials "$SERVER" --region "$REGION"
   --checksum crc32c --timeout 7200)
 
 # stowage_upload WORKLOAD DEST LOG — submits the job and returns when it has finished
-# (non-zero if it failed). One file: `stowctl upload --wait`. Many files: `--wait` re-reads
-# the job (its spec holds all 10,000 URLs) and its counts whenever progress events arrive,
-# which costs PostgreSQL CPU the worker needs on a small machine, so by default the job is
-# polled with `stowctl status` once a second instead (±1 s on a run of a minute or more).
+# (non-zero if it failed). One file: `stowctl upload --wait`. Many files: `--wait` counts
+# the job's items (all 10,000) up to twice a second while progress events arrive, which
+# costs PostgreSQL CPU the worker needs on a small machine, so by default the job is
+# polled with `stowctl status --summary` (the job's line) once a second instead (±1 s on
+# a run of a minute or more).
 stowage_upload() {
   local workload=$1 dest=$2 log=$3 job state
   if [[ $workload != small || $SMALL_WAIT == wait ]]; then
@@ -322,7 +323,7 @@ stowage_upload() {
   cat "$RUN/submit.out"
   job=$(grep -o -m1 '^job [0-9a-f-]* submitted' "$RUN/submit.out" | cut -d' ' -f2) || return
   while sleep 1; do
-    "${CLIENT[@]}" "$BIN/stowctl" status "$job" >"$RUN/status.out" || return
+    "${CLIENT[@]}" "$BIN/stowctl" status --summary "$job" >"$RUN/status.out" || return
     state=$(head -n1 "$RUN/status.out" | sed -n 's/^job [^ ]* ([^)]*): \([a-z]*\) .*/\1/p')
     case $state in
       succeeded) head -n1 "$RUN/status.out"; return 0 ;;

@@ -38,6 +38,9 @@ enum Command {
     Status {
         /// Job id printed by `stowctl upload`.
         job: Uuid,
+        /// Only the job's line, not a line per file: cheap enough to poll.
+        #[arg(long)]
+        summary: bool,
     },
     /// List or replay dead-lettered tasks.
     #[command(subcommand)]
@@ -238,8 +241,8 @@ impl Cli {
         match command {
             Command::Search(args) => search(args).await,
             Command::Upload(args) => upload(&pool, &queue, *args).await,
-            Command::Status { job } => {
-                let state = print_status(&pool, job).await?;
+            Command::Status { job, summary } => {
+                let state = print_status(&pool, job, !summary).await?;
                 if state == "failed" {
                     bail!("job {job} failed");
                 }
@@ -266,6 +269,9 @@ impl Cli {
     }
 }
 
+/// The shortest time between two looks at a job `stowctl upload --wait` follows.
+const REFRESH: Duration = Duration::from_millis(500);
+
 async fn upload(pool: &Pool, queue: &Queue, args: UploadArgs) -> anyhow::Result<()> {
     let spec = args.spec()?;
     let id = jobs::submit_upload(
@@ -277,6 +283,7 @@ async fn upload(pool: &Pool, queue: &Queue, args: UploadArgs) -> anyhow::Result<
             source_uid: format!("stowctl-{}", Uuid::new_v4()),
             generation: 1,
             spec,
+            suspended: false,
         },
     )
     .await?;
@@ -288,13 +295,14 @@ async fn upload(pool: &Pool, queue: &Queue, args: UploadArgs) -> anyhow::Result<
     let deadline = tokio::time::Instant::now() + Duration::from_secs(args.timeout);
     let mut last = String::new();
     loop {
+        let checked = tokio::time::Instant::now();
         let db = pool.get().await?;
-        let job = uploads::get_job(&db, id).await?;
+        let state = uploads::job_state(&db, id).await?;
         let c = uploads::job_counts(&db, id).await?;
         drop(db);
         let line = format!(
             "  {}: {}/{} files done ({} skipped, {} failed), {} / {} bytes",
-            job.state,
+            state,
             c.succeeded + c.skipped_duplicate + c.skipped_exists + c.failed,
             c.total,
             c.skipped_duplicate + c.skipped_exists,
@@ -306,8 +314,8 @@ async fn upload(pool: &Pool, queue: &Queue, args: UploadArgs) -> anyhow::Result<
             eprintln!("{line}");
             last = line;
         }
-        if job.state == "succeeded" || job.state == "failed" {
-            if print_status(pool, id).await? != "succeeded" {
+        if state == "succeeded" || state == "failed" {
+            if print_status(pool, id, true).await? != "succeeded" {
                 bail!("job {id} failed");
             }
             return Ok(());
@@ -315,14 +323,17 @@ async fn upload(pool: &Pool, queue: &Queue, args: UploadArgs) -> anyhow::Result<
         if tokio::time::Instant::now() > deadline {
             bail!("job {id} did not finish within {}s", args.timeout);
         }
-        // Progress events wake us; the 2 s re-check is the safety net.
+        // Progress events wake us, at most every REFRESH (a big job sends
+        // hundreds a second, and counting its items reads them all); the 2 s
+        // re-check is the safety net.
         let _ = tokio::time::timeout(Duration::from_secs(2), events.next()).await;
+        tokio::time::sleep_until(checked + REFRESH).await;
         while let Some(Some(_)) = events.next().now_or_never() {}
     }
 }
 
-/// Prints the job and its items; returns the job's state.
-async fn print_status(pool: &Pool, id: Uuid) -> anyhow::Result<String> {
+/// Prints the job and, with `items`, its items; returns the job's state.
+async fn print_status(pool: &Pool, id: Uuid, items: bool) -> anyhow::Result<String> {
     let db = pool.get().await?;
     let job = uploads::get_job(&db, id).await?;
     let c = uploads::job_counts(&db, id).await?;
@@ -337,6 +348,9 @@ async fn print_status(pool: &Pool, id: Uuid) -> anyhow::Result<String> {
         c.failed,
         c.dead_lettered
     );
+    if !items {
+        return Ok(job.state);
+    }
     println!("{:<20} {:>10}  {:<64}  key", "state", "bytes", "sha256");
     for item in uploads::list_items(&db, id).await? {
         println!(

@@ -425,3 +425,73 @@ async fn deadline_fails_a_slow_job_and_ttl_deletes_a_finished_one() {
         "the object stays"
     );
 }
+
+/// The same data plane without Kubernetes: `stowctl upload --wait` submits a
+/// job, follows it to its end on progress events and prints every file.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stowctl_upload_waits_for_the_job_and_lists_its_files() {
+    let w = world().await;
+    let _worker = w.worker(4);
+    let files = seed(&w, "cli/", 4).await;
+    let stowctl = |args: &[&str]| {
+        std::process::Command::new(env!("CARGO_BIN_EXE_e2e-stowctl"))
+            .arg(format!("--database-url={}", w.database_url))
+            .arg(format!("--nats-url={}", w.stack.nats_url()))
+            .arg(format!("--queue-prefix={}", w.prefix))
+            .args(args)
+            .stdin(std::process::Stdio::null())
+            .output()
+            .expect("run stowctl")
+    };
+    let from = format!("s3://{}/cli/", w.source_bucket);
+    let to = format!("s3://{}/from-cli/", w.bucket);
+    let endpoint = w.target.endpoint.as_str();
+    let out = stowctl(&[
+        "upload",
+        "--name=cli",
+        &format!("--from={from}"),
+        &format!("--from-endpoint={endpoint}"),
+        "--from-credentials=s3",
+        &format!("--to={to}"),
+        &format!("--to-endpoint={endpoint}"),
+        "--to-credentials=s3",
+        &format!("--region={}", w.target.region),
+        "--wait",
+        "--timeout=120",
+    ]);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stdout}\n{stderr}");
+    // The job's line, then one line per file with its SHA-256.
+    assert!(
+        stdout.contains("succeeded — 4 uploaded, 0 skipped (duplicate)"),
+        "{stdout}"
+    );
+    for (rel, sha) in &files {
+        let key = format!("from-cli/{rel}");
+        assert!(
+            stdout
+                .lines()
+                .any(|l| l.starts_with("succeeded") && l.contains(sha) && l.ends_with(&key)),
+            "{key} in\n{stdout}"
+        );
+        assert_eq!(
+            w.sha256(&w.bucket, &key).await.as_deref(),
+            Some(sha.as_str())
+        );
+    }
+    // Progress went to stderr while it waited.
+    assert!(stderr.contains("4/4 files done"), "{stderr}");
+
+    // `status --summary`: the job's line alone.
+    let id = stdout
+        .lines()
+        .find_map(|l| l.strip_prefix("job ")?.strip_suffix(" submitted"))
+        .expect("job id")
+        .to_string();
+    let out = stowctl(&["status", "--summary", &id]);
+    let summary = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{summary}");
+    assert_eq!(summary.lines().count(), 1, "{summary}");
+    assert!(summary.contains(": succeeded — 4 uploaded"), "{summary}");
+}

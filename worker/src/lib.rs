@@ -55,11 +55,9 @@ pub struct Context {
     pub ack_wait: Duration,
     pub draining: AtomicBool,
     pub sha256_metadata: config::Sha256Metadata,
-    /// Job records by id (immutable once registered), so a file does not
-    /// re-read its job's whole spec.
-    pub jobs: std::sync::Mutex<
-        std::collections::HashMap<uuid::Uuid, Arc<stowage_common::state::uploads::JobRecord>>,
-    >,
+    /// Upload jobs by id, so a file does not re-read (or re-validate) its
+    /// job's whole spec.
+    pub jobs: std::sync::Mutex<std::collections::HashMap<uuid::Uuid, Arc<upload::item::CachedJob>>>,
 }
 
 /// A started worker.

@@ -41,10 +41,23 @@ pub async fn set_suspended(
         "UPDATE upload_jobs SET state = CASE WHEN started_at IS NULL THEN 'pending' ELSE 'running' END
          WHERE id = $1 AND state = 'suspended'"
     };
-    Ok(client
+    let changed = client
         .execute(&client.prepare_cached(sql).await?, &[&job_id])
         .await?
-        > 0)
+        > 0;
+    if changed && !suspend {
+        // Its last files may have finished while it was suspended, when no
+        // finish could end it: nothing else would.
+        client
+            .execute(
+                &client
+                    .prepare_cached("SELECT stowage_finish_upload_job($1)")
+                    .await?,
+                &[&job_id],
+            )
+            .await?;
+    }
+    Ok(changed)
 }
 
 /// Items still waiting for a worker (to re-publish on resume).

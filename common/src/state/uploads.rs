@@ -58,6 +58,10 @@ pub struct NewJob {
     pub source_uid: String,
     pub generation: i64,
     pub spec: UploadJobSpec,
+    /// Registered suspended (`spec.suspend` of its UploadJob): no file
+    /// starts until it is resumed, not even between registration and the
+    /// operator's next look.
+    pub suspended: bool,
 }
 
 #[derive(Clone, Debug)]
@@ -83,8 +87,8 @@ pub async fn register_job(client: &Client, job: &NewJob) -> Result<Uuid, StateEr
         .query_one(
             &client
                 .prepare_cached(
-                    "INSERT INTO upload_jobs (id, namespace, name, source_uid, generation, spec)
-             VALUES ($1, $2, $3, $4, $5, $6)
+                    "INSERT INTO upload_jobs (id, namespace, name, source_uid, generation, spec, state)
+             VALUES ($1, $2, $3, $4, $5, $6, CASE WHEN $7 THEN 'suspended' ELSE 'pending' END)
              ON CONFLICT (source_uid, generation) DO UPDATE SET name = upload_jobs.name
              RETURNING id",
                 )
@@ -96,10 +100,29 @@ pub async fn register_job(client: &Client, job: &NewJob) -> Result<Uuid, StateEr
                 &job.source_uid,
                 &job.generation,
                 &spec,
+                &job.suspended,
             ],
         )
         .await?;
     Ok(row.get(0))
+}
+
+/// The job's state alone, cheap to poll: [`get_job`] reads the whole spec,
+/// which lists every URL of the job.
+pub async fn job_state(client: &Client, id: Uuid) -> Result<String, StateError> {
+    client
+        .query_opt(
+            &client
+                .prepare_cached("SELECT state FROM upload_jobs WHERE id = $1")
+                .await?,
+            &[&id],
+        )
+        .await?
+        .map(|r| r.get(0))
+        .ok_or_else(|| StateError::NotFound {
+            what: "upload job",
+            id: id.to_string(),
+        })
 }
 
 pub async fn get_job(client: &Client, id: Uuid) -> Result<JobRecord, StateError> {
@@ -277,20 +300,22 @@ pub async fn list_items(client: &Client, job_id: Uuid) -> Result<Vec<ItemRecord>
     Ok(rows.iter().map(ItemRecord::from_row).collect())
 }
 
-/// Marks the item running (and its job, the first time).
-pub async fn start_item(client: &Client, item: &ItemRecord) -> Result<(), StateError> {
-    // Two rows of two tables, one round trip: the CTE's update and the outer
-    // one touch different rows, so their order does not matter.
+/// Marks the item running (and its job, the first time); true when an
+/// earlier attempt recorded a multipart upload to resume. Called under the
+/// destination key's lock, so it sees what the lock's last holder recorded.
+pub async fn start_item(client: &Client, item: &ItemRecord) -> Result<bool, StateError> {
+    // Three tables, one round trip: the updates touch different rows, so
+    // their order does not matter.
     let stmt = client
         .prepare_cached(
             "WITH item AS (UPDATE upload_items SET state = 'running', updated_at = now()
-                           WHERE id = $1 RETURNING job_id)
-             UPDATE upload_jobs SET state = 'running', started_at = coalesce(started_at, now())
-             WHERE id = (SELECT job_id FROM item) AND state = 'pending'",
+                           WHERE id = $1 RETURNING job_id),
+             job AS (UPDATE upload_jobs SET state = 'running', started_at = coalesce(started_at, now())
+                     WHERE id = (SELECT job_id FROM item) AND state = 'pending')
+             SELECT EXISTS (SELECT 1 FROM multipart_uploads WHERE item_id = $1)",
         )
         .await?;
-    client.execute(&stmt, &[&item.id]).await?;
-    Ok(())
+    Ok(client.query_one(&stmt, &[&item.id]).await?.get(0))
 }
 
 pub async fn set_progress(
@@ -309,24 +334,66 @@ pub async fn set_progress(
     Ok(())
 }
 
-/// Records a successful end (uploaded or skipped) and rolls the job up.
+/// Ends the item (succeeded or skipped) and, when it wrote an object,
+/// appends that object's version to the history and makes it current, in
+/// one statement: an item never ends without the object row it wrote, nor
+/// the other way round. Returns the object's version.
 pub async fn finish_item(
     client: &Client,
     item: &ItemRecord,
     state: ItemState,
     sha256_hex: &str,
     size: i64,
-) -> Result<(), StateError> {
-    client
-        .execute(
-            &client.prepare_cached("UPDATE upload_items SET state = $2, sha256_hex = $3, size_bytes = $4, bytes_done = $4,
-                    last_error = NULL, error_class = NULL, updated_at = now(), finished_at = now()
-             WHERE id = $1").await?,
-            &[&item.id, &state.as_str(), &sha256_hex, &size],
-        )
-        .await?;
-    refresh_job_state(client, item.job_id).await?;
-    Ok(())
+    object: Option<&ObjectWrite<'_>>,
+) -> Result<Option<i32>, StateError> {
+    const FINISH: &str = "UPDATE upload_items SET state = $2, sha256_hex = $3, size_bytes = $4,
+            bytes_done = $4, last_error = NULL, error_class = NULL, updated_at = now(), finished_at = now()
+         WHERE id = $1";
+    let state = state.as_str();
+    let version = match object {
+        None => {
+            client
+                .execute(
+                    &client.prepare_cached(FINISH).await?,
+                    &[&item.id, &state, &sha256_hex, &size],
+                )
+                .await?;
+            None
+        }
+        Some(w) => {
+            // The INSERT reads `prev`, so the old current row is no longer
+            // current when the new one is checked against objects_one_current.
+            let stmt = client
+                .prepare_cached(&format!(
+                    "WITH item AS ({FINISH}),
+                     prev AS (UPDATE objects SET current = false, archived_key = coalesce($9, archived_key)
+                              WHERE bucket = $5 AND object_key = $6 AND current RETURNING version)
+                     INSERT INTO objects (bucket, object_key, version, sha256_hex, size_bytes, etag, job_id)
+                     SELECT $5, $6, coalesce((SELECT version FROM prev), 0) + 1, $3, $4, $7, $8
+                     RETURNING version"
+                ))
+                .await?;
+            let row = client
+                .query_one(
+                    &stmt,
+                    &[
+                        &item.id,
+                        &state,
+                        &sha256_hex,
+                        &size,
+                        &w.bucket,
+                        &w.key,
+                        &w.etag,
+                        &item.job_id,
+                        &w.archived_previous_to,
+                    ],
+                )
+                .await?;
+            Some(row.get(0))
+        }
+    };
+    // The last item's update ends the job (trigger, migration V6).
+    Ok(version)
 }
 
 /// Hands a running item back (worker shutting down): no attempt is counted.
@@ -401,7 +468,7 @@ pub async fn fail_item(
             &[&item.id, &error, &class, &dead_lettered],
         )
         .await?;
-    refresh_job_state(client, item.job_id).await?;
+    // The last item's update ends the job (trigger, migration V6).
     Ok(row.get(0))
 }
 
@@ -431,21 +498,14 @@ pub async fn reset_for_replay(client: &Client, item_id: i64) -> Result<(), State
 
 /// Once the job is planned and no item is left to run, the job is finished:
 /// failed if any item failed, succeeded otherwise.
-pub async fn refresh_job_state(client: &Client, job_id: Uuid) -> Result<(), StateError> {
+async fn refresh_job_state(client: &Client, job_id: Uuid) -> Result<(), StateError> {
+    // The trigger that counts unfinished items (migration V6) calls the same
+    // function when a job's last item finishes; this call is for a job whose
+    // items all finished before its planning did.
     client
         .execute(
             &client
-                .prepare_cached(
-                    "UPDATE upload_jobs j SET
-                state = CASE WHEN EXISTS (SELECT 1 FROM upload_items i
-                                          WHERE i.job_id = j.id AND i.state = 'failed')
-                             THEN 'failed' ELSE 'succeeded' END,
-                started_at = coalesce(started_at, now()),
-                finished_at = now()
-             WHERE j.id = $1 AND j.planned_at IS NOT NULL AND j.state IN ('pending', 'running')
-               AND NOT EXISTS (SELECT 1 FROM upload_items i
-                               WHERE i.job_id = j.id AND i.state IN ('pending', 'running'))",
-                )
+                .prepare_cached("SELECT stowage_finish_upload_job($1)")
                 .await?,
             &[&job_id],
         )
@@ -743,43 +803,7 @@ pub async fn all_versions(
 pub struct ObjectWrite<'a> {
     pub bucket: &'a str,
     pub key: &'a str,
-    pub sha256_hex: &'a str,
-    pub size_bytes: i64,
     pub etag: Option<&'a str>,
-    pub job_id: Uuid,
     /// Where the previous current version was preserved, if it was.
     pub archived_previous_to: Option<&'a str>,
-}
-
-/// Appends a version to the object's history and makes it current; returns
-/// the new version number.
-pub async fn record_object(client: &mut Client, w: &ObjectWrite<'_>) -> Result<i32, StateError> {
-    let tx = client.transaction().await?;
-    let prev = tx
-        .query_opt(
-            &tx.prepare_cached(
-                "UPDATE objects SET current = false, archived_key = coalesce($3, archived_key)
-             WHERE bucket = $1 AND object_key = $2 AND current RETURNING version",
-            )
-            .await?,
-            &[&w.bucket, &w.key, &w.archived_previous_to],
-        )
-        .await?;
-    let version = prev.map_or(1, |r| r.get::<_, i32>(0) + 1);
-    tx.execute(
-        &tx.prepare_cached("INSERT INTO objects (bucket, object_key, version, sha256_hex, size_bytes, etag, job_id)
-         VALUES ($1, $2, $3, $4, $5, $6, $7)").await?,
-        &[
-            &w.bucket,
-            &w.key,
-            &version,
-            &w.sha256_hex,
-            &w.size_bytes,
-            &w.etag,
-            &w.job_id,
-        ],
-    )
-    .await?;
-    tx.commit().await?;
-    Ok(version)
 }

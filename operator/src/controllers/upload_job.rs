@@ -79,6 +79,7 @@ async fn apply(uj: &UploadJob, api: &Api<UploadJob>, ctx: &Context) -> Result<Ac
                     source_uid: uid.clone(),
                     generation: uj.metadata.generation.unwrap_or(1),
                     spec: uj.spec.upload.clone(),
+                    suspended: uj.spec.suspend,
                 },
             )
             .await?;
@@ -88,7 +89,10 @@ async fn apply(uj: &UploadJob, api: &Api<UploadJob>, ctx: &Context) -> Result<Ac
                 uj,
                 EventType::Normal,
                 "Registered",
-                format!("job {id} registered; planning task published"),
+                format!(
+                    "job {id} registered{}; planning task published",
+                    if uj.spec.suspend { " suspended" } else { "" }
+                ),
             )
             .await;
             uploads::get_job(&db, id).await?

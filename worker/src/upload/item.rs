@@ -52,9 +52,9 @@ pub async fn run(
         "cancelled" => return Outcome::Done { label: "cancelled" },
         _ => {}
     }
-    let spec = &job.spec;
+    let spec = &job.record.spec;
     let started = std::time::Instant::now();
-    let (outcome, state) = match process(ctx, &item, spec, cancel, progress).await {
+    let (outcome, state) = match process(ctx, &item, &job, cancel, progress).await {
         Ok(state) => {
             info!(item = item.id, key = item.dest_key, state = state.as_str(), elapsed = ?started.elapsed(), "file done");
             let label = if state == ItemState::Succeeded {
@@ -91,16 +91,17 @@ pub async fn run(
     // The item reached its end: tell whoever follows the job (the operator
     // reconciles on it, stowctl --wait wakes up).
     let event = JobProgress {
-        job_id: job.id.to_string(),
+        job_id: job.record.id.to_string(),
         item_id: item.id,
         item_state: state.as_str().into(),
-        namespace: job.namespace.clone(),
-        name: job.name.clone(),
+        namespace: job.record.namespace.clone(),
+        name: job.record.name.clone(),
     };
-    let subject =
-        ctx.queue
-            .topology()
-            .progress_subject(ProgressKind::Upload, &job.namespace, &job.name);
+    let subject = ctx.queue.topology().progress_subject(
+        ProgressKind::Upload,
+        &job.record.namespace,
+        &job.record.name,
+    );
     if let Err(e) = ctx
         .queue
         .publish_event(subject, event.encode_to_vec())
@@ -118,15 +119,23 @@ fn retry_later(e: &dyn std::fmt::Display, attempt: u32) -> Outcome {
     }
 }
 
+/// A job as its files need it, cached by each worker: the record (immutable
+/// once registered: a new generation is a new job) and the verdict on its
+/// spec. Both are read once per job, not per file: a spec lists every URL of
+/// its job.
+pub struct CachedJob {
+    pub record: JobRecord,
+    /// Why the spec is invalid, if it is: each file then fails for good.
+    pub invalid: Option<String>,
+}
+
 async fn load(
     ctx: &Context,
     job_id: Uuid,
     item_id: i64,
-) -> Result<(ItemRecord, Arc<JobRecord>), StateError> {
+) -> Result<(ItemRecord, Arc<CachedJob>), StateError> {
     let db = ctx.db.get().await?;
     let item = state::get_item(&db, item_id).await?;
-    // A job's spec never changes once registered (a new generation is a new
-    // job), and it can be large (every URL of the job): read it once.
     let cached = ctx
         .jobs
         .lock()
@@ -135,7 +144,11 @@ async fn load(
     let job = match cached {
         Some(job) => job,
         None => {
-            let job = Arc::new(state::get_job(&db, job_id).await?);
+            let record = state::get_job(&db, job_id).await?;
+            let job = Arc::new(CachedJob {
+                invalid: record.spec.validate().err().map(|e| e.to_string()),
+                record,
+            });
             if let Ok(mut jobs) = ctx.jobs.lock() {
                 if jobs.len() >= 256 {
                     jobs.clear();
@@ -192,12 +205,14 @@ async fn fail(
 async fn process(
     ctx: &Context,
     item: &ItemRecord,
-    spec: &UploadJobSpec,
+    job: &CachedJob,
     cancel: &CancellationToken,
     progress: Arc<AtomicU64>,
 ) -> Result<ItemState, UploadError> {
-    spec.validate()
-        .map_err(|e| UploadError::Invalid(e.to_string()))?;
+    if let Some(reason) = &job.invalid {
+        return Err(UploadError::Invalid(reason.clone()));
+    }
+    let spec = &job.record.spec;
     validate_key(&item.dest_key)?;
     let dest = &spec.destination;
     let client = ctx.s3.client(&dest.endpoint)?;
@@ -211,10 +226,10 @@ async fn process(
         .try_lock(lock_key)
         .await?
         .ok_or_else(|| UploadError::KeyBusy(format!("{}/{}", dest.bucket, item.dest_key)))?;
-    {
+    let resumable = {
         let db = ctx.db.get().await?;
-        state::start_item(&db, item).await?;
-    }
+        state::start_item(&db, item).await?
+    };
     let target = Target {
         client: &client,
         endpoint: &endpoint,
@@ -222,7 +237,7 @@ async fn process(
         key: &item.dest_key,
     };
     let result = tokio::select! {
-        r = transfer(ctx, item, spec, &target, &lock, progress) => r,
+        r = transfer(ctx, item, spec, &target, &lock, progress, resumable) => r,
         reason = lock.lost() => Err(UploadError::LockLost(reason)),
         _ = cancel.cancelled() => Err(UploadError::Cancelled),
     };
@@ -280,6 +295,7 @@ async fn transfer(
     target: &Target<'_>,
     lock: &stowage_common::locks::SessionLock,
     progress: Arc<AtomicU64>,
+    resumable: bool,
 ) -> Result<ItemState, UploadError> {
     // Only the policies that care about what is already there pay a HEAD.
     let existing = if spec.conflict_policy == ConflictPolicy::Overwrite && !spec.dedup {
@@ -297,6 +313,7 @@ async fn transfer(
             ItemState::SkippedExists,
             e.sha256.as_deref().unwrap_or(""),
             e.size,
+            None,
         )
         .await;
     }
@@ -306,7 +323,7 @@ async fn transfer(
         let (sha, size) = hash_source(&source, &item.source_ref).await?;
         if existing.as_ref().and_then(|e| e.sha256.as_deref()) == Some(sha.as_str()) {
             info!(key = target.key, "destination already holds this content");
-            return finish(ctx, item, ItemState::SkippedExists, &sha, size as i64).await;
+            return finish(ctx, item, ItemState::SkippedExists, &sha, size as i64, None).await;
         }
         let twin = {
             let db = ctx.db.get().await?;
@@ -327,17 +344,20 @@ async fn transfer(
                 from = twin.object_key,
                 "duplicate content copied server-side"
             );
-            record(
+            let written = Written {
+                target,
+                etag: None,
+                archived: archived.as_deref(),
+            };
+            return finish(
                 ctx,
                 item,
-                target,
+                ItemState::SkippedDuplicate,
                 &sha,
                 size as i64,
-                None,
-                archived.as_deref(),
+                Some(written),
             )
-            .await?;
-            return finish(ctx, item, ItemState::SkippedDuplicate, &sha, size as i64).await;
+            .await;
         }
         known_sha256 = Some(sha);
     }
@@ -373,6 +393,7 @@ async fn transfer(
         algorithm: spec.checksum,
         known_sha256,
         sha256_metadata_copy: ctx.sha256_metadata == Sha256Metadata::Copy,
+        resumable,
     };
     let up = t.run(item.id, target, &opts, body, lock).await?;
     if up.parts > 1 || up.parts_resumed > 0 {
@@ -380,22 +401,18 @@ async fn transfer(
         let db = ctx.db.get().await?;
         state::delete_multipart(&db, item.id).await?;
     }
-    record(
-        ctx,
-        item,
+    let written = Written {
         target,
-        &up.sha256_hex,
-        up.size as i64,
-        up.etag.as_deref(),
-        archived.as_deref(),
-    )
-    .await?;
+        etag: up.etag.as_deref(),
+        archived: archived.as_deref(),
+    };
     finish(
         ctx,
         item,
         ItemState::Succeeded,
         &up.sha256_hex,
         up.size as i64,
+        Some(written),
     )
     .await
 }
@@ -421,55 +438,49 @@ async fn archive_if_versioned(
     Ok(Some(archive))
 }
 
-async fn record(
-    ctx: &Context,
-    item: &ItemRecord,
-    target: &Target<'_>,
-    sha: &str,
-    size: i64,
-    etag: Option<&str>,
-    archived: Option<&str>,
-) -> Result<(), UploadError> {
-    let mut db = ctx.db.get().await?;
-    let version = state::record_object(
-        &mut db,
-        &ObjectWrite {
-            bucket: target.bucket,
-            key: target.key,
-            sha256_hex: sha,
-            size_bytes: size,
-            etag,
-            job_id: item.job_id,
-            archived_previous_to: archived,
-        },
-    )
-    .await?;
-    let event = ObjectLanded {
-        endpoint: target.endpoint.to_string(),
-        bucket: target.bucket.to_string(),
-        key: target.key.to_string(),
-        sha256_hex: sha.to_string(),
-        size: size as u64,
-        job_id: item.job_id.to_string(),
-        version: version as u32,
-    };
-    // After the object row: a lost event only delays indexing until the
-    // collection's next resync.
-    if let Err(e) = ctx.queue.publish_object_landed(&event).await {
-        warn!(error = %e, "object-landed event not published");
-    }
-    Ok(())
+/// An object the item wrote: its history row and its object-landed event.
+struct Written<'a> {
+    target: &'a Target<'a>,
+    etag: Option<&'a str>,
+    /// Where the previous version was preserved (conflict policy `version`).
+    archived: Option<&'a str>,
 }
 
+/// Ends the item, with the object it wrote if it wrote one.
 async fn finish(
     ctx: &Context,
     item: &ItemRecord,
     state: ItemState,
     sha: &str,
     size: i64,
+    written: Option<Written<'_>>,
 ) -> Result<ItemState, UploadError> {
-    let db = ctx.db.get().await?;
-    state::finish_item(&db, item, state, sha, size).await?;
+    let object = written.as_ref().map(|w| ObjectWrite {
+        bucket: w.target.bucket,
+        key: w.target.key,
+        etag: w.etag,
+        archived_previous_to: w.archived,
+    });
+    let version = {
+        let db = ctx.db.get().await?;
+        state::finish_item(&db, item, state, sha, size, object.as_ref()).await?
+    };
+    if let (Some(w), Some(version)) = (written, version) {
+        let event = ObjectLanded {
+            endpoint: w.target.endpoint.to_string(),
+            bucket: w.target.bucket.to_string(),
+            key: w.target.key.to_string(),
+            sha256_hex: sha.to_string(),
+            size: size as u64,
+            job_id: item.job_id.to_string(),
+            version: version as u32,
+        };
+        // After the object row: a lost event only delays indexing until the
+        // collection's next resync.
+        if let Err(e) = ctx.queue.publish_object_landed(&event).await {
+            warn!(error = %e, "object-landed event not published");
+        }
+    }
     Ok(state)
 }
 

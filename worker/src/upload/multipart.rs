@@ -57,6 +57,8 @@ pub struct Options {
     pub known_sha256: Option<String>,
     /// Write a SHA-256 learnt only at the end into the metadata (self-copy).
     pub sha256_metadata_copy: bool,
+    /// An earlier attempt recorded a multipart upload: look for its parts.
+    pub resumable: bool,
 }
 
 #[derive(Clone, Debug, PartialEq)]
@@ -99,7 +101,11 @@ impl Transfer {
         }
         let part_size = usize::try_from(opts.part_size.min(MAX_PART_SIZE))
             .map_err(|_| UploadError::Invalid("part size does not fit in memory".into()))?;
-        let mut resume = self.resume_point(item_id, target, opts).await?;
+        let mut resume = if opts.resumable {
+            self.resume_point(item_id, target, opts).await?
+        } else {
+            None
+        };
         let mut reader = PartReader::new(body.stream, part_size);
         let mut whole = Sha256::new();
         let first = reader.next_part().await?.unwrap_or_default();

@@ -4,7 +4,7 @@
 use bytes::{Bytes, BytesMut};
 use futures::stream::BoxStream;
 use futures::{StreamExt, TryStreamExt};
-use stowage_common::spec::{HttpSource, S3Source, UploadSource};
+use stowage_common::spec::{S3Source, UploadSource};
 
 use super::UploadError;
 use super::net;
@@ -24,7 +24,7 @@ pub enum Source {
         client: aws_sdk_s3::Client,
     },
     Http {
-        spec: HttpSource,
+        allow_private_networks: bool,
         client: reqwest::Client,
     },
 }
@@ -44,7 +44,8 @@ impl Source {
                 client: http_clients
                     .get(http.allow_private_networks)
                     .map_err(|e| UploadError::Invalid(format!("HTTP client: {e}")))?,
-                spec: http.clone(),
+                // Not the URL list: a job's spec can list thousands.
+                allow_private_networks: http.allow_private_networks,
             }),
             _ => Err(UploadError::Invalid(
                 "source: exactly one of s3 or http must be set".into(),
@@ -83,10 +84,13 @@ impl Source {
                     stream: stream.boxed(),
                 })
             }
-            Source::Http { spec, client } => {
+            Source::Http {
+                allow_private_networks,
+                client,
+            } => {
                 let url = reqwest::Url::parse(source_ref)
                     .map_err(|e| UploadError::Invalid(format!("{source_ref:?}: {e}")))?;
-                net::check_literal(&url, spec.allow_private_networks)
+                net::check_literal(&url, *allow_private_networks)
                     .map_err(|e| UploadError::Refused(e.to_string()))?;
                 let resp = client
                     .get(url)

@@ -151,6 +151,7 @@ impl Harness {
                 source_uid: unique("uid-"),
                 generation: 1,
                 spec,
+                suspended: false,
             },
         )
         .await
