@@ -411,3 +411,81 @@ async fn a_collection_is_registered_and_its_first_sync_requested() {
         .task_subject(TaskKind::IndexSync, "team-a", "kb");
     assert_eq!(queued(&f.ctx.queue, &subject).await, 1, "one sync task");
 }
+
+#[tokio::test]
+async fn a_resume_whose_files_were_not_queued_is_finished_by_the_next_reconcile() {
+    let mut f = fixture().await;
+    let uid = unique("uid");
+    let suspended = upload_job(&uid, json!({"spec": {"suspend": true}}));
+    let resumed = upload_job(&uid, json!({"spec": {"suspend": false}}));
+    let status_call = || Expect {
+        method: "PATCH",
+        path_ends: "/namespaces/team-a/uploadjobs/docs/status".into(),
+        answer: resumed.clone(),
+    };
+    let api = serve(
+        f.handle.take().expect("handle"),
+        vec![
+            event("Registered"),
+            status_call(),
+            event("Resumed"),
+            status_call(),
+            status_call(),
+        ],
+    );
+    let uj: UploadJob = serde_json::from_value(suspended).expect("fixture");
+    upload_job::reconcile(Arc::new(uj), Arc::clone(&f.ctx))
+        .await
+        .expect("register");
+    let db = f.ctx.db.get().await.expect("db");
+    let job = lifecycle::find_job(&db, &uid)
+        .await
+        .expect("query")
+        .expect("registered");
+    assert_eq!(job.state, "suspended", "registered suspended");
+    let items: Vec<uploads::NewItem> = ["a.txt", "b.txt", "c.txt"]
+        .iter()
+        .map(|name| uploads::NewItem {
+            source_ref: format!("https://example.com/{name}"),
+            dest_key: format!("in/{name}"),
+            size_bytes: None,
+            invalid: None,
+        })
+        .collect();
+    uploads::add_items(&db, job.id, &items)
+        .await
+        .expect("items");
+    uploads::mark_planned(&db, job.id).await.expect("planned");
+    let files = f
+        .ctx
+        .queue
+        .topology()
+        .task_subject(TaskKind::Upload, "team-a", "docs");
+
+    // An operator resumed the job and died before queuing its files.
+    assert!(
+        lifecycle::set_suspended(&db, job.id, false)
+            .await
+            .expect("resume")
+    );
+    assert_eq!(queued(&f.ctx.queue, &files).await, 0);
+
+    // The next reconcile sees the state already resumed, and still queues
+    // the files the resume owes, once.
+    let uj: Arc<UploadJob> = Arc::new(serde_json::from_value(resumed).expect("fixture"));
+    upload_job::reconcile(Arc::clone(&uj), Arc::clone(&f.ctx))
+        .await
+        .expect("reconcile after the crash");
+    assert_eq!(queued(&f.ctx.queue, &files).await, 3, "three files queued");
+    upload_job::reconcile(uj, Arc::clone(&f.ctx))
+        .await
+        .expect("a later reconcile");
+    assert_eq!(queued(&f.ctx.queue, &files).await, 0, "queued once");
+    let bodies = api.await.expect("mock");
+    assert_eq!(bodies[2]["reason"], "Resumed");
+    assert_eq!(bodies[2]["note"], "3 pending files queued");
+    assert_eq!(
+        uploads::get_job(&db, job.id).await.expect("job").state,
+        "pending"
+    );
+}

@@ -28,7 +28,8 @@ pub async fn find_job(client: &Client, source_uid: &str) -> Result<Option<JobRec
 }
 
 /// Suspends a pending or running job (workers stop starting its files), or
-/// resumes a suspended one. Returns whether the state changed.
+/// resumes a suspended one, which then owes a round of tasks for its pending
+/// files (see [`resume_owed`]). Returns whether the state changed.
 pub async fn set_suspended(
     client: &Client,
     job_id: Uuid,
@@ -38,7 +39,11 @@ pub async fn set_suspended(
         "UPDATE upload_jobs SET state = 'suspended'
          WHERE id = $1 AND state IN ('pending', 'running')"
     } else {
-        "UPDATE upload_jobs SET state = CASE WHEN started_at IS NULL THEN 'pending' ELSE 'running' END
+        // A new round of task ids: the earlier ones were consumed (dropped
+        // while suspended) and may still be in the deduplication window.
+        "UPDATE upload_jobs SET
+             state = CASE WHEN started_at IS NULL THEN 'pending' ELSE 'running' END,
+             resume_round = 'resume-' || floor(extract(epoch FROM clock_timestamp()) * 1000)::bigint
          WHERE id = $1 AND state = 'suspended'"
     };
     let changed = client
@@ -60,8 +65,27 @@ pub async fn set_suspended(
     Ok(changed)
 }
 
-/// Items still waiting for a worker (to re-publish on resume).
-pub async fn pending_items(client: &Client, job_id: Uuid) -> Result<Vec<i64>, StateError> {
+/// The round of tasks a resume owes and the pending files to queue in it,
+/// if a resume has not been queued yet (the operator that resumed the job
+/// may have died before queuing it).
+pub async fn resume_owed(
+    client: &Client,
+    job_id: Uuid,
+) -> Result<Option<(String, Vec<i64>)>, StateError> {
+    let Some(row) = client
+        .query_opt(
+            &client
+                .prepare_cached(
+                    "SELECT resume_round FROM upload_jobs
+                     WHERE id = $1 AND resume_round IS NOT NULL AND state <> 'suspended'",
+                )
+                .await?,
+            &[&job_id],
+        )
+        .await?
+    else {
+        return Ok(None);
+    };
     let rows = client
         .query(
             &client
@@ -72,7 +96,22 @@ pub async fn pending_items(client: &Client, job_id: Uuid) -> Result<Vec<i64>, St
             &[&job_id],
         )
         .await?;
-    Ok(rows.iter().map(|r| r.get(0)).collect())
+    Ok(Some((row.get(0), rows.iter().map(|r| r.get(0)).collect())))
+}
+
+/// Records that the resume's round of tasks was published.
+pub async fn resume_queued(client: &Client, job_id: Uuid, round: &str) -> Result<(), StateError> {
+    client
+        .execute(
+            &client
+                .prepare_cached(
+                    "UPDATE upload_jobs SET resume_round = NULL WHERE id = $1 AND resume_round = $2",
+                )
+                .await?,
+            &[&job_id, &round],
+        )
+        .await?;
+    Ok(())
 }
 
 /// Ends an unfinished job as failed with `reason` (deadline exceeded): its

@@ -223,17 +223,17 @@ async fn refuse(
 }
 
 /// Follows `spec.suspend`: suspends the job (workers leave its files
-/// alone) or resumes it and queues its pending files again.
+/// alone) or resumes it and queues its pending files again. The queuing is
+/// owed by the job's row from the moment it resumes, so a reconcile after an
+/// operator that died in between still does it.
 async fn suspend_or_resume(
     uj: &UploadJob,
     job: JobRecord,
     ctx: &Context,
 ) -> Result<JobRecord, Error> {
     let db = ctx.db.get().await?;
-    if !lifecycle::set_suspended(&db, job.id, uj.spec.suspend).await? {
-        return Ok(job);
-    }
-    if uj.spec.suspend {
+    let changed = lifecycle::set_suspended(&db, job.id, uj.spec.suspend).await?;
+    if changed && uj.spec.suspend {
         info!(job = %job.id, "job suspended");
         publish_event(
             ctx,
@@ -243,13 +243,11 @@ async fn suspend_or_resume(
             "no new files are started".into(),
         )
         .await;
-    } else {
-        let pending = lifecycle::pending_items(&db, job.id).await?;
-        // A new round of task ids: the earlier ones were consumed (dropped
-        // while suspended) and may still be in the deduplication window.
-        let round = format!("resume-{}", Utc::now().timestamp_millis());
+    }
+    if let Some((round, pending)) = lifecycle::resume_owed(&db, job.id).await? {
         jobs::publish_items(&ctx.queue, &job, &pending, Some(&round)).await?;
-        info!(job = %job.id, files = pending.len(), "job resumed");
+        lifecycle::resume_queued(&db, job.id, &round).await?;
+        info!(job = %job.id, files = pending.len(), %round, "job resumed");
         publish_event(
             ctx,
             uj,
@@ -258,6 +256,9 @@ async fn suspend_or_resume(
             format!("{} pending files queued", pending.len()),
         )
         .await;
+    }
+    if !changed {
+        return Ok(job);
     }
     Ok(uploads::get_job(&db, job.id).await?)
 }
