@@ -1,8 +1,6 @@
 //! A job's state follows its items on the stack's real PostgreSQL: it ends
 //! exactly when its last item does, however many finish at once, and a
-//! replayed item opens it again; a suspended job waits for its resumption;
-//! and a file's object row is found by its key index even before the
-//! planner has statistics.
+//! replayed item opens it again; a suspended job waits for its resumption.
 
 use stowage_common::db::Pool;
 use stowage_common::spec::UploadJobSpec;
@@ -187,40 +185,4 @@ async fn a_suspended_job_ends_only_when_resumed() {
             .await
             .expect("suspend")
     );
-}
-
-/// The plan PostgreSQL picks for "the current object at this key" (run once
-/// per uploaded file) on tables it has no statistics for yet, as on a new
-/// installation before autovacuum's first ANALYZE.
-async fn current_object_plan(pool: &Pool, sql: &str) -> String {
-    let db = pool.get().await.expect("db");
-    let rows = db
-        .simple_query(&format!("EXPLAIN {sql}"))
-        .await
-        .expect("explain");
-    rows.iter()
-        .filter_map(|m| match m {
-            tokio_postgres::SimpleQueryMessage::Row(r) => r.get(0).map(str::to_owned),
-            _ => None,
-        })
-        .collect::<Vec<_>>()
-        .join("\n")
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn an_object_is_found_by_its_key_index_before_any_statistics() {
-    let (pool, _locks) = fresh_schema(&StackEnv::load()).await;
-    for sql in [
-        "SELECT version FROM objects WHERE bucket = 'docs' AND object_key = 'a.txt' AND current",
-        "UPDATE objects SET current = false WHERE bucket = 'docs' AND object_key = 'a.txt' AND current",
-    ] {
-        let plan = current_object_plan(&pool, sql).await;
-        // Any other index would be scanned over the bucket's every object.
-        assert!(
-            plan.contains("objects_one_current")
-                && plan.contains("(object_key = 'a.txt'::text)")
-                && !plan.contains("Filter: (object_key"),
-            "{sql}\n{plan}"
-        );
-    }
 }
