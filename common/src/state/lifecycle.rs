@@ -53,14 +53,7 @@ pub async fn set_suspended(
     if changed && !suspend {
         // Its last files may have finished while it was suspended, when no
         // finish could end it: nothing else would.
-        client
-            .execute(
-                &client
-                    .prepare_cached("SELECT stowage_finish_upload_job($1)")
-                    .await?,
-                &[&job_id],
-            )
-            .await?;
+        uploads::refresh_job_state(client, job_id).await?;
     }
     Ok(changed)
 }

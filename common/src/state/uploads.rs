@@ -496,12 +496,13 @@ pub async fn reset_for_replay(client: &Client, item_id: i64) -> Result<(), State
     Ok(())
 }
 
-/// Once the job is planned and no item is left to run, the job is finished:
-/// failed if any item failed, succeeded otherwise.
-async fn refresh_job_state(client: &Client, job_id: Uuid) -> Result<(), StateError> {
+/// Once the job is planned, active and no item is left to run, the job is
+/// finished: failed if any item failed, succeeded otherwise. A no-op
+/// otherwise.
+pub(crate) async fn refresh_job_state(client: &Client, job_id: Uuid) -> Result<(), StateError> {
     // The trigger that counts unfinished items (migration V6) calls the same
     // function when a job's last item finishes; this call is for a job whose
-    // items all finished before its planning did.
+    // items all finished before its planning did, or while it was suspended.
     client
         .execute(
             &client
