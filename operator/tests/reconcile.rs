@@ -144,6 +144,15 @@ fn condition<'a>(status_patch: &'a Value, type_: &str) -> &'a Value {
         .unwrap_or_else(|| panic!("no {type_} condition in {status_patch}"))
 }
 
+/// The status patch of the `docs` UploadJob, answered with `answer`.
+fn job_status(answer: &Value) -> Expect {
+    Expect {
+        method: "PATCH",
+        path_ends: "/namespaces/team-a/uploadjobs/docs/status".into(),
+        answer: answer.clone(),
+    }
+}
+
 fn event(reason: &str) -> Expect {
     Expect {
         method: "POST",
@@ -188,14 +197,7 @@ async fn an_invalid_spec_becomes_a_condition_without_requeue() {
     let obj = upload_job(&uid, json!({"spec": {"partSizeBytes": 1024}}));
     let api = serve(
         f.handle.take().expect("handle"),
-        vec![
-            Expect {
-                method: "PATCH",
-                path_ends: "/namespaces/team-a/uploadjobs/docs/status".into(),
-                answer: obj.clone(),
-            },
-            event("InvalidSpec"),
-        ],
+        vec![job_status(&obj), event("InvalidSpec")],
     );
     let uj: UploadJob = serde_json::from_value(obj).expect("fixture");
     let action = upload_job::reconcile(Arc::new(uj), Arc::clone(&f.ctx))
@@ -233,16 +235,11 @@ async fn a_valid_job_is_registered_once_and_planned_once() {
     let mut f = fixture().await;
     let uid = unique("uid");
     let obj = upload_job(&uid, json!({}));
-    let status_call = || Expect {
-        method: "PATCH",
-        path_ends: "/namespaces/team-a/uploadjobs/docs/status".into(),
-        answer: obj.clone(),
-    };
     // The second reconcile sees the same object again (status not yet
     // echoed back): it must not register or publish anything new.
     let api = serve(
         f.handle.take().expect("handle"),
-        vec![event("Registered"), status_call(), status_call()],
+        vec![event("Registered"), job_status(&obj), job_status(&obj)],
     );
     let uj: UploadJob = serde_json::from_value(obj.clone()).expect("fixture");
     let uj = Arc::new(uj);
@@ -299,11 +296,6 @@ async fn deleting_a_job_drops_its_tasks_and_rows_then_the_finalizer() {
     let uid = unique("uid");
     let obj = upload_job(&uid, json!({}));
     // Register it as the controller would.
-    let status_call = Expect {
-        method: "PATCH",
-        path_ends: "/namespaces/team-a/uploadjobs/docs/status".into(),
-        answer: obj.clone(),
-    };
     let handle = f.handle.take().expect("handle");
     let mut deleting = obj.clone();
     deleting["metadata"]["deletionTimestamp"] = json!("2026-11-23T00:00:00Z");
@@ -313,7 +305,7 @@ async fn deleting_a_job_drops_its_tasks_and_rows_then_the_finalizer() {
         handle,
         vec![
             event("Registered"),
-            status_call,
+            job_status(&obj),
             event("CleanedUp"),
             Expect {
                 method: "PATCH",
@@ -418,19 +410,14 @@ async fn a_resume_whose_files_were_not_queued_is_finished_by_the_next_reconcile(
     let uid = unique("uid");
     let suspended = upload_job(&uid, json!({"spec": {"suspend": true}}));
     let resumed = upload_job(&uid, json!({"spec": {"suspend": false}}));
-    let status_call = || Expect {
-        method: "PATCH",
-        path_ends: "/namespaces/team-a/uploadjobs/docs/status".into(),
-        answer: resumed.clone(),
-    };
     let api = serve(
         f.handle.take().expect("handle"),
         vec![
             event("Registered"),
-            status_call(),
+            job_status(&resumed),
             event("Resumed"),
-            status_call(),
-            status_call(),
+            job_status(&resumed),
+            job_status(&resumed),
         ],
     );
     let uj: UploadJob = serde_json::from_value(suspended).expect("fixture");
