@@ -57,7 +57,8 @@ pub struct TelemetryArgs {
 
 /// Parses a duration such as `250ms`, `30s`, `10m`, `1h30m`, `2d`, or a plain
 /// number of seconds (the format of every duration flag and of
-/// `resyncInterval`).
+/// `resyncInterval`). Any input is answered, never a panic: a total that does
+/// not fit a [`Duration`] is an error.
 pub fn parse_duration(s: &str) -> Result<Duration, String> {
     let s = s.trim();
     if let Ok(secs) = s.parse::<u64>() {
@@ -68,26 +69,38 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
     if rest.is_empty() {
         return Err("empty duration".into());
     }
+    let too_long = || format!("{s:?} is too long a duration");
     while !rest.is_empty() {
         let digits = rest
             .find(|c: char| !c.is_ascii_digit())
             .unwrap_or(rest.len());
-        let n: u64 = rest[..digits]
-            .parse()
-            .map_err(|_| format!("{s:?} is not a duration like 500ms, 30s, 10m, 1h30m or 2d"))?;
+        let n: u64 = match rest[..digits].parse() {
+            Ok(n) => n,
+            Err(e) if digits > 0 && *e.kind() == std::num::IntErrorKind::PosOverflow => {
+                return Err(too_long());
+            }
+            Err(_) => {
+                return Err(format!(
+                    "{s:?} is not a duration like 500ms, 30s, 10m, 1h30m or 2d"
+                ));
+            }
+        };
         rest = &rest[digits..];
         let unit = rest
             .find(|c: char| c.is_ascii_digit())
             .unwrap_or(rest.len());
+        let seconds_per = |per: u64| n.checked_mul(per).map(Duration::from_secs);
         let one = match &rest[..unit] {
-            "ms" => Duration::from_millis(n),
-            "s" => Duration::from_secs(n),
-            "m" => Duration::from_secs(n * 60),
-            "h" => Duration::from_secs(n * 3600),
-            "d" => Duration::from_secs(n * 86400),
+            "ms" => Some(Duration::from_millis(n)),
+            "s" => Some(Duration::from_secs(n)),
+            "m" => seconds_per(60),
+            "h" => seconds_per(3600),
+            "d" => seconds_per(86400),
             u => return Err(format!("{s:?}: unknown unit {u:?} (ms, s, m, h, d)")),
         };
-        total += one;
+        total = one
+            .and_then(|d| total.checked_add(d))
+            .ok_or_else(too_long)?;
         rest = &rest[unit..];
     }
     Ok(total)
@@ -111,5 +124,23 @@ mod tests {
                 .contains("unknown unit")
         );
         assert!(parse_duration("m").is_err());
+    }
+
+    #[test]
+    fn overflowing_durations_are_errors_not_panics() {
+        for s in [
+            "18446744073709551615s1s",
+            "18446744073709551615d",
+            "99999999999999999999999s",
+            "307445734561825861m",
+            "18446744073709551615ms18446744073709551615s",
+        ] {
+            let e = parse_duration(s).expect_err(s);
+            assert!(e.contains("too long"), "{s}: {e}");
+        }
+        assert_eq!(
+            parse_duration("18446744073709551615s"),
+            Ok(Duration::from_secs(u64::MAX))
+        );
     }
 }

@@ -3,7 +3,22 @@
 
 use serde::{Deserialize, Serialize};
 
-use super::{Endpoint, SecretRef, SpecError, invalid, validate_bucket, validate_endpoint};
+use super::{
+    Endpoint, MAX_PREFIX_CHARS, MAX_URL_CHARS, SecretRef, SpecError, invalid, validate_bucket,
+    validate_chars, validate_endpoint, validate_secret_name, validate_url,
+};
+
+/// Most include or exclude patterns a collection may list.
+pub const MAX_PATTERNS: usize = 100;
+/// Longest glob pattern, in characters.
+pub const MAX_PATTERN_CHARS: usize = 1024;
+/// Chunk size bounds, in characters.
+pub const MIN_CHUNK_SIZE: u32 = 64;
+pub const MAX_CHUNK_SIZE: u32 = 32_768;
+pub const MAX_CHUNK_OVERLAP: u32 = 16_384;
+/// Embedding dimensions bounds (pgvector's HNSW indexes up to 16,000).
+pub const MAX_DIMENSIONS: u32 = 16_000;
+pub const MAX_MODEL_CHARS: usize = 256;
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
@@ -27,13 +42,22 @@ pub struct IndexSource {
     #[cfg_attr(feature = "schema", schemars(length(min = 3, max = 63)))]
     pub bucket: String,
     #[serde(default)]
+    #[cfg_attr(feature = "schema", schemars(length(max = MAX_PREFIX_CHARS)))]
     pub prefix: String,
     /// Glob patterns (relative to the prefix) an object must match; empty
     /// means every object.
     #[serde(default)]
+    #[cfg_attr(
+        feature = "schema",
+        schemars(length(max = MAX_PATTERNS), inner(length(min = 1, max = MAX_PATTERN_CHARS)))
+    )]
     pub include: Vec<String>,
     /// Glob patterns of objects to leave out, applied after `include`.
     #[serde(default)]
+    #[cfg_attr(
+        feature = "schema",
+        schemars(length(max = MAX_PATTERNS), inner(length(min = 1, max = MAX_PATTERN_CHARS)))
+    )]
     pub exclude: Vec<String>,
     #[serde(flatten)]
     pub endpoint: Endpoint,
@@ -64,10 +88,10 @@ pub enum ChunkingStrategy {
 pub struct Chunking {
     pub strategy: ChunkingStrategy,
     /// Largest chunk, in characters.
-    #[cfg_attr(feature = "schema", schemars(range(min = 64, max = 32768)))]
+    #[cfg_attr(feature = "schema", schemars(range(min = MIN_CHUNK_SIZE, max = MAX_CHUNK_SIZE)))]
     pub size: u32,
     /// Characters shared by consecutive chunks.
-    #[cfg_attr(feature = "schema", schemars(range(max = 16384)))]
+    #[cfg_attr(feature = "schema", schemars(range(max = MAX_CHUNK_OVERLAP)))]
     pub overlap: u32,
 }
 
@@ -108,11 +132,12 @@ pub enum EmbeddingProvider {
 #[serde(rename_all = "camelCase", default)]
 pub struct Embedding {
     pub provider: EmbeddingProvider,
-    #[cfg_attr(feature = "schema", schemars(length(min = 1, max = 256)))]
+    #[cfg_attr(feature = "schema", schemars(length(min = 1, max = MAX_MODEL_CHARS)))]
     pub model: String,
-    #[cfg_attr(feature = "schema", schemars(range(min = 1, max = 16000)))]
+    #[cfg_attr(feature = "schema", schemars(range(min = 1, max = MAX_DIMENSIONS)))]
     pub dimensions: u32,
     #[serde(skip_serializing_if = "Option::is_none")]
+    #[cfg_attr(feature = "schema", schemars(length(min = 1, max = MAX_URL_CHARS)))]
     pub endpoint: Option<String>,
     /// Secret holding the provider's API key (`api_key`).
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -144,6 +169,26 @@ impl IndexSpec {
     pub fn validate(&self) -> Result<(), SpecError> {
         validate_bucket("source.bucket", &self.source.bucket)?;
         validate_endpoint("source.endpoint", &self.source.endpoint)?;
+        validate_chars("source.prefix", &self.source.prefix, MAX_PREFIX_CHARS)?;
+        for (field, patterns) in [
+            ("source.include", &self.source.include),
+            ("source.exclude", &self.source.exclude),
+        ] {
+            if patterns.len() > MAX_PATTERNS {
+                return Err(invalid(
+                    field,
+                    format!("{} patterns; at most {MAX_PATTERNS}", patterns.len()),
+                ));
+            }
+            for (i, p) in patterns.iter().enumerate() {
+                if p.is_empty() || p.chars().count() > MAX_PATTERN_CHARS {
+                    return Err(invalid(
+                        format!("{field}[{i}]"),
+                        format!("a pattern has 1 to {MAX_PATTERN_CHARS} characters"),
+                    ));
+                }
+            }
+        }
         if let Err(e) = super::select::Selector::new(&self.source) {
             return Err(invalid(
                 e.field,
@@ -151,21 +196,31 @@ impl IndexSpec {
             ));
         }
         let c = &self.chunking;
-        if !(64..=32768).contains(&c.size) || c.overlap >= c.size {
+        if !(MIN_CHUNK_SIZE..=MAX_CHUNK_SIZE).contains(&c.size) || c.overlap >= c.size {
             return Err(invalid(
                 "chunking",
                 format!(
-                    "size {} must be within [64, 32768] and overlap {} smaller than size",
+                    "size {} must be within [{MIN_CHUNK_SIZE}, {MAX_CHUNK_SIZE}] and overlap {} \
+                     smaller than size",
                     c.size, c.overlap
                 ),
             ));
         }
         let e = &self.embedding;
-        if e.model.is_empty() || !(1..=16000).contains(&e.dimensions) {
+        if e.model.is_empty()
+            || e.model.chars().count() > MAX_MODEL_CHARS
+            || !(1..=MAX_DIMENSIONS).contains(&e.dimensions)
+        {
             return Err(invalid(
                 "embedding",
-                "model must be set and dimensions within [1, 16000]",
+                format!(
+                    "model must have 1 to {MAX_MODEL_CHARS} characters and dimensions be \
+                     within [1, {MAX_DIMENSIONS}]"
+                ),
             ));
+        }
+        if let Some(r) = &e.credentials_secret_ref {
+            validate_secret_name("embedding", &r.name)?;
         }
         match (e.provider, &e.endpoint) {
             (EmbeddingProvider::Builtin, _) if e.dimensions != 384 => {
@@ -181,13 +236,9 @@ impl IndexSpec {
                     "required for the openai, ollama and tei providers",
                 ));
             }
-            (_, Some(url)) if !(url.starts_with("http://") || url.starts_with("https://")) => {
-                return Err(invalid(
-                    "embedding.endpoint",
-                    format!("{url:?} is not an http(s) URL"),
-                ));
+            (_, Some(url)) => {
+                validate_url("embedding.endpoint", url)?;
             }
-            _ => {}
         }
         Ok(())
     }

@@ -12,6 +12,22 @@ pub const MAX_PART_SIZE: u64 = 5 * 1024 * 1024 * 1024;
 pub const MAX_PARTS: u64 = 10_000;
 pub const MAX_KEY_BYTES: usize = 1024;
 
+/// Bounds of every number, string and list a spec can carry. The CRD schema
+/// is generated from the same constants, so the API server, the operator
+/// and the worker refuse the same values.
+pub const MAX_CONCURRENCY: u32 = 64;
+pub const MAX_ATTEMPTS: u32 = 100;
+pub const MAX_BACKOFF_MILLIS: u64 = 86_400_000;
+pub const MAX_URLS: usize = 10_000;
+/// Longest URL (source, endpoint), in characters.
+pub const MAX_URL_CHARS: usize = 8192;
+/// Longest key prefix or source prefix, in characters (an S3 key is at most
+/// 1,024 bytes).
+pub const MAX_PREFIX_CHARS: usize = 1024;
+pub const MAX_REGION_CHARS: usize = 64;
+/// A Secret's name is a DNS subdomain.
+pub const MAX_SECRET_NAME_CHARS: usize = 253;
+
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(rename_all = "camelCase")]
@@ -24,7 +40,7 @@ pub struct UploadJobSpec {
     pub part_size_bytes: u64,
     /// Parts of one file uploaded in parallel.
     #[serde(default = "default_concurrency")]
-    #[cfg_attr(feature = "schema", schemars(range(min = 1, max = 64)))]
+    #[cfg_attr(feature = "schema", schemars(range(min = 1, max = MAX_CONCURRENCY)))]
     pub concurrency: u32,
     #[serde(default)]
     pub conflict_policy: ConflictPolicy,
@@ -65,6 +81,7 @@ pub struct S3Source {
     #[cfg_attr(feature = "schema", schemars(length(min = 3, max = 63)))]
     pub bucket: String,
     #[serde(default)]
+    #[cfg_attr(feature = "schema", schemars(length(max = MAX_PREFIX_CHARS)))]
     pub prefix: String,
     #[serde(flatten)]
     pub endpoint: Endpoint,
@@ -75,7 +92,10 @@ pub struct S3Source {
 #[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(rename_all = "camelCase")]
 pub struct HttpSource {
-    #[cfg_attr(feature = "schema", schemars(length(min = 1, max = 10000)))]
+    #[cfg_attr(
+        feature = "schema",
+        schemars(length(min = 1, max = MAX_URLS), inner(length(min = 1, max = MAX_URL_CHARS)))
+    )]
     pub urls: Vec<String>,
     /// Allow loopback, private (RFC 1918/4193), link-local and other
     /// non-public addresses. Off by default: a job must not become a way to
@@ -92,6 +112,7 @@ pub struct Destination {
     #[cfg_attr(feature = "schema", schemars(length(min = 3, max = 63)))]
     pub bucket: String,
     #[serde(default)]
+    #[cfg_attr(feature = "schema", schemars(length(max = MAX_PREFIX_CHARS)))]
     pub key_prefix: String,
     #[serde(flatten)]
     pub endpoint: Endpoint,
@@ -104,8 +125,10 @@ pub struct Destination {
 pub struct Endpoint {
     /// `https://…` of an S3-compatible service; empty means AWS S3.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[cfg_attr(feature = "schema", schemars(length(min = 1, max = MAX_URL_CHARS)))]
     pub endpoint: Option<String>,
     #[serde(default = "default_region")]
+    #[cfg_attr(feature = "schema", schemars(length(min = 1, max = MAX_REGION_CHARS)))]
     pub region: String,
     /// Path-style addressing (`endpoint/bucket/key`), which most
     /// S3-compatible servers need.
@@ -129,6 +152,10 @@ impl Endpoint {
 #[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 pub struct SecretRef {
+    #[cfg_attr(
+        feature = "schema",
+        schemars(length(min = 1, max = MAX_SECRET_NAME_CHARS), regex(pattern = r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$"))
+    )]
     pub name: String,
 }
 
@@ -170,7 +197,7 @@ impl ChecksumAlgorithm {
 #[serde(rename_all = "camelCase", default)]
 pub struct RetryPolicy {
     /// Attempts per file before it is dead-lettered.
-    #[cfg_attr(feature = "schema", schemars(range(min = 1, max = 100)))]
+    #[cfg_attr(feature = "schema", schemars(range(min = 1, max = MAX_ATTEMPTS)))]
     pub max_attempts: u32,
     pub backoff: Backoff,
 }
@@ -190,9 +217,9 @@ impl Default for RetryPolicy {
 #[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(rename_all = "camelCase", default)]
 pub struct Backoff {
-    #[cfg_attr(feature = "schema", schemars(range(min = 1)))]
+    #[cfg_attr(feature = "schema", schemars(range(min = 1, max = MAX_BACKOFF_MILLIS)))]
     pub base_millis: u64,
-    #[cfg_attr(feature = "schema", schemars(range(min = 1, max = 86_400_000)))]
+    #[cfg_attr(feature = "schema", schemars(range(min = 1, max = MAX_BACKOFF_MILLIS)))]
     pub max_millis: u64,
 }
 
@@ -223,15 +250,12 @@ pub enum SpecError {
     #[error("source: exactly one of `s3` or `http` must be set, found {0}")]
     SourceKinds(usize),
     #[error("{field}: {message}")]
-    Invalid {
-        field: &'static str,
-        message: String,
-    },
+    Invalid { field: String, message: String },
 }
 
-fn invalid(field: &'static str, message: impl Into<String>) -> SpecError {
+fn invalid(field: impl Into<String>, message: impl Into<String>) -> SpecError {
     SpecError::Invalid {
-        field,
+        field: field.into(),
         message: message.into(),
     }
 }
@@ -248,21 +272,27 @@ impl UploadJobSpec {
             validate_bucket("source.s3.bucket", &s3.bucket)?;
             validate_endpoint("source.s3.endpoint", &s3.endpoint)?;
         }
+        if let Some(s3) = &self.source.s3 {
+            validate_chars("source.s3.prefix", &s3.prefix, MAX_PREFIX_CHARS)?;
+        }
         if let Some(http) = &self.source.http {
-            if http.urls.is_empty() {
-                return Err(invalid("source.http.urls", "at least one URL is required"));
+            if http.urls.is_empty() || http.urls.len() > MAX_URLS {
+                return Err(invalid(
+                    "source.http.urls",
+                    format!("{} URLs; a job takes 1 to {MAX_URLS}", http.urls.len()),
+                ));
             }
-            for u in &http.urls {
-                if !(u.starts_with("http://") || u.starts_with("https://")) {
-                    return Err(invalid(
-                        "source.http.urls",
-                        format!("{u:?} is not an http:// or https:// URL"),
-                    ));
-                }
+            for (i, u) in http.urls.iter().enumerate() {
+                validate_url(&format!("source.http.urls[{i}]"), u)?;
             }
         }
         validate_bucket("destination.bucket", &self.destination.bucket)?;
         validate_endpoint("destination.endpoint", &self.destination.endpoint)?;
+        validate_chars(
+            "destination.keyPrefix",
+            &self.destination.key_prefix,
+            MAX_PREFIX_CHARS,
+        )?;
         if !self.destination.key_prefix.is_empty() {
             validate_key(&self.destination.key_prefix)
                 .map_err(|e| invalid("destination.keyPrefix", e.to_string()))?;
@@ -276,24 +306,28 @@ impl UploadJobSpec {
                 ),
             ));
         }
-        if !(1..=64).contains(&self.concurrency) {
+        if !(1..=MAX_CONCURRENCY).contains(&self.concurrency) {
             return Err(invalid(
                 "concurrency",
-                format!("{} is not within [1, 64]", self.concurrency),
+                format!("{} is not within [1, {MAX_CONCURRENCY}]", self.concurrency),
             ));
         }
-        if !(1..=100).contains(&self.retry.max_attempts) {
+        if !(1..=MAX_ATTEMPTS).contains(&self.retry.max_attempts) {
             return Err(invalid(
                 "retry.maxAttempts",
-                format!("{} is not within [1, 100]", self.retry.max_attempts),
+                format!(
+                    "{} is not within [1, {MAX_ATTEMPTS}]",
+                    self.retry.max_attempts
+                ),
             ));
         }
         let b = &self.retry.backoff;
-        if b.base_millis == 0 || b.base_millis > b.max_millis {
+        if b.base_millis == 0 || b.base_millis > b.max_millis || b.max_millis > MAX_BACKOFF_MILLIS {
             return Err(invalid(
                 "retry.backoff",
                 format!(
-                    "baseMillis ({}) must be > 0 and <= maxMillis ({})",
+                    "baseMillis ({}) must be > 0 and <= maxMillis ({}), which is at most \
+                     {MAX_BACKOFF_MILLIS}",
                     b.base_millis, b.max_millis
                 ),
             ));
@@ -302,20 +336,91 @@ impl UploadJobSpec {
     }
 }
 
-fn validate_endpoint(field: &'static str, e: &Endpoint) -> Result<(), SpecError> {
-    if let Some(url) = &e.endpoint
-        && !(url.starts_with("http://") || url.starts_with("https://"))
-    {
-        return Err(invalid(field, format!("{url:?} is not an http(s) URL")));
+fn validate_endpoint(field: &str, e: &Endpoint) -> Result<(), SpecError> {
+    if let Some(url) = &e.endpoint {
+        let parsed = validate_url(field, url)?;
+        if !parsed.username().is_empty() || parsed.password().is_some() {
+            return Err(invalid(
+                field,
+                "must not carry credentials: name a Secret in credentialsSecretRef",
+            ));
+        }
     }
-    if e.region.is_empty() {
-        return Err(invalid(field, "region must not be empty"));
+    if e.region.is_empty() || e.region.chars().count() > MAX_REGION_CHARS {
+        return Err(invalid(
+            field,
+            format!("region must have 1 to {MAX_REGION_CHARS} characters"),
+        ));
+    }
+    if let Some(r) = &e.credentials_secret_ref {
+        validate_secret_name(field, &r.name)?;
+    }
+    Ok(())
+}
+
+/// A Secret's name: a DNS subdomain (lower-case letters, digits, `-`, `.`).
+pub fn validate_secret_name(field: &str, name: &str) -> Result<(), SpecError> {
+    let ok_chars = name
+        .bytes()
+        .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == b'-' || c == b'.');
+    let ok_ends = name
+        .bytes()
+        .next()
+        .zip(name.bytes().last())
+        .is_some_and(|(a, z)| a.is_ascii_alphanumeric() && z.is_ascii_alphanumeric());
+    if (1..=MAX_SECRET_NAME_CHARS).contains(&name.len()) && ok_chars && ok_ends {
+        Ok(())
+    } else {
+        Err(invalid(
+            format!("{field}.credentialsSecretRef.name"),
+            format!("{name:?} is not a valid Secret name (a DNS subdomain)"),
+        ))
+    }
+}
+
+/// An `http://` or `https://` URL with a host, without whitespace or
+/// control characters: what every source URL and endpoint must be. Refused
+/// here, such a URL would otherwise fail later, once per file, as a dead
+/// letter.
+pub fn validate_url(field: &str, s: &str) -> Result<url::Url, SpecError> {
+    if s.chars().count() > MAX_URL_CHARS {
+        return Err(invalid(
+            field,
+            format!("the URL is longer than {MAX_URL_CHARS} characters"),
+        ));
+    }
+    if s.chars().any(|c| c.is_whitespace() || c.is_control()) {
+        return Err(invalid(
+            field,
+            format!(
+                "{:?} contains whitespace or a control character",
+                s.escape_debug().to_string()
+            ),
+        ));
+    }
+    let url = url::Url::parse(s).map_err(|e| invalid(field, format!("{s:?} is not a URL: {e}")))?;
+    if !matches!(url.scheme(), "http" | "https") {
+        return Err(invalid(
+            field,
+            format!("{s:?} is not an http:// or https:// URL"),
+        ));
+    }
+    if url.host_str().is_none_or(str::is_empty) {
+        return Err(invalid(field, format!("{s:?} has no host")));
+    }
+    Ok(url)
+}
+
+/// At most `max` characters (Kubernetes' `maxLength` counts characters).
+fn validate_chars(field: &str, s: &str, max: usize) -> Result<(), SpecError> {
+    if s.chars().count() > max {
+        return Err(invalid(field, format!("longer than {max} characters")));
     }
     Ok(())
 }
 
 /// S3 bucket naming rules (3–63 chars, lowercase letters, digits, `-`, `.`).
-pub fn validate_bucket(field: &'static str, bucket: &str) -> Result<(), SpecError> {
+pub fn validate_bucket(field: &str, bucket: &str) -> Result<(), SpecError> {
     let ok_chars = bucket
         .bytes()
         .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == b'-' || c == b'.');
