@@ -260,7 +260,8 @@ impl Cli {
             }
             Command::DeadLetters(DeadLetterCommand::Replay { seq }) => {
                 for s in seq {
-                    let task = jobs::replay_dead_letter(&pool, &queue, s).await?;
+                    let db = pool.get().await?;
+                    let task = jobs::replay_dead_letter(&db, &queue, s).await?;
                     println!("replayed {s} as {}", task.task_id);
                 }
                 Ok(())
@@ -274,8 +275,9 @@ const REFRESH: Duration = Duration::from_millis(500);
 
 async fn upload(pool: &Pool, queue: &Queue, args: UploadArgs) -> anyhow::Result<()> {
     let spec = args.spec()?;
+    let db = pool.get().await?;
     let id = jobs::submit_upload(
-        pool,
+        &db,
         queue,
         &NewJob {
             namespace: args.namespace.clone(),
@@ -287,6 +289,7 @@ async fn upload(pool: &Pool, queue: &Queue, args: UploadArgs) -> anyhow::Result<
         },
     )
     .await?;
+    drop(db);
     println!("job {id} submitted");
     if !args.wait {
         return Ok(());

@@ -4,7 +4,7 @@
 use stowage_proto::v1::{IndexDocument, PlanUpload, Task, UploadFile, task};
 use uuid::Uuid;
 
-use crate::db::Pool;
+use crate::db::Client;
 use crate::queue::{Queue, QueueError, TaskKind};
 use crate::spec::SpecError;
 use crate::state::StateError;
@@ -22,10 +22,9 @@ pub enum JobError {
 
 /// Registers the job (once per source uid + generation) and publishes its
 /// planning task (once: the task id is deterministic). Safe to repeat.
-pub async fn submit_upload(pool: &Pool, queue: &Queue, job: &NewJob) -> Result<Uuid, JobError> {
+pub async fn submit_upload(db: &Client, queue: &Queue, job: &NewJob) -> Result<Uuid, JobError> {
     job.spec.validate()?;
-    let db = pool.get().await.map_err(StateError::from)?;
-    let id = uploads::register_job(&db, job).await?;
+    let id = uploads::register_job(db, job).await?;
     publish_plan(queue, id, &job.namespace, &job.name).await?;
     Ok(id)
 }
@@ -80,15 +79,14 @@ pub async fn publish_items(
 
 /// Replays dead letter `seq`: its item goes back to pending, then its task is
 /// published again under a new id.
-pub async fn replay_dead_letter(pool: &Pool, queue: &Queue, seq: u64) -> Result<Task, JobError> {
+pub async fn replay_dead_letter(db: &Client, queue: &Queue, seq: u64) -> Result<Task, JobError> {
     let letters = queue.dead_letters().await?;
     let (_, letter) = letters
         .into_iter()
         .find(|(s, _)| *s == seq)
         .ok_or(QueueError::NoSuchDeadLetter(seq))?;
     if let Some(task::Kind::UploadFile(u)) = letter.task.as_ref().and_then(|t| t.kind.as_ref()) {
-        let db = pool.get().await.map_err(StateError::from)?;
-        uploads::reset_for_replay(&db, u.item_id).await?;
+        uploads::reset_for_replay(db, u.item_id).await?;
     }
     Ok(queue.replay_dead_letter(seq).await?)
 }

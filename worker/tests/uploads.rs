@@ -211,7 +211,7 @@ async fn source_failures_are_classified(target: &str) {
 
     // Once the source recovers, replaying the dead letter finishes the file.
     src.serve("down.txt", good.clone());
-    stowage_common::jobs::replay_dead_letter(&h.pool, &h.queue, seq)
+    stowage_common::jobs::replay_dead_letter(&h.pool.get().await.expect("db"), &h.queue, seq)
         .await
         .expect("replay");
     let deadline = tokio::time::Instant::now() + Duration::from_secs(60);

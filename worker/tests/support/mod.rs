@@ -143,7 +143,7 @@ impl Harness {
 
     pub async fn submit(&self, name: &str, spec: UploadJobSpec) -> Uuid {
         stowage_common::jobs::submit_upload(
-            &self.pool,
+            &self.pool.get().await.expect("db"),
             &self.queue,
             &NewJob {
                 namespace: "default".into(),
