@@ -22,9 +22,16 @@ pub struct OperatorArgs {
     #[command(flatten)]
     pub telemetry: TelemetryArgs,
 
-    /// Watch only this namespace (default: all namespaces).
-    #[arg(long, env = "STOWAGE_WATCH_NAMESPACE")]
-    pub namespace: Option<String>,
+    /// Watch only these namespaces, comma-separated (default: all
+    /// namespaces). With a list, the operator needs rights in those
+    /// namespaces only (the Helm chart's `watchNamespaces`).
+    #[arg(
+        long = "watch-namespaces",
+        visible_alias = "namespace",
+        env = "STOWAGE_WATCH_NAMESPACES",
+        value_delimiter = ','
+    )]
+    pub watch_namespaces: Vec<String>,
 
     /// Name of the leader lock: replicas with the same name elect one leader.
     #[arg(long, env = "STOWAGE_LEADER_LOCK", default_value = "stowage-operator")]

@@ -73,6 +73,8 @@ pub async fn run(args: OperatorArgs, shutdown: impl Future<Output = ()>) -> anyh
             quiet: args.index_debounce,
             max_delay: args.index_max_delay,
         },
+        concurrency: controllers::concurrency_for_pool(args.database.database_pool_size),
+        failures: Default::default(),
     });
     let (stop, stopped) = watch::channel(false);
     let ready = Readiness::default();
@@ -84,13 +86,23 @@ pub async fn run(args: OperatorArgs, shutdown: impl Future<Output = ()>) -> anyh
     )
     .await?;
     ready.set(true);
-    info!(%instance, %http_addr, namespace = args.namespace.as_deref().unwrap_or("(all)"), "operator started");
-    let namespace = args.namespace.clone();
+    let namespaces: Vec<String> = args
+        .watch_namespaces
+        .iter()
+        .map(|n| n.trim().to_string())
+        .filter(|n| !n.is_empty())
+        .collect();
+    info!(
+        %instance,
+        %http_addr,
+        namespaces = if namespaces.is_empty() { "(all)".to_string() } else { namespaces.join(",") },
+        "operator started"
+    );
     leader::run(
         &locks,
         &args.leader_lock,
         &metrics,
-        || controllers::run(Arc::clone(&ctx), namespace.clone()),
+        || controllers::run(Arc::clone(&ctx), namespaces.clone()),
         shutdown,
     )
     .await;

@@ -2,7 +2,6 @@
 //! into prompt reconciles of the resource they are about, so that status
 //! follows the work without polling.
 
-use kube::runtime::reflector::ObjectRef;
 use prost::Message as _;
 use stowage_common::queue::{ProgressKind, Queue};
 use stowage_proto::v1::{CollectionProgress, JobProgress};
@@ -42,14 +41,8 @@ pub async fn forward(queue: Queue, triggers: Triggers) {
             continue; // a job from stowctl, not from a resource
         }
         let sent = match kind {
-            ProgressKind::Upload => triggers
-                .uploads
-                .send(ObjectRef::new(&name).within(&namespace))
-                .is_ok(),
-            ProgressKind::Index => triggers
-                .collections
-                .send(ObjectRef::new(&name).within(&namespace))
-                .is_ok(),
+            ProgressKind::Upload => triggers.upload(&namespace, &name),
+            ProgressKind::Index => triggers.collection(&namespace, &name),
         };
         if !sent {
             return;

@@ -51,10 +51,11 @@ struct Pending {
 }
 
 /// Routes events until the future is dropped (leadership lost, shutdown).
-/// `namespace`: only collections there (the operator's watch namespace).
-pub async fn run(db: Pool, queue: Queue, namespace: Option<String>, debounce: Debounce) {
+/// `namespaces`: only collections there (the operator's watch namespaces;
+/// empty: all).
+pub async fn run(db: Pool, queue: Queue, namespaces: Vec<String>, debounce: Debounce) {
     loop {
-        if let Err(e) = route(&db, &queue, namespace.as_deref(), debounce).await {
+        if let Err(e) = route(&db, &queue, &namespaces, debounce).await {
             warn!(error = %e, "object events: consumer failed; retrying in 5 s");
         }
         tokio::time::sleep(Duration::from_secs(5)).await;
@@ -64,7 +65,7 @@ pub async fn run(db: Pool, queue: Queue, namespace: Option<String>, debounce: De
 async fn route(
     db: &Pool,
     queue: &Queue,
-    namespace: Option<&str>,
+    namespaces: &[String],
     debounce: Debounce,
 ) -> anyhow::Result<()> {
     let consumer = queue
@@ -78,7 +79,7 @@ async fn route(
         tokio::select! {
             msg = messages.next() => match msg {
                 Some(Ok(msg)) => {
-                    let targets = targets(db, namespace, &msg).await?;
+                    let targets = targets(db, namespaces, &msg).await?;
                     add(&mut pending, Arc::new(msg), targets, debounce).await;
                 }
                 Some(Err(e)) => warn!(error = %e, "object events: receive failed"),
@@ -94,7 +95,7 @@ async fn route(
 /// The collections (and key) an event is for.
 async fn targets(
     db: &Pool,
-    namespace: Option<&str>,
+    namespaces: &[String],
     msg: &Message,
 ) -> anyhow::Result<Vec<(CollectionRecord, String)>> {
     let Ok(event) = ObjectLanded::decode(msg.payload.as_ref()) else {
@@ -105,7 +106,7 @@ async fn targets(
     let watching = collections::watching(&db, &event.bucket).await?;
     Ok(watching
         .into_iter()
-        .filter(|c| namespace.is_none_or(|ns| c.namespace == ns))
+        .filter(|c| namespaces.is_empty() || namespaces.contains(&c.namespace))
         .filter(|c| c.spec.source.endpoint.label() == event.endpoint)
         .filter(|c| Selector::new(&c.spec.source).is_ok_and(|s| s.wants(&event.key)))
         .map(|c| (c, event.key.clone()))

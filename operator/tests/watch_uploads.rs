@@ -89,7 +89,7 @@ async fn bursts_collapse_into_one_task_per_key_and_collection() {
     let router = tokio::spawn(watch_uploads::run(
         pool.clone(),
         queue.clone(),
-        Some("team-a".into()),
+        vec!["team-a".into()],
         Debounce {
             quiet: Duration::from_millis(500),
             max_delay: Duration::from_secs(10),

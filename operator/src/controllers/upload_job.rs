@@ -1,17 +1,17 @@
-//! UploadJob controller: registers the job, publishes its planning task,
-//! acts on suspend / deadline / TTL / replay, rolls progress up into
-//! `.status`, and on deletion drops pending work, aborts open multipart
-//! uploads and deletes the job's rows before the finalizer goes.
+//! UploadJob controller: judges the resource, registers the job, publishes
+//! its planning task, acts on suspend / deadline / TTL / replay, rolls
+//! progress up into `.status`, and on deletion drops pending work, aborts
+//! open multipart uploads and deletes the job's rows before the finalizer
+//! goes. The steps of [`apply`] are the pipeline of [`super`].
 
 use std::sync::Arc;
-use std::time::Duration;
 
 use chrono::Utc;
 use kube::api::DeleteParams;
 use kube::runtime::controller::Action;
 use kube::runtime::events::EventType;
-use kube::runtime::finalizer::{Event as Finalizer, finalizer};
 use kube::{Api, ResourceExt};
+use stowage_common::db::Client;
 use stowage_common::jobs;
 use stowage_common::queue::TaskKind;
 use stowage_common::state::lifecycle;
@@ -19,100 +19,169 @@ use stowage_common::state::uploads::{self, JobRecord, NewJob};
 use stowage_proto::v1::task;
 use tracing::{info, warn};
 
-use super::{Context, Error, apply_status, measured, publish_event};
-use crate::crd::{FINALIZER, UploadJob};
-use crate::status::upload_job::{self as status, Snapshot};
+use super::{Context, Error, Note, Reconciler, apply_status, publish_event, publish_notes};
+use crate::crd::condition::Condition;
+use crate::crd::{RawUploadJob, UploadJob, judge};
+use crate::status::upload_job::{self as status, Next, Snapshot};
 
-const CONTROLLER: &str = "uploadjob";
+impl Reconciler for UploadJob {
+    const CONTROLLER: &'static str = "uploadjob";
 
-pub async fn reconcile(uj: Arc<UploadJob>, ctx: Arc<Context>) -> Result<Action, Error> {
-    let ns = uj.namespace().ok_or(Error::Metadata("namespace"))?;
-    let api: Api<UploadJob> = Api::namespaced(ctx.client.clone(), &ns);
-    measured(&ctx, CONTROLLER, async {
-        finalizer(&api, FINALIZER, uj, |event| async {
-            match event {
-                Finalizer::Apply(uj) => apply(&uj, &api, &ctx).await,
-                Finalizer::Cleanup(uj) => cleanup(&uj, &ctx).await,
-            }
-        })
-        .await
-        .map_err(|e| Error::Finalizer(Box::new(e)))
-    })
-    .await
+    async fn apply(raw: Arc<RawUploadJob>, ctx: &Context) -> Result<Action, Error> {
+        apply(&raw, ctx).await
+    }
+
+    async fn cleanup(raw: Arc<RawUploadJob>, ctx: &Context) -> Result<Action, Error> {
+        cleanup(&raw, ctx).await
+    }
+
+    fn conditions(status: &mut Self::Status) -> &mut Vec<Condition> {
+        &mut status.conditions
+    }
 }
 
-async fn apply(uj: &UploadJob, api: &Api<UploadJob>, ctx: &Context) -> Result<Action, Error> {
-    let uid = uj.uid().ok_or(Error::Metadata("uid"))?;
-    let ns = uj.namespace().ok_or(Error::Metadata("namespace"))?;
-    let name = uj.name_any();
-    let current = uj.status.as_ref();
+/// Where the resource lives.
+struct Ids {
+    uid: String,
+    ns: String,
+    name: String,
+}
 
-    if let Err(e) = uj.spec.upload.validate() {
-        return refuse(uj, api, ctx, &e.to_string()).await;
+impl Ids {
+    fn of(raw: &RawUploadJob) -> Result<Ids, Error> {
+        Ok(Ids {
+            uid: raw.uid().ok_or(Error::Metadata("uid"))?,
+            ns: raw.namespace().ok_or(Error::Metadata("namespace"))?,
+            name: raw.name_any(),
+        })
     }
-    let db = ctx.db.get().await?;
-    let job = lifecycle::find_job(&db, &uid).await?;
-    if let Some(j) = &job
-        && j.spec != uj.spec.upload
-    {
-        // The CRD's transition rule refuses this at the API server; an API
-        // server without CEL (or an old CRD) still gets a clear answer.
-        return refuse(
-            uj,
-            api,
-            ctx,
+}
+
+async fn apply(raw: &RawUploadJob, ctx: &Context) -> Result<Action, Error> {
+    let ids = Ids::of(raw)?;
+    let api: Api<RawUploadJob> = Api::namespaced(ctx.client.clone(), &ids.ns);
+    // Judge (pure): the schema, the types, the spec's own rules.
+    let uj = match judge::<UploadJob>(raw) {
+        Ok(uj) => uj,
+        Err(why) => return refuse(raw, &api, ctx, &why).await,
+    };
+    let now = Utc::now();
+    let mut notes = Vec::new();
+    // One pooled connection for all the database steps, given back before
+    // the API calls.
+    let (job, counts, errors, replayed) = {
+        let db = ctx.db.get().await?;
+        let job = match register(&uj, &ids, &db, ctx, &mut notes).await? {
+            Ok(job) => job,
+            Err(why) => {
+                drop(db);
+                return refuse(raw, &api, ctx, why).await;
+            }
+        };
+        let (job, replayed) = drive(&uj, job, &db, ctx, now, &mut notes).await?;
+        let counts = uploads::job_counts(&db, job.id).await?;
+        let errors = lifecycle::recent_errors(&db, job.id, status::MAX_ERRORS as i64).await?;
+        (job, counts, errors, replayed)
+    };
+    let current = uj.status.as_ref();
+    let mut new = status::compute(
+        &uj,
+        &Snapshot {
+            job: &job,
+            counts: &counts,
+            errors: &errors,
+        },
+    );
+    if let Some(r) = replayed {
+        new.replayed = Some(r);
+    }
+    publish_notes(ctx, raw, notes).await;
+    apply_status(&api, &ids.name, current, &new).await?;
+    if let Some(note) = finished_note(&job, current, &new) {
+        publish_notes(ctx, raw, vec![note]).await;
+    }
+    match status::next_action(&uj, &job, &new, Utc::now(), ctx.resync) {
+        Next::Delete => {
+            info!(
+                ns = ids.ns,
+                name = ids.name,
+                "ttlSecondsAfterFinished passed; deleting the UploadJob"
+            );
+            api.delete(&ids.name, &DeleteParams::background()).await?;
+            Ok(Action::await_change())
+        }
+        Next::Requeue(d) => Ok(Action::requeue(d)),
+        Next::AwaitChange => Ok(Action::await_change()),
+    }
+}
+
+/// Registers the job once per uid (its planning task id is deterministic,
+/// so publishing it again is deduplicated) or finds it; refuses a spec that
+/// changed since (the CRD's transition rule refuses it at the API server;
+/// an API server without CEL, or an old CRD, still gets a clear answer).
+async fn register(
+    uj: &UploadJob,
+    ids: &Ids,
+    db: &Client,
+    ctx: &Context,
+    notes: &mut Vec<Note>,
+) -> Result<Result<JobRecord, &'static str>, Error> {
+    match lifecycle::find_job(db, &ids.uid).await? {
+        Some(j) if j.spec != uj.spec.upload => Ok(Err(
             "source, destination and upload settings cannot change once the job started: \
              create a new UploadJob",
-        )
-        .await;
-    }
-    let job = match job {
+        )),
+        Some(j) => {
+            if !j.planned {
+                // The task may have been lost with an operator that died
+                // between registering and publishing.
+                jobs::publish_plan(&ctx.queue, j.id, &ids.ns, &ids.name).await?;
+            }
+            Ok(Ok(j))
+        }
         None => {
-            // Registered once per uid + generation; the planning task id is
-            // deterministic, so publishing it again is deduplicated.
             let id = jobs::submit_upload(
-                &ctx.db,
+                db,
                 &ctx.queue,
                 &NewJob {
-                    namespace: ns.clone(),
-                    name: name.clone(),
-                    source_uid: uid.clone(),
+                    namespace: ids.ns.clone(),
+                    name: ids.name.clone(),
+                    source_uid: ids.uid.clone(),
                     generation: uj.metadata.generation.unwrap_or(1),
                     spec: uj.spec.upload.clone(),
                     suspended: uj.spec.suspend,
                 },
             )
             .await?;
-            info!(%ns, %name, job = %id, "upload job registered");
-            publish_event(
-                ctx,
-                uj,
-                EventType::Normal,
+            info!(ns = ids.ns, name = ids.name, job = %id, "upload job registered");
+            notes.push(Note::normal(
                 "Registered",
                 format!(
                     "job {id} registered{}; planning task published",
                     if uj.spec.suspend { " suspended" } else { "" }
                 ),
-            )
-            .await;
-            uploads::get_job(&db, id).await?
+            ));
+            Ok(Ok(uploads::get_job(db, id).await?))
         }
-        Some(j) => {
-            if !j.planned {
-                // The task may have been lost with an operator that died
-                // between registering and publishing.
-                jobs::publish_plan(&ctx.queue, j.id, &ns, &name).await?;
-            }
-            j
-        }
-    };
+    }
+}
 
-    let mut job = suspend_or_resume(uj, job, ctx).await?;
-    let now = Utc::now();
+/// Drives the job where the spec says: suspend or resume, fail it past its
+/// deadline, replay its dead letters on request. Returns the job as it is
+/// now and the replay request acted on.
+async fn drive(
+    uj: &UploadJob,
+    job: JobRecord,
+    db: &Client,
+    ctx: &Context,
+    now: chrono::DateTime<Utc>,
+    notes: &mut Vec<Note>,
+) -> Result<(JobRecord, Option<String>), Error> {
+    let mut job = suspend_or_resume(uj, job, db, ctx, notes).await?;
     if let Some(deadline) = status::deadline(uj, &job)
         && now >= deadline
         && lifecycle::fail_unfinished(
-            &db,
+            db,
             job.id,
             &format!(
                 "DeadlineExceeded: the job ran longer than activeDeadlineSeconds ({} s)",
@@ -121,100 +190,75 @@ async fn apply(uj: &UploadJob, api: &Api<UploadJob>, ctx: &Context) -> Result<Ac
         )
         .await?
     {
-        drop_tasks(ctx, &ns, &name).await?;
-        publish_event(
-            ctx,
-            uj,
-            EventType::Warning,
+        drop_tasks(ctx, &job.namespace, &job.name).await?;
+        notes.push(Note::warning(
             "DeadlineExceeded",
-            "activeDeadlineSeconds passed; pending files failed".into(),
-        )
-        .await;
-        job = uploads::get_job(&db, job.id).await?;
+            "activeDeadlineSeconds passed; pending files failed",
+        ));
+        job = uploads::get_job(db, job.id).await?;
     }
-
-    let mut replayed = current.and_then(|s| s.replayed.clone());
+    let mut replayed = None;
     if let Some(request) = status::replay_request(uj) {
-        let n = replay(ctx, &job).await?;
-        publish_event(
-            ctx,
-            uj,
-            EventType::Normal,
+        let n = replay(db, ctx, &job).await?;
+        notes.push(Note::normal(
             "Replayed",
             format!("{n} dead-lettered files queued again"),
-        )
-        .await;
+        ));
         replayed = Some(request.to_string());
-        job = uploads::get_job(&db, job.id).await?;
+        job = uploads::get_job(db, job.id).await?;
     }
+    Ok((job, replayed))
+}
 
-    let counts = uploads::job_counts(&db, job.id).await?;
-    let errors = lifecycle::recent_errors(&db, job.id, status::MAX_ERRORS as i64).await?;
-    let mut new = status::compute(
-        uj,
-        &Snapshot {
-            job: &job,
-            counts: &counts,
-            errors: &errors,
-        },
-    );
-    new.replayed = replayed;
+/// The event of a job that just finished, if it did.
+fn finished_note(
+    job: &JobRecord,
+    current: Option<&crate::crd::UploadJobStatus>,
+    new: &crate::crd::UploadJobStatus,
+) -> Option<Note> {
     let finished_now = new.phase.is_some_and(|p| p.is_finished())
         && !current
             .and_then(|s| s.phase)
             .is_some_and(|p| p.is_finished());
-    apply_status(api, uj, current, &new).await?;
-    if finished_now {
-        let (type_, reason) = if job.state == "succeeded" {
-            (EventType::Normal, "Completed")
-        } else {
-            (EventType::Warning, "Failed")
-        };
-        let note = new
-            .conditions
-            .iter()
-            .find(|c| c.type_ == "Progressing")
-            .map(|c| c.message.clone())
-            .unwrap_or_default();
-        publish_event(ctx, uj, type_, reason, note).await;
+    if !finished_now {
+        return None;
     }
-
-    // What happens next, and when.
-    if let Some(expires) = status::expiry(uj, &new) {
-        if now >= expires {
-            info!(%ns, %name, "ttlSecondsAfterFinished passed; deleting the UploadJob");
-            api.delete(&name, &DeleteParams::background()).await?;
-            return Ok(Action::await_change());
-        }
-        return Ok(Action::requeue(until(expires)));
-    }
-    if new.phase.is_some_and(|p| p.is_finished()) {
-        return Ok(Action::await_change());
-    }
-    let mut next = ctx.resync;
-    if let Some(deadline) = status::deadline(uj, &job) {
-        next = next.min(until(deadline));
-    }
-    Ok(Action::requeue(next))
+    let message = new
+        .conditions
+        .iter()
+        .find(|c| c.type_ == crate::status::PROGRESSING)
+        .map(|c| c.message.clone())
+        .unwrap_or_default();
+    Some(if job.state == "succeeded" {
+        Note::normal("Completed", message)
+    } else {
+        Note::warning("Failed", message)
+    })
 }
 
 /// Refuses the spec: InvalidSpec condition, an event, and no requeue until
 /// the resource changes.
 async fn refuse(
-    uj: &UploadJob,
-    api: &Api<UploadJob>,
+    raw: &RawUploadJob,
+    api: &Api<RawUploadJob>,
     ctx: &Context,
     message: &str,
 ) -> Result<Action, Error> {
-    let new = status::invalid(uj, message);
-    let was_refused = uj.status.as_ref() == Some(&new);
-    apply_status(api, uj, uj.status.as_ref(), &new).await?;
-    if !was_refused {
+    let prev = crate::crd::judge::previous_status(raw);
+    let new = status::invalid(prev.as_ref(), raw.metadata.generation, message);
+    if prev.as_ref() != Some(&new) {
+        warn!(
+            ns = raw.namespace().unwrap_or_default(),
+            name = raw.name_any(),
+            reason = message,
+            "UploadJob refused: invalid spec"
+        );
+        apply_status(api, &raw.name_any(), prev.as_ref(), &new).await?;
         publish_event(
             ctx,
-            uj,
+            raw,
             EventType::Warning,
-            "InvalidSpec",
+            crate::status::INVALID_SPEC,
             message.to_string(),
         )
         .await;
@@ -229,42 +273,32 @@ async fn refuse(
 async fn suspend_or_resume(
     uj: &UploadJob,
     job: JobRecord,
+    db: &Client,
     ctx: &Context,
+    notes: &mut Vec<Note>,
 ) -> Result<JobRecord, Error> {
-    let db = ctx.db.get().await?;
-    let changed = lifecycle::set_suspended(&db, job.id, uj.spec.suspend).await?;
+    let changed = lifecycle::set_suspended(db, job.id, uj.spec.suspend).await?;
     if changed && uj.spec.suspend {
         info!(job = %job.id, "job suspended");
-        publish_event(
-            ctx,
-            uj,
-            EventType::Normal,
-            "Suspended",
-            "no new files are started".into(),
-        )
-        .await;
+        notes.push(Note::normal("Suspended", "no new files are started"));
     }
-    if let Some((round, pending)) = lifecycle::resume_owed(&db, job.id).await? {
+    if let Some((round, pending)) = lifecycle::resume_owed(db, job.id).await? {
         jobs::publish_items(&ctx.queue, &job, &pending, Some(&round)).await?;
-        lifecycle::resume_queued(&db, job.id, &round).await?;
+        lifecycle::resume_queued(db, job.id, &round).await?;
         info!(job = %job.id, files = pending.len(), %round, "job resumed");
-        publish_event(
-            ctx,
-            uj,
-            EventType::Normal,
+        notes.push(Note::normal(
             "Resumed",
             format!("{} pending files queued", pending.len()),
-        )
-        .await;
+        ));
     }
     if !changed {
         return Ok(job);
     }
-    Ok(uploads::get_job(&db, job.id).await?)
+    Ok(uploads::get_job(db, job.id).await?)
 }
 
 /// Replays every dead letter of the job's files.
-async fn replay(ctx: &Context, job: &JobRecord) -> Result<usize, Error> {
+async fn replay(db: &Client, ctx: &Context, job: &JobRecord) -> Result<usize, Error> {
     let letters = ctx.queue.dead_letters().await?;
     let job_id = job.id.to_string();
     let mut n = 0;
@@ -275,7 +309,7 @@ async fn replay(ctx: &Context, job: &JobRecord) -> Result<usize, Error> {
             _ => false,
         };
         if ours {
-            jobs::replay_dead_letter(&ctx.db, &ctx.queue, seq).await?;
+            jobs::replay_dead_letter(db, &ctx.queue, seq).await?;
             n += 1;
         }
     }
@@ -296,42 +330,41 @@ async fn drop_tasks(ctx: &Context, ns: &str, name: &str) -> Result<u64, Error> {
 }
 
 /// Deletion: cancel the job (workers drop its tasks), drop its queued
-/// tasks, abort its open multipart uploads, delete its rows.
-async fn cleanup(uj: &UploadJob, ctx: &Context) -> Result<Action, Error> {
-    let uid = uj.uid().ok_or(Error::Metadata("uid"))?;
-    let ns = uj.namespace().ok_or(Error::Metadata("namespace"))?;
-    let name = uj.name_any();
-    let mut db = ctx.db.get().await?;
-    let Some(job) = lifecycle::find_job(&db, &uid).await? else {
-        return Ok(Action::await_change());
-    };
-    lifecycle::cancel(&db, job.id).await?;
-    let dropped = drop_tasks(ctx, &ns, &name).await?;
-    let tx = db
-        .transaction()
-        .await
-        .map_err(stowage_common::state::StateError::from)?;
-    let open = lifecycle::lock_for_delete(&tx, job.id).await?;
-    if !open.is_empty() {
-        let client = ctx.s3.client(&job.spec.destination.endpoint)?;
-        for upload in &open {
-            abort(&client, upload).await?;
+/// tasks, abort its open multipart uploads, delete its rows. Needs no valid
+/// spec: a refused resource is deleted as easily as any other.
+async fn cleanup(raw: &RawUploadJob, ctx: &Context) -> Result<Action, Error> {
+    let ids = Ids::of(raw)?;
+    let (job, dropped, aborted) = {
+        let mut db = ctx.db.get().await?;
+        let Some(job) = lifecycle::find_job(&db, &ids.uid).await? else {
+            return Ok(Action::await_change());
+        };
+        lifecycle::cancel(&db, job.id).await?;
+        let dropped = drop_tasks(ctx, &ids.ns, &ids.name).await?;
+        let tx = db
+            .transaction()
+            .await
+            .map_err(stowage_common::state::StateError::from)?;
+        let open = lifecycle::lock_for_delete(&tx, job.id).await?;
+        if !open.is_empty() {
+            let client = ctx.s3.client(&job.spec.destination.endpoint)?;
+            for upload in &open {
+                abort(&client, upload).await?;
+            }
         }
-    }
-    lifecycle::delete(&tx, job.id).await?;
-    tx.commit()
-        .await
-        .map_err(stowage_common::state::StateError::from)?;
-    info!(%ns, %name, job = %job.id, dropped, aborted = open.len(), "upload job cleaned up");
+        lifecycle::delete(&tx, job.id).await?;
+        tx.commit()
+            .await
+            .map_err(stowage_common::state::StateError::from)?;
+        (job, dropped, open.len())
+    };
+    info!(ns = ids.ns, name = ids.name, job = %job.id, dropped, aborted, "upload job cleaned up");
     publish_event(
         ctx,
-        uj,
+        raw,
         EventType::Normal,
         "CleanedUp",
-        format!(
-            "{dropped} queued tasks dropped, {} multipart uploads aborted",
-            open.len()
-        ),
+        format!("{dropped} queued tasks dropped, {aborted} multipart uploads aborted"),
     )
     .await;
     Ok(Action::await_change())
@@ -364,12 +397,4 @@ async fn abort(client: &aws_sdk_s3::Client, u: &lifecycle::OpenUpload) -> Result
             })
         }
     }
-}
-
-/// Time from now until `t` (zero if passed), at least a second.
-fn until(t: chrono::DateTime<Utc>) -> Duration {
-    (t - Utc::now())
-        .to_std()
-        .unwrap_or_default()
-        .max(Duration::from_secs(1))
 }

@@ -32,7 +32,7 @@ pub struct IndexCollectionSpec {
     /// How often to list the bucket and index what changed, as a duration
     /// (`30s`, `10m`, `1h`).
     #[serde(default = "default_resync")]
-    #[schemars(regex(pattern = r"^([0-9]+(ms|s|m|h|d))+$"))]
+    #[schemars(length(min = 2, max = 32), regex(pattern = r"^([0-9]+(ms|s|m|h|d))+$"))]
     pub resync_interval: String,
     /// Stop scheduling sync runs; the index keeps answering queries.
     #[serde(default)]

@@ -4,13 +4,20 @@
 
 pub mod condition;
 pub mod index_collection;
+pub mod judge;
+pub mod schema;
 pub mod upload_job;
 
 use kube::CustomResourceExt;
 
 pub use condition::Condition;
 pub use index_collection::{IndexCollection, IndexCollectionSpec, IndexCollectionStatus};
+pub use judge::{Judged, Raw, judge};
 pub use upload_job::{UploadJob, UploadJobSpec, UploadJobStatus};
+
+/// What the controllers watch: resources not judged yet.
+pub type RawUploadJob = Raw<UploadJob>;
+pub type RawIndexCollection = Raw<IndexCollection>;
 
 pub const GROUP: &str = "stowage.dev";
 /// The finalizer both controllers put on their resources.

@@ -8,6 +8,9 @@ use stowage_common::spec;
 
 use super::Condition;
 
+/// Longest `activeDeadlineSeconds` / `ttlSecondsAfterFinished`: ten years.
+pub const MAX_SECONDS: i64 = 10 * 365 * 86_400;
+
 /// Copy the files of an S3 prefix or a list of URLs into a bucket, verified
 /// by checksum and resumable across worker restarts.
 #[derive(CustomResource, Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
@@ -36,13 +39,15 @@ pub struct UploadJobSpec {
     /// Stop handing out files (in-flight files finish); clear it to resume.
     #[serde(default)]
     pub suspend: bool,
-    /// Fail the job when it has run longer than this (counted from its start).
+    /// Fail the job when it has run longer than this (counted from its start;
+    /// at most ten years).
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schemars(range(min = 1))]
+    #[schemars(range(min = 1, max = MAX_SECONDS))]
     pub active_deadline_seconds: Option<i64>,
-    /// Delete the UploadJob this long after it finished (succeeded or failed).
+    /// Delete the UploadJob this long after it finished (succeeded or
+    /// failed; at most ten years).
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schemars(range(min = 0))]
+    #[schemars(range(min = 0, max = MAX_SECONDS))]
     pub ttl_seconds_after_finished: Option<i64>,
 }
 

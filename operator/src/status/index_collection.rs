@@ -10,12 +10,18 @@ use crate::crd::index_collection::{
     DocumentCounts, IndexCollection, IndexCollectionStatus, Phase, SyncRunStatus,
 };
 
+/// Longest resync interval: a year.
+pub const MAX_INTERVAL_SECS: u64 = 365 * 86_400;
+
 /// Parses a resync interval such as `90s`, `10m` or `1h30m` (the CRD schema
-/// admits the same pattern); at least ten seconds.
+/// admits the same pattern); from ten seconds to a year.
 pub fn parse_interval(s: &str) -> Result<Duration, String> {
     let d = stowage_common::config::parse_duration(s)?;
     if d < std::time::Duration::from_secs(10) {
         return Err(format!("{s:?} is shorter than the 10s minimum"));
+    }
+    if d > std::time::Duration::from_secs(MAX_INTERVAL_SECS) {
+        return Err(format!("{s:?} is longer than the 365d maximum"));
     }
     Duration::from_std(d).map_err(|_| format!("{s:?} is too long"))
 }
@@ -77,21 +83,34 @@ pub fn compute(ic: &IndexCollection, snap: &Snapshot<'_>) -> IndexCollectionStat
         }
         m
     };
+    // Ready follows what search can answer from: the active generation
+    // keeps serving while a new run builds, and after a failed one.
+    let serving = snap.index.generation.map(|g| {
+        format!(
+            "generation {g} serves {} documents, {} chunks",
+            snap.index.indexed, snap.index.chunks
+        )
+    });
+    let ready = match (&serving, run) {
+        (Some(serves), Some(r)) if r.state == RunState::Failed => Condition::new(
+            READY,
+            true,
+            "ServingPreviousIndex",
+            format!("{serves}; the last sync failed: {}", run_message(r)),
+        ),
+        (Some(serves), _) => Condition::new(READY, true, "Indexed", serves.clone()),
+        (None, Some(r)) if r.state == RunState::Failed => {
+            Condition::new(READY, false, "SyncFailed", run_message(r))
+        }
+        (None, _) => Condition::new(
+            READY,
+            false,
+            "NotIndexedYet",
+            "no sync run has completed yet",
+        ),
+    };
     let mut conditions = vec![
-        match run {
-            Some(r) if matches!(r.state, RunState::Completed | RunState::CompletedWithErrors) => {
-                Condition::new(READY, true, "Indexed", run_message(r))
-            }
-            Some(r) if r.state == RunState::Failed => {
-                Condition::new(READY, false, "SyncFailed", run_message(r))
-            }
-            _ => Condition::new(
-                READY,
-                false,
-                "NotIndexedYet",
-                "no sync run has completed yet",
-            ),
-        },
+        ready,
         match run {
             Some(r) if r.state == RunState::InProgress => {
                 Condition::new(PROGRESSING, true, "Syncing", run_message(r))
@@ -104,16 +123,7 @@ pub fn compute(ic: &IndexCollection, snap: &Snapshot<'_>) -> IndexCollectionStat
             }
             _ => Condition::new(FAILED, false, "NoFailure", ""),
         },
-        Condition::new(
-            SUSPENDED,
-            ic.spec.suspend,
-            if ic.spec.suspend {
-                "SuspendedBySpec"
-            } else {
-                "NotSuspended"
-            },
-            "",
-        ),
+        suspended(ic.spec.suspend),
     ];
     condition::carry_over(&prev.conditions, &mut conditions, ic.metadata.generation);
     let last = run.map(|r| SyncRunStatus {
@@ -136,7 +146,10 @@ pub fn compute(ic: &IndexCollection, snap: &Snapshot<'_>) -> IndexCollectionStat
         progress: Some(format!(
             "{}/{}",
             snap.index.indexed,
-            snap.index.indexed + snap.index.skipped + snap.index.failed
+            snap.index
+                .indexed
+                .saturating_add(snap.index.skipped)
+                .saturating_add(snap.index.failed)
         )),
         documents: DocumentCounts {
             indexed: snap.index.indexed,
@@ -157,21 +170,46 @@ pub fn compute(ic: &IndexCollection, snap: &Snapshot<'_>) -> IndexCollectionStat
     }
 }
 
-pub fn invalid(ic: &IndexCollection, message: &str) -> IndexCollectionStatus {
-    let prev = ic.status.clone().unwrap_or_default();
+/// The status of a spec the operator refuses (`prev`: the status so far).
+pub fn invalid(
+    prev: Option<&IndexCollectionStatus>,
+    generation: Option<i64>,
+    suspend: bool,
+    message: &str,
+) -> IndexCollectionStatus {
+    let prev = prev.cloned().unwrap_or_default();
     let mut conditions = vec![
         Condition::new(READY, false, INVALID_SPEC, message),
         Condition::new(PROGRESSING, false, INVALID_SPEC, ""),
         Condition::new(FAILED, true, INVALID_SPEC, message),
-        Condition::new(SUSPENDED, ic.spec.suspend, "NotSuspended", ""),
+        suspended(suspend),
     ];
-    condition::carry_over(&prev.conditions, &mut conditions, ic.metadata.generation);
+    condition::carry_over(&prev.conditions, &mut conditions, generation);
     IndexCollectionStatus {
-        observed_generation: ic.metadata.generation,
+        observed_generation: generation,
         phase: Some(Phase::Failed),
         conditions,
         ..prev
     }
+}
+
+/// The Suspended condition: its reason always says what its status says.
+fn suspended(suspend: bool) -> Condition {
+    if suspend {
+        Condition::new(
+            SUSPENDED,
+            true,
+            "SuspendedBySpec",
+            "sync runs are not scheduled",
+        )
+    } else {
+        Condition::new(SUSPENDED, false, "NotSuspended", "")
+    }
+}
+
+/// When the next scheduled sync is due after one requested at `now`.
+pub fn next_sync_after(now: DateTime<Utc>, interval: Duration) -> Option<DateTime<Utc>> {
+    now.checked_add_signed(interval)
 }
 
 fn run_state_name(s: RunState) -> &'static str {
@@ -241,6 +279,16 @@ mod tests {
                 .contains("unknown unit")
         );
         assert!(parse_interval("m").is_err());
+        assert!(
+            parse_interval("18446744073709551615s1s")
+                .expect_err("overflow")
+                .contains("too long")
+        );
+        assert!(
+            parse_interval("366d")
+                .expect_err("long")
+                .contains("365d maximum")
+        );
     }
 
     #[test]
@@ -282,6 +330,74 @@ mod tests {
         assert_eq!(s.phase, Some(Phase::Ready));
         let s = compute(&resource(None, true), &snapshot(None, 0));
         assert_eq!(s.phase, Some(Phase::Suspended));
+    }
+
+    /// Search keeps answering from the active generation while a resync
+    /// runs and after one fails: Ready must say so, not flap to False.
+    #[test]
+    fn ready_stays_true_while_an_active_generation_serves() {
+        let ic = resource(None, false);
+        let serving = IndexCounts {
+            generation: Some(2),
+            indexed: 5,
+            chunks: 40,
+            ..IndexCounts::default()
+        };
+        let with_index = |run: Option<&SyncRun>| {
+            compute(
+                &ic,
+                &Snapshot {
+                    index: serving,
+                    ..snapshot(run, 1)
+                },
+            )
+        };
+        let syncing = run(RunState::InProgress, None);
+        let s = with_index(Some(&syncing));
+        let ready = condition::find(&s.conditions, READY).expect("ready");
+        assert!(ready.is_true(), "{ready:?}");
+        assert_eq!(ready.reason, "Indexed");
+        assert!(ready.message.contains("generation 2 serves 5 documents"));
+        assert!(
+            condition::find(&s.conditions, PROGRESSING)
+                .expect("p")
+                .is_true()
+        );
+        let failed = run(RunState::Failed, Some("listing the bucket: access denied"));
+        let s = with_index(Some(&failed));
+        let ready = condition::find(&s.conditions, READY).expect("ready");
+        assert!(ready.is_true());
+        assert_eq!(ready.reason, "ServingPreviousIndex");
+        assert!(ready.message.contains("access denied"));
+        assert!(condition::find(&s.conditions, FAILED).expect("f").is_true());
+        let abandoned = run(RunState::Abandoned, None);
+        assert!(
+            condition::find(&with_index(Some(&abandoned)).conditions, READY)
+                .expect("ready")
+                .is_true()
+        );
+    }
+
+    #[test]
+    fn the_suspended_reason_matches_its_status() {
+        for suspend in [false, true] {
+            let ic = resource(None, suspend);
+            for s in [
+                compute(&ic, &snapshot(None, 0)),
+                invalid(None, Some(1), suspend, "spec.x: bad"),
+            ] {
+                let c = condition::find(&s.conditions, SUSPENDED).expect("suspended");
+                assert_eq!(c.is_true(), suspend);
+                assert_eq!(
+                    c.reason,
+                    if suspend {
+                        "SuspendedBySpec"
+                    } else {
+                        "NotSuspended"
+                    }
+                );
+            }
+        }
     }
 
     #[test]

@@ -31,8 +31,9 @@ pub fn compute(uj: &UploadJob, snap: &Snapshot<'_>) -> UploadJobStatus {
         "failed" | "cancelled" => Phase::Failed,
         _ => Phase::Pending,
     };
-    let skipped = c.skipped_duplicate + c.skipped_exists;
-    let done = c.succeeded + skipped;
+    // Counts come from PostgreSQL sums; saturating, whatever they hold.
+    let skipped = c.skipped_duplicate.saturating_add(c.skipped_exists);
+    let done = c.succeeded.saturating_add(skipped);
     let summary = format!(
         "{} of {} files uploaded, {skipped} skipped, {} failed ({} dead-lettered)",
         c.succeeded, c.total, c.failed, c.dead_lettered
@@ -132,9 +133,13 @@ pub fn compute(uj: &UploadJob, snap: &Snapshot<'_>) -> UploadJobStatus {
 
 /// The status of a spec the operator refuses: `Ready=False, reason=InvalidSpec`
 /// with the message, and `Failed` so `kubectl wait --for=condition=Failed`
-/// sees it too.
-pub fn invalid(uj: &UploadJob, message: &str) -> UploadJobStatus {
-    let prev = uj.status.clone().unwrap_or_default();
+/// sees it too. `prev` is the status so far (counts are kept).
+pub fn invalid(
+    prev: Option<&UploadJobStatus>,
+    generation: Option<i64>,
+    message: &str,
+) -> UploadJobStatus {
+    let prev = prev.cloned().unwrap_or_default();
     let mut conditions = vec![
         Condition::new(READY, false, INVALID_SPEC, message),
         Condition::new(PROGRESSING, false, INVALID_SPEC, ""),
@@ -142,26 +147,73 @@ pub fn invalid(uj: &UploadJob, message: &str) -> UploadJobStatus {
         Condition::new(FAILED, true, INVALID_SPEC, message),
         Condition::new(SUSPENDED, false, "NotSuspended", ""),
     ];
-    condition::carry_over(&prev.conditions, &mut conditions, uj.metadata.generation);
+    condition::carry_over(&prev.conditions, &mut conditions, generation);
     UploadJobStatus {
-        observed_generation: uj.metadata.generation,
+        observed_generation: generation,
         phase: Some(Phase::Failed),
         conditions,
         ..prev
     }
 }
 
-/// When the job's `activeDeadlineSeconds` runs out, if it has one.
+/// When the job's `activeDeadlineSeconds` runs out, if it has one (a value
+/// out of range — the schema bounds it — means none).
 pub fn deadline(uj: &UploadJob, job: &JobRecord) -> Option<DateTime<Utc>> {
-    let secs = uj.spec.active_deadline_seconds?;
-    Some(job.created_at + Duration::seconds(secs))
+    let secs = uj.spec.active_deadline_seconds.filter(|s| *s > 0)?;
+    job.created_at
+        .checked_add_signed(Duration::try_seconds(secs)?)
 }
 
 /// When a finished job is to be deleted (`ttlSecondsAfterFinished`).
 pub fn expiry(uj: &UploadJob, status: &UploadJobStatus) -> Option<DateTime<Utc>> {
-    let secs = uj.spec.ttl_seconds_after_finished?;
+    let secs = uj.spec.ttl_seconds_after_finished.filter(|s| *s >= 0)?;
     let finished = status.completion_time?;
-    Some(finished + Duration::seconds(secs))
+    finished.checked_add_signed(Duration::try_seconds(secs)?)
+}
+
+/// What the controller does after a reconcile.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Next {
+    /// `ttlSecondsAfterFinished` passed: delete the resource.
+    Delete,
+    /// Look again after this long.
+    Requeue(std::time::Duration),
+    /// Nothing to do until the resource changes.
+    AwaitChange,
+}
+
+/// The next action, from the status just computed: delete a finished job
+/// whose TTL passed, wake up for its TTL or deadline, else resync while it
+/// is unfinished.
+pub fn next_action(
+    uj: &UploadJob,
+    job: &JobRecord,
+    status: &UploadJobStatus,
+    now: DateTime<Utc>,
+    resync: std::time::Duration,
+) -> Next {
+    if let Some(expires) = expiry(uj, status) {
+        if now >= expires {
+            return Next::Delete;
+        }
+        return Next::Requeue(until(now, expires));
+    }
+    if status.phase.is_some_and(Phase::is_finished) {
+        return Next::AwaitChange;
+    }
+    let mut next = resync.max(std::time::Duration::from_secs(1));
+    if let Some(deadline) = deadline(uj, job) {
+        next = next.min(until(now, deadline));
+    }
+    Next::Requeue(next)
+}
+
+/// Time from `now` until `t` (zero if passed), at least a second.
+pub fn until(now: DateTime<Utc>, t: DateTime<Utc>) -> std::time::Duration {
+    t.signed_duration_since(now)
+        .to_std()
+        .unwrap_or_default()
+        .max(std::time::Duration::from_secs(1))
 }
 
 /// A replay request: the annotation's value when it differs from the last
@@ -339,7 +391,11 @@ mod tests {
     #[test]
     fn invalid_spec_keeps_counts_and_says_why() {
         let uj = resource(serde_json::json!({}));
-        let s = invalid(&uj, "partSizeBytes: 1024 is outside S3's part size limits");
+        let s = invalid(
+            uj.status.as_ref(),
+            uj.metadata.generation,
+            "partSizeBytes: 1024 is outside S3's part size limits",
+        );
         let r = cond(&s, READY);
         assert!(!r.is_true());
         assert_eq!(r.reason, INVALID_SPEC);
