@@ -86,6 +86,73 @@ impl SearchService {
     }
 }
 
+/// Most characters of a namespace or collection name (a DNS subdomain).
+const MAX_NAME_CHARS: usize = 253;
+
+/// Judges a request before it reaches the database: what PostgreSQL cannot
+/// store (a NUL byte) or nobody can mean is INVALID_ARGUMENT with the field,
+/// not an UNAVAILABLE "database query failed".
+fn validate(r: &SearchRequest) -> Result<(Mode, i64), Status> {
+    let mode = match SearchMode::try_from(r.mode) {
+        Ok(SearchMode::Hybrid) => Mode::Hybrid,
+        Ok(SearchMode::Vector) => Mode::Vector,
+        Ok(SearchMode::Keyword) => Mode::Keyword,
+        Err(_) => {
+            return Err(Status::invalid_argument(format!(
+                "unknown search mode {}",
+                r.mode
+            )));
+        }
+    };
+    for (field, value, max) in [
+        ("namespace", &r.namespace, MAX_NAME_CHARS),
+        ("collection", &r.collection, MAX_NAME_CHARS),
+        (
+            "key_prefix",
+            &r.key_prefix,
+            stowage_common::spec::MAX_KEY_BYTES,
+        ),
+        ("content_type", &r.content_type, MAX_NAME_CHARS),
+    ] {
+        if value.chars().any(char::is_control) {
+            return Err(Status::invalid_argument(format!(
+                "{field} contains a control character"
+            )));
+        }
+        if value.chars().count() > max {
+            return Err(Status::invalid_argument(format!(
+                "{field} is longer than {max} characters"
+            )));
+        }
+    }
+    if r.namespace.is_empty() || r.collection.is_empty() {
+        return Err(Status::invalid_argument(
+            "namespace and collection are required",
+        ));
+    }
+    if r.query.contains('\0') {
+        return Err(Status::invalid_argument("query contains a NUL character"));
+    }
+    if r.query.trim().is_empty() {
+        return Err(Status::invalid_argument("query is empty"));
+    }
+    if r.query.chars().count() > MAX_QUERY_CHARS {
+        return Err(Status::invalid_argument(format!(
+            "query is longer than {MAX_QUERY_CHARS} characters"
+        )));
+    }
+    let top_k = match r.top_k {
+        0 => 10,
+        k @ 1..=100 => i64::from(k),
+        k => {
+            return Err(Status::invalid_argument(format!(
+                "top_k {k} is not within [1, 100]"
+            )));
+        }
+    };
+    Ok((mode, top_k))
+}
+
 #[tonic::async_trait]
 impl Search for SearchService {
     async fn query(
@@ -93,34 +160,7 @@ impl Search for SearchService {
         request: Request<SearchRequest>,
     ) -> Result<Response<SearchResponse>, Status> {
         let r = request.into_inner();
-        let mode = match SearchMode::try_from(r.mode) {
-            Ok(SearchMode::Hybrid) => Mode::Hybrid,
-            Ok(SearchMode::Vector) => Mode::Vector,
-            Ok(SearchMode::Keyword) => Mode::Keyword,
-            Err(_) => {
-                return Err(Status::invalid_argument(format!(
-                    "unknown search mode {}",
-                    r.mode
-                )));
-            }
-        };
-        if r.query.trim().is_empty() {
-            return Err(Status::invalid_argument("query is empty"));
-        }
-        if r.query.chars().count() > MAX_QUERY_CHARS {
-            return Err(Status::invalid_argument(format!(
-                "query is longer than {MAX_QUERY_CHARS} characters"
-            )));
-        }
-        let top_k = match r.top_k {
-            0 => 10,
-            k @ 1..=100 => i64::from(k),
-            k => {
-                return Err(Status::invalid_argument(format!(
-                    "top_k {k} is not within [1, 100]"
-                )));
-            }
-        };
+        let (mode, top_k) = validate(&r)?;
         let db = self
             .ctx
             .db
@@ -157,5 +197,93 @@ impl Search for SearchService {
                 })
                 .collect(),
         }))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn request(query: &str) -> SearchRequest {
+        SearchRequest {
+            namespace: "team-a".into(),
+            collection: "kb".into(),
+            query: query.into(),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn hostile_requests_are_invalid_arguments_that_name_the_field() {
+        let cases: Vec<(SearchRequest, &str)> = vec![
+            (request("a\0b"), "query contains a NUL"),
+            (
+                SearchRequest {
+                    collection: "k\0b".into(),
+                    ..request("q")
+                },
+                "collection contains a control",
+            ),
+            (
+                SearchRequest {
+                    namespace: "t\0".into(),
+                    ..request("q")
+                },
+                "namespace contains a control",
+            ),
+            (
+                SearchRequest {
+                    key_prefix: "a\0".into(),
+                    ..request("q")
+                },
+                "key_prefix contains a control",
+            ),
+            (
+                SearchRequest {
+                    content_type: "\0".into(),
+                    ..request("q")
+                },
+                "content_type contains a control",
+            ),
+            (
+                SearchRequest {
+                    collection: "k".repeat(254),
+                    ..request("q")
+                },
+                "collection is longer than 253",
+            ),
+            (
+                SearchRequest {
+                    collection: String::new(),
+                    ..request("q")
+                },
+                "namespace and collection are required",
+            ),
+            (request("   "), "query is empty"),
+            (request(&"x".repeat(4097)), "longer than 4096"),
+            (
+                SearchRequest {
+                    top_k: 101,
+                    ..request("q")
+                },
+                "top_k 101",
+            ),
+            (
+                SearchRequest {
+                    mode: 99,
+                    ..request("q")
+                },
+                "unknown search mode 99",
+            ),
+        ];
+        for (r, want) in cases {
+            let e = validate(&r).expect_err(want);
+            assert_eq!(e.code(), tonic::Code::InvalidArgument, "{want}");
+            assert!(e.message().contains(want), "{want}: {}", e.message());
+        }
+        assert_eq!(
+            validate(&request("how do I\tresume?")).map(|(_, k)| k).ok(),
+            Some(10)
+        );
     }
 }
