@@ -15,6 +15,24 @@
 //! - **Transaction locks** ([`xact_lock`], [`try_xact_lock`]) for critical
 //!   sections that are a single transaction; they end with the transaction.
 //!
+//! **Waiting and the heartbeat.** The heartbeat (`SELECT 1` every heartbeat,
+//! the session counted lost when one gets no answer within a heartbeat) runs
+//! on the session's own connection, because what it proves is that this
+//! session is alive. PostgreSQL answers a connection's queries in order, so a
+//! single `pg_advisory_lock` blocking for minutes would starve it. A wait is
+//! therefore a series of tries: each is `pg_advisory_lock` bounded by
+//! `lock_timeout` to half a heartbeat (at least 50 ms, at most the time left
+//! of the caller's timeout); a try that runs out withdraws its request, the
+//! heartbeat's query queued behind it is answered, and the next try asks
+//! again. A wait of any length thus keeps one session that is known to be
+//! alive, and a session that dies while waiting — killed, or a server that
+//! stops answering — fails the wait within about two heartbeats. A wait the
+//! caller abandons (drops the future) closes its session instead of keeping
+//! it for reuse; the server forgets the request when the current try ends.
+//! The metrics count a wait, not its tries: one `contended` when it finds
+//! the lock taken, one `timed_out` when it gives up, and one wait time from
+//! the call to the lock.
+//!
 //! [`LockManager::check_server`] refuses databases where advisory locks would
 //! be silently ineffective (a pooler in transaction mode, a fake server).
 
@@ -29,6 +47,7 @@ use std::time::{Duration, Instant};
 use sha2::{Digest, Sha256};
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
+use tokio_postgres::error::SqlState;
 use tokio_postgres::{Client, NoTls};
 use tracing::{debug, warn};
 
@@ -154,9 +173,13 @@ type IdleSessions = Arc<std::sync::Mutex<Vec<Session>>>;
 /// Most idle lock sessions kept open per manager.
 const MAX_IDLE_SESSIONS: usize = 16;
 
+/// The shortest try of a wait (see [`LockManager::try_length`]).
+const MIN_TRY: Duration = Duration::from_millis(50);
+
 impl LockManager {
     /// `heartbeat` bounds how long a silently dead session (a network
-    /// partition rather than a closed socket) goes unnoticed.
+    /// partition rather than a closed socket) goes unnoticed, also while it
+    /// waits for a lock; a wait asks again every half heartbeat.
     pub fn new(config: tokio_postgres::Config, metrics: LockMetrics, heartbeat: Duration) -> Self {
         let mut config = config;
         config
@@ -187,7 +210,8 @@ impl LockManager {
         }
     }
 
-    /// Waits for `key` as long as it takes.
+    /// Waits for `key` as long as it takes, on one session whose heartbeat
+    /// goes on meanwhile (see the module doc).
     pub async fn lock(&self, key: LockKey) -> Result<SessionLock, LockError> {
         self.acquire(key, None).await
     }
@@ -201,48 +225,78 @@ impl LockManager {
         self.acquire(key, Some(timeout)).await
     }
 
+    /// Waits in tries of [`LockManager::try_length`] (see the module doc).
+    ///
+    /// The session is a local of this future until the lock is taken, so a
+    /// caller that drops the future mid-wait (a standby's `select!` with
+    /// shutdown) closes the session rather than parking it: no idle session
+    /// ever has a lock request pending.
     async fn acquire(
         &self,
         key: LockKey,
         timeout: Option<Duration>,
     ) -> Result<SessionLock, LockError> {
         let started = Instant::now();
+        let deadline = timeout.map(|t| started + t);
         let session = self.session().await?;
         if try_on(&session, &key).await? {
             return Ok(self.held(session, key, started.elapsed()));
         }
         self.metrics.contended(key.class());
         let (a, b) = key.pair();
-        // The server does the waiting: `lock_timeout` applies to advisory lock
-        // waits too and fails them with SQLSTATE 55P03.
-        let millis = timeout.map_or(0, |t| t.as_millis().max(1));
-        session
-            .client
-            .batch_execute(&format!("SET lock_timeout = {millis}"))
-            .await
-            .map_err(LockError::query(&key))?;
-        match session
-            .client
-            .execute("SELECT pg_advisory_lock($1, $2)", &[&a, &b])
-            .await
-        {
-            Ok(_) => {
+        let lock_sql = format!("SELECT pg_advisory_lock({a}, {b})");
+        let mut lock_timeout_ms = None;
+        loop {
+            let try_for = match deadline {
+                None => self.try_length(),
+                Some(deadline) => {
+                    let left = deadline.saturating_duration_since(Instant::now());
+                    if left.is_zero() {
+                        self.metrics.timed_out(key.class());
+                        return Err(LockError::Timeout {
+                            key: key.to_string(),
+                            timeout: timeout.unwrap_or_default(),
+                        });
+                    }
+                    self.try_length().min(left)
+                }
+            };
+            // `lock_timeout` bounds advisory lock waits too (SQLSTATE 55P03);
+            // it is set again only when the try's length changes.
+            let millis = try_for.as_micros().div_ceil(1000).max(1);
+            if lock_timeout_ms != Some(millis) {
                 session
                     .client
-                    .batch_execute("SET lock_timeout = 0")
+                    .batch_execute(&format!("SET lock_timeout = {millis}"))
                     .await
-                    .map_err(LockError::query(&key))?;
-                Ok(self.held(session, key, started.elapsed()))
+                    .map_err(|e| session.failed(&key, e))?;
+                lock_timeout_ms = Some(millis);
             }
-            Err(e) if e.code() == Some(&tokio_postgres::error::SqlState::LOCK_NOT_AVAILABLE) => {
-                self.metrics.timed_out(key.class());
-                Err(LockError::Timeout {
-                    key: key.to_string(),
-                    timeout: timeout.unwrap_or_default(),
-                })
+            match session.client.simple_query(&lock_sql).await {
+                Ok(_) => break,
+                // The try ran out: the request is withdrawn, the heartbeat's
+                // query (if one came) is answered now, and the next try waits.
+                Err(e) if e.code() == Some(&SqlState::LOCK_NOT_AVAILABLE) => {}
+                // Killed, closed, or closed by the watchdog because the
+                // heartbeat got no answer: the wait fails with the session.
+                Err(e) => return Err(session.failed(&key, e)),
             }
-            Err(e) => Err(LockError::query(&key)(e)),
         }
+        session
+            .client
+            .batch_execute("SET lock_timeout = 0")
+            .await
+            .map_err(|e| session.failed(&key, e))?;
+        Ok(self.held(session, key, started.elapsed()))
+    }
+
+    /// How long one try of a wait may block the session: half a heartbeat,
+    /// so that a heartbeat sent during a try is answered well within its own
+    /// deadline (one heartbeat), but not so short that a wait turns into a
+    /// busy loop when the heartbeat is tiny — which is why heartbeats below
+    /// 100 ms leave waits less margin than that.
+    fn try_length(&self) -> Duration {
+        (self.heartbeat / 2).max(MIN_TRY)
     }
 
     /// Refuses to run where advisory locks would silently do nothing: a
@@ -360,13 +414,16 @@ impl LockManager {
                     }
                 }
             };
+            tokio::pin!(connection);
             let reason = tokio::select! {
-                result = connection => match result {
+                result = &mut connection => match result {
                     Ok(()) => "the lock session's connection closed".to_string(),
                     Err(e) => format!("the lock session's connection failed: {e}"),
                 },
                 reason = heartbeat_loop => reason,
             };
+            // Told before the connection is dropped (when this task ends):
+            // whoever sees a query of this session fail for that finds why.
             let _ = lost_tx.send(Some(reason));
         });
         Ok(Session {
@@ -425,6 +482,16 @@ struct Session {
 impl Session {
     fn is_alive(&self) -> bool {
         self.lost.borrow().is_none() && !self.watchdog.is_finished()
+    }
+
+    /// The error for a query on this session that failed; logs why the
+    /// watchdog gave the session up, when it did (the query itself then only
+    /// says that the connection closed).
+    fn failed(&self, key: &LockKey, source: tokio_postgres::Error) -> LockError {
+        if let Some(reason) = self.lost.borrow().as_deref() {
+            warn!(lock = %key, reason, "lock session lost while waiting for the lock");
+        }
+        LockError::query(key)(source)
     }
 }
 
