@@ -8,7 +8,7 @@ use deadpool_postgres::ClientWrapper as Client;
 use tokio_postgres::Row;
 use uuid::Uuid;
 
-use super::StateError;
+use super::{StateError, index};
 use crate::spec::index::IndexSpec;
 
 pub struct NewCollection {
@@ -120,13 +120,31 @@ pub async fn find(client: &Client, source_uid: &str) -> Result<Option<Uuid>, Sta
     Ok(row.map(|r| r.get(0)))
 }
 
-/// Deletes the collection and everything indexed for it.
+/// Deletes the collection and everything indexed for it: its generations'
+/// vector indexes first (CONCURRENTLY: other collections keep reading and
+/// writing `chunks`; it waits its turn if another collection's index is
+/// being built; interrupted, the collection is still there and a second
+/// call finishes the job), then its rows (generations, documents,
+/// chunks, runs: one statement), then any vector index whose generation is
+/// gone (one created meanwhile, or left by an earlier version).
 pub async fn delete(client: &Client, id: Uuid) -> Result<(), StateError> {
+    let generations: Vec<i64> = client
+        .query(
+            &client
+                .prepare_cached("SELECT id FROM embedding_generations WHERE collection_id = $1")
+                .await?,
+            &[&id],
+        )
+        .await?
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    index::drop_vector_indexes(client, &generations).await?;
     let stmt = client
         .prepare_cached("DELETE FROM collections WHERE id = $1")
         .await?;
     client.execute(&stmt, &[&id]).await?;
-    Ok(())
+    index::drop_orphan_vector_indexes(client).await
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

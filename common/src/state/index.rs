@@ -2,7 +2,8 @@
 //! search over them (vector, keyword, hybrid by reciprocal rank fusion).
 //!
 //! Each generation has its own HNSW index on `embedding::vector(N)`
-//! restricted to its rows (built in bulk when it is activated), so
+//! restricted to its rows (built in bulk, CONCURRENTLY, when it is
+//! activated; dropped, CONCURRENTLY, with the generation), so
 //! generations of different dimensions live in one table; queries name the
 //! generation and the dimension as literals (integers from this table) so
 //! that the planner uses that index.
@@ -76,8 +77,9 @@ pub async fn live_generations(
 }
 
 /// The generation to write for `embedding`: the active one if it already
-/// uses that model, else the one being built for it (created, with its
-/// vector index, if missing; a build for another model is dropped).
+/// uses that model, else the one being built for it (created if missing; a
+/// build for another model is dropped, with its vector index if a failed
+/// activation left one).
 pub async fn generation_for(
     client: &mut Client,
     collection_id: Uuid,
@@ -124,8 +126,20 @@ pub async fn generation_for(
             ..g.clone()
         });
     }
+    // A build for another model is dropped, with its chunks and documents;
+    // its vector index (if a failed activation left one) after the commit,
+    // CONCURRENTLY.
+    let mut dropped = Vec::new();
     for stale in existing.iter().filter(|g| g.state == "building") {
-        drop_generation(&tx, stale.id).await?;
+        let n = tx
+            .execute(
+                "DELETE FROM embedding_generations WHERE id = $1 AND state = 'building'",
+                &[&stale.id],
+            )
+            .await?;
+        if n > 0 {
+            dropped.push(stale.id);
+        }
     }
     let row = tx
         .query_one(
@@ -138,69 +152,500 @@ pub async fn generation_for(
         .await?;
     let g = generation_row(&row)?;
     tx.commit().await?;
+    // Left, it is dropped as an orphan by the next activation or collection
+    // deletion.
+    if let Err(e) = drop_vector_indexes(client, &dropped).await {
+        tracing::warn!(
+            generations = ?dropped, error = %e,
+            "cannot drop the vector index of a dropped embedding generation"
+        );
+    }
     Ok(g)
 }
 
+/// The name of generation `generation_id`'s vector index.
+pub(crate) fn vector_index_name(generation_id: i64) -> String {
+    format!("chunks_hnsw_g{generation_id}")
+}
+
+/// Why a generation could not be activated.
+#[derive(Debug, thiserror::Error)]
+pub enum ActivateError {
+    #[error(transparent)]
+    State(#[from] StateError),
+    #[error(
+        "embedding generation {0} does not exist (its collection was deleted, or a newer \
+         generation replaced it)"
+    )]
+    Gone(i64),
+    #[error("embedding generation {0} was replaced by a newer one; it cannot be activated")]
+    Retired(i64),
+    #[error("building vector index {index} of embedding generation {generation}: {source}")]
+    Build {
+        generation: i64,
+        index: String,
+        #[source]
+        source: StateError,
+    },
+    #[error(
+        "dropping the INVALID vector index {index} of embedding generation {generation} (left \
+         by a build that failed or was interrupted) to build it again: {source}"
+    )]
+    DropInvalid {
+        generation: i64,
+        index: String,
+        #[source]
+        source: StateError,
+    },
+    #[error(
+        "vector index {index} of embedding generation {generation} is still not valid after \
+         {attempts} attempts (another session keeps dropping or rebuilding it)"
+    )]
+    NotBuilt {
+        generation: i64,
+        index: String,
+        attempts: u32,
+    },
+}
+
+impl From<tokio_postgres::Error> for ActivateError {
+    fn from(e: tokio_postgres::Error) -> Self {
+        ActivateError::State(e.into())
+    }
+}
+
+/// Builds, drops or waits for a vector index at most this many times in one
+/// activation before giving up.
+const INDEX_ATTEMPTS: u32 = 4;
+/// How often a wait for another session's index build looks again.
+const DDL_POLL: std::time::Duration = std::time::Duration::from_millis(200);
+
+/// A claim on [`claim_index_ddl`] whose backend has been idle this long is
+/// stale (its holder's task was dropped mid-way) and may be taken over.
+const STALE_CLAIM: &str = "1 minute";
+
+/// Claims the right to run vector-index DDL on `chunks` (CREATE / DROP
+/// INDEX CONCURRENTLY) for this session, waiting — by polling, never inside
+/// PostgreSQL — while another session holds it. Two such statements on one
+/// table must not overlap: the second would wait for the table's lock while
+/// holding a snapshot, the first's last phase waits for every older
+/// snapshot, and PostgreSQL aborts one of them as a deadlock (a build of
+/// minutes lost). A claim whose backend is gone, or idle for a minute, is
+/// taken over; the same session may claim again. [`release_index_ddl`]
+/// ends it.
+async fn claim_index_ddl(client: &Client, what: &str) -> Result<(), StateError> {
+    let mut logged = false;
+    loop {
+        let claimed = client
+            .query_opt(
+                &format!(
+                    "UPDATE vector_index_ddl m SET holder = pg_backend_pid(), what = $1, since = now()
+                     WHERE m.holder IS NULL OR m.holder = pg_backend_pid()
+                        OR NOT EXISTS (
+                            SELECT 1 FROM pg_stat_activity a
+                            WHERE a.pid = m.holder
+                              AND coalesce(a.state <> 'idle'
+                                           OR a.state_change > now() - interval '{STALE_CLAIM}',
+                                           true))
+                     RETURNING true"
+                ),
+                &[&what],
+            )
+            .await?;
+        if claimed.is_some() {
+            return Ok(());
+        }
+        if !logged {
+            logged = true;
+            let holder = client
+                .query_opt(
+                    "SELECT holder, what, extract(epoch FROM now() - since)::float8
+                     FROM vector_index_ddl",
+                    &[],
+                )
+                .await?;
+            if let Some(h) = holder {
+                tracing::info!(
+                    waiting_for = what,
+                    holder = h.get::<_, Option<i32>>(0),
+                    holder_runs = h.get::<_, Option<String>>(1),
+                    holder_seconds = h.get::<_, Option<f64>>(2),
+                    "another session runs vector index DDL on chunks; waiting for its turn"
+                );
+            }
+        }
+        tokio::time::sleep(DDL_POLL).await;
+    }
+}
+
+async fn release_index_ddl(client: &Client) -> Result<(), StateError> {
+    client
+        .execute(
+            "UPDATE vector_index_ddl SET holder = NULL, what = NULL, since = NULL
+             WHERE holder = pg_backend_pid()",
+            &[],
+        )
+        .await?;
+    Ok(())
+}
+
+/// Releases the claim after `result`, keeping the first error. A release
+/// that fails leaves a claim that goes stale with its session.
+async fn released<T, E: From<StateError>>(client: &Client, result: Result<T, E>) -> Result<T, E> {
+    match (result, release_index_ddl(client).await) {
+        (Ok(v), Ok(())) => Ok(v),
+        (Ok(_), Err(e)) => Err(e.into()),
+        (Err(e), Ok(())) => Err(e),
+        (Err(e), Err(release)) => {
+            tracing::warn!(error = %release, "cannot release the vector index DDL claim");
+            Err(e)
+        }
+    }
+}
+
+/// Where a generation's vector index stands.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum IndexState {
+    Missing,
+    Valid,
+    /// Not valid (yet): being built CONCURRENTLY by backend `builder`, or —
+    /// no builder — left behind by a concurrent build that failed or was
+    /// interrupted. PostgreSQL keeps such an index up to date on every write
+    /// to `chunks` but never reads it.
+    Invalid {
+        oid: i64,
+        builder: Option<i32>,
+    },
+}
+
+async fn vector_index_state(client: &Client, generation_id: i64) -> Result<IndexState, StateError> {
+    let row = client
+        .query_opt(
+            "SELECT i.indisvalid, i.indexrelid::int8,
+                    (SELECT p.pid FROM pg_stat_progress_create_index p
+                      WHERE p.index_relid = i.indexrelid AND p.pid <> pg_backend_pid() LIMIT 1)
+             FROM pg_index i JOIN pg_class c ON c.oid = i.indexrelid
+             WHERE i.indrelid = 'chunks'::regclass AND c.relname = $1",
+            &[&vector_index_name(generation_id)],
+        )
+        .await?;
+    Ok(match row {
+        None => IndexState::Missing,
+        Some(r) if r.get::<_, bool>(0) => IndexState::Valid,
+        Some(r) => IndexState::Invalid {
+            oid: r.get(1),
+            builder: r.get(2),
+        },
+    })
+}
+
+/// Waits until backend `pid` no longer builds index `oid`.
+async fn wait_for_build(client: &Client, oid: i64, pid: i32) -> Result<(), StateError> {
+    loop {
+        let building: bool = client
+            .query_one(
+                "SELECT EXISTS (SELECT 1 FROM pg_stat_progress_create_index
+                                WHERE pid = $1 AND index_relid::int8 = $2)",
+                &[&pid, &oid],
+            )
+            .await?
+            .get(0);
+        if !building {
+            return Ok(());
+        }
+        tokio::time::sleep(DDL_POLL).await;
+    }
+}
+
 /// The generation's HNSW index (cosine) on `embedding::vector(N)`, limited
-/// to its rows. Built when the generation is activated, once its rows are
-/// in: one bulk build is much faster than growing the graph row by row.
-async fn create_vector_index(client: &Client, g: &Generation) -> Result<(), StateError> {
+/// to its rows, built CONCURRENTLY: writes to `chunks` — every
+/// collection's — go on while it builds (a plain CREATE INDEX would hold
+/// them all until it is done). Built when the generation is activated, once
+/// its rows are in: one bulk build is much faster than growing the graph
+/// row by row. Cannot run inside a transaction block.
+async fn build_vector_index(client: &Client, g: &Generation) -> Result<(), StateError> {
     client
         .batch_execute(&format!(
-            "CREATE INDEX IF NOT EXISTS chunks_hnsw_g{id} ON chunks
+            "CREATE INDEX CONCURRENTLY IF NOT EXISTS {name} ON chunks
              USING hnsw ((embedding::vector({dims})) vector_cosine_ops) WHERE generation_id = {id}",
-            id = g.id,
-            dims = g.dimensions
+            name = vector_index_name(g.id),
+            dims = g.dimensions,
+            id = g.id
         ))
         .await?;
     Ok(())
 }
 
-async fn drop_generation(tx: &tokio_postgres::Transaction<'_>, id: i64) -> Result<(), StateError> {
-    tx.batch_execute(&format!(
-        "DROP INDEX IF EXISTS chunks_hnsw_g{id};
-         DELETE FROM chunks WHERE generation_id = {id};
-         DELETE FROM embedding_generations WHERE id = {id};"
-    ))
-    .await?;
+/// Drops generation `generation_id`'s vector index, if it has one,
+/// CONCURRENTLY (a plain DROP INDEX would lock `chunks` against every read
+/// and write). Cannot run inside a transaction block; the caller holds the
+/// DDL claim.
+async fn drop_vector_index(client: &Client, generation_id: i64) -> Result<(), StateError> {
+    client
+        .batch_execute(&format!(
+            "DROP INDEX CONCURRENTLY IF EXISTS {}",
+            vector_index_name(generation_id)
+        ))
+        .await?;
     Ok(())
 }
 
-/// Makes `generation_id` the one search answers from — its vector index
-/// built first, then the switch in one transaction — and removes the
-/// generation it replaces.
-pub async fn activate(client: &mut Client, generation_id: i64) -> Result<(), StateError> {
-    let g = client
-        .query_one(
-            &format!("SELECT {GENERATION_COLUMNS} FROM embedding_generations WHERE id = $1"),
-            &[&generation_id],
-        )
-        .await?;
-    create_vector_index(client, &generation_row(&g)?).await?;
-    let tx = client.transaction().await?;
-    let old: Vec<i64> = tx
+/// Drops the vector indexes of generations `generation_ids` that have one
+/// (CONCURRENTLY, under the DDL claim: it may wait for another collection's
+/// index build to end).
+pub(crate) async fn drop_vector_indexes(
+    client: &Client,
+    generation_ids: &[i64],
+) -> Result<(), StateError> {
+    if generation_ids.is_empty() {
+        return Ok(());
+    }
+    let names: Vec<String> = generation_ids
+        .iter()
+        .map(|&id| vector_index_name(id))
+        .collect();
+    let existing: Vec<i64> = client
         .query(
-            "UPDATE embedding_generations SET state = 'retired'
-             WHERE state = 'active' AND id <> $1 AND collection_id =
-                   (SELECT collection_id FROM embedding_generations WHERE id = $1)
-             RETURNING id",
-            &[&generation_id],
+            "SELECT substring(c.relname FROM '^chunks_hnsw_g([0-9]{1,18})$')::int8
+             FROM pg_index i JOIN pg_class c ON c.oid = i.indexrelid
+             WHERE i.indrelid = 'chunks'::regclass AND c.relname = ANY($1::text[])",
+            &[&names],
         )
         .await?
         .iter()
         .map(|r| r.get(0))
         .collect();
+    if existing.is_empty() {
+        return Ok(());
+    }
+    claim_index_ddl(client, "drop vector indexes").await?;
+    let result = async {
+        for &id in &existing {
+            drop_vector_index(client, id).await?;
+        }
+        Ok(())
+    }
+    .await;
+    released(client, result).await
+}
+
+/// Drops every generation vector index whose generation no longer exists
+/// (left by an interrupted removal, or by a version that did not drop them
+/// with their collection).
+pub(crate) async fn drop_orphan_vector_indexes(client: &Client) -> Result<(), StateError> {
+    let orphans: Vec<i64> = client
+        .query(
+            "SELECT x.g FROM (
+                 SELECT substring(c.relname FROM '^chunks_hnsw_g([0-9]{1,18})$')::int8 AS g
+                 FROM pg_index i JOIN pg_class c ON c.oid = i.indexrelid
+                 WHERE i.indrelid = 'chunks'::regclass) x
+             WHERE x.g IS NOT NULL
+               AND NOT EXISTS (SELECT 1 FROM embedding_generations e WHERE e.id = x.g)",
+            &[],
+        )
+        .await?
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    if !orphans.is_empty() {
+        tracing::info!(
+            generations = ?orphans,
+            "dropping the vector indexes of generations that no longer exist"
+        );
+    }
+    drop_vector_indexes(client, &orphans).await
+}
+
+/// Makes sure generation `g` has a valid vector index: waits for a build
+/// another session runs, drops an INVALID one that a failed or interrupted
+/// build left, and builds it (CONCURRENTLY, IF NOT EXISTS).
+async fn ensure_vector_index(client: &Client, g: &Generation) -> Result<(), ActivateError> {
+    if vector_index_state(client, g.id).await? == IndexState::Valid {
+        return Ok(());
+    }
+    claim_index_ddl(client, &format!("build {}", vector_index_name(g.id))).await?;
+    let result = build_under_claim(client, g).await;
+    released(client, result).await
+}
+
+async fn build_under_claim(client: &Client, g: &Generation) -> Result<(), ActivateError> {
+    let index = vector_index_name(g.id);
+    let mut attempts = 0;
+    loop {
+        let state = vector_index_state(client, g.id).await?;
+        if state == IndexState::Valid {
+            return Ok(());
+        }
+        if attempts == INDEX_ATTEMPTS {
+            return Err(ActivateError::NotBuilt {
+                generation: g.id,
+                index,
+                attempts,
+            });
+        }
+        attempts += 1;
+        match state {
+            IndexState::Valid => return Ok(()),
+            IndexState::Invalid {
+                oid,
+                builder: Some(pid),
+            } => {
+                tracing::info!(%index, pid, "waiting for another session's build of the vector index");
+                wait_for_build(client, oid, pid).await?;
+            }
+            IndexState::Invalid { builder: None, .. } => {
+                tracing::warn!(%index, "dropping an INVALID vector index left by a failed or interrupted build, to build it again");
+                drop_vector_index(client, g.id).await.map_err(|source| {
+                    ActivateError::DropInvalid {
+                        generation: g.id,
+                        index: index.clone(),
+                        source,
+                    }
+                })?;
+            }
+            IndexState::Missing => {
+                let Err(source) = build_vector_index(client, g).await else {
+                    continue;
+                };
+                // A failed concurrent build leaves its index behind,
+                // INVALID — unless another session's build took the name
+                // meanwhile, which is then ours too.
+                match vector_index_state(client, g.id).await {
+                    Ok(
+                        IndexState::Valid
+                        | IndexState::Invalid {
+                            builder: Some(_), ..
+                        },
+                    ) => {
+                        continue;
+                    }
+                    Ok(IndexState::Invalid { builder: None, .. }) => {
+                        // Every write to the generation would keep it up to
+                        // date for nothing: drop it now (the next activation
+                        // would anyway).
+                        if let Err(e) = drop_vector_index(client, g.id).await {
+                            tracing::warn!(%index, error = %e, "cannot drop the INVALID vector index a failed build left; the next activation drops it");
+                        }
+                    }
+                    Ok(IndexState::Missing) => {}
+                    Err(e) => {
+                        tracing::warn!(%index, error = %e, "cannot look at the vector index after a failed build");
+                    }
+                }
+                return Err(ActivateError::Build {
+                    generation: g.id,
+                    index,
+                    source,
+                });
+            }
+        }
+    }
+}
+
+/// The switch, in one transaction: `g` becomes active and the generation it
+/// replaces retires — only while `g`'s vector index is valid. `false` if the
+/// index is not (it went missing since it was built).
+async fn switch_to(client: &mut Client, g: &Generation) -> Result<bool, ActivateError> {
+    let tx = client.transaction().await?;
+    let state: Option<String> = tx
+        .query_opt(
+            "SELECT state FROM embedding_generations WHERE id = $1 FOR UPDATE",
+            &[&g.id],
+        )
+        .await?
+        .map(|r| r.get(0));
+    match state.as_deref() {
+        None => return Err(ActivateError::Gone(g.id)),
+        Some("retired") => return Err(ActivateError::Retired(g.id)),
+        Some(_) => {}
+    }
+    let valid: bool = tx
+        .query_one(
+            "SELECT EXISTS (SELECT 1 FROM pg_index i JOIN pg_class c ON c.oid = i.indexrelid
+                            WHERE i.indrelid = 'chunks'::regclass AND c.relname = $1
+                              AND i.indisvalid)",
+            &[&vector_index_name(g.id)],
+        )
+        .await?
+        .get(0);
+    if !valid {
+        return Ok(false);
+    }
     tx.execute(
-        "UPDATE embedding_generations SET state = 'active', activated_at = now() WHERE id = $1",
-        &[&generation_id],
+        "UPDATE embedding_generations SET state = 'retired'
+         WHERE collection_id = $1 AND state = 'active' AND id <> $2",
+        &[&g.collection_id, &g.id],
+    )
+    .await?;
+    tx.execute(
+        "UPDATE embedding_generations SET state = 'active', activated_at = now()
+         WHERE id = $1 AND state = 'building'",
+        &[&g.id],
     )
     .await?;
     tx.commit().await?;
-    let tx = client.transaction().await?;
-    for id in old {
-        drop_generation(&tx, id).await?;
+    Ok(true)
+}
+
+/// Removes the collection's retired generations — the one an activation
+/// just replaced, and any that an interrupted activation left — with their
+/// chunks and documents (one statement), then their vector indexes, and any
+/// index whose generation is gone.
+async fn remove_retired(client: &Client, collection_id: Uuid) -> Result<(), StateError> {
+    let retired: Vec<i64> = client
+        .query(
+            "DELETE FROM embedding_generations WHERE collection_id = $1 AND state = 'retired'
+             RETURNING id",
+            &[&collection_id],
+        )
+        .await?
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    drop_vector_indexes(client, &retired).await?;
+    drop_orphan_vector_indexes(client).await
+}
+
+/// Makes `generation_id` the one search answers from — its vector index
+/// built first (CONCURRENTLY: other collections keep writing), then the
+/// switch in one transaction, only once the index is valid — and removes
+/// the generations it replaces, with their indexes. Idempotent: an active
+/// generation stays active (its index is rebuilt if it is not valid), and
+/// two sessions activating the same generation both succeed with one
+/// index. Search never sees a generation without its index: a generation
+/// becomes active only after its index is valid.
+pub async fn activate(client: &mut Client, generation_id: i64) -> Result<(), ActivateError> {
+    let g = generation(client, generation_id)
+        .await?
+        .ok_or(ActivateError::Gone(generation_id))?;
+    if g.state == "retired" {
+        return Err(ActivateError::Retired(g.id));
     }
-    tx.commit().await?;
+    let mut attempts = 0;
+    loop {
+        ensure_vector_index(client, &g).await?;
+        attempts += 1;
+        if switch_to(client, &g).await? {
+            break;
+        }
+        if attempts == INDEX_ATTEMPTS {
+            return Err(ActivateError::NotBuilt {
+                generation: g.id,
+                index: vector_index_name(g.id),
+                attempts,
+            });
+        }
+    }
+    // The generation is active: failing to remove what it replaced does not
+    // undo that. What stays is removed by the next activation or the
+    // collection's deletion.
+    if let Err(e) = remove_retired(client, g.collection_id).await {
+        tracing::warn!(
+            generation = g.id, collection = %g.collection_id, error = %e,
+            "cannot remove the embedding generations the new one replaced; the next activation \
+             or the collection's deletion removes them"
+        );
+    }
     Ok(())
 }
 
