@@ -9,6 +9,7 @@
 //! - [`storage`]: S3 clients per endpoint and mounted credentials.
 //! - [`telemetry`]: logs, Prometheus metrics and health endpoints.
 //! - [`errors`]: the retryable / permanent classification that drives retries.
+//! - [`redact`]: secrets out of URLs wherever they are printed.
 
 pub mod config;
 pub mod db;
@@ -16,6 +17,7 @@ pub mod errors;
 pub mod jobs;
 pub mod locks;
 pub mod queue;
+pub mod redact;
 pub mod spec;
 pub mod state;
 pub mod storage;

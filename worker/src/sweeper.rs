@@ -12,8 +12,8 @@ use stowage_common::state::uploads as state;
 use tracing::{info, warn};
 
 use crate::Context;
-use crate::s3::s3_error;
 use crate::upload::UploadError;
+use stowage_common::storage::{abort_upload, s3_error};
 
 /// One pass over every destination of the last 30 days' jobs; returns how
 /// many uploads were aborted.
@@ -82,14 +82,7 @@ async fn sweep_bucket(
             if !old || live.contains(id) {
                 continue;
             }
-            match client
-                .abort_multipart_upload()
-                .bucket(bucket)
-                .key(key)
-                .upload_id(id)
-                .send()
-                .await
-            {
+            match abort_upload(&client, bucket, key, id).await {
                 Ok(_) => {
                     aborted += 1;
                     ctx.metrics.orphans_aborted.inc();
@@ -101,7 +94,7 @@ async fn sweep_bucket(
                     );
                 }
                 Err(e) => {
-                    warn!(bucket, key, error = %s3_error("AbortMultipartUpload", e), "abort failed")
+                    warn!(bucket, key, error = %e, "abort failed")
                 }
             }
         }

@@ -21,17 +21,17 @@ mod embedded {
 
 #[derive(Debug, thiserror::Error)]
 pub enum DbError {
-    #[error("invalid database URL: {0}")]
+    #[error("invalid database URL: {}", crate::errors::chain(.0))]
     InvalidUrl(#[source] tokio_postgres::Error),
     #[error("cannot build the connection pool: {0}")]
     Pool(String),
-    #[error("cannot get a database connection: {0}")]
+    #[error("cannot get a database connection: {}", crate::state::pool_message(.0))]
     Connection(#[from] PoolError),
     #[error("PostgreSQL advisory locks do not work here: {0}")]
     LocksUnusable(#[source] LockError),
     #[error("taking the migrations lock: {0}")]
     Lock(#[from] LockError),
-    #[error("applying schema migrations: {0}")]
+    #[error("applying schema migrations: {}", crate::errors::chain(.0))]
     Migration(#[from] refinery::Error),
 }
 

@@ -132,9 +132,15 @@ impl fmt::Display for LockKey {
 
 #[derive(Debug, thiserror::Error)]
 pub enum LockError {
-    #[error("cannot open a lock session to PostgreSQL: {0}")]
+    #[error(
+        "cannot open a lock session to PostgreSQL: {}",
+        crate::redact::text(&crate::errors::chain(.0))
+    )]
     Connect(#[source] tokio_postgres::Error),
-    #[error("advisory lock query for {key} failed: {source}")]
+    #[error(
+        "advisory lock query for {key} failed: {}",
+        crate::errors::chain(source)
+    )]
     Query {
         key: String,
         #[source]

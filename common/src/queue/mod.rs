@@ -36,7 +36,11 @@ pub const INDEXER_CONSUMER: &str = "indexer";
 
 #[derive(Debug, thiserror::Error)]
 pub enum QueueError {
-    #[error("cannot connect to NATS at {url}: {source}")]
+    #[error(
+        "cannot connect to NATS at {}: {}",
+        crate::redact::url(url),
+        crate::redact::text(&crate::errors::chain(source))
+    )]
     Connect {
         url: String,
         #[source]
@@ -262,7 +266,10 @@ impl Queue {
             if tokio::time::Instant::now() > deadline {
                 return Err(QueueError::JetStream {
                     what: "connect",
-                    message: format!("NATS at {url} did not accept a connection within 10s"),
+                    message: format!(
+                        "NATS at {} did not accept a connection within 10s",
+                        crate::redact::url(url)
+                    ),
                 });
             }
             tokio::time::sleep(Duration::from_millis(50)).await;
@@ -406,12 +413,19 @@ impl Queue {
     }
 
     /// Moves a failed task to the dead-letter stream.
+    /// Its `Nats-Msg-Id` is `dead/<task id>`: dead-lettering the same task
+    /// twice (a retried settle) stores one letter; a replay runs under a new
+    /// task id, so its own failure gets its own letter.
     pub async fn dead_letter(&self, letter: &DeadLetter) -> Result<u64, QueueError> {
         let subject = self.topology.dead_subject(&letter.subject);
+        let mut headers = HeaderMap::new();
+        if let Some(task) = &letter.task {
+            headers.insert("Nats-Msg-Id", format!("dead/{}", task.task_id).as_str());
+        }
         let ack = js!(
             "publish dead letter",
             self.js
-                .publish(subject, Bytes::from(letter.encode_to_vec()))
+                .publish_with_headers(subject, headers, Bytes::from(letter.encode_to_vec()))
                 .await
         )?;
         Ok(js!("dead letter ack", ack.await)?.sequence)
@@ -558,6 +572,17 @@ fn decode_dead_letter(
         kind: "DeadLetter",
         source,
     })
+}
+
+/// Now, as a protobuf timestamp (a dead letter's `failed_at`).
+pub fn timestamp_now() -> stowage_proto::Timestamp {
+    let d = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default();
+    stowage_proto::Timestamp {
+        seconds: i64::try_from(d.as_secs()).unwrap_or(i64::MAX),
+        nanos: i32::try_from(d.subsec_nanos()).unwrap_or(0),
+    }
 }
 
 /// Decodes a task message.

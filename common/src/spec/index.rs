@@ -4,8 +4,8 @@
 use serde::{Deserialize, Serialize};
 
 use super::{
-    Endpoint, MAX_PREFIX_CHARS, MAX_URL_CHARS, SecretRef, SpecError, invalid, validate_bucket,
-    validate_chars, validate_endpoint, validate_secret_name, validate_url,
+    Endpoint, MAX_PREFIX_CHARS, SecretRef, SpecError, invalid, validate_bucket, validate_chars,
+    validate_endpoint, validate_secret_name, validate_url,
 };
 
 /// Most include or exclude patterns a collection may list.
@@ -137,7 +137,7 @@ pub struct Embedding {
     #[cfg_attr(feature = "schema", schemars(range(min = 1, max = MAX_DIMENSIONS)))]
     pub dimensions: u32,
     #[serde(skip_serializing_if = "Option::is_none")]
-    #[cfg_attr(feature = "schema", schemars(length(min = 1, max = MAX_URL_CHARS)))]
+    #[cfg_attr(feature = "schema", schemars(length(min = 1, max = super::MAX_URL_CHARS)))]
     pub endpoint: Option<String>,
     /// Secret holding the provider's API key (`api_key`).
     #[serde(skip_serializing_if = "Option::is_none")]

@@ -194,7 +194,9 @@ pub async fn reconcile<K: Reconciler>(
     });
     let result = match AssertUnwindSafe(steps).catch_unwind().await {
         Ok(r) => r.map_err(|e| Error::Finalizer(Box::new(e))),
-        Err(panic) => Err(Error::Panic(panic_message(panic.as_ref()))),
+        Err(panic) => Err(Error::Panic(stowage_common::errors::panic_message(
+            panic.as_ref(),
+        ))),
     };
     let controller = K::CONTROLLER;
     ctx.metrics
@@ -253,15 +255,6 @@ async fn report_panic<K: Reconciler>(
     if let Err(e) = apply_status::<K, _>(api, &raw.name_any(), prev.as_ref(), &status).await {
         warn!(error = %e, "could not report the failed reconcile in the status");
     }
-}
-
-/// The text of a caught panic.
-fn panic_message(panic: &(dyn std::any::Any + Send)) -> String {
-    panic
-        .downcast_ref::<&str>()
-        .map(|s| (*s).to_string())
-        .or_else(|| panic.downcast_ref::<String>().cloned())
-        .unwrap_or_else(|| "a panic without a message".into())
 }
 
 /// Consecutive failures per resource: the backoff of [`error_policy`].
@@ -516,13 +509,5 @@ mod tests {
         assert_eq!(retry_delay(1), Duration::from_secs(2));
         assert_eq!(retry_delay(3), Duration::from_secs(8));
         assert_eq!(retry_delay(u32::MAX), Duration::from_secs(300));
-    }
-
-    #[test]
-    fn panics_become_messages() {
-        let p = std::panic::catch_unwind(|| panic!("boom {}", 7)).expect_err("panics");
-        assert_eq!(panic_message(p.as_ref()), "boom 7");
-        let p = std::panic::catch_unwind(|| std::panic::panic_any(5u8)).expect_err("panics");
-        assert_eq!(panic_message(p.as_ref()), "a panic without a message");
     }
 }

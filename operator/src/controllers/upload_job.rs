@@ -348,8 +348,23 @@ async fn cleanup(raw: &RawUploadJob, ctx: &Context) -> Result<Action, Error> {
         let open = lifecycle::lock_for_delete(&tx, job.id).await?;
         if !open.is_empty() {
             let client = ctx.s3.client(&job.spec.destination.endpoint)?;
-            for upload in &open {
-                abort(&client, upload).await?;
+            for u in &open {
+                stowage_common::storage::abort_upload(
+                    &client,
+                    &u.bucket,
+                    &u.object_key,
+                    &u.upload_id,
+                )
+                .await
+                .map_err(|e| {
+                    warn!(key = u.object_key, error = %e, "abort failed; will retry");
+                    Error::Abort {
+                        bucket: u.bucket.clone(),
+                        key: u.object_key.clone(),
+                        upload_id: u.upload_id.clone(),
+                        message: e.to_string(),
+                    }
+                })?;
             }
         }
         lifecycle::delete(&tx, job.id).await?;
@@ -368,33 +383,4 @@ async fn cleanup(raw: &RawUploadJob, ctx: &Context) -> Result<Action, Error> {
     )
     .await;
     Ok(Action::await_change())
-}
-
-async fn abort(client: &aws_sdk_s3::Client, u: &lifecycle::OpenUpload) -> Result<(), Error> {
-    use aws_sdk_s3::error::ProvideErrorMetadata;
-    match client
-        .abort_multipart_upload()
-        .bucket(&u.bucket)
-        .key(&u.object_key)
-        .upload_id(&u.upload_id)
-        .send()
-        .await
-    {
-        Ok(_) => Ok(()),
-        Err(e)
-            if e.code() == Some("NoSuchUpload")
-                || e.raw_response().is_some_and(|r| r.status().as_u16() == 404) =>
-        {
-            Ok(())
-        }
-        Err(e) => {
-            warn!(key = u.object_key, error = %e, "abort failed; will retry");
-            Err(Error::Abort {
-                bucket: u.bucket.clone(),
-                key: u.object_key.clone(),
-                upload_id: u.upload_id.clone(),
-                message: e.code().unwrap_or("transport error").to_string(),
-            })
-        }
-    }
 }

@@ -13,6 +13,7 @@ use stowage_common::errors::{Classify, ErrorClass};
 use stowage_common::locks::LockError;
 use stowage_common::spec::KeyError;
 use stowage_common::state::StateError;
+use stowage_common::storage::S3Error;
 
 #[derive(Debug, thiserror::Error)]
 pub enum UploadError {
@@ -28,15 +29,8 @@ pub enum UploadError {
     Invalid(String),
     #[error("credentials: {0}")]
     Credentials(String),
-    #[error("S3 {op} failed{}{}: {message}", status.map(|s| format!(" (HTTP {s})")).unwrap_or_default(), code.as_ref().map(|c| format!(" [{c}]")).unwrap_or_default())]
-    S3 {
-        op: &'static str,
-        status: Option<u16>,
-        code: Option<String>,
-        message: String,
-        /// The request never got an HTTP answer (connect, timeout, reset).
-        transport: bool,
-    },
+    #[error(transparent)]
+    S3(#[from] S3Error),
     #[error(
         "the object has {parts} parts at part size {part_size}; S3 allows 10000: raise partSizeBytes"
     )]
@@ -61,6 +55,10 @@ pub enum UploadError {
     Cancelled,
     #[error("queue: {0}")]
     Queue(String),
+    /// The file is finished, but the event that announces its object could
+    /// not be published: its task is handed back to say it again.
+    #[error("the object-landed event could not be published: {0}")]
+    EventOwed(String),
 }
 
 impl From<stowage_common::storage::CredentialsError> for UploadError {
@@ -85,25 +83,7 @@ impl Classify for UploadError {
                 s if *s >= 500 => Retryable,
                 _ => Permanent,
             },
-            UploadError::S3 {
-                status,
-                code,
-                transport,
-                ..
-            } => {
-                if *transport {
-                    return Retryable;
-                }
-                match (status, code.as_deref()) {
-                    (_, Some("SlowDown" | "Throttling" | "RequestTimeout" | "InternalError"))
-                    | (_, Some("BadDigest" | "InvalidDigest" | "XAmzContentSHA256Mismatch")) => {
-                        Retryable
-                    }
-                    (Some(s), _) if *s >= 500 || *s == 429 || *s == 408 => Retryable,
-                    (Some(_), _) => Permanent,
-                    (None, _) => Retryable,
-                }
-            }
+            UploadError::S3(e) => e.class(),
             UploadError::Refused(_)
             | UploadError::InvalidKey(_)
             | UploadError::Invalid(_)
@@ -118,6 +98,7 @@ impl Classify for UploadError {
             | UploadError::KeyBusy(_)
             | UploadError::LockLost(_)
             | UploadError::Queue(_)
+            | UploadError::EventOwed(_)
             | UploadError::Cancelled => Retryable,
         }
     }
@@ -126,13 +107,7 @@ impl Classify for UploadError {
 impl UploadError {
     /// True for an S3 "no such key / bucket / upload" answer.
     pub fn is_not_found(&self) -> bool {
-        matches!(
-            self,
-            UploadError::S3 {
-                status: Some(404),
-                ..
-            }
-        ) || matches!(self, UploadError::S3 { code: Some(c), .. } if c == "NoSuchKey" || c == "NoSuchUpload" || c == "NotFound")
+        matches!(self, UploadError::S3(e) if e.is_not_found())
     }
 }
 
@@ -141,13 +116,13 @@ mod tests {
     use super::*;
 
     fn s3(status: Option<u16>, code: Option<&str>) -> UploadError {
-        UploadError::S3 {
+        UploadError::S3(S3Error {
             op: "PutObject",
             status,
             code: code.map(str::to_string),
             message: String::new(),
             transport: false,
-        }
+        })
     }
 
     #[test]

@@ -31,7 +31,7 @@ use super::UploadError;
 use super::checksum::{composite_checksum, part_checksum};
 use super::source::{PartReader, SourceBody};
 use crate::metrics::WorkerMetrics;
-use crate::s3::s3_error;
+use stowage_common::storage::{S3Error, abort_upload, s3_error};
 
 /// Object metadata key holding the whole object's SHA-256 (hex).
 pub const SHA256_METADATA: &str = "sha256";
@@ -327,13 +327,13 @@ impl Transfer {
             .map_err(|e| s3_error("CreateMultipartUpload", e))?;
         let upload_id = out.upload_id().unwrap_or_default().to_string();
         if upload_id.is_empty() {
-            return Err(UploadError::S3 {
+            return Err(UploadError::S3(S3Error {
                 op: "CreateMultipartUpload",
                 status: None,
                 code: None,
                 message: "the server returned no upload id".into(),
                 transport: false,
-            });
+            }));
         }
         let rec = MultipartRecord {
             endpoint: target.endpoint.to_string(),
@@ -725,18 +725,8 @@ pub async fn list_parts(
 
 /// Aborts a multipart upload; failures are logged, the sweeper catches leftovers.
 pub async fn abort(client: &aws_sdk_s3::Client, rec: &MultipartRecord) {
-    if let Err(e) = client
-        .abort_multipart_upload()
-        .bucket(&rec.bucket)
-        .key(&rec.object_key)
-        .upload_id(&rec.upload_id)
-        .send()
-        .await
-    {
-        let e = s3_error("AbortMultipartUpload", e);
-        if !e.is_not_found() {
-            warn!(key = rec.object_key, upload_id = rec.upload_id, error = %e, "abort failed; the sweeper will retry");
-        }
+    if let Err(e) = abort_upload(client, &rec.bucket, &rec.object_key, &rec.upload_id).await {
+        warn!(key = rec.object_key, upload_id = rec.upload_id, error = %e, "abort failed; the sweeper will retry");
     }
 }
 
