@@ -79,6 +79,12 @@ pub struct WorkerArgs {
     #[arg(long, env = "STOWAGE_SHA256_METADATA", value_enum, default_value_t = Sha256Metadata::Always)]
     pub sha256_metadata: Sha256Metadata,
 
+    /// The slowest a source may send, in bytes per second, measured over
+    /// 30 s spent waiting on it: a stalled or trickling source fails with
+    /// that reason instead of holding a worker slot. 0 turns it off.
+    #[arg(long, env = "STOWAGE_SOURCE_MIN_RATE", default_value_t = 1024)]
+    pub source_min_rate: u64,
+
     /// Lock session heartbeat: a lost database session is noticed within
     /// about twice this.
     #[arg(long, env = "STOWAGE_LOCK_HEARTBEAT", value_parser = stowage_common::config::parse_duration, default_value = "2s")]

@@ -60,6 +60,9 @@ pub async fn serve(
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
         .build_v1()?;
     let server = tonic::transport::Server::builder()
+        .layer(tower::util::MapResponseLayer::new(
+            undecodable_is_invalid_argument,
+        ))
         .add_service(health)
         .add_service(reflection)
         .add_service(WorkerStatusServer::new(StatusService {
@@ -80,6 +83,29 @@ pub async fn serve(
         }
     });
     Ok((bound, handle))
+}
+
+/// A request that does not decode (a string field that is not UTF-8, say)
+/// is the caller's mistake: INVALID_ARGUMENT, not the INTERNAL that tonic
+/// answers for every decode error.
+fn undecodable_is_invalid_argument(
+    mut response: tonic::codegen::http::Response<tonic::body::Body>,
+) -> tonic::codegen::http::Response<tonic::body::Body> {
+    let headers = response.headers_mut();
+    let internal = headers.get("grpc-status").is_some_and(|s| s == "13");
+    let undecodable = headers
+        .get("grpc-message")
+        .and_then(|m| m.to_str().ok())
+        .is_some_and(|m| {
+            m.starts_with("failed%20to%20decode") || m.starts_with("failed to decode")
+        });
+    if internal && undecodable {
+        headers.insert(
+            "grpc-status",
+            tonic::codegen::http::HeaderValue::from_static("3"),
+        );
+    }
+    response
 }
 
 fn tokio_stream_listener(

@@ -1,6 +1,7 @@
 //! The Stowage worker: pulls tasks from JetStream and runs them.
 //!
 //! - [`tasks`]: the pull loop, acks, retries, dead letters, draining.
+//! - [`outcome`]: what becomes of a task, as every kind reports it.
 //! - [`upload`]: where uploads happen (sources, multipart transfer, policies).
 //! - [`index`]: IndexCollection sync runs.
 //! - [`sweeper`]: aborts orphaned multipart uploads.
@@ -10,7 +11,7 @@ pub mod config;
 pub mod grpc;
 pub mod index;
 pub mod metrics;
-pub mod s3;
+pub mod outcome;
 pub mod sweeper;
 pub mod tasks;
 pub mod upload;
@@ -31,9 +32,9 @@ use tracing::{info, warn};
 
 use crate::config::WorkerArgs;
 use crate::metrics::WorkerMetrics;
-use crate::s3::S3Clients;
 use crate::tasks::InFlight;
 use crate::upload::multipart::PartHook;
+use stowage_common::storage::S3Clients;
 
 /// Everything a task needs, shared by all of them.
 pub struct Context {
@@ -55,6 +56,8 @@ pub struct Context {
     pub ack_wait: Duration,
     pub draining: AtomicBool,
     pub sha256_metadata: config::Sha256Metadata,
+    /// The slowest a source may send (uploads and documents).
+    pub min_rate: upload::source::MinRate,
     /// Upload jobs by id, so a file does not re-read (or re-validate) its
     /// job's whole spec.
     pub jobs: std::sync::Mutex<std::collections::HashMap<uuid::Uuid, Arc<upload::item::CachedJob>>>,
@@ -104,6 +107,10 @@ pub async fn start(args: WorkerArgs, hook: Option<PartHook>) -> anyhow::Result<W
         ack_wait: args.ack_wait,
         draining: AtomicBool::new(false),
         sha256_metadata: args.sha256_metadata,
+        min_rate: upload::source::MinRate {
+            bytes_per_sec: args.source_min_rate,
+            window: Duration::from_secs(30),
+        },
         jobs: Default::default(),
     });
     let (stop, stopped) = watch::channel(false);

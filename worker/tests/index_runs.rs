@@ -148,7 +148,7 @@ async fn a_new_sync_waits_for_a_live_run_and_abandons_a_stalled_one() {
         eventually(
             "the new sync waits behind the live run",
             Duration::from_secs(30),
-            || counted(&worker, "index-sync", "retry"),
+            || counted(&worker, "index-sync", "wait"),
         )
         .await;
         let db = h.pool.get().await.expect("db");

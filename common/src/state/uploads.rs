@@ -808,3 +808,39 @@ pub struct ObjectWrite<'a> {
     /// Where the previous current version was preserved, if it was.
     pub archived_previous_to: Option<&'a str>,
 }
+
+/// Items of a job that failed without a dead letter (refused at planning,
+/// e.g. for an unsafe destination key): `(id, error)`.
+pub async fn failed_without_dead_letter(
+    client: &Client,
+    job_id: Uuid,
+) -> Result<Vec<(i64, String)>, StateError> {
+    let rows = client
+        .query(
+            &client
+                .prepare_cached(
+                    "SELECT id, coalesce(last_error, '') FROM upload_items
+                     WHERE job_id = $1 AND state = 'failed' AND NOT dead_lettered ORDER BY id",
+                )
+                .await?,
+            &[&job_id],
+        )
+        .await?;
+    Ok(rows.iter().map(|r| (r.get(0), r.get(1))).collect())
+}
+
+/// Records that these items' tasks are in the dead-letter stream.
+pub async fn mark_dead_lettered(client: &Client, item_ids: &[i64]) -> Result<(), StateError> {
+    client
+        .execute(
+            &client
+                .prepare_cached(
+                    "UPDATE upload_items SET dead_lettered = true, updated_at = now()
+                     WHERE id = ANY($1)",
+                )
+                .await?,
+            &[&item_ids],
+        )
+        .await?;
+    Ok(())
+}

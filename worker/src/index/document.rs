@@ -14,7 +14,7 @@
 
 use std::time::Duration;
 
-use stowage_common::errors::ErrorClass;
+use stowage_common::errors::{Classify, ErrorClass};
 use stowage_common::queue::backoff_delay;
 use stowage_common::spec::select::Selector;
 use stowage_common::state::StateError;
@@ -26,8 +26,10 @@ use uuid::Uuid;
 use super::plan::Listed;
 use super::sync::{document, document_lock, embedder};
 use crate::Context;
-use crate::s3::s3_error;
-use crate::tasks::Outcome;
+use crate::outcome::Outcome;
+use stowage_common::storage::s3_error;
+
+use super::IndexError;
 
 /// Attempts at a run's document before it is failed and dead-lettered.
 pub const MAX_ATTEMPTS: i32 = 5;
@@ -36,14 +38,14 @@ pub async fn run(ctx: &Context, collection_id: Uuid, key: &str, run_id: i64) -> 
     let collection = match current(ctx, collection_id).await {
         Ok(Some(c)) => c,
         Ok(None) => return Outcome::Done { label: "cancelled" },
-        Err(e) => return retry(e),
+        Err(e) => return retry(&e),
     };
     if run_id > 0 {
         return in_run(ctx, &collection, run_id, key).await;
     }
     match index(ctx, &collection, key).await {
         Ok(label) => Outcome::Done { label },
-        Err(e) => retry(e),
+        Err(e) => retry(&e),
     }
 }
 
@@ -56,25 +58,23 @@ async fn in_run(ctx: &Context, collection: &CollectionRecord, run_id: i64, key: 
     // redelivered task finds its document done and tries closing again.
     match super::close_run(ctx, collection, run_id).await {
         Ok(()) => Outcome::Done { label },
-        Err(e) => retry(e),
+        Err(e) => retry(&e),
     }
 }
 
 /// The collection, `None` if it was deleted.
-async fn current(ctx: &Context, id: Uuid) -> Result<Option<CollectionRecord>, String> {
-    let db = ctx.db.get().await.map_err(|e| e.to_string())?;
+async fn current(ctx: &Context, id: Uuid) -> Result<Option<CollectionRecord>, IndexError> {
+    let db = ctx.db.get().await?;
     match collections::get(&db, id).await {
         Ok(c) => Ok(Some(c)),
         Err(StateError::NotFound { .. }) => Ok(None),
-        Err(e) => Err(e.to_string()),
+        Err(e) => Err(e.into()),
     }
 }
 
-fn retry(reason: String) -> Outcome {
-    Outcome::Retry {
-        delay: Duration::from_secs(5),
-        reason,
-    }
+/// Another try when the error's class allows one, else a dead letter.
+fn retry(e: &IndexError) -> Outcome {
+    Outcome::from_error(e, Duration::from_secs(5))
 }
 
 /// Indexes a pending document of a run and records how it ended. A task
@@ -86,12 +86,9 @@ async fn index_in_run(
     collection: &CollectionRecord,
     run_id: i64,
     key: &str,
-) -> Result<&'static str, String> {
-    let db = ctx.db.get().await.map_err(|e| e.to_string())?;
-    let Some(planned) = collections::run_document(&db, collection.id, run_id, key)
-        .await
-        .map_err(|e| e.to_string())?
-    else {
+) -> Result<&'static str, IndexError> {
+    let db = ctx.db.get().await?;
+    let Some(planned) = collections::run_document(&db, collection.id, run_id, key).await? else {
         return Ok("run-ended");
     };
     match (planned.run_state, planned.state.as_str()) {
@@ -106,13 +103,9 @@ async fn index_in_run(
         // Left over from an abandoned run: the run after it plans the rest.
         _ => return Ok("run-ended"),
     }
-    collections::touch_run(&db, run_id)
-        .await
-        .map_err(|e| e.to_string())?;
+    collections::touch_run(&db, run_id).await?;
     let generation = match planned.generation_id {
-        Some(id) => store::generation(&db, id)
-            .await
-            .map_err(|e| e.to_string())?,
+        Some(id) => store::generation(&db, id).await?,
         None => None,
     };
     drop(db);
@@ -122,10 +115,7 @@ async fn index_in_run(
         },
         Some(g) => {
             let embedder = embedder(ctx, &g.embedding).await?;
-            let client = ctx
-                .s3
-                .client(&collection.spec.source.endpoint)
-                .map_err(|e| e.to_string())?;
+            let client = ctx.s3.client(&collection.spec.source.endpoint)?;
             let object = Listed {
                 key: key.to_string(),
                 etag: planned.document.etag,
@@ -135,10 +125,8 @@ async fn index_in_run(
             document(ctx, &client, collection, &embedder, g.id, &object).await?
         }
     };
-    let db = ctx.db.get().await.map_err(|e| e.to_string())?;
-    collections::finish_document(&db, run_id, key, &end, &ctx.worker_id)
-        .await
-        .map_err(|e| e.to_string())?;
+    let db = ctx.db.get().await?;
+    collections::finish_document(&db, run_id, key, &end, &ctx.worker_id).await?;
     Ok(match end {
         DocumentEnd::Indexed { .. } => "indexed",
         DocumentEnd::Skipped { .. } => "skipped",
@@ -154,41 +142,79 @@ async fn attempt_failed(
     collection: &CollectionRecord,
     run_id: i64,
     key: &str,
-    error: String,
+    error: IndexError,
 ) -> Outcome {
-    let Ok(db) = ctx.db.get().await else {
-        return retry(error);
-    };
-    let attempts = match collections::count_document_attempt(&db, run_id, key).await {
-        Ok(n) => n,
-        Err(_) => return retry(error),
-    };
-    if attempts < MAX_ATTEMPTS {
-        warn!(run_id, key, attempts, %error, "document attempt failed; will retry");
-        return Outcome::Retry {
-            delay: backoff_delay(
-                attempts as u32,
-                Duration::from_secs(2),
-                Duration::from_secs(60),
-            ),
-            reason: error,
+    let class = error.class();
+    let attempts = if class == ErrorClass::Retryable {
+        let Ok(db) = ctx.db.get().await else {
+            return retry(&error);
         };
-    }
-    let end = DocumentEnd::Failed {
-        reason: format!("gave up after {attempts} attempts: {error}"),
+        let attempts = match collections::count_document_attempt(&db, run_id, key).await {
+            Ok(n) => n,
+            Err(_) => return retry(&error),
+        };
+        if attempts < MAX_ATTEMPTS {
+            warn!(run_id, key, attempts, %error, "document attempt failed; will retry");
+            return Outcome::Retry {
+                delay: backoff_delay(
+                    u32::try_from(attempts).unwrap_or(1),
+                    Duration::from_secs(2),
+                    Duration::from_secs(60),
+                ),
+                error: error.to_string(),
+            };
+        }
+        attempts
+    } else {
+        1
     };
-    if let Err(e) = collections::finish_document(&db, run_id, key, &end, &ctx.worker_id).await {
-        return retry(e.to_string());
-    }
-    drop(db);
-    if let Err(e) = super::close_run(ctx, collection, run_id).await {
-        // Its document is failed now: the redelivered task only closes.
-        return retry(e);
+    let reason = if class == ErrorClass::Retryable {
+        format!("gave up after {attempts} attempts: {error}")
+    } else {
+        error.to_string()
+    };
+    if let Err(e) = end_failed(ctx, collection, run_id, key, &reason).await {
+        // The redelivered task finds its document failed and only closes.
+        return retry(&e);
     }
     Outcome::Dead {
-        error,
-        class: ErrorClass::Retryable,
-        attempts: attempts as u32,
+        error: reason,
+        class,
+        attempts: u32::try_from(attempts).unwrap_or(1),
+    }
+}
+
+/// Fails a run's pending document with `reason` (a document done already
+/// keeps its end) and closes the run if it was the last.
+async fn end_failed(
+    ctx: &Context,
+    collection: &CollectionRecord,
+    run_id: i64,
+    key: &str,
+    reason: &str,
+) -> Result<(), IndexError> {
+    let end = DocumentEnd::Failed {
+        reason: reason.to_string(),
+    };
+    {
+        let db = ctx.db.get().await?;
+        collections::finish_document(&db, run_id, key, &end, &ctx.worker_id).await?;
+    }
+    super::close_run(ctx, collection, run_id).await
+}
+
+/// The task of a run's document died without recording its end (a panic,
+/// say): fail the document so that its run still ends.
+pub async fn fail_in_run(
+    ctx: &Context,
+    collection_id: Uuid,
+    run_id: i64,
+    key: &str,
+    error: &str,
+) -> Result<(), IndexError> {
+    match current(ctx, collection_id).await? {
+        Some(collection) => end_failed(ctx, &collection, run_id, key, error).await,
+        None => Ok(()),
     }
 }
 
@@ -196,32 +222,26 @@ async fn index(
     ctx: &Context,
     collection: &CollectionRecord,
     key: &str,
-) -> Result<&'static str, String> {
+) -> Result<&'static str, IndexError> {
     let collection_id = collection.id;
-    let db = ctx.db.get().await.map_err(|e| e.to_string())?;
-    let selector = Selector::new(&collection.spec.source).map_err(|e| e.to_string())?;
+    let db = ctx.db.get().await?;
+    let selector =
+        Selector::new(&collection.spec.source).map_err(|e| IndexError::Invalid(e.to_string()))?;
     if !selector.wants(key) {
         return Ok("excluded"); // the spec changed since the event
     }
-    let generations = store::live_generations(&db, collection_id)
-        .await
-        .map_err(|e| e.to_string())?;
+    let generations = store::live_generations(&db, collection_id).await?;
     if generations.is_empty() {
         // Never synced: the first run indexes everything.
         return Ok("no-index");
     }
     drop(db);
-    let client = ctx
-        .s3
-        .client(&collection.spec.source.endpoint)
-        .map_err(|e| e.to_string())?;
+    let client = ctx.s3.client(&collection.spec.source.endpoint)?;
     let Some(object) = head(&client, collection, key).await? else {
         let _lock = document_lock(ctx, collection_id, key).await?;
-        let mut db = ctx.db.get().await.map_err(|e| e.to_string())?;
+        let mut db = ctx.db.get().await?;
         for g in &generations {
-            store::delete_document(&mut db, g.id, key)
-                .await
-                .map_err(|e| e.to_string())?;
+            store::delete_document(&mut db, g.id, key).await?;
         }
         info!(%collection_id, key, "object gone: document removed");
         super::publish_progress(ctx, collection, 0, "document").await;
@@ -230,10 +250,8 @@ async fn index(
     let mut label = "unchanged";
     for g in &generations {
         let current = {
-            let db = ctx.db.get().await.map_err(|e| e.to_string())?;
-            store::document_etag(&db, g.id, key)
-                .await
-                .map_err(|e| e.to_string())?
+            let db = ctx.db.get().await?;
+            store::document_etag(&db, g.id, key).await?
         };
         if current.as_deref() == Some(object.etag.as_str()) {
             continue;
@@ -261,7 +279,7 @@ async fn head(
     client: &aws_sdk_s3::Client,
     collection: &CollectionRecord,
     key: &str,
-) -> Result<Option<Listed>, String> {
+) -> Result<Option<Listed>, IndexError> {
     match client
         .head_object()
         .bucket(&collection.spec.source.bucket)
@@ -276,6 +294,6 @@ async fn head(
             size: o.content_length().unwrap_or_default(),
         })),
         Err(e) if e.as_service_error().is_some_and(|s| s.is_not_found()) => Ok(None),
-        Err(e) => Err(s3_error("HeadObject", e).to_string()),
+        Err(e) => Err(s3_error("HeadObject", e).into()),
     }
 }

@@ -19,6 +19,7 @@
 pub mod chunk;
 pub mod document;
 pub mod embed;
+pub mod error;
 pub mod extract;
 pub mod plan;
 pub mod search;
@@ -35,8 +36,10 @@ use stowage_proto::v1::CollectionProgress;
 use tracing::{info, warn};
 use uuid::Uuid;
 
+pub use error::IndexError;
+
 use crate::Context;
-use crate::tasks::Outcome;
+use crate::outcome::Outcome;
 
 /// A run in progress in which no document started or finished for this
 /// long is abandoned by the next sync (its tasks were lost: a purged
@@ -46,35 +49,27 @@ pub const RUN_STALL_AFTER: Duration = Duration::from_secs(15 * 60);
 pub async fn sync(ctx: &Context, collection_id: Uuid, trigger: &str) -> Outcome {
     match run(ctx, collection_id, trigger).await {
         Ok(outcome) => outcome,
-        Err(e) => Outcome::Retry {
-            delay: Duration::from_secs(5),
-            reason: e,
-        },
+        Err(e) => {
+            warn!(%collection_id, error = %e, "sync failed");
+            Outcome::from_error(&e, Duration::from_secs(5))
+        }
     }
 }
 
-async fn run(ctx: &Context, collection_id: Uuid, trigger: &str) -> Result<Outcome, String> {
-    let mut db = ctx.db.get().await.map_err(|e| e.to_string())?;
+async fn run(ctx: &Context, collection_id: Uuid, trigger: &str) -> Result<Outcome, IndexError> {
+    let mut db = ctx.db.get().await?;
     let collection = match collections::get(&db, collection_id).await {
         Ok(c) => c,
         Err(StateError::NotFound { .. }) => return Ok(Outcome::Done { label: "cancelled" }),
-        Err(e) => return Err(e.to_string()),
+        Err(e) => return Err(e.into()),
     };
-    let Some(lock) = ctx
-        .locks
-        .try_lock(sync_lock(collection_id))
-        .await
-        .map_err(|e| e.to_string())?
-    else {
-        return Ok(Outcome::Retry {
+    let Some(lock) = ctx.locks.try_lock(sync_lock(collection_id)).await? else {
+        return Ok(Outcome::Wait {
             delay: Duration::from_secs(10),
             reason: "another sync run of this collection is being planned or closed".into(),
         });
     };
-    if let Some(live) = collections::run_in_progress(&db, collection_id)
-        .await
-        .map_err(|e| e.to_string())?
-    {
+    if let Some(live) = collections::run_in_progress(&db, collection_id).await? {
         // Complete but left open (its closer failed): close it now; alive:
         // wait for it; stale: abandon it below.
         if let Some(state) = sync::close_if_done(ctx, live.id).await? {
@@ -84,7 +79,7 @@ async fn run(ctx: &Context, collection_id: Uuid, trigger: &str) -> Result<Outcom
             && live.generation >= collection.generation
         {
             release(lock).await;
-            return Ok(Outcome::Retry {
+            return Ok(Outcome::Wait {
                 delay: Duration::from_secs(10),
                 reason: format!(
                     "run {} of this collection is still indexing ({} documents left)",
@@ -93,15 +88,14 @@ async fn run(ctx: &Context, collection_id: Uuid, trigger: &str) -> Result<Outcom
             });
         }
     }
-    let run_id = collections::begin_run(&mut db, collection_id, trigger, collection.generation)
-        .await
-        .map_err(|e| e.to_string())?;
+    let run_id =
+        collections::begin_run(&mut db, collection_id, trigger, collection.generation).await?;
     publish_progress(ctx, &collection, run_id, RunState::InProgress.as_str()).await;
     // A lost lock (its database session died) leaves the run undispatched:
     // the next sync marks it abandoned.
     let dispatched = tokio::select! {
         d = sync::dispatch(ctx, &collection, run_id) => d,
-        reason = lock.lost() => return Err(format!("collection sync lock lost: {reason}")),
+        reason = lock.lost() => return Err(IndexError::LockLost(reason)),
     };
     let ended = match dispatched {
         // Documents that finished while the tasks were still being
@@ -114,10 +108,9 @@ async fn run(ctx: &Context, collection_id: Uuid, trigger: &str) -> Result<Outcom
                 run_id,
                 RunState::Failed,
                 &RunCounts::default(),
-                Some(&e),
+                Some(&e.to_string()),
             )
-            .await
-            .map_err(|e| e.to_string())?;
+            .await?;
             Some(RunState::Failed)
         }
     };
@@ -148,11 +141,9 @@ pub(crate) async fn close_run(
     ctx: &Context,
     collection: &CollectionRecord,
     run_id: i64,
-) -> Result<(), String> {
-    let db = ctx.db.get().await.map_err(|e| e.to_string())?;
-    let progress = collections::run_progress(&db, run_id)
-        .await
-        .map_err(|e| e.to_string())?;
+) -> Result<(), IndexError> {
+    let db = ctx.db.get().await?;
+    let progress = collections::run_progress(&db, run_id).await?;
     drop(db);
     if !progress.complete() {
         return Ok(());
@@ -160,8 +151,7 @@ pub(crate) async fn close_run(
     let lock = ctx
         .locks
         .lock_with_timeout(sync_lock(collection.id), sync::DOCUMENT_LOCK_WAIT)
-        .await
-        .map_err(|e| format!("collection sync lock: {e}"))?;
+        .await?;
     let ended = sync::close_if_done(ctx, run_id).await;
     release(lock).await;
     if let Some(state) = ended? {

@@ -54,7 +54,7 @@ impl SearchService {
             } else {
                 let e = embedder(&self.ctx, &generation.embedding)
                     .await
-                    .map_err(Status::failed_precondition)?;
+                    .map_err(|e| Status::failed_precondition(e.to_string()))?;
                 Some(
                     e.embed_query(&r.query)
                         .await

@@ -28,7 +28,10 @@ use super::embed::{Batcher, BuiltinModel, Embedder, RemoteEmbedder, Retry};
 use super::extract::{DEFAULT_MAX_BYTES, extract};
 use super::plan::{Indexed, Listed, Plan, plan};
 use crate::Context;
-use crate::s3::s3_error;
+use crate::upload::source::MinRate;
+use stowage_common::storage::s3_error;
+
+use super::IndexError;
 
 /// Plans run `run_id` and hands its documents to the fleet: deletions are
 /// done here, every new or changed object gets a pending row and a task.
@@ -37,23 +40,17 @@ pub async fn dispatch(
     ctx: &Context,
     collection: &CollectionRecord,
     run_id: i64,
-) -> Result<(), String> {
+) -> Result<(), IndexError> {
     let spec = &collection.spec;
     // A model that cannot load fails the run now, not once per document.
     embedder(ctx, &spec.embedding).await?;
-    let selector = Selector::new(&spec.source).map_err(|e| e.to_string())?;
-    let client = ctx
-        .s3
-        .client(&spec.source.endpoint)
-        .map_err(|e| e.to_string())?;
+    let selector = Selector::new(&spec.source).map_err(|e| IndexError::Invalid(e.to_string()))?;
+    let client = ctx.s3.client(&spec.source.endpoint)?;
     let listing = list(&client, spec).await?;
-    let mut db = ctx.db.get().await.map_err(|e| e.to_string())?;
-    let generation = store::generation_for(&mut db, collection.id, &spec.embedding)
-        .await
-        .map_err(|e| e.to_string())?;
+    let mut db = ctx.db.get().await?;
+    let generation = store::generation_for(&mut db, collection.id, &spec.embedding).await?;
     let indexed = store::documents(&db, generation.id)
-        .await
-        .map_err(|e| e.to_string())?
+        .await?
         .into_iter()
         .map(|(k, d)| {
             (
@@ -75,9 +72,7 @@ pub async fn dispatch(
     } = &planned;
     for key in deleted {
         let _lock = document_lock(ctx, collection.id, key).await?;
-        store::delete_document(&mut db, generation.id, key)
-            .await
-            .map_err(|e| e.to_string())?;
+        store::delete_document(&mut db, generation.id, key).await?;
     }
     let documents: Vec<PlannedDocument> = new
         .iter()
@@ -95,9 +90,7 @@ pub async fn dispatch(
         deleted: deleted.len() as i64,
         ..RunCounts::default()
     };
-    collections::record_plan(&mut db, run_id, generation.id, &counts, &documents)
-        .await
-        .map_err(|e| e.to_string())?;
+    collections::record_plan(&mut db, run_id, generation.id, &counts, &documents).await?;
     let tasks: Vec<_> = documents
         .iter()
         .map(|d| index_document_task(collection.id, &d.key, DocumentOrigin::Run { id: run_id }))
@@ -107,13 +100,8 @@ pub async fn dispatch(
         &collection.namespace,
         &collection.name,
     );
-    ctx.queue
-        .publish_tasks(&subject, &tasks)
-        .await
-        .map_err(|e| e.to_string())?;
-    collections::mark_dispatched(&db, run_id)
-        .await
-        .map_err(|e| e.to_string())?;
+    ctx.queue.publish_tasks(&subject, &tasks).await?;
+    collections::mark_dispatched(&db, run_id).await?;
     info!(
         collection = %collection.id, run_id, documents = documents.len(),
         deleted = deleted.len(), unchanged = planned.unchanged, "sync run dispatched"
@@ -126,19 +114,18 @@ pub async fn dispatch(
 /// Returns the state it ended in; `None` while documents are pending (or if
 /// it already ended). The caller holds the collection's sync lock, so that
 /// one closer at a time reads the documents.
-pub(crate) async fn close_if_done(ctx: &Context, run_id: i64) -> Result<Option<RunState>, String> {
-    let mut db = ctx.db.get().await.map_err(|e| e.to_string())?;
-    let progress = collections::run_progress(&db, run_id)
-        .await
-        .map_err(|e| e.to_string())?;
+pub(crate) async fn close_if_done(
+    ctx: &Context,
+    run_id: i64,
+) -> Result<Option<RunState>, IndexError> {
+    let mut db = ctx.db.get().await?;
+    let progress = collections::run_progress(&db, run_id).await?;
     if !progress.complete() {
         return Ok(None);
     }
     let mut error = None;
     if let Some(id) = progress.generation_id
-        && let Some(g) = store::generation(&db, id)
-            .await
-            .map_err(|e| e.to_string())?
+        && let Some(g) = store::generation(&db, id).await?
         && g.state == "building"
     {
         match store::activate(&mut db, id).await {
@@ -155,58 +142,53 @@ pub(crate) async fn close_if_done(ctx: &Context, run_id: i64) -> Result<Option<R
         (None, 0) => RunState::Completed,
         (None, _) => RunState::CompletedWithErrors,
     };
-    collections::finish_run(&db, run_id, state, &progress.counts, error.as_deref())
-        .await
-        .map_err(|e| e.to_string())?;
+    collections::finish_run(&db, run_id, state, &progress.counts, error.as_deref()).await?;
     info!(run_id, state = state.as_str(), counts = ?progress.counts, "sync run finished");
     Ok(Some(state))
 }
 
 /// The embedder for `spec`: the worker's built-in model (loaded once, on
 /// first use) or a remote provider with the API key from its Secret.
-pub(crate) async fn embedder(ctx: &Context, spec: &Embedding) -> Result<Embedder, String> {
+pub(crate) async fn embedder(ctx: &Context, spec: &Embedding) -> Result<Embedder, IndexError> {
     if spec.provider == EmbeddingProvider::Builtin {
         let Some(dir) = ctx.embedding_model_dir.clone() else {
-            return Err(
+            return Err(IndexError::Model(
                 "the collection uses the builtin embedding model, but this worker has no \
                  --embedding-model-dir (STOWAGE_EMBEDDING_MODEL_DIR; `scripts/stack install model` \
                  unpacks it)"
                     .to_string(),
-            );
+            ));
         };
         let model = ctx
             .builtin_model
             .get_or_try_init(|| async move {
                 let loaded = tokio::task::spawn_blocking(move || BuiltinModel::load(&dir))
                     .await
-                    .map_err(|e| e.to_string())?
-                    .map_err(|e| e.to_string())?;
+                    .map_err(|e| IndexError::Model(format!("loading the builtin model: {e}")))?
+                    .map_err(|e| IndexError::Model(e.to_string()))?;
                 info!("builtin embedding model loaded");
                 Batcher::start(Arc::new(loaded), ctx.metrics.clone())
                     .map(Arc::new)
-                    .map_err(|e| e.to_string())
+                    .map_err(|e| IndexError::Model(e.to_string()))
             })
             .await?;
         return Ok(Embedder::Builtin(model.clone()));
     }
     let api_key = match (&spec.credentials_secret_ref, &ctx.credentials_dir) {
         (None, _) => None,
-        (Some(r), Some(dir)) => Some(
-            read_secret_key(dir, &r.name, &["api_key", "API_KEY"]).map_err(|e| e.to_string())?,
-        ),
+        (Some(r), Some(dir)) => Some(read_secret_key(dir, &r.name, &["api_key", "API_KEY"])?),
         (Some(r), None) => {
-            return Err(format!(
+            return Err(IndexError::Credentials(format!(
                 "the collection names Secret {:?} but this worker has no --credentials-dir",
                 r.name
-            ));
+            )));
         }
     };
-    RemoteEmbedder::new(spec, api_key, Retry::default())
-        .map(|r| Embedder::Remote(Arc::new(r)))
-        .map_err(|e| e.to_string())
+    Ok(RemoteEmbedder::new(spec, api_key, Retry::default())
+        .map(|r| Embedder::Remote(Arc::new(r)))?)
 }
 
-async fn list(client: &aws_sdk_s3::Client, spec: &IndexSpec) -> Result<Vec<Listed>, String> {
+async fn list(client: &aws_sdk_s3::Client, spec: &IndexSpec) -> Result<Vec<Listed>, IndexError> {
     let mut out = Vec::new();
     let mut pages = client
         .list_objects_v2()
@@ -215,7 +197,7 @@ async fn list(client: &aws_sdk_s3::Client, spec: &IndexSpec) -> Result<Vec<Liste
         .into_paginator()
         .send();
     while let Some(page) = pages.next().await {
-        let page = page.map_err(|e| s3_error("ListObjectsV2", e).to_string())?;
+        let page = page.map_err(|e| s3_error("ListObjectsV2", e))?;
         for o in page.contents() {
             out.push(Listed {
                 key: o.key().unwrap_or_default().to_string(),
@@ -237,14 +219,14 @@ pub(crate) async fn document_lock(
     ctx: &Context,
     collection_id: uuid::Uuid,
     key: &str,
-) -> Result<SessionLock, String> {
+) -> Result<SessionLock, IndexError> {
     ctx.locks
         .lock_with_timeout(
             LockKey::new(LockClass::Document, format!("{collection_id}/{key}")),
             DOCUMENT_LOCK_WAIT,
         )
         .await
-        .map_err(|e| format!("document lock: {e}"))
+        .map_err(IndexError::from)
 }
 
 /// Indexes one object into one generation, under the document's lock (held
@@ -259,10 +241,10 @@ pub(crate) async fn document(
     embedder: &Embedder,
     generation_id: i64,
     object: &Listed,
-) -> Result<DocumentEnd, String> {
+) -> Result<DocumentEnd, IndexError> {
     let spec = &collection.spec;
     let lock = document_lock(ctx, collection.id, &object.key).await?;
-    let mut db = ctx.db.get().await.map_err(|e| e.to_string())?;
+    let mut db = ctx.db.get().await?;
     let mut source = Source {
         object_key: object.key.clone(),
         etag: Some(object.etag.clone()),
@@ -270,27 +252,21 @@ pub(crate) async fn document(
         content_type: None,
         size_bytes: Some(object.size),
     };
-    let outcome = fetch_and_index(client, spec, embedder, object, &mut source).await;
+    let outcome = fetch_and_index(client, spec, embedder, object, &mut source, ctx.min_rate).await;
     let end = match outcome {
         Ok(Prepared::Chunks(chunks)) => {
-            store::write_document(&mut db, generation_id, &source, &chunks)
-                .await
-                .map_err(|e| e.to_string())?;
+            store::write_document(&mut db, generation_id, &source, &chunks).await?;
             DocumentEnd::Indexed {
                 chunks: chunks.len() as i32,
             }
         }
         Ok(Prepared::Skipped(reason)) => {
-            store::record_unindexed(&mut db, generation_id, &source, "skipped", &reason)
-                .await
-                .map_err(|e| e.to_string())?;
+            store::record_unindexed(&mut db, generation_id, &source, "skipped", &reason).await?;
             DocumentEnd::Skipped { reason }
         }
         Err(reason) => {
             warn!(key = object.key, error = %reason, "document failed");
-            store::record_unindexed(&mut db, generation_id, &source, "failed", &reason)
-                .await
-                .map_err(|e| e.to_string())?;
+            store::record_unindexed(&mut db, generation_id, &source, "failed", &reason).await?;
             DocumentEnd::Failed { reason }
         }
     };
@@ -313,6 +289,7 @@ async fn fetch_and_index(
     embedder: &Embedder,
     object: &Listed,
     source: &mut Source,
+    min_rate: MinRate,
 ) -> Result<Prepared, String> {
     if object.size as usize > DEFAULT_MAX_BYTES {
         return Ok(Prepared::Skipped(format!(
@@ -332,40 +309,109 @@ async fn fetch_and_index(
     if let Some(etag) = got.e_tag() {
         source.etag = Some(etag.trim_matches('"').to_string());
     }
-    let bytes = got
-        .body
-        .collect()
-        .await
-        .map_err(|e| format!("reading {}: {e}", object.key))?
-        .into_bytes();
-    source.sha256_hex = Some(hex::encode(Sha256::digest(&bytes)));
-    let extracted = match extract(
-        source.content_type.as_deref(),
-        &object.key,
-        &bytes,
-        DEFAULT_MAX_BYTES,
-    ) {
-        Ok(x) => x,
-        Err(e) if e.is_skip() => return Ok(Prepared::Skipped(e.to_string())),
-        Err(e) => return Err(e.to_string()),
+    let announced = got.content_length().and_then(|n| u64::try_from(n).ok());
+    let Some(bytes) = read_bounded(got.body, &object.key, announced, min_rate).await? else {
+        return Ok(Prepared::Skipped(format!(
+            "not indexed: the object grew past the extraction limit of {DEFAULT_MAX_BYTES} \
+             bytes while it was read (listed at {} bytes)",
+            object.size
+        )));
     };
-    let pieces =
-        chunk(&extracted.text, extracted.format, &spec.chunking).map_err(|e| e.to_string())?;
+    source.sha256_hex = Some(hex::encode(Sha256::digest(&bytes)));
+    let content_type = source.content_type.clone();
+    let key = object.key.clone();
+    let chunking = spec.chunking.clone();
+    // Parsing and splitting are CPU work that can take seconds, and a
+    // parser can panic on a hostile file: off the async threads, caught.
+    let pieces = tokio::task::spawn_blocking(move || {
+        std::panic::catch_unwind(|| {
+            extract_and_chunk(content_type.as_deref(), &key, &bytes, &chunking)
+        })
+    })
+    .await
+    .map_err(|e| format!("extraction stopped: {e}"))?
+    .unwrap_or_else(|panic| {
+        Err(format!(
+            "the extractor crashed on this document: {}",
+            stowage_common::errors::panic_message(panic.as_ref())
+        ))
+    })?;
+    let pieces = match pieces {
+        Ok(pieces) => pieces,
+        Err(skip) => return Ok(Prepared::Skipped(skip)),
+    };
     let texts: Vec<String> = pieces.iter().map(|c| c.text.clone()).collect();
     let vectors = embedder.embed(&texts).await.map_err(|e| e.to_string())?;
+    let offset = |n: usize| i32::try_from(n).unwrap_or(i32::MAX);
     Ok(Prepared::Chunks(
         pieces
             .into_iter()
             .zip(vectors)
             .map(|(c, embedding)| NewChunk {
+                byte_start: offset(c.byte_start),
+                byte_end: offset(c.byte_end),
+                char_start: offset(c.char_start),
+                char_end: offset(c.char_end),
                 content: c.text,
-                byte_start: c.byte_start as i32,
-                byte_end: c.byte_end as i32,
-                char_start: c.char_start as i32,
-                char_end: c.char_end as i32,
                 heading_path: c.heading_path,
                 embedding,
             })
             .collect(),
     ))
+}
+
+/// Text, then chunks: `Ok(Err(reason))` when the document is skipped by
+/// design, `Err(reason)` when it is malformed.
+fn extract_and_chunk(
+    content_type: Option<&str>,
+    key: &str,
+    bytes: &[u8],
+    chunking: &stowage_common::spec::index::Chunking,
+) -> Result<Result<Vec<super::chunk::Chunk>, String>, String> {
+    let extracted = match extract(content_type, key, bytes, DEFAULT_MAX_BYTES) {
+        Ok(x) => x,
+        Err(e) if e.is_skip() => return Ok(Err(e.to_string())),
+        Err(e) => return Err(e.to_string()),
+    };
+    chunk(&extracted.text, extracted.format, chunking)
+        .map(Ok)
+        .map_err(|e| e.to_string())
+}
+
+/// The whole object, read as it streams, held to the extraction limit and
+/// the minimum rate; `None` when it is larger than the limit (whatever its
+/// listing said).
+async fn read_bounded(
+    body: aws_sdk_s3::primitives::ByteStream,
+    key: &str,
+    announced: Option<u64>,
+    min_rate: MinRate,
+) -> Result<Option<Vec<u8>>, String> {
+    use futures::StreamExt;
+    let owned = key.to_string();
+    let stream = futures::stream::try_unfold(body, move |mut body| {
+        let key = owned.clone();
+        async move {
+            match body.try_next().await {
+                Ok(Some(chunk)) => Ok(Some((chunk, body))),
+                Ok(None) => Ok(None),
+                Err(e) => Err(crate::upload::UploadError::SourceRead {
+                    source_ref: key,
+                    message: stowage_common::errors::chain(&e),
+                }),
+            }
+        }
+    })
+    .boxed();
+    let mut stream = crate::upload::source::guarded(stream, announced, key, min_rate);
+    let capacity = announced.map_or(0, |n| n.min(DEFAULT_MAX_BYTES as u64) as usize);
+    let mut bytes = Vec::with_capacity(capacity);
+    while let Some(chunk) = stream.next().await {
+        let chunk = chunk.map_err(|e| e.to_string())?;
+        if bytes.len().saturating_add(chunk.len()) > DEFAULT_MAX_BYTES {
+            return Ok(None);
+        }
+        bytes.extend_from_slice(&chunk);
+    }
+    Ok(Some(bytes))
 }

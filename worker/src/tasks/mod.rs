@@ -1,17 +1,24 @@
 //! The task loop: pull only as many tasks as there are free slots, run each
-//! with progress acks, then ack, NAK with a delay, or dead-letter it. On
+//! with progress acks, then settle it — the one place where an [`Outcome`]
+//! becomes an ack, a delayed NAK or a dead letter for every task kind. A
+//! panic in a handler is caught here and dead-letters its task with the
+//! panic's message; every kind's attempts are bounded (uploads count on
+//! their items, the other kinds in `task_attempts`, counted before they
+//! run, so that even a task that kills its worker comes to an end). On
 //! shutdown: stop pulling, let in-flight tasks finish for the drain timeout,
 //! then stop them and NAK them so another worker resumes them.
 
 pub mod plan;
 
+use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use futures::StreamExt;
+use futures::{FutureExt, StreamExt};
 use stowage_common::errors::ErrorClass;
-use stowage_common::queue::{AckKind, Message, decode_task};
+use stowage_common::queue::{AckKind, Message, TaskKind, decode_task};
+use stowage_common::state::tasks as attempts;
 use stowage_proto::v1::{DeadLetter, Task, task};
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
@@ -19,21 +26,29 @@ use tracing::{error, info, warn};
 use uuid::Uuid;
 
 use crate::Context;
+pub use crate::outcome::Outcome;
 use crate::upload;
 
-/// What becomes of a task after one run.
-#[derive(Debug)]
-pub enum Outcome {
-    /// Ack. `label` is the metrics outcome (`ok`, `skipped`).
-    Done { label: &'static str },
-    /// NAK: redeliver after `delay`.
-    Retry { delay: Duration, reason: String },
-    /// Move to the dead-letter stream and stop redelivery.
-    Dead {
-        error: String,
-        class: ErrorClass,
-        attempts: u32,
-    },
+/// The kind of a task, from its payload.
+fn kind_of(task: &Task) -> Option<TaskKind> {
+    Some(match task.kind.as_ref()? {
+        task::Kind::PlanUpload(_) => TaskKind::UploadPlan,
+        task::Kind::UploadFile(_) => TaskKind::Upload,
+        task::Kind::SyncCollection(_) => TaskKind::IndexSync,
+        task::Kind::IndexDocument(_) => TaskKind::IndexDocument,
+    })
+}
+
+/// Most attempts of a task whose kind does not count its own; `None` for
+/// uploads, whose items count theirs (the job's `retry.maxAttempts`).
+pub fn max_attempts(kind: TaskKind) -> Option<i32> {
+    match kind {
+        TaskKind::Upload => None,
+        TaskKind::UploadPlan | TaskKind::IndexSync => Some(10),
+        // A run's document gives up after its own 5 attempts; this bounds
+        // event-driven ones and anything that never reaches that count.
+        TaskKind::IndexDocument => Some(20),
+    }
 }
 
 /// Runs until `shutdown` turns true, then drains.
@@ -119,17 +134,12 @@ async fn handle(ctx: Arc<Context>, msg: Message, cancel: CancellationToken) {
             return;
         }
     };
-    let kind = match &task.kind {
-        Some(task::Kind::PlanUpload(_)) => "upload-plan",
-        Some(task::Kind::UploadFile(_)) => "upload",
-        Some(task::Kind::SyncCollection(_)) => "index-sync",
-        Some(task::Kind::IndexDocument(_)) => "index-doc",
-        None => "unknown",
-    };
+    let kind = kind_of(&task);
+    let label = kind.map_or("unknown", TaskKind::as_str);
     let progress = Arc::new(AtomicU64::new(0));
     let entry = ctx
         .in_flight
-        .start(&task.task_id, kind, Arc::clone(&progress));
+        .start(&task.task_id, label, Arc::clone(&progress));
     ctx.metrics.in_flight.inc();
     // Progress acks keep the task ours while it runs, however long.
     let ticker = {
@@ -146,11 +156,122 @@ async fn handle(ctx: Arc<Context>, msg: Message, cancel: CancellationToken) {
             }
         })
     };
-    let outcome = run_task(&ctx, &task, &cancel, progress).await;
+    let limit = kind.and_then(max_attempts);
+    let counted = match limit {
+        Some(_) => begin(&ctx, &task).await,
+        None => None,
+    };
+    let mut outcome = match (&counted, limit) {
+        (Some(a), Some(limit)) if a.attempts > limit => Outcome::Dead {
+            error: format!(
+                "gave up after {} attempts{}",
+                a.attempts - 1,
+                a.last_error
+                    .as_deref()
+                    .map(|e| format!("; the last failed with: {e}"))
+                    .unwrap_or_default()
+            ),
+            class: ErrorClass::Retryable,
+            attempts: u32::try_from(a.attempts - 1).unwrap_or(0),
+        },
+        _ => AssertUnwindSafe(run_task(&ctx, &task, &cancel, progress))
+            .catch_unwind()
+            .await
+            .unwrap_or_else(|panic| {
+                let message = stowage_common::errors::panic_message(panic.as_ref());
+                error!(
+                    task = task.task_id,
+                    panic = message,
+                    "task handler panicked"
+                );
+                Outcome::invalid(format!(
+                    "the worker panicked running this task (a bug; please report it): {message}"
+                ))
+            }),
+    };
     ticker.abort();
+    // Out of attempts: a retry becomes a dead letter that says so.
+    if let (Outcome::Retry { error, .. }, Some(a), Some(limit)) = (&outcome, &counted, limit)
+        && a.attempts >= limit
+    {
+        outcome = Outcome::Dead {
+            error: format!("gave up after {} attempts: {error}", a.attempts),
+            class: ErrorClass::Retryable,
+            attempts: u32::try_from(a.attempts).unwrap_or(0),
+        };
+    }
+    if let Outcome::Dead { error, class, .. } = &outcome {
+        record_failure(&ctx, &task, error, *class).await;
+    }
     ctx.in_flight.finish(&entry);
     ctx.metrics.in_flight.dec();
-    settle(&ctx, &msg, &task, kind, outcome).await;
+    if counted.is_some() {
+        account(&ctx, &task, &outcome).await;
+    }
+    settle(&ctx, &msg, &task, label, outcome).await;
+}
+
+/// Counts a start of `task`; `None` when the count cannot be read (the
+/// database is down: the task then runs and most likely retries).
+async fn begin(ctx: &Context, task: &Task) -> Option<attempts::Attempts> {
+    let db = ctx.db.get().await.ok()?;
+    match attempts::begin(&db, &task.task_id).await {
+        Ok(a) => Some(a),
+        Err(e) => {
+            warn!(task = task.task_id, error = %e, "cannot count the task's attempt");
+            None
+        }
+    }
+}
+
+/// Keeps `task_attempts` in step with the outcome.
+async fn account(ctx: &Context, task: &Task, outcome: &Outcome) {
+    let Ok(db) = ctx.db.get().await else { return };
+    let id = task.task_id.as_str();
+    let result = match outcome {
+        Outcome::Done { .. } | Outcome::Dead { .. } => attempts::ended(&db, id).await,
+        Outcome::Wait { .. } => attempts::waited(&db, id).await,
+        Outcome::Retry { error, .. } => attempts::failed(&db, id, error).await,
+    };
+    if let Err(e) = result {
+        warn!(task = id, error = %e, "cannot record the task's attempt");
+    }
+}
+
+/// What a dead task leaves behind in PostgreSQL, so that its job or run
+/// still ends: an upload's item fails (its multipart upload aborted), a
+/// planning task fails its job, a run's document fails and the run closes.
+/// Kinds that decide their own dead letters have recorded it already; this
+/// covers panics and exhausted attempts.
+async fn record_failure(ctx: &Context, task: &Task, error: &str, class: ErrorClass) {
+    let result: Result<(), String> = match &task.kind {
+        Some(task::Kind::UploadFile(u)) => upload::item::fail_dead(ctx, u.item_id, error, class)
+            .await
+            .map_err(|e| e.to_string()),
+        Some(task::Kind::PlanUpload(p)) => match Uuid::parse_str(&p.job_id) {
+            Ok(job_id) => match ctx.db.get().await {
+                Ok(db) => stowage_common::state::uploads::fail_job(&db, job_id, error)
+                    .await
+                    .map_err(|e| e.to_string()),
+                Err(e) => Err(e.to_string()),
+            },
+            Err(_) => Ok(()),
+        },
+        Some(task::Kind::IndexDocument(d)) if d.run_id > 0 => {
+            match Uuid::parse_str(&d.collection_id) {
+                Ok(id) => crate::index::document::fail_in_run(ctx, id, d.run_id, &d.key, error)
+                    .await
+                    .map_err(|e| e.to_string()),
+                Err(_) => Ok(()),
+            }
+        }
+        // A sync run left in progress by a dead planner is abandoned by the
+        // next sync; an event-driven document keeps what it had.
+        _ => Ok(()),
+    };
+    if let Err(e) = result {
+        warn!(task = task.task_id, error = %e, "could not record the dead task's failure");
+    }
 }
 
 async fn run_task(
@@ -162,7 +283,7 @@ async fn run_task(
     match &task.kind {
         Some(task::Kind::PlanUpload(p)) => {
             let Ok(job_id) = Uuid::parse_str(&p.job_id) else {
-                return invalid(format!("job id {:?} is not a UUID", p.job_id));
+                return Outcome::invalid(format!("job id {:?} is not a UUID", p.job_id));
             };
             match plan::run(ctx, job_id).await {
                 Ok(Some(n)) => {
@@ -173,74 +294,58 @@ async fn run_task(
                     info!(%job_id, "job cancelled or deleted; nothing to plan");
                     Outcome::Done { label: "cancelled" }
                 }
-                Err(e) => planning_failed(ctx, job_id, e).await,
+                Err(e) => {
+                    warn!(%job_id, error = %e, "planning failed");
+                    Outcome::from_error(&e, Duration::from_secs(5))
+                }
             }
         }
         Some(task::Kind::UploadFile(u)) => {
             let Ok(job_id) = Uuid::parse_str(&u.job_id) else {
-                return invalid(format!("job id {:?} is not a UUID", u.job_id));
+                return Outcome::invalid(format!("job id {:?} is not a UUID", u.job_id));
             };
             upload::item::run(ctx, job_id, u.item_id, cancel, progress).await
         }
         Some(task::Kind::SyncCollection(s)) => {
             let Ok(collection_id) = Uuid::parse_str(&s.collection_id) else {
-                return invalid(format!("collection id {:?} is not a UUID", s.collection_id));
+                return Outcome::invalid(format!(
+                    "collection id {:?} is not a UUID",
+                    s.collection_id
+                ));
             };
             crate::index::sync(ctx, collection_id, &s.trigger).await
         }
         Some(task::Kind::IndexDocument(d)) => {
             let Ok(collection_id) = Uuid::parse_str(&d.collection_id) else {
-                return invalid(format!("collection id {:?} is not a UUID", d.collection_id));
+                return Outcome::invalid(format!(
+                    "collection id {:?} is not a UUID",
+                    d.collection_id
+                ));
             };
             crate::index::document::run(ctx, collection_id, &d.key, d.run_id).await
         }
-        None => invalid("task has no kind (sent by a newer version?)".into()),
+        None => Outcome::invalid("task has no kind (sent by a newer version?)"),
     }
 }
 
-fn invalid(error: String) -> Outcome {
-    Outcome::Dead {
-        error,
-        class: ErrorClass::Permanent,
-        attempts: 1,
-    }
-}
-
-async fn planning_failed(ctx: &Context, job_id: Uuid, e: upload::UploadError) -> Outcome {
-    use stowage_common::errors::Classify;
-    let class = e.class();
-    if class == ErrorClass::Retryable {
-        warn!(%job_id, error = %e, "planning failed; will retry");
-        return Outcome::Retry {
-            delay: Duration::from_secs(5),
-            reason: e.to_string(),
-        };
-    }
-    if let Ok(db) = ctx.db.get().await
-        && let Err(state_err) =
-            stowage_common::state::uploads::fail_job(&db, job_id, &e.to_string()).await
-    {
-        warn!(%job_id, error = %state_err, "could not mark the job failed");
-    }
-    Outcome::Dead {
-        error: e.to_string(),
-        class,
-        attempts: 1,
-    }
-}
-
+/// The one place an outcome becomes an ack, a NAK or a dead letter.
 async fn settle(ctx: &Context, msg: &Message, task: &Task, kind: &'static str, outcome: Outcome) {
     let acked = match &outcome {
         Outcome::Done { label } => {
             ctx.metrics.task(kind, label);
             msg.ack().await
         }
-        Outcome::Retry { delay, reason } => {
+        Outcome::Wait { delay, reason } => {
+            ctx.metrics.task(kind, "wait");
+            info!(task = task.task_id, ?delay, reason, "task waits");
+            msg.ack_with(AckKind::Nak(Some(*delay))).await
+        }
+        Outcome::Retry { delay, error } => {
             ctx.metrics.task(kind, "retry");
             info!(
                 task = task.task_id,
                 ?delay,
-                reason,
+                error,
                 "task handed back for a retry"
             );
             msg.ack_with(AckKind::Nak(Some(*delay))).await
@@ -257,7 +362,7 @@ async fn settle(ctx: &Context, msg: &Message, task: &Task, kind: &'static str, o
                 error: error.clone(),
                 error_class: class.as_str().into(),
                 attempts: *attempts,
-                failed_at: Some(now()),
+                failed_at: Some(stowage_common::queue::timestamp_now()),
             };
             match ctx.queue.dead_letter(&letter).await {
                 Ok(seq) => {
@@ -275,16 +380,6 @@ async fn settle(ctx: &Context, msg: &Message, task: &Task, kind: &'static str, o
     };
     if let Err(e) = acked {
         warn!(task = task.task_id, error = %e, "ack failed; the task will be redelivered");
-    }
-}
-
-fn now() -> stowage_proto::Timestamp {
-    let d = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap_or_default();
-    stowage_proto::Timestamp {
-        seconds: d.as_secs() as i64,
-        nanos: d.subsec_nanos() as i32,
     }
 }
 

@@ -1,16 +1,21 @@
 //! PlanUpload: list the job's source, register one item per file (keyed by
 //! destination key, so planning twice adds nothing), publish one UploadFile
-//! task per item still to do.
+//! task per item still to do, and a dead letter for each file refused at
+//! planning (an unsafe destination key, say), so that it can be replayed
+//! like any other failure.
 
+use stowage_common::errors::ErrorClass;
 use stowage_common::jobs;
+use stowage_common::queue::{TaskKind, timestamp_now};
 use stowage_common::spec::{UploadJobSpec, validate_key};
 use stowage_common::state::StateError;
 use stowage_common::state::uploads::{self as state, NewItem};
+use stowage_proto::v1::{DeadLetter, Task, UploadFile, task};
 use uuid::Uuid;
 
 use crate::Context;
-use crate::s3::s3_error;
 use crate::upload::UploadError;
+use stowage_common::storage::s3_error;
 
 /// Returns how many files are to do, or `None` when the job was cancelled
 /// or deleted meanwhile (nothing to plan).
@@ -28,10 +33,14 @@ pub async fn run(ctx: &Context, job_id: Uuid) -> Result<Option<usize>, UploadErr
         .validate()
         .map_err(|e| UploadError::Invalid(e.to_string()))?;
     let items = list_source(ctx, &job.spec).await?;
-    let todo = {
+    let (todo, refused) = {
         let db = ctx.db.get().await?;
-        state::add_items(&db, job_id, &items).await?
+        let todo = state::add_items(&db, job_id, &items).await?;
+        (todo, state::failed_without_dead_letter(&db, job_id).await?)
     };
+    if !refused.is_empty() {
+        dead_letter_refused(ctx, &job, &refused).await?;
+    }
     let ids: Vec<i64> = todo.iter().map(|item| item.id).collect();
     jobs::publish_items(&ctx.queue, &job, &ids, None)
         .await
@@ -39,6 +48,42 @@ pub async fn run(ctx: &Context, job_id: Uuid) -> Result<Option<usize>, UploadErr
     let db = ctx.db.get().await?;
     state::mark_planned(&db, job_id).await?;
     Ok(Some(todo.len()))
+}
+
+/// Dead-letters the files refused at planning, then records that they are.
+async fn dead_letter_refused(
+    ctx: &Context,
+    job: &state::JobRecord,
+    refused: &[(i64, String)],
+) -> Result<(), UploadError> {
+    let subject = ctx
+        .queue
+        .topology()
+        .task_subject(TaskKind::Upload, &job.namespace, &job.name);
+    for (item_id, error) in refused {
+        let letter = DeadLetter {
+            task: Some(Task {
+                task_id: format!("upload/{}/{item_id}", job.id),
+                kind: Some(task::Kind::UploadFile(UploadFile {
+                    job_id: job.id.to_string(),
+                    item_id: *item_id,
+                })),
+            }),
+            subject: subject.clone(),
+            error: error.clone(),
+            error_class: ErrorClass::Permanent.as_str().into(),
+            attempts: 0,
+            failed_at: Some(timestamp_now()),
+        };
+        ctx.queue
+            .dead_letter(&letter)
+            .await
+            .map_err(|e| UploadError::Queue(e.to_string()))?;
+    }
+    let ids: Vec<i64> = refused.iter().map(|(id, _)| *id).collect();
+    let db = ctx.db.get().await?;
+    state::mark_dead_lettered(&db, &ids).await?;
+    Ok(())
 }
 
 async fn list_source(ctx: &Context, spec: &UploadJobSpec) -> Result<Vec<NewItem>, UploadError> {

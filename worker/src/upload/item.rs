@@ -26,7 +26,7 @@ use super::multipart::{self, Options, SHA256_METADATA, Target, Transfer};
 use super::source::{Source, SourceBody};
 use crate::Context;
 use crate::config::Sha256Metadata;
-use crate::tasks::Outcome;
+use crate::outcome::Outcome;
 
 /// Runs the item and decides what happens to its task.
 pub async fn run(
@@ -43,7 +43,17 @@ pub async fn run(
         Err(e) => return retry_later(&e, 1),
     };
     if item.state.is_terminal() {
-        // A duplicate delivery of finished work.
+        // A duplicate delivery of finished work — or a task whose worker
+        // could not tell the indexer about the object it wrote (NATS was
+        // down): say it again; the event's id makes a repeat a no-op.
+        if item.state == ItemState::Succeeded
+            && let Err(e) = republish_landed(ctx, &item, &job.record).await
+        {
+            return Outcome::Retry {
+                delay: Duration::from_secs(5),
+                error: format!("object-landed event not published: {e}"),
+            };
+        }
         return Outcome::Done { label: "ok" };
     }
     match item.job_state.as_str() {
@@ -65,9 +75,16 @@ pub async fn run(
             (Outcome::Done { label }, state)
         }
         Err(UploadError::KeyBusy(key)) => {
-            return Outcome::Retry {
+            return Outcome::Wait {
                 delay: backoff_delay(1, Duration::from_secs(2), Duration::from_secs(2)),
                 reason: format!("destination {key} is being written by another worker"),
+            };
+        }
+        Err(UploadError::EventOwed(e)) => {
+            // The item is done; only its event is missing.
+            return Outcome::Retry {
+                delay: Duration::from_secs(5),
+                error: format!("object-landed event not published: {e}"),
             };
         }
         Err(UploadError::Cancelled) => {
@@ -77,7 +94,7 @@ pub async fn run(
             {
                 warn!(item = item.id, error = %e, "could not hand the item back; its task is NAKed anyway");
             }
-            return Outcome::Retry {
+            return Outcome::Wait {
                 delay: Duration::ZERO,
                 reason: "worker shutting down".into(),
             };
@@ -115,8 +132,33 @@ pub async fn run(
 fn retry_later(e: &dyn std::fmt::Display, attempt: u32) -> Outcome {
     Outcome::Retry {
         delay: backoff_delay(attempt, Duration::from_secs(1), Duration::from_secs(30)),
-        reason: e.to_string(),
+        error: e.to_string(),
     }
+}
+
+/// Fails item `item_id` of a task that died without recording it (a panic,
+/// say): its multipart upload is aborted and the item failed, so its job
+/// can end. An item already finished is left as it is.
+pub async fn fail_dead(
+    ctx: &Context,
+    item_id: i64,
+    error: &str,
+    class: ErrorClass,
+) -> Result<(), UploadError> {
+    let db = ctx.db.get().await?;
+    let item = state::get_item(&db, item_id).await?;
+    if item.state.is_terminal() {
+        return Ok(());
+    }
+    if let Some((rec, _)) = state::get_multipart(&db, item.id).await?
+        && let Ok(job) = state::get_job(&db, item.job_id).await
+        && let Ok(client) = ctx.s3.client(&job.spec.destination.endpoint)
+    {
+        multipart::abort(&client, &rec).await;
+    }
+    state::delete_multipart(&db, item.id).await?;
+    state::fail_item(&db, &item, error, class.as_str(), true).await?;
+    Ok(())
 }
 
 /// A job as its files need it, cached by each worker: the record (immutable
@@ -183,7 +225,7 @@ async fn fail(
         warn!(item = item.id, key = item.dest_key, attempt, ?delay, error = %message, "upload attempt failed; will retry");
         return Ok(Outcome::Retry {
             delay,
-            reason: message,
+            error: message,
         });
     }
     // Permanent, or out of attempts: abort what was started, then fail.
@@ -268,8 +310,12 @@ async fn head(target: &Target<'_>, key: &str) -> Result<Option<Existing>, Upload
             size: h.content_length().unwrap_or(0),
         })),
         Err(e) => {
-            let e = crate::s3::s3_error("HeadObject", e);
-            if e.is_not_found() { Ok(None) } else { Err(e) }
+            let e = stowage_common::storage::s3_error("HeadObject", e);
+            if e.is_not_found() {
+                Ok(None)
+            } else {
+                Err(e.into())
+            }
         }
     }
 }
@@ -284,7 +330,7 @@ async fn copy(target: &Target<'_>, from: &str, to: &str) -> Result<(), UploadErr
         .metadata_directive(MetadataDirective::Copy)
         .send()
         .await
-        .map_err(|e| crate::s3::s3_error("CopyObject", e))?;
+        .map_err(|e| stowage_common::storage::s3_error("CopyObject", e))?;
     Ok(())
 }
 
@@ -317,7 +363,7 @@ async fn transfer(
         )
         .await;
     }
-    let source = Source::new(&spec.source, &ctx.s3, &ctx.http)?;
+    let source = Source::new(&spec.source, &ctx.s3, &ctx.http, ctx.min_rate)?;
     let mut known_sha256 = None;
     if spec.dedup {
         let (sha, size) = hash_source(&source, &item.source_ref).await?;
@@ -477,11 +523,57 @@ async fn finish(
         };
         // After the object row: a lost event only delays indexing until the
         // collection's next resync.
-        if let Err(e) = ctx.queue.publish_object_landed(&event).await {
-            warn!(error = %e, "object-landed event not published");
-        }
+        publish_landed(ctx, &event).await?;
     }
     Ok(state)
+}
+
+/// Publishes an object-landed event, trying again for a few seconds: the
+/// event is what makes collections that watch uploads index the object.
+/// When NATS stays away, the item is finished but its event is owed: the
+/// task is handed back, and its next delivery says it again.
+async fn publish_landed(ctx: &Context, event: &ObjectLanded) -> Result<(), UploadError> {
+    let mut attempt = 0;
+    loop {
+        attempt += 1;
+        match ctx.queue.publish_object_landed(event).await {
+            Ok(()) => return Ok(()),
+            Err(e) if attempt < 4 => {
+                warn!(key = event.key, attempt, error = %e, "object-landed event not published; trying again");
+                tokio::time::sleep(backoff_delay(
+                    attempt,
+                    Duration::from_millis(250),
+                    Duration::from_secs(2),
+                ))
+                .await;
+            }
+            Err(e) => return Err(UploadError::EventOwed(e.to_string())),
+        }
+    }
+}
+
+/// The object-landed event of a finished item, said again.
+async fn republish_landed(
+    ctx: &Context,
+    item: &ItemRecord,
+    job: &JobRecord,
+) -> Result<(), UploadError> {
+    let dest = &job.spec.destination;
+    let object = {
+        let db = ctx.db.get().await?;
+        state::current_object(&db, &dest.bucket, &item.dest_key).await?
+    };
+    let Some(o) = object else { return Ok(()) };
+    let event = ObjectLanded {
+        endpoint: dest.endpoint.label().to_string(),
+        bucket: o.bucket,
+        key: o.object_key,
+        sha256_hex: o.sha256_hex,
+        size: u64::try_from(o.size_bytes).unwrap_or_default(),
+        job_id: item.job_id.to_string(),
+        version: u32::try_from(o.version).unwrap_or_default(),
+    };
+    publish_landed(ctx, &event).await
 }
 
 /// Reads the whole source once for its SHA-256 and size (dedup).

@@ -6,9 +6,12 @@ use futures::stream::BoxStream;
 use futures::{StreamExt, TryStreamExt};
 use stowage_common::spec::{S3Source, UploadSource};
 
+use stowage_common::errors::chain;
+use stowage_common::redact;
+
 use super::UploadError;
 use super::net;
-use crate::s3::{S3Clients, s3_error};
+use stowage_common::storage::{S3Clients, s3_error};
 
 /// An opened source: its size when the source tells it, and its bytes.
 pub struct SourceBody {
@@ -18,7 +21,13 @@ pub struct SourceBody {
 
 /// A job's source, ready to open items.
 #[derive(Clone)]
-pub enum Source {
+pub struct Source {
+    kind: SourceKind,
+    min_rate: MinRate,
+}
+
+#[derive(Clone)]
+enum SourceKind {
     S3 {
         spec: S3Source,
         client: aws_sdk_s3::Client,
@@ -29,34 +38,64 @@ pub enum Source {
     },
 }
 
+/// The slowest a source may send: below `bytes_per_sec` over `window` of
+/// waiting on it, the read fails with that reason instead of holding a
+/// worker slot for minutes (a stalled body, a trickle of bytes).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct MinRate {
+    pub bytes_per_sec: u64,
+    pub window: std::time::Duration,
+}
+
+impl MinRate {
+    /// No minimum.
+    pub const OFF: MinRate = MinRate {
+        bytes_per_sec: 0,
+        window: std::time::Duration::from_secs(30),
+    };
+}
+
 impl Source {
     pub fn new(
         spec: &UploadSource,
         clients: &S3Clients,
         http_clients: &net::HttpClients,
+        min_rate: MinRate,
     ) -> Result<Self, UploadError> {
-        match (&spec.s3, &spec.http) {
-            (Some(s3), None) => Ok(Source::S3 {
+        let kind = match (&spec.s3, &spec.http) {
+            (Some(s3), None) => SourceKind::S3 {
                 client: clients.client(&s3.endpoint)?,
                 spec: s3.clone(),
-            }),
-            (None, Some(http)) => Ok(Source::Http {
+            },
+            (None, Some(http)) => SourceKind::Http {
                 client: http_clients
                     .get(http.allow_private_networks)
                     .map_err(|e| UploadError::Invalid(format!("HTTP client: {e}")))?,
                 // Not the URL list: a job's spec can list thousands.
                 allow_private_networks: http.allow_private_networks,
-            }),
-            _ => Err(UploadError::Invalid(
-                "source: exactly one of s3 or http must be set".into(),
-            )),
-        }
+            },
+            _ => {
+                return Err(UploadError::Invalid(
+                    "source: exactly one of s3 or http must be set".into(),
+                ));
+            }
+        };
+        Ok(Source { kind, min_rate })
     }
 
-    /// Opens `source_ref` (an object key or a URL) for streaming.
+    /// Opens `source_ref` (an object key or a URL) for streaming, its bytes
+    /// held to the minimum rate.
     pub async fn open(&self, source_ref: &str) -> Result<SourceBody, UploadError> {
-        match self {
-            Source::S3 { spec, client } => {
+        let body = self.open_raw(source_ref).await?;
+        Ok(SourceBody {
+            size: body.size,
+            stream: guarded(body.stream, body.size, source_ref, self.min_rate),
+        })
+    }
+
+    async fn open_raw(&self, source_ref: &str) -> Result<SourceBody, UploadError> {
+        match &self.kind {
+            SourceKind::S3 { spec, client } => {
                 let out = client
                     .get_object()
                     .bucket(&spec.bucket)
@@ -74,7 +113,7 @@ impl Source {
                             Ok(None) => Ok(None),
                             Err(e) => Err(UploadError::SourceRead {
                                 source_ref: key,
-                                message: e.to_string(),
+                                message: redact::text(&chain(&e)),
                             }),
                         }
                     }
@@ -84,12 +123,13 @@ impl Source {
                     stream: stream.boxed(),
                 })
             }
-            Source::Http {
+            SourceKind::Http {
                 allow_private_networks,
                 client,
             } => {
-                let url = reqwest::Url::parse(source_ref)
-                    .map_err(|e| UploadError::Invalid(format!("{source_ref:?}: {e}")))?;
+                let url = reqwest::Url::parse(source_ref).map_err(|e| {
+                    UploadError::Invalid(format!("{:?}: {e}", redact::url(source_ref)))
+                })?;
                 net::check_literal(&url, *allow_private_networks)
                     .map_err(|e| UploadError::Refused(e.to_string()))?;
                 let resp = client
@@ -100,17 +140,17 @@ impl Source {
                 let status = resp.status();
                 if !status.is_success() {
                     return Err(UploadError::SourceStatus {
-                        source_ref: source_ref.to_string(),
+                        source_ref: redact::url(source_ref),
                         status: status.as_u16(),
                     });
                 }
                 let size = resp.content_length();
-                let url = source_ref.to_string();
+                let url = redact::url(source_ref);
                 let stream = resp
                     .bytes_stream()
                     .map_err(move |e| UploadError::SourceRead {
                         source_ref: url.clone(),
-                        message: e.to_string(),
+                        message: body_error(&e),
                     });
                 Ok(SourceBody {
                     size,
@@ -131,23 +171,123 @@ fn http_error(source_ref: &str, e: reqwest::Error) -> UploadError {
         cause = c.source();
     }
     UploadError::SourceRead {
-        source_ref: source_ref.to_string(),
-        message: format!("{}", ErrorChain(&e)),
+        source_ref: redact::url(source_ref),
+        message: redact::text(&chain(&e)),
     }
 }
 
-struct ErrorChain<'a>(&'a dyn std::error::Error);
-
-impl std::fmt::Display for ErrorChain<'_> {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "{}", self.0)?;
-        let mut cause = self.0.source();
-        while let Some(c) = cause {
-            write!(f, ": {c}")?;
-            cause = c.source();
-        }
-        Ok(())
+/// What went wrong while a body was being read, in words: reqwest's
+/// "error decoding response body" says nothing about the cause.
+fn body_error(e: &reqwest::Error) -> String {
+    let cause = redact::text(&chain(e));
+    if e.is_timeout() {
+        format!("the source stopped sending data (read timed out): {cause}")
+    } else {
+        format!("the connection broke while reading the body: {cause}")
     }
+}
+
+/// `stream` checked as it flows: it must send at least `min.bytes_per_sec`
+/// over every `min.window` spent waiting on it (time the reader spends
+/// elsewhere does not count), and exactly `size` bytes when the source
+/// announced a size — a body cut short is named as such.
+pub(crate) fn guarded(
+    stream: BoxStream<'static, Result<Bytes, UploadError>>,
+    size: Option<u64>,
+    source_ref: &str,
+    min: MinRate,
+) -> BoxStream<'static, Result<Bytes, UploadError>> {
+    struct State {
+        inner: BoxStream<'static, Result<Bytes, UploadError>>,
+        waited: std::time::Duration,
+        window_bytes: u64,
+        total: u64,
+        done: bool,
+    }
+    let source_ref = redact::url(source_ref);
+    let fail = move |message: String| UploadError::SourceRead {
+        source_ref: source_ref.clone(),
+        message,
+    };
+    let start = State {
+        inner: stream,
+        waited: std::time::Duration::ZERO,
+        window_bytes: 0,
+        total: 0,
+        done: false,
+    };
+    futures::stream::unfold(start, move |mut st| {
+        let fail = fail.clone();
+        async move {
+            if st.done {
+                return None;
+            }
+            loop {
+                // `None`: a whole window went by without a chunk.
+                let began = tokio::time::Instant::now();
+                let next = if min.bytes_per_sec == 0 {
+                    Some(st.inner.next().await)
+                } else {
+                    let budget = min.window.saturating_sub(st.waited);
+                    tokio::time::timeout(budget, st.inner.next()).await.ok()
+                };
+                st.waited = match next {
+                    Some(_) => st.waited + began.elapsed(),
+                    None => min.window,
+                };
+                if let Some(Some(Ok(chunk))) = &next {
+                    let n = chunk.len() as u64;
+                    st.window_bytes = st.window_bytes.saturating_add(n);
+                    st.total = st.total.saturating_add(n);
+                }
+                if min.bytes_per_sec > 0 && st.waited >= min.window {
+                    let needed = min
+                        .bytes_per_sec
+                        .saturating_mul(min.window.as_secs().max(1));
+                    if st.window_bytes < needed && !matches!(next, Some(None)) {
+                        st.done = true;
+                        let message = format!(
+                            "the source sent {} bytes in {:?} of waiting, below the minimum of {} \
+                             bytes/s (--source-min-rate): it stalled or is too slow",
+                            st.window_bytes, min.window, min.bytes_per_sec
+                        );
+                        return Some((Err(fail(message)), st));
+                    }
+                    st.waited = std::time::Duration::ZERO;
+                    st.window_bytes = 0;
+                }
+                match next {
+                    None => continue,
+                    Some(Some(Ok(chunk))) => return Some((Ok(chunk), st)),
+                    Some(Some(Err(e))) => {
+                        st.done = true;
+                        let e = match (e, size) {
+                            (UploadError::SourceRead { message, .. }, Some(size)) => {
+                                fail(format!("{message} (after {} of {size} bytes)", st.total))
+                            }
+                            (e, _) => e,
+                        };
+                        return Some((Err(e), st));
+                    }
+                    Some(None) => {
+                        st.done = true;
+                        return match size {
+                            Some(size) if st.total != size => {
+                                let message = format!(
+                                    "the source closed the connection after {} of the {size} \
+                                     bytes it announced",
+                                    st.total
+                                );
+                                Some((Err(fail(message)), st))
+                            }
+                            _ => None,
+                        };
+                    }
+                }
+            }
+        }
+    })
+    .boxed()
 }
 
 /// Cuts a byte stream into parts of exactly `part_size` bytes (the last one
@@ -217,6 +357,84 @@ mod tests {
             parts.push(String::from_utf8(p.to_vec()).expect("utf8"));
         }
         assert_eq!(parts, ["abcd", "efgh", "ijkl", "mnop", "qr"]);
+    }
+
+    fn trickle(
+        chunks: usize,
+        every: std::time::Duration,
+    ) -> BoxStream<'static, Result<Bytes, UploadError>> {
+        futures::stream::unfold(0, move |i| async move {
+            if i == chunks {
+                return None;
+            }
+            tokio::time::sleep(every).await;
+            Some((Ok(Bytes::from_static(b"x")), i + 1))
+        })
+        .boxed()
+    }
+
+    async fn drain(
+        mut s: BoxStream<'static, Result<Bytes, UploadError>>,
+        pause: std::time::Duration,
+    ) -> Result<usize, String> {
+        let mut n = 0;
+        while let Some(chunk) = s.next().await {
+            n += chunk.map_err(|e| e.to_string())?.len();
+            tokio::time::sleep(pause).await;
+        }
+        Ok(n)
+    }
+
+    #[tokio::test]
+    async fn a_trickling_source_fails_with_the_reason() {
+        let min = MinRate {
+            bytes_per_sec: 1000,
+            window: std::time::Duration::from_millis(300),
+        };
+        let slow = guarded(
+            trickle(100, std::time::Duration::from_millis(20)),
+            None,
+            "https://u:p@h/f?sig=S",
+            min,
+        );
+        let e = drain(slow, std::time::Duration::ZERO)
+            .await
+            .expect_err("too slow");
+        assert!(e.contains("below the minimum of 1000 bytes/s"), "{e}");
+        assert!(!e.contains("sig=S") && !e.contains("u:p"), "redacted: {e}");
+        // A silent source fails as well, within about one window.
+        let silent = guarded(
+            trickle(1, std::time::Duration::from_secs(30)),
+            None,
+            "s",
+            min,
+        );
+        let started = std::time::Instant::now();
+        assert!(drain(silent, std::time::Duration::ZERO).await.is_err());
+        assert!(started.elapsed() < std::time::Duration::from_secs(5));
+    }
+
+    #[tokio::test]
+    async fn time_the_reader_spends_elsewhere_does_not_count() {
+        let min = MinRate {
+            bytes_per_sec: 1000,
+            window: std::time::Duration::from_millis(200),
+        };
+        let fast = guarded(stream_of(vec![b"abc"; 5]), Some(15), "s", min);
+        let n = drain(fast, std::time::Duration::from_millis(150)).await;
+        assert_eq!(n, Ok(15));
+    }
+
+    #[tokio::test]
+    async fn a_body_cut_short_is_named() {
+        let cut = guarded(stream_of(vec![b"hello"]), Some(10), "s", MinRate::OFF);
+        let e = drain(cut, std::time::Duration::ZERO)
+            .await
+            .expect_err("short");
+        assert!(
+            e.contains("closed the connection after 5 of the 10 bytes"),
+            "{e}"
+        );
     }
 
     #[tokio::test]

@@ -14,8 +14,9 @@ use std::time::Duration;
 
 use serde::Deserialize;
 use serde_json::json;
-use stowage_common::errors::{Classify, ErrorClass};
+use stowage_common::errors::{Classify, ErrorClass, chain};
 use stowage_common::queue::backoff_delay;
+use stowage_common::redact;
 use stowage_common::spec::index::{Embedding, EmbeddingProvider};
 
 use super::{EmbedError, normalize};
@@ -77,6 +78,10 @@ impl RemoteEmbedder {
             retry,
             http: reqwest::Client::builder()
                 .timeout(Duration::from_secs(120))
+                .connect_timeout(Duration::from_secs(10))
+                // A redirect would carry the API key along: the endpoint must
+                // be the final URL.
+                .redirect(reqwest::redirect::Policy::none())
                 .build()
                 .map_err(|e| EmbedError::Transport(e.to_string()))?,
         })
@@ -119,18 +124,52 @@ impl RemoteEmbedder {
         if let Some(key) = &self.api_key {
             req = req.bearer_auth(key);
         }
-        let resp = req
+        let mut resp = req
             .send()
             .await
-            .map_err(|e| EmbedError::Transport(e.to_string()))?;
+            .map_err(|e| EmbedError::Transport(self.scrub(&chain(&e))))?;
         let status = resp.status().as_u16();
-        let bytes = resp
-            .bytes()
+        if (300..400).contains(&status) {
+            let to = resp
+                .headers()
+                .get(reqwest::header::LOCATION)
+                .and_then(|l| l.to_str().ok())
+                .map(redact::url)
+                .unwrap_or_default();
+            return Err(EmbedError::Status {
+                status,
+                body: format!(
+                    "a redirect (to {to:?}) is not followed with the API key attached: set the \
+                     final URL as embedding.endpoint"
+                ),
+            });
+        }
+        // Bounded whatever the server sends: a vector per text, as JSON.
+        let limit = MAX_ANSWER_BYTES_PER_TEXT
+            .saturating_mul(texts.len().max(1))
+            .saturating_mul(self.dimensions.max(1))
+            .saturating_add(1 << 20);
+        let mut bytes = Vec::new();
+        while let Some(chunk) = resp
+            .chunk()
             .await
-            .map_err(|e| EmbedError::Transport(e.to_string()))?;
+            .map_err(|e| EmbedError::Transport(self.scrub(&chain(&e))))?
+        {
+            if bytes.len().saturating_add(chunk.len()) > limit {
+                return Err(EmbedError::Response(format!(
+                    "the answer is larger than {limit} bytes, more than {} vectors of {} \
+                     dimensions can take",
+                    texts.len(),
+                    self.dimensions
+                )));
+            }
+            bytes.extend_from_slice(&chunk);
+        }
         if !(200..300).contains(&status) {
-            let body = String::from_utf8_lossy(&bytes[..bytes.len().min(300)]).into_owned();
-            return Err(EmbedError::Status { status, body });
+            return Err(EmbedError::Status {
+                status,
+                body: self.scrub(&error_summary(&bytes)),
+            });
         }
         let bad = |e: serde_json::Error| EmbedError::Response(e.to_string());
         let vectors: Vec<Vec<f32>> = match self.provider {
@@ -181,6 +220,45 @@ impl RemoteEmbedder {
     }
 }
 
+/// Bytes of JSON an answer may spend per number of a vector (a float
+/// printed in full, a separator).
+const MAX_ANSWER_BYTES_PER_TEXT: usize = 32;
+
+/// What an error answer says, briefly: its JSON `error` / `message` when it
+/// has one, else its first line, at most 200 characters of it.
+fn error_summary(body: &[u8]) -> String {
+    let text = String::from_utf8_lossy(&body[..body.len().min(64 * 1024)]);
+    let said = serde_json::from_str::<serde_json::Value>(&text)
+        .ok()
+        .and_then(|v| {
+            let e = v.get("error").unwrap_or(&v);
+            e.get("message")
+                .or_else(|| v.get("message"))
+                .and_then(|m| m.as_str())
+                .or_else(|| e.as_str())
+                .map(str::to_string)
+        })
+        .unwrap_or_else(|| text.lines().next().unwrap_or_default().to_string());
+    let clean: String = said.chars().filter(|c| !c.is_control()).take(200).collect();
+    if clean.is_empty() {
+        "(no message)".into()
+    } else {
+        clean
+    }
+}
+
+impl RemoteEmbedder {
+    /// `text` without the API key (a server may echo it back) and without
+    /// URL secrets.
+    fn scrub(&self, text: &str) -> String {
+        let text = redact::text(text);
+        match &self.api_key {
+            Some(key) if key.len() >= 4 => text.replace(key.as_str(), "REDACTED"),
+            _ => text,
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use std::sync::Arc;
@@ -191,6 +269,7 @@ mod tests {
     use axum::extract::State;
     use axum::http::{HeaderMap, StatusCode};
     use axum::routing::post;
+    use futures::StreamExt;
     use serde_json::Value;
 
     use super::*;
@@ -408,5 +487,104 @@ mod tests {
         .expect("tei");
         let e = gone.embed(&texts(1)).await.expect_err("unreachable");
         assert_eq!(e.class(), ErrorClass::Retryable);
+    }
+
+    /// A hostile endpoint: redirects elsewhere, echoes the key, or answers
+    /// without end. Each is refused with a message that carries no secret.
+    #[tokio::test]
+    async fn hostile_endpoints_get_no_key_and_no_memory() {
+        use axum::routing::get;
+        let redirected = Arc::new(AtomicUsize::new(0));
+        let seen = Arc::clone(&redirected);
+        let elsewhere = Router::new().route(
+            "/v1/embeddings",
+            post(move |headers: HeaderMap| {
+                let seen = Arc::clone(&seen);
+                async move {
+                    if headers.contains_key("authorization") {
+                        seen.fetch_add(1, Ordering::SeqCst);
+                    }
+                    StatusCode::OK
+                }
+            }),
+        );
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let other = listener.local_addr().expect("addr");
+        tokio::spawn(async move { axum::serve(listener, elsewhere).await });
+        let target = format!("http://{other}/v1/embeddings?token=t0p");
+        let app = Router::new()
+            .route(
+                "/redirect/v1/embeddings",
+                post(move || {
+                    let target = target.clone();
+                    async move { (StatusCode::TEMPORARY_REDIRECT, [("location", target)]) }
+                }),
+            )
+            .route(
+                "/echo/v1/embeddings",
+                post(|headers: HeaderMap| async move {
+                    let auth = headers
+                        .get("authorization")
+                        .and_then(|h| h.to_str().ok())
+                        .unwrap_or_default()
+                        .to_string();
+                    (
+                        StatusCode::UNAUTHORIZED,
+                        format!("{{\"error\": {{\"message\": \"bad key {auth}\"}}}}"),
+                    )
+                }),
+            )
+            .route(
+                "/huge/v1/embeddings",
+                post(|| async {
+                    let chunk = Bytes::from(vec![b' '; 1 << 20]);
+                    let endless = futures::stream::repeat(chunk).map(Ok::<_, std::io::Error>);
+                    axum::body::Body::from_stream(endless)
+                }),
+            )
+            .route("/", get(|| async { "ok" }));
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        tokio::spawn(async move { axum::serve(listener, app).await });
+        let embedder = |path: &str| {
+            RemoteEmbedder::new(
+                &spec(
+                    EmbeddingProvider::Openai,
+                    "m",
+                    4,
+                    &format!("http://{addr}/{path}"),
+                ),
+                Some("sk-secret-123".into()),
+                fast(),
+            )
+            .expect("embedder")
+        };
+        let e = embedder("redirect")
+            .embed(&texts(1))
+            .await
+            .expect_err("redirect");
+        let m = e.to_string();
+        assert!(
+            m.contains("redirect") && m.contains("embedding.endpoint"),
+            "{m}"
+        );
+        assert!(!m.contains("t0p"), "the redirect's URL is redacted: {m}");
+        assert_eq!(
+            redirected.load(Ordering::SeqCst),
+            0,
+            "the key never went elsewhere"
+        );
+        let e = embedder("echo").embed(&texts(1)).await.expect_err("401");
+        let m = e.to_string();
+        assert!(m.contains("bad key") && !m.contains("sk-secret-123"), "{m}");
+        let e = embedder("huge")
+            .embed(&texts(2))
+            .await
+            .expect_err("endless");
+        assert!(e.to_string().contains("the answer is larger than"), "{e}");
     }
 }
