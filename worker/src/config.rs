@@ -79,6 +79,14 @@ pub struct WorkerArgs {
     #[arg(long, env = "STOWAGE_SHA256_METADATA", value_enum, default_value_t = Sha256Metadata::Always)]
     pub sha256_metadata: Sha256Metadata,
 
+    /// Attempts of a planning or sync task (document tasks get twice this)
+    /// before it is dead-lettered with its last error. Counted before each
+    /// run, so a task that crashes its worker also comes to an end; waits
+    /// (a busy key, a run still indexing) are not attempts. Upload tasks
+    /// are bounded by their job's `retry.maxAttempts` instead.
+    #[arg(long, env = "STOWAGE_TASK_ATTEMPTS", default_value_t = 10, value_parser = clap::value_parser!(u32).range(1..=1000))]
+    pub task_attempts: u32,
+
     /// The slowest a source may send, in bytes per second, measured over
     /// 30 s spent waiting on it: a stalled or trickling source fails with
     /// that reason instead of holding a worker slot. 0 turns it off.

@@ -56,6 +56,8 @@ pub struct Context {
     pub ack_wait: Duration,
     pub draining: AtomicBool,
     pub sha256_metadata: config::Sha256Metadata,
+    /// Attempts of planning, sync and document tasks (`--task-attempts`).
+    pub task_attempts: u32,
     /// The slowest a source may send (uploads and documents).
     pub min_rate: upload::source::MinRate,
     /// Upload jobs by id, so a file does not re-read (or re-validate) its
@@ -107,6 +109,7 @@ pub async fn start(args: WorkerArgs, hook: Option<PartHook>) -> anyhow::Result<W
         ack_wait: args.ack_wait,
         draining: AtomicBool::new(false),
         sha256_metadata: args.sha256_metadata,
+        task_attempts: args.task_attempts,
         min_rate: upload::source::MinRate {
             bytes_per_sec: args.source_min_rate,
             window: Duration::from_secs(30),

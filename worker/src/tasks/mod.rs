@@ -39,15 +39,17 @@ fn kind_of(task: &Task) -> Option<TaskKind> {
     })
 }
 
-/// Most attempts of a task whose kind does not count its own; `None` for
-/// uploads, whose items count theirs (the job's `retry.maxAttempts`).
-pub fn max_attempts(kind: TaskKind) -> Option<i32> {
+/// Most attempts of a task whose kind does not count its own, given the
+/// worker's `--task-attempts`; `None` for uploads, whose items count theirs
+/// (the job's `retry.maxAttempts`).
+pub fn max_attempts(kind: TaskKind, configured: u32) -> Option<i32> {
+    let configured = i32::try_from(configured.max(1)).unwrap_or(i32::MAX);
     match kind {
         TaskKind::Upload => None,
-        TaskKind::UploadPlan | TaskKind::IndexSync => Some(10),
+        TaskKind::UploadPlan | TaskKind::IndexSync => Some(configured),
         // A run's document gives up after its own 5 attempts; this bounds
         // event-driven ones and anything that never reaches that count.
-        TaskKind::IndexDocument => Some(20),
+        TaskKind::IndexDocument => Some(configured.saturating_mul(2)),
     }
 }
 
@@ -156,7 +158,7 @@ async fn handle(ctx: Arc<Context>, msg: Message, cancel: CancellationToken) {
             }
         })
     };
-    let limit = kind.and_then(max_attempts);
+    let limit = kind.and_then(|k| max_attempts(k, ctx.task_attempts));
     let counted = match limit {
         Some(_) => begin(&ctx, &task).await,
         None => None,

@@ -179,11 +179,17 @@ fn http_error(source_ref: &str, e: reqwest::Error) -> UploadError {
 /// What went wrong while a body was being read, in words: reqwest's
 /// "error decoding response body" says nothing about the cause.
 fn body_error(e: &reqwest::Error) -> String {
-    let cause = redact::text(&chain(e));
+    // The root cause is the one that says something ("end of file before
+    // message length reached", "connection reset by peer").
+    let mut root: &(dyn std::error::Error + 'static) = e;
+    while let Some(next) = root.source() {
+        root = next;
+    }
+    let cause = redact::text(&root.to_string());
     if e.is_timeout() {
-        format!("the source stopped sending data (read timed out): {cause}")
+        format!("the source stopped sending data (read timed out: {cause})")
     } else {
-        format!("the connection broke while reading the body: {cause}")
+        format!("the connection broke while reading the body ({cause})")
     }
 }
 
@@ -263,7 +269,7 @@ pub(crate) fn guarded(
                         st.done = true;
                         let e = match (e, size) {
                             (UploadError::SourceRead { message, .. }, Some(size)) => {
-                                fail(format!("{message} (after {} of {size} bytes)", st.total))
+                                fail(format!("{message} after {} of {size} bytes", st.total))
                             }
                             (e, _) => e,
                         };
