@@ -270,6 +270,62 @@ async fn fifty_jobs_applied_at_once_are_all_registered() {
     assert_eq!(database_errors, 0.0, "{metrics}");
 }
 
+/// A presigned-style URL that fails: no copy of its password, signature,
+/// credential or token in the job's status, its events, its dead letter, or
+/// the operator's and the worker's logs.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failing_presigned_url_leaves_no_secret_anywhere() {
+    let w = world().await;
+    let operator = w.operator();
+    let worker = w.worker(2);
+    let server = SlowFiles::start(Vec::new(), 1 << 20).await;
+    let host = server.base.trim_start_matches("http://");
+    let url = format!(
+        "http://alice:hunter2@{host}/report.pdf?X-Amz-Algorithm=AWS4-HMAC-SHA256&\
+         X-Amz-Credential=AKIDSECRETCRED&X-Amz-Signature=deadbeefSIGNATURE&token=TOKENSECRET"
+    );
+    let manifest = http_job(&w, "presigned", &[url]).replace(
+        "  concurrency: 2",
+        "  concurrency: 2\n  retry: {maxAttempts: 1}",
+    );
+    w.apply_ok(&manifest);
+    w.wait_for("uj/presigned", "Failed", "120s");
+    let status = w.field("uj/presigned", "{.status}");
+    assert!(status.contains("answered HTTP 404"), "{status}");
+    let events = w.kube.ok(&[
+        "get",
+        "events.events.k8s.io",
+        "-n",
+        &w.namespace,
+        "-o",
+        "json",
+    ]);
+    let queue = stowage_common::queue::Queue::connect(&w.stack.nats_url(), &w.prefix)
+        .await
+        .expect("nats");
+    let letters = format!("{:?}", queue.dead_letters().await.expect("dead letters"));
+    assert!(letters.contains("answered HTTP 404"), "{letters}");
+    let logs: String = [&operator.log, &worker.log]
+        .iter()
+        .map(|p| std::fs::read_to_string(p).unwrap_or_default())
+        .collect();
+    for secret in [
+        "hunter2",
+        "deadbeefSIGNATURE",
+        "AKIDSECRETCRED",
+        "TOKENSECRET",
+    ] {
+        for (what, text) in [
+            ("status", &status),
+            ("events", &events),
+            ("dead letters", &letters),
+            ("logs", &logs),
+        ] {
+            assert!(!text.contains(secret), "{secret} leaked into the {what}");
+        }
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn deleting_a_running_job_drops_its_work_and_aborts_its_uploads() {
     let w = world().await;
