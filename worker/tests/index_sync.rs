@@ -21,7 +21,10 @@ use stowage_common::testing::eventually;
 use stowage_proto::v1::search_client::SearchClient;
 use stowage_proto::v1::{SearchMode, SearchRequest};
 use support::Harness;
-use support::index::{DIMS, SLOW_MODEL, bag_of_words, embedder, put, register, source, sync};
+use support::index::{
+    DIMS, SLOW_MODEL, bag_of_words, embedder, etag, put, put_multipart, put_single,
+    record_stowage_write, register, source, stowage_upload, sync,
+};
 use uuid::Uuid;
 
 async fn document_state(h: &Harness, key: &str) -> Option<(String, Option<String>, i32)> {
@@ -510,3 +513,293 @@ async fn document_tasks_update_and_remove_single_documents_between_runs() {
         .get(0);
     assert_eq!(runs, 1, "no sync run was needed");
 }
+
+/// What the active generation records for `key`: (ETag, chunk ids).
+async fn indexed_version(h: &Harness, key: &str) -> (Option<String>, Vec<i64>) {
+    let db = h.pool.get().await.expect("db");
+    let row = db
+        .query_one(
+            "SELECT d.etag, coalesce((SELECT array_agg(c.id ORDER BY c.id) FROM chunks c
+                     WHERE c.generation_id = d.generation_id AND c.object_key = d.object_key),
+                     '{}')
+             FROM documents d
+             JOIN embedding_generations g ON g.id = d.generation_id AND g.state = 'active'
+             WHERE d.object_key = $1",
+            &[&key],
+        )
+        .await
+        .expect("document row");
+    (row.get(0), row.get(1))
+}
+
+fn sha256_hex(bytes: &[u8]) -> String {
+    use sha2::Digest;
+    hex::encode(sha2::Sha256::digest(bytes))
+}
+
+/// Another store's endpoint: a record of writing there says nothing about
+/// the harness's bucket of the same name.
+fn elsewhere(h: &Harness) -> stowage_common::spec::Endpoint {
+    stowage_common::spec::Endpoint {
+        endpoint: Some("http://elsewhere.example:9000".into()),
+        ..h.endpoint()
+    }
+}
+
+/// Identical bytes written again get a new ETag when the upload's shape
+/// changes (a single PUT's ETag is the bytes' MD5, a multipart one the MD5
+/// of the parts' MD5s with `-N`, on LocalStack and Garage alike). A second
+/// run embeds none of them: Stowage's UploadJob wrote one (its `sha256`
+/// metadata says so, found by a HEAD), Stowage's history has another (same
+/// store, that exact ETag), and the plain multipart uploads nobody vouches
+/// for are read, hashed and found identical. Their documents keep their
+/// chunks and record the new ETags, so a third run looks nothing up.
+/// Changed bytes are embedded as before.
+async fn identical_bytes_written_again_are_not_embedded_again(target: &str) {
+    let h = Harness::new(target).await;
+    let _worker = h.worker(None).await;
+    let embedded = Arc::new(AtomicUsize::new(0));
+    let url = embedder(Arc::clone(&embedded)).await;
+    let job: &[u8] = b"Stowage copied this runbook: promote the standby replica.";
+    let recorded: &[u8] = b"Stowage recorded this one without metadata: lifecycle rules.";
+    let foreign: &[u8] = b"Recorded as written to another store: retention periods.";
+    let plain: &[u8] = b"Plain uploads by anyone: buckets, prefixes and keys.";
+    let same: &[u8] = b"Never written again: queues and consumers.";
+    // Untyped like Stowage's own writes (the same bytes under another type
+    // would be another document).
+    put_multipart(&h, "kb/job.txt", None, job).await;
+    put_single(&h, "kb/recorded.txt", None, recorded).await;
+    put_single(&h, "kb/foreign.txt", None, foreign).await;
+    put_single(&h, "kb/plain.txt", Some("text/plain"), plain).await;
+    put_single(&h, "kb/same.txt", Some("text/plain"), same).await;
+    put_single(
+        &h,
+        "kb/edited.txt",
+        Some("text/plain"),
+        b"Edited: version one.",
+    )
+    .await;
+    put_single(&h, "src/job.txt", None, job).await; // the UploadJob's source
+    let id = register(
+        &h,
+        serde_json::json!({"source": source(&h, "kb/"), "embedding": {
+            "provider": "openai", "model": "bow", "dimensions": DIMS, "endpoint": url}}),
+    )
+    .await;
+    let first = sync(&h, id, "one").await;
+    assert_eq!(first.state, RunState::Completed, "{first:?}");
+    assert_eq!((first.counts.new, first.counts.chunks_written), (6, 6));
+    assert_eq!(embedded.load(Ordering::SeqCst), 6);
+    let rewritten = [
+        "kb/job.txt",
+        "kb/recorded.txt",
+        "kb/foreign.txt",
+        "kb/plain.txt",
+    ];
+    let mut before = std::collections::HashMap::new();
+    for key in rewritten {
+        before.insert(key, indexed_version(&h, key).await);
+    }
+
+    // The same bytes again, each under a new ETag.
+    stowage_upload(&h, "same-bytes", "src/", "kb/").await;
+    let e = put_multipart(&h, "kb/recorded.txt", None, recorded).await;
+    record_stowage_write(
+        &h,
+        "kb/recorded.txt",
+        &e,
+        &sha256_hex(recorded),
+        recorded.len() as i64,
+        h.endpoint(),
+    )
+    .await;
+    let e = put_multipart(&h, "kb/foreign.txt", None, foreign).await;
+    record_stowage_write(
+        &h,
+        "kb/foreign.txt",
+        &e,
+        &sha256_hex(foreign),
+        foreign.len() as i64,
+        elsewhere(&h),
+    )
+    .await;
+    put_multipart(&h, "kb/plain.txt", Some("text/plain"), plain).await;
+    put_single(
+        &h,
+        "kb/edited.txt",
+        Some("text/plain"),
+        b"Edited: version two, rewritten.",
+    )
+    .await;
+    for key in rewritten {
+        assert_ne!(
+            before[key].0.as_deref(),
+            Some(etag(&h, key).await.as_str()),
+            "{key} has a new ETag"
+        );
+    }
+    assert_eq!(
+        h.object_sha256_metadata("kb/job.txt").await,
+        Some(sha256_hex(job)),
+        "the UploadJob wrote the hash in the metadata"
+    );
+
+    let embedded_before = embedded.load(Ordering::SeqCst);
+    let second = sync(&h, id, "two").await;
+    assert_eq!(second.state, RunState::Completed, "{second:?}");
+    let c = &second.counts;
+    assert_eq!(
+        embedded.load(Ordering::SeqCst) - embedded_before,
+        1,
+        "only the edited document's one chunk is embedded ({c:?})"
+    );
+    // The planner knew job.txt and recorded.txt unchanged; foreign.txt and
+    // plain.txt were read to learn it; edited.txt changed.
+    assert_eq!(
+        (
+            c.seen,
+            c.new,
+            c.changed,
+            c.deleted,
+            c.failed,
+            c.skipped,
+            c.chunks_written
+        ),
+        (6, 0, 3, 0, 0, 0, 1),
+        "{c:?}"
+    );
+    for key in rewritten {
+        let (recorded_etag, chunks) = indexed_version(&h, key).await;
+        assert_eq!(
+            recorded_etag,
+            Some(etag(&h, key).await),
+            "{key}: its new ETag is recorded"
+        );
+        assert_eq!(chunks, before[key].1, "{key}: its chunks are untouched");
+    }
+    assert_eq!(
+        search(&h, id, Mode::Keyword, "rewritten").await,
+        ["kb/edited.txt"],
+        "changed bytes are indexed"
+    );
+
+    // Every ETag is the one recorded: nothing to look up or read.
+    let third = sync(&h, id, "three").await;
+    assert_eq!(
+        (
+            third.counts.seen,
+            third.counts.changed,
+            third.counts.chunks_written
+        ),
+        (6, 0, 0),
+        "{third:?}"
+    );
+    assert_eq!(embedded.load(Ordering::SeqCst) - embedded_before, 1);
+}
+on_each_s3!(identical_bytes_written_again_are_not_embedded_again);
+
+/// The event-driven path: after an UploadJob (and others) wrote identical
+/// bytes under new ETags, their `IndexDocument` tasks embed nothing and
+/// record the new ETags; changed bytes are embedded.
+async fn document_tasks_embed_nothing_for_identical_bytes(target: &str) {
+    let h = Harness::new(target).await;
+    let _worker = h.worker(None).await;
+    let embedded = Arc::new(AtomicUsize::new(0));
+    let url = embedder(Arc::clone(&embedded)).await;
+    let job: &[u8] = b"Stowage copied this runbook: promote the standby replica.";
+    let recorded: &[u8] = b"Stowage recorded this one without metadata: lifecycle rules.";
+    let plain: &[u8] = b"Plain uploads by anyone: buckets, prefixes and keys.";
+    put_multipart(&h, "kb/job.txt", None, job).await;
+    put_single(&h, "kb/recorded.txt", None, recorded).await;
+    put_single(&h, "kb/plain.txt", Some("text/plain"), plain).await;
+    put_single(
+        &h,
+        "kb/edited.txt",
+        Some("text/plain"),
+        b"Edited: version one.",
+    )
+    .await;
+    put_single(&h, "src/job.txt", None, job).await;
+    let id = register(
+        &h,
+        serde_json::json!({"source": source(&h, "kb/"), "embedding": {
+            "provider": "openai", "model": "bow", "dimensions": DIMS, "endpoint": url}}),
+    )
+    .await;
+    assert_eq!(sync(&h, id, "one").await.state, RunState::Completed);
+    assert_eq!(embedded.load(Ordering::SeqCst), 4);
+    let rewritten = ["kb/job.txt", "kb/recorded.txt", "kb/plain.txt"];
+    let mut before = std::collections::HashMap::new();
+    for key in rewritten {
+        before.insert(key, indexed_version(&h, key).await);
+    }
+
+    stowage_upload(&h, "same-bytes", "src/", "kb/").await;
+    let e = put_multipart(&h, "kb/recorded.txt", None, recorded).await;
+    record_stowage_write(
+        &h,
+        "kb/recorded.txt",
+        &e,
+        &sha256_hex(recorded),
+        recorded.len() as i64,
+        h.endpoint(),
+    )
+    .await;
+    put_multipart(&h, "kb/plain.txt", Some("text/plain"), plain).await;
+    put_single(
+        &h,
+        "kb/edited.txt",
+        Some("text/plain"),
+        b"Edited: version two, rewritten.",
+    )
+    .await;
+    for key in rewritten.iter().chain(&["kb/edited.txt"]) {
+        document_task(&h, id, key, 1).await;
+    }
+    eventually(
+        "the edited document is re-indexed",
+        Duration::from_secs(30),
+        || async { search(&h, id, Mode::Keyword, "rewritten").await == ["kb/edited.txt"] },
+    )
+    .await;
+    eventually("every task is handled", Duration::from_secs(30), || async {
+        h.queue.backlog().await.is_ok_and(|b| b == 0)
+    })
+    .await;
+    assert_eq!(
+        embedded.load(Ordering::SeqCst),
+        4 + 1,
+        "only the edited document's chunk is embedded"
+    );
+    for key in rewritten {
+        let (recorded_etag, chunks) = indexed_version(&h, key).await;
+        assert_eq!(
+            recorded_etag,
+            Some(etag(&h, key).await),
+            "{key}: its new ETag is recorded"
+        );
+        assert_eq!(chunks, before[key].1, "{key}: its chunks are untouched");
+    }
+    // The same tasks again: every ETag is the one recorded.
+    for key in rewritten.iter().chain(&["kb/edited.txt"]) {
+        document_task(&h, id, key, 2).await;
+    }
+    eventually(
+        "the repeats are handled",
+        Duration::from_secs(30),
+        || async { h.queue.backlog().await.is_ok_and(|b| b == 0) },
+    )
+    .await;
+    assert_eq!(embedded.load(Ordering::SeqCst), 4 + 1);
+    let runs: i64 = h
+        .pool
+        .get()
+        .await
+        .expect("db")
+        .query_one("SELECT count(*) FROM sync_runs", &[])
+        .await
+        .expect("runs")
+        .get(0);
+    assert_eq!(runs, 1, "no sync run was needed");
+}
+on_each_s3!(document_tasks_embed_nothing_for_identical_bytes);

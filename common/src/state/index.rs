@@ -973,23 +973,46 @@ pub async fn documents(
 ) -> Result<std::collections::HashMap<String, IndexedDocument>, StateError> {
     let rows = client
         .query(
-            "SELECT object_key, etag, sha256_hex, state FROM documents WHERE generation_id = $1",
+            &format!(
+                "SELECT object_key, {DOCUMENT_COLUMNS} FROM documents WHERE generation_id = $1"
+            ),
             &[&generation_id],
         )
         .await?;
     Ok(rows
         .iter()
-        .map(|r| {
-            (
-                r.get(0),
-                IndexedDocument {
-                    etag: r.get(1),
-                    sha256_hex: r.get(2),
-                    failed: r.get::<_, &str>(3) == "failed",
-                },
-            )
-        })
+        .map(|r| (r.get(0), indexed_document(r, 1)))
         .collect())
+}
+
+/// What a generation holds for one object key, if it has the document.
+pub async fn document(
+    client: &Client,
+    generation_id: i64,
+    object_key: &str,
+) -> Result<Option<IndexedDocument>, StateError> {
+    Ok(client
+        .query_opt(
+            &format!(
+                "SELECT {DOCUMENT_COLUMNS} FROM documents WHERE generation_id = $1 AND object_key = $2"
+            ),
+            &[&generation_id, &object_key],
+        )
+        .await?
+        .map(|r| indexed_document(&r, 0)))
+}
+
+const DOCUMENT_COLUMNS: &str = "etag, sha256_hex, content_type, state";
+
+fn indexed_document(r: &tokio_postgres::Row, first: usize) -> IndexedDocument {
+    let state: &str = r.get(first + 3);
+    IndexedDocument {
+        etag: r.get(first),
+        sha256_hex: r.get(first + 1),
+        content_type: r.get(first + 2),
+        failed: state == "failed",
+        indexed: state == "indexed",
+    }
 }
 
 /// What a generation holds for one object key.
@@ -997,8 +1020,95 @@ pub async fn documents(
 pub struct IndexedDocument {
     pub etag: Option<String>,
     pub sha256_hex: Option<String>,
+    /// The object's content type when it was indexed.
+    pub content_type: Option<String>,
     /// Its last indexing failed (recorded with the reason).
     pub failed: bool,
+    /// Its last indexing stored chunks (neither skipped nor failed).
+    pub indexed: bool,
+}
+
+/// A document whose object was written again with the same content: its
+/// recorded ETag becomes the new one.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Retag {
+    pub object_key: String,
+    /// The content the document was indexed from, and the object has.
+    pub sha256_hex: String,
+    pub etag: String,
+}
+
+/// Records the new ETags of documents whose content is unchanged, leaving
+/// their chunks alone, in one transaction. A document that changed
+/// meanwhile (another content hash) or failed is left as it is. Returns how
+/// many were updated.
+pub async fn retag_documents(
+    client: &mut Client,
+    generation_id: i64,
+    retags: &[Retag],
+) -> Result<u64, StateError> {
+    if retags.is_empty() {
+        return Ok(0);
+    }
+    let tx = client.transaction().await?;
+    // One row at a time, each found by the primary key whatever the
+    // table's statistics.
+    let update = tx
+        .prepare(
+            "UPDATE documents SET etag = $3
+             WHERE generation_id = $1 AND object_key = $2 AND sha256_hex = $4
+               AND state <> 'failed'",
+        )
+        .await?;
+    let mut updated = 0;
+    for r in retags {
+        updated += tx
+            .execute(
+                &update,
+                &[&generation_id, &r.object_key, &r.etag, &r.sha256_hex],
+            )
+            .await?;
+    }
+    tx.commit().await?;
+    Ok(updated)
+}
+
+/// Stowage's own records (the `objects` history) of writing the current
+/// objects at `keys` in `bucket`, kept only where the job that wrote one
+/// wrote to the store named by `endpoint_label` (the history is keyed by
+/// bucket and key alone) and recorded the ETag it got: key → (ETag, SHA-256).
+pub async fn recorded_contents(
+    client: &Client,
+    endpoint_label: &str,
+    bucket: &str,
+    keys: &[&str],
+) -> Result<std::collections::HashMap<String, (String, String)>, StateError> {
+    let mut found = std::collections::HashMap::new();
+    if keys.is_empty() {
+        return Ok(found);
+    }
+    // One key at a time: each found through `objects_one_current` on both
+    // columns (a list of keys would leave them to a filter over the bucket).
+    let select = client
+        .prepare_cached(
+            "SELECT o.etag, o.sha256_hex, j.spec -> 'destination'
+             FROM objects o JOIN upload_jobs j ON j.id = o.job_id
+             WHERE o.bucket = $1 AND o.object_key = $2 AND o.current AND o.etag IS NOT NULL",
+        )
+        .await?;
+    for key in keys {
+        let Some(row) = client.query_opt(&select, &[&bucket, key]).await? else {
+            continue;
+        };
+        let same_store = row
+            .get::<_, Option<serde_json::Value>>(2)
+            .and_then(|d| serde_json::from_value::<crate::spec::Endpoint>(d).ok())
+            .is_some_and(|e| e.label() == endpoint_label);
+        if same_store {
+            found.insert(key.to_string(), (row.get(0), row.get(1)));
+        }
+    }
+    Ok(found)
 }
 
 /// One generation by id; `None` once it is gone (replaced, or its
@@ -1011,21 +1121,6 @@ pub async fn generation(client: &Client, id: i64) -> Result<Option<Generation>, 
         )
         .await?;
     row.as_ref().map(generation_row).transpose()
-}
-
-/// The ETag a generation holds for `object_key`, if it has the document.
-pub async fn document_etag(
-    client: &Client,
-    generation_id: i64,
-    object_key: &str,
-) -> Result<Option<String>, StateError> {
-    Ok(client
-        .query_opt(
-            "SELECT etag FROM documents WHERE generation_id = $1 AND object_key = $2",
-            &[&generation_id, &object_key],
-        )
-        .await?
-        .and_then(|r| r.get(0)))
 }
 
 /// Documents by state and chunks in a collection's active generation.

@@ -8,7 +8,10 @@
 //! - From object events (an UploadJob landed it in a bucket a collection
 //!   watches): brings the object up to date in every live generation — the
 //!   active one and one being built — if it is new or changed there, or
-//!   drops it if the object is gone.
+//!   drops it if the object is gone. An object written again with the bytes
+//!   and type a document holds (a new ETag: its `sha256` metadata or
+//!   Stowage's record of writing it says so, or reading it does) only gets
+//!   its new ETag recorded: nothing is embedded.
 //!
 //! Both under the document's lock.
 
@@ -23,11 +26,10 @@ use stowage_common::state::index as store;
 use tracing::{info, warn};
 use uuid::Uuid;
 
-use super::plan::Listed;
-use super::sync::{document, document_lock, embedder};
+use super::plan::{Listed, Recorded, content_hash};
+use super::sync::{as_indexed, document, document_lock, embedder, head};
 use crate::Context;
 use crate::outcome::Outcome;
-use stowage_common::storage::s3_error;
 
 use super::IndexError;
 
@@ -122,7 +124,9 @@ async fn index_in_run(
                 sha256_hex: None,
                 size: planned.document.size,
             };
-            document(ctx, &client, collection, &embedder, g.id, &object).await?
+            document(ctx, &client, collection, &embedder, g.id, &object)
+                .await?
+                .end
         }
     };
     let db = ctx.db.get().await?;
@@ -237,7 +241,8 @@ async fn index(
     }
     drop(db);
     let client = ctx.s3.client(&collection.spec.source.endpoint)?;
-    let Some(object) = head(&client, collection, key).await? else {
+    let source = &collection.spec.source;
+    let Some((object, probed)) = head(&client, &source.bucket, key).await? else {
         let _lock = document_lock(ctx, collection_id, key).await?;
         let mut db = ctx.db.get().await?;
         for g in &generations {
@@ -248,25 +253,45 @@ async fn index(
         return Ok("deleted");
     };
     let mut label = "unchanged";
+    // Stowage's record of writing the object: looked up once, if needed.
+    let mut recorded: Option<Option<Recorded>> = None;
     for g in &generations {
         let current = {
             let db = ctx.db.get().await?;
-            store::document_etag(&db, g.id, key).await?
+            store::document(&db, g.id, key).await?.map(as_indexed)
         };
-        if current.as_deref() == Some(object.etag.as_str()) {
-            continue;
-        }
-        let embedder = embedder(ctx, &g.embedding).await?;
-        label = match document(ctx, &client, collection, &embedder, g.id, &object).await? {
-            DocumentEnd::Indexed { chunks } => {
-                info!(%collection_id, key, generation = g.id, chunks, "document indexed");
-                "indexed"
+        if let Some(doc) = &current {
+            if doc.etag.as_deref() == Some(object.etag.as_str()) {
+                continue;
             }
-            DocumentEnd::Skipped { .. } => "skipped",
-            // Recorded on the document with its reason; the next sync run
-            // tries it again.
-            DocumentEnd::Failed { .. } => "failed",
-        };
+            // A new ETag: over the content the document holds?
+            if let Some(indexed_sha) = doc.sha256_hex.as_deref().filter(|_| !doc.failed) {
+                if probed.sha256_metadata.is_none() && recorded.is_none() {
+                    recorded = Some(recorded_content(ctx, collection, key).await?);
+                }
+                let record = recorded.as_ref().and_then(Option::as_ref);
+                if let Some(sha) = content_hash(&object.etag, doc, &probed, record)
+                    && sha == indexed_sha
+                {
+                    let retag = store::Retag {
+                        object_key: key.to_string(),
+                        sha256_hex: sha,
+                        etag: object.etag.clone(),
+                    };
+                    let mut db = ctx.db.get().await?;
+                    store::retag_documents(&mut db, g.id, &[retag]).await?;
+                    info!(
+                        %collection_id, key, generation = g.id,
+                        "content unchanged under a new ETag: ETag recorded, nothing embedded"
+                    );
+                    continue;
+                }
+            }
+        }
+        let indexed = index_one(ctx, &client, collection, g, &object).await?;
+        if indexed != "unchanged" {
+            label = indexed;
+        }
     }
     if label != "unchanged" {
         super::publish_progress(ctx, collection, 0, "document").await;
@@ -274,26 +299,44 @@ async fn index(
     Ok(label)
 }
 
-/// The object as a listing would show it; `None` when it is gone.
-async fn head(
-    client: &aws_sdk_s3::Client,
+/// Stowage's record of writing the current object at `key`, if it wrote it
+/// on the collection's store.
+async fn recorded_content(
+    ctx: &Context,
     collection: &CollectionRecord,
     key: &str,
-) -> Result<Option<Listed>, IndexError> {
-    match client
-        .head_object()
-        .bucket(&collection.spec.source.bucket)
-        .key(key)
-        .send()
-        .await
-    {
-        Ok(o) => Ok(Some(Listed {
-            key: key.to_string(),
-            etag: o.e_tag().unwrap_or_default().trim_matches('"').to_string(),
-            sha256_hex: None,
-            size: o.content_length().unwrap_or_default(),
-        })),
-        Err(e) if e.as_service_error().is_some_and(|s| s.is_not_found()) => Ok(None),
-        Err(e) => Err(s3_error("HeadObject", e).into()),
+) -> Result<Option<Recorded>, IndexError> {
+    let source = &collection.spec.source;
+    let db = ctx.db.get().await?;
+    let mut records =
+        store::recorded_contents(&db, source.endpoint.label(), &source.bucket, &[key]).await?;
+    Ok(records
+        .remove(key)
+        .map(|(etag, sha256_hex)| Recorded { etag, sha256_hex }))
+}
+
+/// Indexes `object` into generation `g`: the task's label.
+async fn index_one(
+    ctx: &Context,
+    client: &aws_sdk_s3::Client,
+    collection: &CollectionRecord,
+    g: &store::Generation,
+    object: &Listed,
+) -> Result<&'static str, IndexError> {
+    let (collection_id, key) = (collection.id, object.key.as_str());
+    let embedder = embedder(ctx, &g.embedding).await?;
+    let indexing = document(ctx, client, collection, &embedder, g.id, object).await?;
+    if indexing.unchanged {
+        return Ok("unchanged");
     }
+    Ok(match indexing.end {
+        DocumentEnd::Indexed { chunks } => {
+            info!(%collection_id, key, generation = g.id, chunks, "document indexed");
+            "indexed"
+        }
+        DocumentEnd::Skipped { .. } => "skipped",
+        // Recorded on the document with its reason; the next sync run
+        // tries it again.
+        DocumentEnd::Failed { .. } => "failed",
+    })
 }

@@ -6,10 +6,18 @@
 //! embed, store) and records how it ended; the one that finishes the last
 //! document — or the planner, if they all finished while it was still
 //! publishing — activates a freshly built generation and closes the run.
+//!
+//! Identical bytes written again are not embedded again: the planner learns
+//! the content hash of an object whose ETag changed (a HEAD of it: its
+//! `sha256` metadata, else Stowage's record of writing it on the same store)
+//! and only records the new ETag; an object whose hash nobody knows is
+//! fetched and hashed, and if its bytes and type are those of the document,
+//! its ETag is recorded and nothing is embedded.
 
 use std::sync::Arc;
 use std::time::Duration;
 
+use futures::StreamExt;
 use sha2::{Digest, Sha256};
 use stowage_common::jobs::{DocumentOrigin, index_document_task};
 use stowage_common::locks::{LockClass, LockKey, SessionLock};
@@ -21,12 +29,12 @@ use stowage_common::state::collections::{
 };
 use stowage_common::state::index::{self as store, NewChunk, Source};
 use stowage_common::storage::read_secret_key;
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 
 use super::chunk::chunk;
 use super::embed::{Batcher, BuiltinModel, Embedder, RemoteEmbedder, Retry};
 use super::extract::{DEFAULT_MAX_BYTES, extract};
-use super::plan::{Indexed, Listed, Plan, plan};
+use super::plan::{self, Head, Indexed, Listed, Plan, Recorded, content_hash, hash_candidates};
 use crate::Context;
 use crate::upload::source::MinRate;
 use stowage_common::storage::s3_error;
@@ -46,34 +54,47 @@ pub async fn dispatch(
     embedder(ctx, &spec.embedding).await?;
     let selector = Selector::new(&spec.source).map_err(|e| IndexError::Invalid(e.to_string()))?;
     let client = ctx.s3.client(&spec.source.endpoint)?;
-    let listing = list(&client, spec).await?;
+    let mut listing = list(&client, spec).await?;
     let mut db = ctx.db.get().await?;
     let generation = store::generation_for(&mut db, collection.id, &spec.embedding).await?;
     let indexed = store::documents(&db, generation.id)
         .await?
         .into_iter()
-        .map(|(k, d)| {
-            (
-                k,
-                Indexed {
-                    etag: d.etag,
-                    sha256_hex: d.sha256_hex,
-                    failed: d.failed,
-                },
-            )
-        })
+        .map(|(k, d)| (k, as_indexed(d)))
         .collect();
-    let planned = plan(&selector, listing, &indexed);
+    let candidates: Vec<String> = hash_candidates(&selector, &listing, &indexed)
+        .into_iter()
+        .map(|o| o.key.clone())
+        .collect();
+    let hashes = content_hashes(ctx, &client, spec, &listing, &indexed, &candidates).await?;
+    for object in &mut listing {
+        if let Some(sha) = hashes.get(&object.key) {
+            object.sha256_hex = Some(sha.clone());
+        }
+    }
+    let planned = plan::plan(&selector, listing, &indexed);
     let Plan {
         new,
         changed,
         deleted,
+        retagged,
         ..
     } = &planned;
     for key in deleted {
         let _lock = document_lock(ctx, collection.id, key).await?;
         store::delete_document(&mut db, generation.id, key).await?;
     }
+    let retags: Vec<store::Retag> = retagged
+        .iter()
+        .filter_map(|o| {
+            Some(store::Retag {
+                object_key: o.key.clone(),
+                sha256_hex: o.sha256_hex.clone()?,
+                etag: o.etag.clone(),
+            })
+        })
+        .collect();
+    let retagged = store::retag_documents(&mut db, generation.id, &retags).await?;
     let documents: Vec<PlannedDocument> = new
         .iter()
         .map(|o| (o, true))
@@ -104,7 +125,8 @@ pub async fn dispatch(
     collections::mark_dispatched(&db, run_id).await?;
     info!(
         collection = %collection.id, run_id, documents = documents.len(),
-        deleted = deleted.len(), unchanged = planned.unchanged, "sync run dispatched"
+        deleted = deleted.len(), unchanged = planned.unchanged,
+        hash_lookups = candidates.len(), retagged, "sync run dispatched"
     );
     Ok(())
 }
@@ -210,6 +232,108 @@ async fn list(client: &aws_sdk_s3::Client, spec: &IndexSpec) -> Result<Vec<Liste
     Ok(out)
 }
 
+/// The planner's view of a document.
+pub(crate) fn as_indexed(d: store::IndexedDocument) -> Indexed {
+    Indexed {
+        etag: d.etag,
+        sha256_hex: d.sha256_hex,
+        content_type: d.content_type,
+        failed: d.failed,
+    }
+}
+
+/// HEADs of candidates in flight at once.
+const HEAD_CONCURRENCY: usize = 16;
+
+/// The content hashes of `candidates` (keys of `listing` whose ETag changed
+/// under a hashed document) that a HEAD of each, or Stowage's records of
+/// the ones without `sha256` metadata, make known. An object that cannot be
+/// HEADed is left to its document task, which reads it anyway.
+async fn content_hashes(
+    ctx: &Context,
+    client: &aws_sdk_s3::Client,
+    spec: &IndexSpec,
+    listing: &[Listed],
+    indexed: &std::collections::HashMap<String, Indexed>,
+    candidates: &[String],
+) -> Result<std::collections::HashMap<String, String>, IndexError> {
+    let bucket = spec.source.bucket.as_str();
+    let heads: Vec<Option<(String, Head)>> = futures::stream::iter(candidates.to_vec())
+        .map(|key| {
+            let (client, bucket) = (client.clone(), bucket.to_string());
+            async move {
+                match head(&client, &bucket, &key).await {
+                    Ok(found) => found.map(|(_, h)| (key, h)),
+                    Err(e) => {
+                        debug!(key, error = %e, "no HEAD for a content-hash lookup");
+                        None
+                    }
+                }
+            }
+        })
+        .buffer_unordered(HEAD_CONCURRENCY)
+        .collect()
+        .await;
+    let heads: Vec<(String, Head)> = heads.into_iter().flatten().collect();
+    let unlabelled: Vec<&str> = heads
+        .iter()
+        .filter(|(_, h)| h.sha256_metadata.is_none())
+        .map(|(k, _)| k.as_str())
+        .collect();
+    let recorded = {
+        let db = ctx.db.get().await?;
+        store::recorded_contents(&db, spec.source.endpoint.label(), bucket, &unlabelled).await?
+    };
+    let etags: std::collections::HashMap<&str, &str> = listing
+        .iter()
+        .map(|o| (o.key.as_str(), o.etag.as_str()))
+        .collect();
+    Ok(heads
+        .into_iter()
+        .filter_map(|(key, head)| {
+            let doc = indexed.get(&key)?;
+            let etag = etags.get(key.as_str())?;
+            let record = recorded.get(&key).map(|(etag, sha)| Recorded {
+                etag: etag.clone(),
+                sha256_hex: sha.clone(),
+            });
+            let sha = content_hash(etag, doc, &head, record.as_ref())?;
+            Some((key, sha))
+        })
+        .collect())
+}
+
+/// The object as a listing would show it, and what its HEAD says; `None`
+/// when it is gone.
+pub(crate) async fn head(
+    client: &aws_sdk_s3::Client,
+    bucket: &str,
+    key: &str,
+) -> Result<Option<(Listed, Head)>, IndexError> {
+    match client.head_object().bucket(bucket).key(key).send().await {
+        Ok(o) => {
+            let etag = o.e_tag().unwrap_or_default().trim_matches('"').to_string();
+            let head = Head {
+                etag: etag.clone(),
+                content_type: o.content_type().map(str::to_string),
+                sha256_metadata: o
+                    .metadata()
+                    .and_then(|m| m.get(crate::upload::multipart::SHA256_METADATA))
+                    .cloned(),
+            };
+            let listed = Listed {
+                key: key.to_string(),
+                etag,
+                sha256_hex: None,
+                size: o.content_length().unwrap_or_default(),
+            };
+            Ok(Some((listed, head)))
+        }
+        Err(e) if e.as_service_error().is_some_and(|s| s.is_not_found()) => Ok(None),
+        Err(e) => Err(s3_error("HeadObject", e).into()),
+    }
+}
+
 /// How long a document waits for another indexer of it (an event-driven
 /// task, or a sync run) to finish.
 pub(crate) const DOCUMENT_LOCK_WAIT: Duration = Duration::from_secs(60);
@@ -229,11 +353,21 @@ pub(crate) async fn document_lock(
         .map_err(IndexError::from)
 }
 
+/// How a document ended.
+pub(crate) struct Indexing {
+    pub end: DocumentEnd,
+    /// Its bytes and type were those already indexed: only the new ETag
+    /// was recorded, nothing embedded (`end` is indexed, 0 chunks written).
+    pub unchanged: bool,
+}
+
 /// Indexes one object into one generation, under the document's lock (held
 /// from the fetch to the commit, so that two indexers of a key never store
 /// an older version over a newer one), and records the outcome on the
-/// document: indexed, skipped or failed, with the reason. `Err` when the
-/// outcome could not be recorded (database, lock): worth another try.
+/// document: indexed, skipped or failed, with the reason — or, if the
+/// object holds the bytes and type the document was indexed from, just its
+/// new ETag. `Err` when the outcome could not be recorded (database, lock):
+/// worth another try.
 pub(crate) async fn document(
     ctx: &Context,
     client: &aws_sdk_s3::Client,
@@ -241,10 +375,11 @@ pub(crate) async fn document(
     embedder: &Embedder,
     generation_id: i64,
     object: &Listed,
-) -> Result<DocumentEnd, IndexError> {
+) -> Result<Indexing, IndexError> {
     let spec = &collection.spec;
     let lock = document_lock(ctx, collection.id, &object.key).await?;
     let mut db = ctx.db.get().await?;
+    let existing = store::document(&db, generation_id, &object.key).await?;
     let mut source = Source {
         object_key: object.key.clone(),
         etag: Some(object.etag.clone()),
@@ -252,8 +387,35 @@ pub(crate) async fn document(
         content_type: None,
         size_bytes: Some(object.size),
     };
-    let outcome = fetch_and_index(client, spec, embedder, object, &mut source, ctx.min_rate).await;
+    let outcome = fetch_and_index(
+        client,
+        spec,
+        embedder,
+        object,
+        existing.as_ref(),
+        &mut source,
+        ctx.min_rate,
+    )
+    .await;
+    let mut unchanged = false;
     let end = match outcome {
+        Ok(Prepared::Unchanged { sha256_hex }) => {
+            if let Some(etag) = source.etag.clone() {
+                let retag = store::Retag {
+                    object_key: object.key.clone(),
+                    sha256_hex,
+                    etag,
+                };
+                store::retag_documents(&mut db, generation_id, &[retag]).await?;
+            }
+            info!(
+                key = object.key,
+                generation = generation_id,
+                "content unchanged under a new ETag: ETag recorded, nothing embedded"
+            );
+            unchanged = true;
+            DocumentEnd::Indexed { chunks: 0 }
+        }
         Ok(Prepared::Chunks(chunks)) => {
             store::write_document(&mut db, generation_id, &source, &chunks).await?;
             DocumentEnd::Indexed {
@@ -273,12 +435,16 @@ pub(crate) async fn document(
     if let Err(e) = lock.release().await {
         warn!(error = %e, "releasing a document lock");
     }
-    Ok(end)
+    Ok(Indexing { end, unchanged })
 }
 
 /// A document ready to record; an `Err` instead means it failed.
 enum Prepared {
     Chunks(Vec<NewChunk>),
+    /// The bytes (of this SHA-256) and type the document was indexed from.
+    Unchanged {
+        sha256_hex: String,
+    },
     /// Not indexed by design, with the reason.
     Skipped(String),
 }
@@ -288,6 +454,7 @@ async fn fetch_and_index(
     spec: &IndexSpec,
     embedder: &Embedder,
     object: &Listed,
+    existing: Option<&store::IndexedDocument>,
     source: &mut Source,
     min_rate: MinRate,
 ) -> Result<Prepared, String> {
@@ -317,7 +484,17 @@ async fn fetch_and_index(
             object.size
         )));
     };
-    source.sha256_hex = Some(hex::encode(Sha256::digest(&bytes)));
+    let sha256_hex = hex::encode(Sha256::digest(&bytes));
+    source.sha256_hex = Some(sha256_hex.clone());
+    // Written again as it was (a new ETag nobody could vouch for before
+    // reading it): the chunks stored are those these bytes make.
+    if existing.is_some_and(|d| {
+        d.indexed
+            && d.sha256_hex.as_deref() == Some(sha256_hex.as_str())
+            && plan::same_content_type(d.content_type.as_deref(), source.content_type.as_deref())
+    }) {
+        return Ok(Prepared::Unchanged { sha256_hex });
+    }
     let content_type = source.content_type.clone();
     let key = object.key.clone();
     let chunking = spec.chunking.clone();

@@ -168,3 +168,170 @@ pub async fn put(h: &Harness, key: &str, content_type: &str, body: &[u8]) {
         .await
         .expect("put");
 }
+
+/// A single PUT (ETag: the MD5 of the bytes on both servers), without
+/// metadata; returns the ETag.
+pub async fn put_single(h: &Harness, key: &str, content_type: Option<&str>, body: &[u8]) -> String {
+    let out =
+        h.s3.put_object()
+            .bucket(&h.bucket)
+            .key(key)
+            .set_content_type(content_type.map(str::to_string))
+            .body(body.to_vec().into())
+            .send()
+            .await
+            .expect("put");
+    out.e_tag()
+        .unwrap_or_default()
+        .trim_matches('"')
+        .to_string()
+}
+
+/// The same bytes as a one-part multipart upload, without metadata: on
+/// LocalStack and Garage alike its ETag is the MD5 of the part's MD5 with
+/// `-1`, not the single PUT's — a new ETag for identical bytes. Returns it.
+pub async fn put_multipart(
+    h: &Harness,
+    key: &str,
+    content_type: Option<&str>,
+    body: &[u8],
+) -> String {
+    use aws_sdk_s3::types::{CompletedMultipartUpload, CompletedPart};
+    let created =
+        h.s3.create_multipart_upload()
+            .bucket(&h.bucket)
+            .key(key)
+            .set_content_type(content_type.map(str::to_string))
+            .send()
+            .await
+            .expect("create multipart upload");
+    let upload_id = created.upload_id().expect("upload id");
+    let part =
+        h.s3.upload_part()
+            .bucket(&h.bucket)
+            .key(key)
+            .upload_id(upload_id)
+            .part_number(1)
+            .body(body.to_vec().into())
+            .send()
+            .await
+            .expect("upload part");
+    let done =
+        h.s3.complete_multipart_upload()
+            .bucket(&h.bucket)
+            .key(key)
+            .upload_id(upload_id)
+            .multipart_upload(
+                CompletedMultipartUpload::builder()
+                    .parts(
+                        CompletedPart::builder()
+                            .part_number(1)
+                            .e_tag(part.e_tag().unwrap_or_default())
+                            .build(),
+                    )
+                    .build(),
+            )
+            .send()
+            .await
+            .expect("complete multipart upload");
+    let etag = done
+        .e_tag()
+        .unwrap_or_default()
+        .trim_matches('"')
+        .to_string();
+    assert!(etag.ends_with("-1"), "a multipart ETag: {etag}");
+    etag
+}
+
+/// The object's ETag (a HEAD), without quotes.
+pub async fn etag(h: &Harness, key: &str) -> String {
+    h.s3.head_object()
+        .bucket(&h.bucket)
+        .key(key)
+        .send()
+        .await
+        .expect("head")
+        .e_tag()
+        .unwrap_or_default()
+        .trim_matches('"')
+        .to_string()
+}
+
+/// Copies `src_prefix` to `dest_prefix` in the harness bucket with an
+/// UploadJob (run by the harness's worker): small files are single PUTs
+/// carrying `x-amz-meta-sha256`, recorded in the `objects` history.
+pub async fn stowage_upload(h: &Harness, name: &str, src_prefix: &str, dest_prefix: &str) {
+    let source = stowage_common::spec::UploadSource {
+        s3: Some(stowage_common::spec::S3Source {
+            bucket: h.bucket.clone(),
+            prefix: src_prefix.into(),
+            endpoint: h.endpoint(),
+        }),
+        http: None,
+    };
+    let job = h.submit(name, h.spec(source, dest_prefix)).await;
+    assert_eq!(
+        h.wait_job(job, Duration::from_secs(120)).await.state,
+        "succeeded"
+    );
+}
+
+/// Stowage's record of writing `key` (version `etag`, bytes hashing to
+/// `sha256_hex`) with a job whose destination is `endpoint`: what an
+/// UploadJob leaves in `objects` for a multipart object it wrote without
+/// `sha256` metadata (`--sha256-metadata known`).
+pub async fn record_stowage_write(
+    h: &Harness,
+    key: &str,
+    etag: &str,
+    sha256_hex: &str,
+    size: i64,
+    endpoint: stowage_common::spec::Endpoint,
+) {
+    let mut spec = h.spec(
+        stowage_common::spec::UploadSource {
+            s3: None,
+            http: Some(stowage_common::spec::HttpSource {
+                urls: vec!["https://example.com/a.txt".into()],
+                allow_private_networks: false,
+            }),
+        },
+        "",
+    );
+    spec.destination.endpoint = endpoint;
+    let db = h.pool.get().await.expect("db");
+    let job_id = Uuid::new_v4();
+    db.execute(
+        "INSERT INTO upload_jobs (id, namespace, name, source_uid, spec, state)
+         VALUES ($1, 'default', 'recorded', $2, $3, 'succeeded')",
+        &[
+            &job_id,
+            &stowage_common::testing::unique("uid-"),
+            &serde_json::to_value(&spec).expect("spec"),
+        ],
+    )
+    .await
+    .expect("job row");
+    db.execute(
+        "UPDATE objects SET current = false WHERE bucket = $1 AND object_key = $2 AND current",
+        &[&h.bucket, &key],
+    )
+    .await
+    .expect("older versions");
+    db.execute(
+        "INSERT INTO objects (bucket, object_key, version, sha256_hex, size_bytes, etag, job_id)
+         VALUES ($1, $2, (SELECT coalesce(max(version), 0) + 1 FROM objects
+                          WHERE bucket = $1 AND object_key = $2), $3, $4, $5, $6)",
+        // Quoted, as the S3 API answers and the upload records it.
+        &[
+            &h.bucket,
+            &key,
+            &sha256_hex,
+            &size,
+            &format!("\"{etag}\""),
+            &job_id,
+        ],
+    )
+    .await
+    .expect("object row");
+}
