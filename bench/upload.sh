@@ -268,9 +268,11 @@ SRC=http://127.0.0.1:$PORT
 curl -sf -o /dev/null -I "$SRC/$BIG" 2>/dev/null || [[ ! -f $DATA/$BIG ]] || die "serve-dir does not answer on $SRC"
 
 # Credentials as a mounted Secret would bring them: one file per key.
-mkdir -p "$RUN/creds/$SERVER"
-printf %s "$KEY" >"$RUN/creds/$SERVER/access_key_id"
-printf %s "$SECRET" >"$RUN/creds/$SERVER/secret_access_key"
+# Secret "$SERVER" of namespace "default" (stowctl's jobs), in the
+# --credentials-dir layout <dir>/<namespace>/<secret>/<key>.
+mkdir -p "$RUN/creds/default/$SERVER"
+printf %s "$KEY" >"$RUN/creds/default/$SERVER/access_key_id"
+printf %s "$SECRET" >"$RUN/creds/default/$SERVER/secret_access_key"
 WORKER_N=0
 start_worker() {
   WORKER_N=$((WORKER_N + 1))

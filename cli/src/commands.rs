@@ -67,13 +67,15 @@ struct SearchArgs {
     /// Only objects of this content type.
     #[arg(long)]
     content_type: Option<String>,
-    /// A worker's gRPC address.
+    /// A worker's gRPC address (`https://` for a worker serving TLS).
     #[arg(
         long,
         env = "STOWAGE_WORKER_GRPC",
         default_value = "http://127.0.0.1:50051"
     )]
     worker: String,
+    #[command(flatten)]
+    tls: crate::grpc::WorkerTls,
 }
 
 #[derive(Clone, Copy, clap::ValueEnum)]
@@ -165,6 +167,7 @@ impl UploadArgs {
             region: self.region.clone(),
             force_path_style: true,
             credentials_secret_ref: creds.clone().map(|name| SecretRef { name }),
+            use_worker_credentials: false,
         };
         let source = match &self.from {
             Some(from) => {
@@ -236,7 +239,7 @@ impl Cli {
             other => other,
         };
         let pool = connect(&self.database).await?;
-        let queue = Queue::connect(&self.nats.nats_url, &self.nats.queue_prefix).await?;
+        let queue = Queue::connect(&self.nats.settings()).await?;
         queue.ensure(&Default::default()).await?;
         match command {
             Command::Search(args) => search(args).await,
@@ -351,6 +354,9 @@ async fn print_status(pool: &Pool, id: Uuid, items: bool) -> anyhow::Result<Stri
         c.failed,
         c.dead_lettered
     );
+    if let Some(e) = &job.last_error {
+        println!("  error: {e}");
+    }
     if !items {
         return Ok(job.state);
     }
@@ -377,9 +383,7 @@ async fn print_status(pool: &Pool, id: Uuid, items: bool) -> anyhow::Result<Stri
 async fn search(a: SearchArgs) -> anyhow::Result<()> {
     use stowage_proto::v1::search_client::SearchClient;
     use stowage_proto::v1::{SearchMode, SearchRequest};
-    let mut client = SearchClient::connect(a.worker.clone())
-        .await
-        .with_context(|| format!("connecting to the worker at {}", a.worker))?;
+    let mut client = SearchClient::new(crate::grpc::connect(&a.worker, &a.tls).await?);
     let mode = match a.mode {
         SearchModeArg::Hybrid => SearchMode::Hybrid,
         SearchModeArg::Vector => SearchMode::Vector,
@@ -396,7 +400,10 @@ async fn search(a: SearchArgs) -> anyhow::Result<()> {
             content_type: a.content_type.unwrap_or_default(),
         })
         .await
-        .map_err(|s| anyhow::anyhow!("search failed: {}", s.message()))?
+        .map_err(|s| match stowage_common::tls::find_rustls_error(&s) {
+            Some(_) => a.tls.explain(&a.worker, &s),
+            None => anyhow::anyhow!("search failed: {}", s.message()),
+        })?
         .into_inner()
         .hits;
     if hits.is_empty() {

@@ -109,11 +109,27 @@ impl S3Target {
 
     /// Writes this server's keys as the Secret `secret` under `dir`, the
     /// way Kubernetes mounts it (`<dir>/<secret>/access_key_id`, …).
-    pub fn write_secret(&self, dir: &std::path::Path, secret: &str) -> std::io::Result<()> {
-        let d = dir.join(secret);
+    /// Writes its credentials as Secret `namespace/secret` under `dir`
+    /// (the `--credentials-dir` layout: `<dir>/<namespace>/<secret>/<key>`).
+    pub fn write_secret(
+        &self,
+        dir: &std::path::Path,
+        namespace: &str,
+        secret: &str,
+    ) -> std::io::Result<()> {
+        let d = dir.join(namespace).join(secret);
         std::fs::create_dir_all(&d)?;
         std::fs::write(d.join("access_key_id"), &self.access_key_id)?;
         std::fs::write(d.join("secret_access_key"), &self.secret_access_key)
+    }
+
+    /// Its credentials as a Secret manifest `namespace/secret`.
+    pub fn secret_manifest(&self, namespace: &str, secret: &str) -> String {
+        format!(
+            "apiVersion: v1\nkind: Secret\nmetadata: {{name: {secret}, namespace: {namespace}}}\n\
+             type: Opaque\nstringData: {{access_key_id: \"{}\", secret_access_key: \"{}\"}}\n",
+            self.access_key_id, self.secret_access_key
+        )
     }
 }
 

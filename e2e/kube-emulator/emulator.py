@@ -18,11 +18,18 @@ tests use, with the Kubernetes semantics they rely on:
 - delete with finalizers (deletionTimestamp, removal when the last finalizer
   goes), watch from a resourceVersion with bookmarks and timeoutSeconds;
 - Table output with the CRDs' printer columns for `kubectl get`;
-- standard Status errors (NotFound, AlreadyExists, Conflict, Invalid).
+- standard Status errors (NotFound, AlreadyExists, Conflict, Invalid);
+- apps/v1 Deployments with their `scale` subresource (autoscaling/v1 Scale:
+  spec.replicas, status.selector from spec.selector.matchLabels), Pods, and
+  equality label selectors (`a=b`, `a!=b`) on lists;
+- with --request-log FILE, one JSON line per request (method, path, query,
+  User-Agent): the e2e suite checks the operator's calls against the Helm
+  chart's RBAC rules.
 
 What it does not do (the e2e checks these another way or not at all):
 OpenAPI/CEL validation, admission, garbage collection of owned objects,
-field-manager conflict detection, label selectors, RBAC, authentication.
+field-manager conflict detection, set-based label selectors, RBAC,
+authentication.
 
 Usage: python emulator.py --crds DIR [--port 0] [--port-file FILE]
 """
@@ -45,6 +52,8 @@ BUILTIN = [
     ("", "v1", "secrets", "Secret", True, [], [], [], []),
     ("", "v1", "events", "Event", True, ["ev"], [], [], []),
     ("events.k8s.io", "v1", "events", "Event", True, ["ev"], [], [], []),
+    ("", "v1", "pods", "Pod", True, ["po"], [], ["status"], []),
+    ("apps", "v1", "deployments", "Deployment", True, ["deploy"], [], ["status", "scale"], []),
 ]
 
 
@@ -71,7 +80,8 @@ class Resource:
 
 
 class Emulator:
-    def __init__(self, crd_dir):
+    def __init__(self, crd_dir, request_log=None):
+        self.request_log = open(request_log, "a", buffering=1) if request_log else None
         self.resources = [Resource(*b) for b in BUILTIN]
         for path in sorted(pathlib.Path(crd_dir).glob("*.yaml")):
             crd = yaml.safe_load(path.read_text())
@@ -174,6 +184,10 @@ class Emulator:
         return r, ns, name, sub
 
     async def handle(self, request):
+        if self.request_log:
+            self.request_log.write(json.dumps({
+                "method": request.method, "path": request.path, "query": request.query_string,
+                "agent": request.headers.get("User-Agent", "")}) + "\n")
         try:
             return await self.serve(request)
         except (json.JSONDecodeError, yaml.YAMLError, UnicodeDecodeError):
@@ -215,6 +229,8 @@ class Emulator:
             return status_error(405, "MethodNotAllowed", request.method)
         key = (r.group, r.plural, ns, name)
         obj = self.objects.get(key)
+        if sub == "scale" and r.kind == "Deployment":
+            return await self.scale(request, r, ns, name, obj)
         if request.method == "GET":
             return self.reply(request, r, obj) if obj else self.not_found(r, name)
         if request.method == "DELETE":
@@ -231,6 +247,14 @@ class Emulator:
 
     def selected(self, request, r, ns):
         fields = dict(s.split("=", 1) for s in request.query.get("fieldSelector", "").split(",") if "=" in s)
+        wanted = []  # (key, value, equal?)
+        for term in filter(None, request.query.get("labelSelector", "").split(",")):
+            if "!=" in term:
+                k, v = term.split("!=", 1)
+                wanted.append((k.strip(), v.strip(), False))
+            elif "=" in term:
+                k, v = term.replace("==", "=").split("=", 1)
+                wanted.append((k.strip(), v.strip(), True))
         out = []
         for (g, p, ons, oname), obj in self.objects.items():
             if (g, p) != (r.group, r.plural) or (ns is not None and ons != ns):
@@ -238,6 +262,9 @@ class Emulator:
             if "metadata.name" in fields and oname != fields["metadata.name"]:
                 continue
             if "metadata.namespace" in fields and ons != fields["metadata.namespace"]:
+                continue
+            labels = obj.get("metadata", {}).get("labels") or {}
+            if any((labels.get(k) == v) != eq for k, v, eq in wanted):
                 continue
             out.append(obj)
         return out, fields
@@ -340,6 +367,46 @@ class Emulator:
         await self.notify()
         return self.reply(request, r, obj)
 
+    # ------------------------------------------------------------ scale
+    @staticmethod
+    def scale_of(obj):
+        spec = obj.get("spec") or {}
+        labels = (spec.get("selector") or {}).get("matchLabels") or {}
+        replicas = spec.get("replicas", 1)
+        meta = obj["metadata"]
+        return {"apiVersion": "autoscaling/v1", "kind": "Scale",
+                "metadata": {"name": meta["name"], "namespace": meta.get("namespace"),
+                             "uid": meta.get("uid"), "resourceVersion": meta.get("resourceVersion")},
+                "spec": {"replicas": replicas},
+                "status": {"replicas": (obj.get("status") or {}).get("replicas", replicas),
+                           "selector": ",".join(f"{k}={v}" for k, v in sorted(labels.items()))}}
+
+    async def scale(self, request, r, ns, name, obj):
+        if obj is None:
+            return self.not_found(r, name)
+        if request.method == "GET":
+            return web.json_response(self.scale_of(obj))
+        if request.method not in ("PUT", "PATCH"):
+            return status_error(405, "MethodNotAllowed", request.method)
+        body = json.loads(await request.text() or "null")
+        current = self.scale_of(obj)
+        ctype = request.headers.get("Content-Type", "").split(";")[0]
+        if request.method == "PUT":
+            new = body
+        elif ctype == "application/json-patch+json":
+            new = apply_json_patch(current, body)
+        else:
+            new = merge(current, body)
+        replicas = (new.get("spec") or {}).get("replicas")
+        if not isinstance(replicas, int) or replicas < 0:
+            return status_error(422, "Invalid", f"spec.replicas: Invalid value: {replicas!r}")
+        updated = copy.deepcopy(obj)
+        updated.setdefault("spec", {})["replicas"] = replicas
+        updated.setdefault("status", {})["replicas"] = replicas
+        stored = self.store(r, ns, updated, old=obj)
+        await self.notify()
+        return web.json_response(self.scale_of(stored))
+
     async def watch(self, request, r, ns):
         response = web.StreamResponse(headers={"Content-Type": "application/json"})
         await response.prepare(request)
@@ -428,8 +495,9 @@ async def main():
     parser.add_argument("--crds", required=True, help="directory of CustomResourceDefinition YAML files")
     parser.add_argument("--port", type=int, default=0)
     parser.add_argument("--port-file", help="write the bound port here once listening")
+    parser.add_argument("--request-log", help="append one JSON line per request to this file")
     args = parser.parse_args()
-    emulator = Emulator(args.crds)
+    emulator = Emulator(args.crds, args.request_log)
     app = web.Application(client_max_size=16 * 1024 * 1024)
     app.router.add_route("*", "/{tail:.*}", emulator.handle)
     runner = web.AppRunner(app, access_log=None)

@@ -3,6 +3,9 @@
 //! as processes, and buckets, credentials and a database of their own on the
 //! local stack. The same tests run against both kinds of API.
 
+pub mod chart;
+pub mod rbac;
+
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
@@ -24,6 +27,8 @@ pub struct Kube {
     emulator: Option<Child>,
     /// True when the API is the local emulator (no schema validation).
     pub emulated: bool,
+    /// The emulator's log of every request it served (JSON lines).
+    pub requests: Option<PathBuf>,
 }
 
 impl Kube {
@@ -39,6 +44,7 @@ impl Kube {
                 kubectl,
                 emulator: None,
                 emulated: false,
+                requests: None,
             };
             kube.ok(&["apply", "--server-side", "-f", &crd_dir().to_string_lossy()]);
             kube.ok(&[
@@ -51,6 +57,7 @@ impl Kube {
         }
         let python = stack.get("STOWAGE_KUBE_EMULATOR_PYTHON");
         let port_file = dir.join("kube-port");
+        let requests = dir.join("kube-requests.jsonl");
         let log = std::fs::File::create(dir.join("kube-emulator.log")).expect("emulator log");
         let child = Command::new(python)
             .arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("kube-emulator/emulator.py"))
@@ -58,6 +65,8 @@ impl Kube {
             .arg(crd_dir())
             .arg("--port-file")
             .arg(&port_file)
+            .arg("--request-log")
+            .arg(&requests)
             .stdout(log.try_clone().expect("log"))
             .stderr(log)
             .spawn()
@@ -92,6 +101,7 @@ impl Kube {
             kubectl,
             emulator: Some(child),
             emulated: true,
+            requests: Some(requests),
         }
     }
 
@@ -200,7 +210,6 @@ pub struct World {
     pub s3: aws_sdk_s3::Client,
     pub source_bucket: String,
     pub bucket: String,
-    creds: PathBuf,
     binaries: Binaries,
 }
 
@@ -231,10 +240,6 @@ impl World {
             .into_iter()
             .find(|t| t.name == "garage")
             .expect("garage in the stack");
-        let creds = dir.path().join("credentials");
-        target
-            .write_secret(&creds, SECRET)
-            .expect("credentials Secret");
         let s3 = target.client();
         let source_bucket = unique("e2e-src").to_lowercase().replace('_', "-");
         let bucket = unique("e2e-dst").to_lowercase().replace('_', "-");
@@ -245,6 +250,14 @@ impl World {
                 .await
                 .expect("create bucket");
         }
+        // The credentials Secret the manifests name, in the test's
+        // namespace: operator and workers read it through the API.
+        let out = kube.apply(dir.path(), &target.secret_manifest(&namespace, SECRET));
+        assert!(
+            out.status.success(),
+            "create Secret {namespace}/{SECRET}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
         World {
             prefix: unique("e2e"),
             stack,
@@ -256,7 +269,6 @@ impl World {
             s3,
             source_bucket,
             bucket,
-            creds,
             binaries,
         }
     }
@@ -288,19 +300,24 @@ impl World {
             format!("--database-url={}", self.database_url),
             format!("--nats-url={}", self.stack.nats_url()),
             format!("--queue-prefix={}", self.prefix),
-            format!("--credentials-dir={}", self.creds.display()),
             "--lock-heartbeat=500ms".into(),
         ]
     }
 
     /// Starts an operator replica watching this test's namespace.
     pub fn operator(&self) -> Proc {
+        self.operator_with(&[])
+    }
+
+    /// An operator replica with `extra` flags.
+    pub fn operator_with(&self, extra: &[String]) -> Proc {
         let mut args = self.common_args();
         args.extend([
             format!("--namespace={}", self.namespace),
             format!("--leader-lock={}", self.prefix),
             "--resync=5s".into(),
         ]);
+        args.extend(extra.iter().cloned());
         self.spawn(self.binaries.operator, "operator", args)
     }
 

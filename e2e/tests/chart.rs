@@ -1334,9 +1334,9 @@ fn rules(doc: &Value) -> Value {
 
 fn operator_resource_rules() -> Value {
     json!([
-        {"apiGroups": ["stowage.dev"], "resources": ["uploadjobs", "indexcollections"], "verbs": ["get", "list", "watch", "patch", "delete"]},
-        {"apiGroups": ["stowage.dev"], "resources": ["uploadjobs/status", "indexcollections/status"], "verbs": ["get", "patch"]},
-        {"apiGroups": ["stowage.dev"], "resources": ["uploadjobs/finalizers", "indexcollections/finalizers"], "verbs": ["update"]},
+        {"apiGroups": ["stowage.dev"], "resources": ["uploadjobs"], "verbs": ["list", "watch", "patch", "delete"]},
+        {"apiGroups": ["stowage.dev"], "resources": ["indexcollections"], "verbs": ["list", "watch", "patch"]},
+        {"apiGroups": ["stowage.dev"], "resources": ["uploadjobs/status", "indexcollections/status"], "verbs": ["patch"]},
         {"apiGroups": ["events.k8s.io"], "resources": ["events"], "verbs": ["create", "patch"]}
     ])
 }
@@ -1386,8 +1386,8 @@ fn operator_rbac_is_exactly_what_it_calls() {
     assert_eq!(
         rules(autoscaler),
         json!([
-            {"apiGroups": ["apps"], "resources": ["deployments/scale"], "resourceNames": [WORKER], "verbs": ["get", "patch", "update"]},
-            {"apiGroups": [""], "resources": ["pods"], "verbs": ["get", "list", "patch"]}
+            {"apiGroups": ["apps"], "resources": ["deployments/scale"], "resourceNames": [WORKER], "verbs": ["get", "patch"]},
+            {"apiGroups": [""], "resources": ["pods"], "verbs": ["list", "patch"]}
         ])
     );
     let mut bound = bindings_of(&m, OPERATOR);

@@ -300,9 +300,12 @@ async fn a_failing_presigned_url_leaves_no_secret_anywhere() {
         "-o",
         "json",
     ]);
-    let queue = stowage_common::queue::Queue::connect(&w.stack.nats_url(), &w.prefix)
-        .await
-        .expect("nats");
+    let queue = stowage_common::queue::Queue::connect(&stowage_common::queue::NatsSettings::new(
+        w.stack.nats_url(),
+        &w.prefix,
+    ))
+    .await
+    .expect("nats");
     let letters = format!("{:?}", queue.dead_letters().await.expect("dead letters"));
     assert!(letters.contains("answered HTTP 404"), "{letters}");
     let logs: String = [&operator.log, &worker.log]
@@ -598,6 +601,8 @@ async fn stowctl_upload_waits_for_the_job_and_lists_its_files() {
     let out = stowctl(&[
         "upload",
         "--name=cli",
+        // Its Secrets are those of this namespace.
+        &format!("--namespace={}", w.namespace),
         &format!("--from={from}"),
         &format!("--from-endpoint={endpoint}"),
         "--from-credentials=s3",

@@ -1,6 +1,5 @@
 //! `stowage-operator` configuration: flags and environment variables.
 
-use std::path::PathBuf;
 use std::time::Duration;
 
 use clap::Parser;
@@ -56,12 +55,78 @@ pub struct OperatorArgs {
     #[arg(long, env = "STOWAGE_INDEX_MAX_DELAY", value_parser = parse_duration, default_value = "30s")]
     pub index_max_delay: Duration,
 
-    /// Directory of mounted credentials Secrets (`<dir>/<secret>/access_key_id`,
-    /// `secret_access_key`), used to abort the multipart uploads of deleted jobs.
-    #[arg(long, env = "STOWAGE_CREDENTIALS_DIR")]
-    pub credentials_dir: Option<PathBuf>,
+    /// Where the Secrets resources name are read (the operator needs them
+    /// to abort the multipart uploads of deleted jobs).
+    #[command(flatten)]
+    pub credentials: stowage_common::secrets::CredentialsArgs,
+
+    #[command(flatten)]
+    pub autoscale: AutoscaleArgs,
 
     /// Identity in events and logs (default: host name and process id).
     #[arg(long, env = "POD_NAME")]
     pub instance: Option<String>,
+}
+
+/// The worker fleet's autoscaling by the leading operator: on when
+/// `--autoscale-deployment` names the worker Deployment (the Helm chart's
+/// `autoscaling.mode: operator`); off otherwise (`keda` or `off`).
+#[derive(clap::Args, Clone, Debug)]
+pub struct AutoscaleArgs {
+    /// The worker Deployment whose `scale` the operator sets from the task
+    /// backlog.
+    #[arg(long, env = "STOWAGE_AUTOSCALE_DEPLOYMENT")]
+    pub autoscale_deployment: Option<String>,
+
+    /// Its namespace (default: the operator's own, `POD_NAMESPACE`).
+    #[arg(long, env = "STOWAGE_AUTOSCALE_NAMESPACE")]
+    pub autoscale_namespace: Option<String>,
+
+    /// Fewest workers (at least one unless `--autoscale-to-zero`).
+    #[arg(long, env = "STOWAGE_AUTOSCALE_MIN", default_value_t = 1)]
+    pub autoscale_min: u32,
+
+    /// Most workers.
+    #[arg(long, env = "STOWAGE_AUTOSCALE_MAX", default_value_t = 10)]
+    pub autoscale_max: u32,
+
+    /// Tasks per worker the fleet is sized for (the workers' capacity).
+    #[arg(long, env = "STOWAGE_AUTOSCALE_TARGET_PER_REPLICA", default_value_t = 4, value_parser = clap::value_parser!(u32).range(1..))]
+    pub autoscale_target_per_replica: u32,
+
+    /// The backlog must ask for fewer workers for this long before the
+    /// fleet shrinks (to the most it asked for meanwhile).
+    #[arg(long, env = "STOWAGE_AUTOSCALE_QUIET_PERIOD", value_parser = parse_duration, default_value = "5m")]
+    pub autoscale_quiet_period: Duration,
+
+    /// Scale to zero workers once the backlog stayed empty for the quiet
+    /// period.
+    #[arg(long, env = "STOWAGE_AUTOSCALE_TO_ZERO", default_value_t = false, action = clap::ArgAction::Set)]
+    pub autoscale_to_zero: bool,
+
+    /// How often the backlog is read.
+    #[arg(long, env = "STOWAGE_AUTOSCALE_INTERVAL", value_parser = parse_duration, default_value = "15s")]
+    pub autoscale_interval: Duration,
+}
+
+impl AutoscaleArgs {
+    /// The autoscaler's settings, if it is on.
+    pub fn settings(&self) -> Option<crate::autoscale::Settings> {
+        let deployment = self.autoscale_deployment.clone()?;
+        let namespace = self
+            .autoscale_namespace
+            .clone()
+            .or_else(|| std::env::var("POD_NAMESPACE").ok())
+            .unwrap_or_else(|| "default".into());
+        Some(crate::autoscale::Settings {
+            deployment,
+            namespace,
+            min: self.autoscale_min,
+            max: self.autoscale_max,
+            target_per_replica: self.autoscale_target_per_replica,
+            quiet: self.autoscale_quiet_period,
+            to_zero: self.autoscale_to_zero,
+            interval: self.autoscale_interval,
+        })
+    }
 }

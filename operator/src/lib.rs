@@ -6,7 +6,9 @@
 //! - [`leader`]: leader election on a PostgreSQL advisory lock.
 //! - [`triggers`]: worker progress events turned into prompt reconciles.
 //! - [`watch_uploads`]: landed objects turned into debounced document tasks.
+//! - [`autoscale`]: the worker Deployment's replicas from the task backlog.
 
+pub mod autoscale;
 pub mod config;
 pub mod controllers;
 pub mod crd;
@@ -25,6 +27,7 @@ use prometheus_client::registry::Registry;
 use stowage_common::db;
 use stowage_common::locks::LockMetrics;
 use stowage_common::queue::Queue;
+use stowage_common::secrets::{SECRET_TTL, SecretSource, Secrets};
 use stowage_common::storage::S3Clients;
 use stowage_common::telemetry::{Readiness, serve_http};
 use tokio::sync::watch;
@@ -44,10 +47,17 @@ pub async fn run(args: OperatorArgs, shutdown: impl Future<Output = ()>) -> anyh
     let lock_metrics = LockMetrics::register(&mut registry);
     let metrics = Metrics::register(&mut registry);
     let (pool, locks) = db::connect(&args.database, lock_metrics, args.lock_heartbeat).await?;
-    let queue = Queue::connect(&args.nats.nats_url, &args.nats.queue_prefix).await?;
+    let queue = Queue::connect(&args.nats.settings()).await?;
     queue.ensure_streams().await?;
-    let client = kube::Client::try_default()
+    let mut kube_config = kube::Config::infer()
         .await
+        .context("finding the Kubernetes API (in-cluster or KUBECONFIG)")?;
+    // Says who calls in the API server's audit log (and the e2e suite's).
+    kube_config.headers.push((
+        http::header::USER_AGENT,
+        http::HeaderValue::from_static(concat!("stowage-operator/", env!("CARGO_PKG_VERSION"))),
+    ));
+    let client = kube::Client::try_from(kube_config)
         .context("connecting to the Kubernetes API (in-cluster or KUBECONFIG)")?;
     let instance = args.instance.clone().unwrap_or_else(|| {
         let host = std::fs::read_to_string("/etc/hostname").unwrap_or_else(|_| "operator".into());
@@ -60,12 +70,20 @@ pub async fn run(args: OperatorArgs, shutdown: impl Future<Output = ()>) -> anyh
             instance: Some(instance.clone()),
         },
     );
+    let secrets = Secrets::new(
+        match &args.credentials.credentials_dir {
+            Some(dir) => SecretSource::Directory(dir.clone()),
+            None => SecretSource::Kubernetes(client.clone()),
+        },
+        SECRET_TTL,
+    );
     let ctx = Arc::new(Context {
         client,
         db: pool,
         queue,
         locks: locks.clone(),
-        s3: S3Clients::new(args.credentials_dir.clone()),
+        s3: S3Clients::new(secrets, args.credentials.allow_worker_credentials),
+        allow_worker_credentials: args.credentials.allow_worker_credentials,
         recorder,
         metrics: metrics.clone(),
         resync: args.resync,
@@ -74,6 +92,7 @@ pub async fn run(args: OperatorArgs, shutdown: impl Future<Output = ()>) -> anyh
             max_delay: args.index_max_delay,
         },
         concurrency: controllers::concurrency_for_pool(args.database.database_pool_size),
+        autoscale: args.autoscale.settings(),
         failures: Default::default(),
     });
     let (stop, stopped) = watch::channel(false);

@@ -26,6 +26,24 @@ pub struct ControllerLabel {
     pub controller: &'static str,
 }
 
+/// The autoscaler's view of the worker fleet.
+#[derive(Clone, Default)]
+pub struct AutoscaleMetrics {
+    /// Pending + ack-pending tasks at the last read.
+    pub backlog: Gauge,
+    /// 1 when the last read of the backlog succeeded.
+    pub readable: Gauge,
+    /// Replicas the backlog asks for (before the quiet period's smoothing).
+    pub desired: Gauge,
+    /// The worker Deployment's replicas at the last look.
+    pub replicas: Gauge,
+    pub scalings: Counter,
+    /// Rounds the count was held because the backlog could not be read.
+    pub holds: Counter,
+    /// Failed reads or writes of the Deployment's scale.
+    pub errors: Counter,
+}
+
 #[derive(Clone)]
 pub struct Metrics {
     pub reconciles: Family<ReconcileLabels, Counter>,
@@ -34,6 +52,7 @@ pub struct Metrics {
     /// 1 while this replica leads.
     pub leader: Gauge,
     pub leader_changes: Counter,
+    pub autoscale: AutoscaleMetrics,
 }
 
 impl Metrics {
@@ -46,6 +65,7 @@ impl Metrics {
             }),
             leader: Gauge::default(),
             leader_changes: Counter::default(),
+            autoscale: AutoscaleMetrics::default(),
         };
         let r = registry.sub_registry_with_prefix("stowage_operator");
         r.register(
@@ -72,6 +92,43 @@ impl Metrics {
             "leadership_acquired",
             "Times this replica became the leader",
             m.leader_changes.clone(),
+        );
+        let a = &m.autoscale;
+        let r = r.sub_registry_with_prefix("autoscale");
+        r.register(
+            "backlog",
+            "Tasks pending or in flight on the workers' consumer, at the last read",
+            a.backlog.clone(),
+        );
+        r.register(
+            "backlog_readable",
+            "1 when the last read of the task backlog succeeded",
+            a.readable.clone(),
+        );
+        r.register(
+            "desired_replicas",
+            "Worker replicas the backlog asks for",
+            a.desired.clone(),
+        );
+        r.register(
+            "replicas",
+            "Worker replicas at the last look",
+            a.replicas.clone(),
+        );
+        r.register(
+            "scalings",
+            "Times the worker fleet was scaled",
+            a.scalings.clone(),
+        );
+        r.register(
+            "holds",
+            "Rounds the worker count was held because the backlog could not be read",
+            a.holds.clone(),
+        );
+        r.register(
+            "errors",
+            "Failed reads or writes of the worker Deployment's scale",
+            a.errors.clone(),
         );
         m
     }

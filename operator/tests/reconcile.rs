@@ -14,7 +14,7 @@ use prometheus_client::registry::Registry;
 use serde_json::{Value, json};
 use stowage_common::db;
 use stowage_common::locks::{LockManager, LockMetrics};
-use stowage_common::queue::{Queue, TaskKind};
+use stowage_common::queue::{NatsSettings, Queue, TaskKind};
 use stowage_common::state::{collections, lifecycle, uploads};
 use stowage_common::storage::S3Clients;
 use stowage_common::testing::{StackEnv, fresh_database, unique};
@@ -77,7 +77,7 @@ async fn fixture() -> Fixture {
     );
     let pool = db::pool(&pg, 4).expect("pool");
     db::migrate(&pool, &locks).await.expect("migrate");
-    let queue = Queue::connect(&env.nats_url(), &unique("op"))
+    let queue = Queue::connect(&NatsSettings::new(env.nats_url(), unique("op")))
         .await
         .expect("nats");
     queue.ensure_streams().await.expect("streams");
@@ -95,7 +95,13 @@ async fn fixture() -> Fixture {
         db: pool,
         queue,
         locks,
-        s3: S3Clients::new(None),
+        s3: S3Clients::new(
+            stowage_common::secrets::Secrets::new(
+                stowage_common::secrets::SecretSource::Unconfigured("tests".into()),
+                stowage_common::secrets::SECRET_TTL,
+            ),
+            false,
+        ),
         metrics: Metrics::register(&mut registry),
         resync: Duration::from_secs(60),
         debounce: stowage_operator::watch_uploads::Debounce {
@@ -103,6 +109,8 @@ async fn fixture() -> Fixture {
             max_delay: Duration::from_secs(5),
         },
         concurrency: concurrency_for_pool(4),
+        autoscale: None,
+        allow_worker_credentials: false,
         failures: Default::default(),
     });
     Fixture {

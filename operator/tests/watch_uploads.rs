@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use futures::StreamExt;
 use stowage_common::db;
-use stowage_common::queue::Queue;
+use stowage_common::queue::{NatsSettings, Queue};
 use stowage_common::state::collections::{self, NewCollection};
 use stowage_common::testing::{StackEnv, eventually, fresh_schema, unique};
 use stowage_operator::watch_uploads::{self, Debounce};
@@ -48,7 +48,7 @@ fn landed(endpoint: &str, key: &str, version: u32) -> ObjectLanded {
 async fn bursts_collapse_into_one_task_per_key_and_collection() {
     let env = StackEnv::load();
     let (pool, _) = fresh_schema(&env).await;
-    let queue = Queue::connect(&env.nats_url(), &unique("op"))
+    let queue = Queue::connect(&NatsSettings::new(env.nats_url(), unique("op")))
         .await
         .expect("nats");
     queue.ensure_streams().await.expect("streams");

@@ -24,9 +24,14 @@ pub async fn sweep_once(ctx: &Context, older_than: Duration) -> Result<u64, Uplo
     };
     let mut aborted = 0;
     let mut seen = HashSet::new();
-    for stowage_common::spec::Destination {
-        endpoint, bucket, ..
-    } in destinations
+    // A bucket is swept once, with the credentials of the first namespace
+    // whose jobs wrote to it.
+    for (
+        namespace,
+        stowage_common::spec::Destination {
+            endpoint, bucket, ..
+        },
+    ) in destinations
     {
         let label = format!("{}/{bucket}", endpoint.label());
         if !seen.insert(label.clone()) {
@@ -39,7 +44,7 @@ pub async fn sweep_once(ctx: &Context, older_than: Duration) -> Result<u64, Uplo
         else {
             continue; // another worker sweeps this bucket now
         };
-        match sweep_bucket(ctx, &endpoint, &bucket, older_than).await {
+        match sweep_bucket(ctx, &namespace, &endpoint, &bucket, older_than).await {
             Ok(n) => aborted += n,
             Err(e) => warn!(bucket, error = %e, "sweeping failed"),
         }
@@ -50,11 +55,12 @@ pub async fn sweep_once(ctx: &Context, older_than: Duration) -> Result<u64, Uplo
 
 async fn sweep_bucket(
     ctx: &Context,
+    namespace: &str,
     endpoint: &Endpoint,
     bucket: &str,
     older_than: Duration,
 ) -> Result<u64, UploadError> {
-    let client = ctx.s3.client(endpoint)?;
+    let client = ctx.s3.client(namespace, endpoint).await?;
     let live = {
         let db = ctx.db.get().await?;
         state::live_upload_ids(&db, bucket).await?

@@ -134,9 +134,16 @@ pub struct Endpoint {
     /// S3-compatible servers need.
     #[serde(default = "default_true")]
     pub force_path_style: bool,
-    /// Name of the credentials the worker was given (a mounted Secret).
+    /// The Secret with the credentials (`access_key_id`,
+    /// `secret_access_key`), in the resource's own namespace. Without one,
+    /// requests are anonymous (public buckets).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub credentials_secret_ref: Option<SecretRef>,
+    /// Use the worker's own credentials (its `AWS_*` environment) instead
+    /// of a Secret: only where the installation allows it
+    /// (`--allow-worker-credentials` on the operator and the workers).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub use_worker_credentials: bool,
 }
 
 impl Endpoint {
@@ -261,6 +268,24 @@ fn invalid(field: impl Into<String>, message: impl Into<String>) -> SpecError {
 }
 
 impl UploadJobSpec {
+    /// The endpoints of this spec that ask for the worker's own credentials
+    /// (`useWorkerCredentials`), by field.
+    pub fn worker_credentials(&self) -> Vec<&'static str> {
+        let mut out = Vec::new();
+        if self
+            .source
+            .s3
+            .as_ref()
+            .is_some_and(|s| s.endpoint.use_worker_credentials)
+        {
+            out.push("source.s3.useWorkerCredentials");
+        }
+        if self.destination.endpoint.use_worker_credentials {
+            out.push("destination.useWorkerCredentials");
+        }
+        out
+    }
+
     /// Everything that can be judged from the spec alone; the message names
     /// the field so it can be shown as an `InvalidSpec` condition.
     pub fn validate(&self) -> Result<(), SpecError> {

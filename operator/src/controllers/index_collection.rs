@@ -51,6 +51,12 @@ async fn apply(raw: &RawIndexCollection, ctx: &Context) -> Result<Action, Error>
         Ok(ic) => ic,
         Err(why) => return refuse(raw, &api, ctx, &why).await,
     };
+    if ic.spec.index.source.endpoint.use_worker_credentials && !ctx.allow_worker_credentials {
+        let why = "spec.source.useWorkerCredentials: this installation does not let resources \
+                   use the workers' own credentials (--allow-worker-credentials): name a Secret \
+                   in credentialsSecretRef";
+        return refuse(raw, &api, ctx, why).await;
+    }
     let interval =
         status::parse_interval(&ic.spec.resync_interval).unwrap_or(chrono::Duration::minutes(10));
     let generation = ic.metadata.generation.unwrap_or(1);

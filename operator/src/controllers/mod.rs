@@ -62,6 +62,10 @@ pub struct Context {
     pub debounce: crate::watch_uploads::Debounce,
     /// Reconciles each controller runs at once (see [`concurrency_for_pool`]).
     pub concurrency: u16,
+    /// May resources use the processes' own S3 credentials?
+    pub allow_worker_credentials: bool,
+    /// The worker fleet's autoscaling, when the operator does it.
+    pub autoscale: Option<crate::autoscale::Settings>,
     /// Consecutive failed reconciles per resource, for the backoff.
     pub failures: Failures,
 }
@@ -454,17 +458,33 @@ pub async fn run(ctx: Arc<Context>, namespaces: Vec<String>) {
         controllers
             .push(run_one::<IndexCollection>(Arc::clone(&ctx), scope.as_deref(), rx).boxed());
     }
-    let events = tokio::spawn(crate::triggers::forward(ctx.queue.clone(), triggers));
-    let routing = tokio::spawn(crate::watch_uploads::run(
+    // Tied to this future: a leader that loses its lock drops it, and with
+    // it every task it started.
+    let _events = AbortOnDrop(tokio::spawn(crate::triggers::forward(
+        ctx.queue.clone(),
+        triggers,
+    )));
+    let _routing = AbortOnDrop(tokio::spawn(crate::watch_uploads::run(
         ctx.db.clone(),
         ctx.queue.clone(),
         namespaces,
         ctx.debounce,
-    ));
+    )));
+    let _scaling = ctx
+        .autoscale
+        .clone()
+        .map(|s| AbortOnDrop(tokio::spawn(crate::autoscale::run(Arc::clone(&ctx), s))));
     info!(concurrency = ctx.concurrency, "controllers running");
     futures::future::join_all(controllers).await;
-    events.abort();
-    routing.abort();
+}
+
+/// Ends a spawned task with the future that owns this guard.
+pub(crate) struct AbortOnDrop(pub tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
 }
 
 /// One controller of kind `K` over one namespace (or all).

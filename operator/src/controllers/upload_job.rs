@@ -65,6 +65,15 @@ async fn apply(raw: &RawUploadJob, ctx: &Context) -> Result<Action, Error> {
         Ok(uj) => uj,
         Err(why) => return refuse(raw, &api, ctx, &why).await,
     };
+    if let Some(field) = uj.spec.upload.worker_credentials().first()
+        && !ctx.allow_worker_credentials
+    {
+        let why = format!(
+            "spec.{field}: this installation does not let resources use the workers' own \
+             credentials (--allow-worker-credentials): name a Secret in credentialsSecretRef"
+        );
+        return refuse(raw, &api, ctx, &why).await;
+    }
     let now = Utc::now();
     let mut notes = Vec::new();
     // One pooled connection for all the database steps, given back before
@@ -347,7 +356,10 @@ async fn cleanup(raw: &RawUploadJob, ctx: &Context) -> Result<Action, Error> {
             .map_err(stowage_common::state::StateError::from)?;
         let open = lifecycle::lock_for_delete(&tx, job.id).await?;
         if !open.is_empty() {
-            let client = ctx.s3.client(&job.spec.destination.endpoint)?;
+            let client = ctx
+                .s3
+                .client(&job.namespace, &job.spec.destination.endpoint)
+                .await?;
             for u in &open {
                 stowage_common::storage::abort_upload(
                     &client,

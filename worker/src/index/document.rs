@@ -116,8 +116,11 @@ async fn index_in_run(
             reason: "the run's embedding generation was replaced".into(),
         },
         Some(g) => {
-            let embedder = embedder(ctx, &g.embedding).await?;
-            let client = ctx.s3.client(&collection.spec.source.endpoint)?;
+            let embedder = embedder(ctx, &collection.namespace, &g.embedding).await?;
+            let client = ctx
+                .s3
+                .client(&collection.namespace, &collection.spec.source.endpoint)
+                .await?;
             let object = Listed {
                 key: key.to_string(),
                 etag: planned.document.etag,
@@ -240,7 +243,10 @@ async fn index(
         return Ok("no-index");
     }
     drop(db);
-    let client = ctx.s3.client(&collection.spec.source.endpoint)?;
+    let client = ctx
+        .s3
+        .client(&collection.namespace, &collection.spec.source.endpoint)
+        .await?;
     let source = &collection.spec.source;
     let Some((object, probed)) = head(&client, &source.bucket, key).await? else {
         let _lock = document_lock(ctx, collection_id, key).await?;
@@ -324,7 +330,7 @@ async fn index_one(
     object: &Listed,
 ) -> Result<&'static str, IndexError> {
     let (collection_id, key) = (collection.id, object.key.as_str());
-    let embedder = embedder(ctx, &g.embedding).await?;
+    let embedder = embedder(ctx, &collection.namespace, &g.embedding).await?;
     let indexing = document(ctx, client, collection, &embedder, g.id, object).await?;
     if indexing.unchanged {
         return Ok("unchanged");

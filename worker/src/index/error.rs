@@ -23,7 +23,7 @@ pub enum IndexError {
     #[error("queue: {0}")]
     Queue(#[from] QueueError),
     #[error("credentials: {0}")]
-    Credentials(String),
+    Credentials(CredentialsError),
     /// The built-in model cannot be used on this worker (not configured,
     /// unreadable files): another worker may have it.
     #[error("{0}")]
@@ -37,7 +37,7 @@ pub enum IndexError {
 
 impl From<CredentialsError> for IndexError {
     fn from(e: CredentialsError) -> Self {
-        IndexError::Credentials(e.0)
+        IndexError::Credentials(e)
     }
 }
 
@@ -57,6 +57,7 @@ impl Classify for IndexError {
             | IndexError::LockLost(_) => ErrorClass::Retryable,
             IndexError::S3(e) => e.class(),
             IndexError::Embed(e) => e.class(),
+            IndexError::Credentials(e) if e.is_transient() => ErrorClass::Retryable,
             IndexError::Credentials(_) | IndexError::Invalid(_) => ErrorClass::Permanent,
         }
     }
@@ -97,7 +98,11 @@ mod tests {
             ErrorClass::Retryable
         );
         assert_eq!(
-            IndexError::Credentials("x".into()).class(),
+            IndexError::Credentials(CredentialsError::NotFound {
+                namespace: "a".into(),
+                name: "k".into()
+            })
+            .class(),
             ErrorClass::Permanent
         );
         assert_eq!(IndexError::Model("x".into()).class(), ErrorClass::Retryable);

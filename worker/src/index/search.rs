@@ -52,7 +52,7 @@ impl SearchService {
             let vector = if mode == Mode::Keyword {
                 None
             } else {
-                let e = embedder(&self.ctx, &generation.embedding)
+                let e = embedder(&self.ctx, &r.namespace, &generation.embedding)
                     .await
                     .map_err(|e| Status::failed_precondition(e.to_string()))?;
                 Some(

@@ -28,7 +28,6 @@ use stowage_common::state::collections::{
     self, CollectionRecord, DocumentEnd, PlannedDocument, RunCounts, RunState,
 };
 use stowage_common::state::index::{self as store, NewChunk, Source};
-use stowage_common::storage::read_secret_key;
 use tracing::{debug, info, warn};
 
 use super::chunk::chunk;
@@ -51,9 +50,12 @@ pub async fn dispatch(
 ) -> Result<(), IndexError> {
     let spec = &collection.spec;
     // A model that cannot load fails the run now, not once per document.
-    embedder(ctx, &spec.embedding).await?;
+    embedder(ctx, &collection.namespace, &spec.embedding).await?;
     let selector = Selector::new(&spec.source).map_err(|e| IndexError::Invalid(e.to_string()))?;
-    let client = ctx.s3.client(&spec.source.endpoint)?;
+    let client = ctx
+        .s3
+        .client(&collection.namespace, &spec.source.endpoint)
+        .await?;
     let mut listing = list(&client, spec).await?;
     let mut db = ctx.db.get().await?;
     let generation = store::generation_for(&mut db, collection.id, &spec.embedding).await?;
@@ -171,7 +173,11 @@ pub(crate) async fn close_if_done(
 
 /// The embedder for `spec`: the worker's built-in model (loaded once, on
 /// first use) or a remote provider with the API key from its Secret.
-pub(crate) async fn embedder(ctx: &Context, spec: &Embedding) -> Result<Embedder, IndexError> {
+pub(crate) async fn embedder(
+    ctx: &Context,
+    namespace: &str,
+    spec: &Embedding,
+) -> Result<Embedder, IndexError> {
     if spec.provider == EmbeddingProvider::Builtin {
         let Some(dir) = ctx.embedding_model_dir.clone() else {
             return Err(IndexError::Model(
@@ -196,15 +202,16 @@ pub(crate) async fn embedder(ctx: &Context, spec: &Embedding) -> Result<Embedder
             .await?;
         return Ok(Embedder::Builtin(model.clone()));
     }
-    let api_key = match (&spec.credentials_secret_ref, &ctx.credentials_dir) {
-        (None, _) => None,
-        (Some(r), Some(dir)) => Some(read_secret_key(dir, &r.name, &["api_key", "API_KEY"])?),
-        (Some(r), None) => {
-            return Err(IndexError::Credentials(format!(
-                "the collection names Secret {:?} but this worker has no --credentials-dir",
-                r.name
-            )));
-        }
+    // The API key of the collection's own namespace, never another's.
+    let api_key = match &spec.credentials_secret_ref {
+        None => None,
+        Some(r) => Some(
+            ctx.s3
+                .secrets()
+                .get(namespace, &r.name)
+                .await?
+                .value(&["api_key", "API_KEY"])?,
+        ),
     };
     Ok(RemoteEmbedder::new(spec, api_key, Retry::default())
         .map(|r| Embedder::Remote(Arc::new(r)))?)

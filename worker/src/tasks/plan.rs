@@ -32,7 +32,7 @@ pub async fn run(ctx: &Context, job_id: Uuid) -> Result<Option<usize>, UploadErr
     job.spec
         .validate()
         .map_err(|e| UploadError::Invalid(e.to_string()))?;
-    let items = list_source(ctx, &job.spec).await?;
+    let items = list_source(ctx, &job.namespace, &job.spec).await?;
     let (todo, refused) = {
         let db = ctx.db.get().await?;
         let todo = state::add_items(&db, job_id, &items).await?;
@@ -86,10 +86,14 @@ async fn dead_letter_refused(
     Ok(())
 }
 
-async fn list_source(ctx: &Context, spec: &UploadJobSpec) -> Result<Vec<NewItem>, UploadError> {
+async fn list_source(
+    ctx: &Context,
+    namespace: &str,
+    spec: &UploadJobSpec,
+) -> Result<Vec<NewItem>, UploadError> {
     let prefix = &spec.destination.key_prefix;
     if let Some(s3) = &spec.source.s3 {
-        let client = ctx.s3.client(&s3.endpoint)?;
+        let client = ctx.s3.client(namespace, &s3.endpoint).await?;
         let mut items = Vec::new();
         let mut pages = client
             .list_objects_v2()

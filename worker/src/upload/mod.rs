@@ -28,7 +28,7 @@ pub enum UploadError {
     #[error("invalid job: {0}")]
     Invalid(String),
     #[error("credentials: {0}")]
-    Credentials(String),
+    Credentials(stowage_common::secrets::CredentialsError),
     #[error(transparent)]
     S3(#[from] S3Error),
     #[error(
@@ -63,7 +63,7 @@ pub enum UploadError {
 
 impl From<stowage_common::storage::CredentialsError> for UploadError {
     fn from(e: stowage_common::storage::CredentialsError) -> Self {
-        UploadError::Credentials(e.0)
+        UploadError::Credentials(e)
     }
 }
 
@@ -84,6 +84,7 @@ impl Classify for UploadError {
                 _ => Permanent,
             },
             UploadError::S3(e) => e.class(),
+            UploadError::Credentials(e) if e.is_transient() => Retryable,
             UploadError::Refused(_)
             | UploadError::InvalidKey(_)
             | UploadError::Invalid(_)

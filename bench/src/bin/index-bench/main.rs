@@ -175,7 +175,7 @@ async fn index(docs: usize, server: &str, capacity: usize) -> anyhow::Result<()>
     let database_url = fresh_database(&env).await;
     let prefix = unique("bench");
     let creds = tempfile::tempdir()?;
-    target.write_secret(creds.path(), "bench")?;
+    target.write_secret(creds.path(), "bench", "bench")?;
     let s3 = target.client();
     let bucket = unique("bench-").to_lowercase().replace('_', "-");
     s3.create_bucket().bucket(&bucket).send().await?;
