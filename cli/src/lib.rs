@@ -2,3 +2,4 @@
 //! the same binary beside the operator's and the worker's (`e2e-stowctl`).
 
 pub mod commands;
+pub mod grpc;

@@ -1,6 +1,7 @@
 //! Command-line / environment argument groups shared by the binaries; each
 //! binary flattens the ones it needs.
 
+use std::path::PathBuf;
 use std::time::Duration;
 
 use clap::{Args, ValueEnum};
@@ -31,6 +32,48 @@ pub struct NatsArgs {
     /// (or test runs) share one NATS account.
     #[arg(long, env = "STOWAGE_QUEUE_PREFIX", default_value = "stowage")]
     pub queue_prefix: String,
+
+    /// CA certificates (PEM) that the NATS server's certificate must chain
+    /// to. Any --nats-tls-* flag, or a `tls://` URL, makes TLS required;
+    /// without a CA file the system's CAs are used.
+    #[arg(long, env = "STOWAGE_NATS_TLS_CA_FILE")]
+    pub nats_tls_ca_file: Option<PathBuf>,
+
+    /// Client certificate (PEM) for a NATS server that verifies clients.
+    #[arg(long, env = "STOWAGE_NATS_TLS_CERT", requires = "nats_tls_key")]
+    pub nats_tls_cert: Option<PathBuf>,
+
+    /// Key (PEM) of --nats-tls-cert.
+    #[arg(long, env = "STOWAGE_NATS_TLS_KEY", requires = "nats_tls_cert")]
+    pub nats_tls_key: Option<PathBuf>,
+
+    /// NATS credentials file: user JWT and NKey seed, as `nsc` writes it.
+    #[arg(
+        long,
+        env = "STOWAGE_NATS_CREDS_FILE",
+        conflicts_with = "nats_nkey_file"
+    )]
+    pub nats_creds_file: Option<PathBuf>,
+
+    /// File holding a NATS NKey user seed (`SU…`), for servers that list
+    /// users by public NKey.
+    #[arg(long, env = "STOWAGE_NATS_NKEY_FILE")]
+    pub nats_nkey_file: Option<PathBuf>,
+}
+
+impl NatsArgs {
+    /// What [`crate::queue::Queue::connect`] takes.
+    pub fn settings(&self) -> crate::queue::NatsSettings {
+        crate::queue::NatsSettings {
+            url: self.nats_url.clone(),
+            prefix: self.queue_prefix.clone(),
+            tls_ca_file: self.nats_tls_ca_file.clone(),
+            tls_cert: self.nats_tls_cert.clone(),
+            tls_key: self.nats_tls_key.clone(),
+            creds_file: self.nats_creds_file.clone(),
+            nkey_file: self.nats_nkey_file.clone(),
+        }
+    }
 }
 
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, ValueEnum)]

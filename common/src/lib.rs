@@ -6,10 +6,12 @@
 //! - [`queue`]: the JetStream task queue, dead letters and events.
 //! - [`jobs`]: submitting jobs and replaying dead letters (state + queue).
 //! - [`spec`]: the UploadJob and IndexCollection specifications shared by the operator, worker and CLI.
-//! - [`storage`]: S3 clients per endpoint and mounted credentials.
+//! - [`storage`]: S3 clients per namespace and endpoint, S3 errors and operations.
+//! - [`secrets`]: Secrets read in the resource's own namespace (API or directory).
 //! - [`telemetry`]: logs, Prometheus metrics and health endpoints.
 //! - [`errors`]: the retryable / permanent classification that drives retries.
 //! - [`redact`]: secrets out of URLs wherever they are printed.
+//! - [`tls`]: TLS for PostgreSQL, NATS and gRPC (PEM files, verification, clear handshake errors).
 
 pub mod config;
 pub mod db;
@@ -18,10 +20,12 @@ pub mod jobs;
 pub mod locks;
 pub mod queue;
 pub mod redact;
+pub mod secrets;
 pub mod spec;
 pub mod state;
 pub mod storage;
 pub mod telemetry;
+pub mod tls;
 
 #[cfg(any(test, feature = "testing"))]
 pub mod testing;

@@ -150,8 +150,11 @@ pub struct CredentialsArgs {
 pub struct Secrets {
     source: SecretSource,
     ttl: Duration,
-    cache: Arc<Mutex<HashMap<(String, String), (Instant, Arc<SecretData>)>>>,
+    cache: Arc<Mutex<HashMap<(String, String), Cached>>>,
 }
+
+/// A Secret read at some instant.
+type Cached = (Instant, Arc<SecretData>);
 
 /// How long a Secret read is reused.
 pub const SECRET_TTL: Duration = Duration::from_secs(30);

@@ -2,7 +2,7 @@
 
 use std::time::Duration;
 
-use stowage_common::queue::{ConsumerSettings, Queue, TaskKind};
+use stowage_common::queue::{ConsumerSettings, NatsSettings, Queue, TaskKind};
 use stowage_common::testing::{StackEnv, unique};
 use stowage_proto::v1::{DeadLetter, PlanUpload, Task, task};
 
@@ -15,7 +15,7 @@ fn plan_task(id: &str) -> Task {
 
 #[tokio::test]
 async fn setup_is_idempotent_and_publishing_deduplicates() {
-    let q = Queue::connect(&StackEnv::load().nats_url(), &unique("q"))
+    let q = Queue::connect(&NatsSettings::new(StackEnv::load().nats_url(), unique("q")))
         .await
         .expect("connect");
     q.ensure(&ConsumerSettings::default())
@@ -60,7 +60,7 @@ async fn setup_is_idempotent_and_publishing_deduplicates() {
 
 #[tokio::test]
 async fn dead_letters_are_kept_and_replayed() {
-    let q = Queue::connect(&StackEnv::load().nats_url(), &unique("q"))
+    let q = Queue::connect(&NatsSettings::new(StackEnv::load().nats_url(), unique("q")))
         .await
         .expect("connect");
     q.ensure(&ConsumerSettings::default()).await.expect("setup");

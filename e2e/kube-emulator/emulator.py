@@ -24,7 +24,12 @@ tests use, with the Kubernetes semantics they rely on:
   equality label selectors (`a=b`, `a!=b`) on lists;
 - with --request-log FILE, one JSON line per request (method, path, query,
   User-Agent): the e2e suite checks the operator's calls against the Helm
-  chart's RBAC rules.
+  chart's RBAC rules;
+- TokenReview and SubjectAccessReview answered from --auth-policy FILE
+  (re-read on every review, so a test can grant and revoke): {"tokens":
+  {TOKEN: {"username", "uid", "groups", "audiences"}}, "rules": [{"user",
+  "verb", "group", "resource", "subresource", "namespace", "names"} or
+  {"user", "verb", "nonResourceURL"}]}.
 
 What it does not do (the e2e checks these another way or not at all):
 OpenAPI/CEL validation, admission, garbage collection of owned objects,
@@ -54,6 +59,8 @@ BUILTIN = [
     ("events.k8s.io", "v1", "events", "Event", True, ["ev"], [], [], []),
     ("", "v1", "pods", "Pod", True, ["po"], [], ["status"], []),
     ("apps", "v1", "deployments", "Deployment", True, ["deploy"], [], ["status", "scale"], []),
+    ("authentication.k8s.io", "v1", "tokenreviews", "TokenReview", False, [], [], [], []),
+    ("authorization.k8s.io", "v1", "subjectaccessreviews", "SubjectAccessReview", False, [], [], [], []),
 ]
 
 
@@ -80,8 +87,9 @@ class Resource:
 
 
 class Emulator:
-    def __init__(self, crd_dir, request_log=None):
+    def __init__(self, crd_dir, request_log=None, auth_policy=None):
         self.request_log = open(request_log, "a", buffering=1) if request_log else None
+        self.auth_policy = auth_policy
         self.resources = [Resource(*b) for b in BUILTIN]
         for path in sorted(pathlib.Path(crd_dir).glob("*.yaml")):
             crd = yaml.safe_load(path.read_text())
@@ -219,6 +227,8 @@ class Emulator:
         if r.kind == "Namespace" and name and request.method == "GET":
             return web.json_response({"apiVersion": "v1", "kind": "Namespace",
                                       "metadata": {"name": name}, "status": {"phase": "Active"}})
+        if name is None and request.method == "POST" and r.kind in ("TokenReview", "SubjectAccessReview"):
+            return await self.review(request, r)
         if name is None:
             if request.method == "GET":
                 if request.query.get("watch") in ("1", "true"):
@@ -367,6 +377,47 @@ class Emulator:
         await self.notify()
         return self.reply(request, r, obj)
 
+    # ------------------------------------------------------------ reviews
+    def policy(self):
+        if not self.auth_policy:
+            return {"tokens": {}, "rules": []}
+        try:
+            return json.loads(pathlib.Path(self.auth_policy).read_text())
+        except (OSError, json.JSONDecodeError):
+            return {"tokens": {}, "rules": []}
+
+    async def review(self, request, r):
+        body = await request.json()
+        spec = body.get("spec") or {}
+        policy = self.policy()
+        out = {"apiVersion": r.api_version, "kind": r.kind, "metadata": {}, "spec": spec}
+        if r.kind == "TokenReview":
+            who = policy.get("tokens", {}).get(spec.get("token"))
+            wanted = spec.get("audiences") or []
+            theirs = (who or {}).get("audiences") or []
+            audiences = [a for a in wanted if a in theirs] if wanted else theirs
+            if who is None or (wanted and not audiences):
+                out["status"] = {"authenticated": False, "error": "invalid bearer token"}
+            else:
+                out["status"] = {"authenticated": True, "audiences": audiences,
+                                 "user": {k: who[k] for k in ("username", "uid", "groups") if k in who}}
+            return web.json_response(out, status=201)
+        attrs = spec.get("resourceAttributes")
+        non_resource = spec.get("nonResourceAttributes")
+        allowed = False
+        for rule in policy.get("rules", []):
+            if rule.get("user") != spec.get("user"):
+                continue
+            if attrs and all(rule.get(k, "") == (attrs.get(k) or "") for k in
+                             ("verb", "group", "resource", "subresource", "namespace")) \
+                    and (not rule.get("names") or attrs.get("name") in rule["names"]):
+                allowed = True
+            if non_resource and rule.get("nonResourceURL") == non_resource.get("path") \
+                    and rule.get("verb") == non_resource.get("verb"):
+                allowed = True
+        out["status"] = {"allowed": allowed, "reason": "allowed by the test policy" if allowed else ""}
+        return web.json_response(out, status=201)
+
     # ------------------------------------------------------------ scale
     @staticmethod
     def scale_of(obj):
@@ -496,8 +547,9 @@ async def main():
     parser.add_argument("--port", type=int, default=0)
     parser.add_argument("--port-file", help="write the bound port here once listening")
     parser.add_argument("--request-log", help="append one JSON line per request to this file")
+    parser.add_argument("--auth-policy", help="JSON file answering TokenReviews and SubjectAccessReviews")
     args = parser.parse_args()
-    emulator = Emulator(args.crds, args.request_log)
+    emulator = Emulator(args.crds, args.request_log, args.auth_policy)
     app = web.Application(client_max_size=16 * 1024 * 1024)
     app.router.add_route("*", "/{tail:.*}", emulator.handle)
     runner = web.AppRunner(app, access_log=None)

@@ -29,6 +29,8 @@ pub struct Kube {
     pub emulated: bool,
     /// The emulator's log of every request it served (JSON lines).
     pub requests: Option<PathBuf>,
+    /// The emulator's TokenReview / SubjectAccessReview policy (JSON).
+    auth_policy: Option<PathBuf>,
 }
 
 impl Kube {
@@ -45,6 +47,7 @@ impl Kube {
                 emulator: None,
                 emulated: false,
                 requests: None,
+                auth_policy: None,
             };
             kube.ok(&["apply", "--server-side", "-f", &crd_dir().to_string_lossy()]);
             kube.ok(&[
@@ -58,6 +61,8 @@ impl Kube {
         let python = stack.get("STOWAGE_KUBE_EMULATOR_PYTHON");
         let port_file = dir.join("kube-port");
         let requests = dir.join("kube-requests.jsonl");
+        let auth_policy = dir.join("kube-auth-policy.json");
+        std::fs::write(&auth_policy, r#"{"tokens": {}, "rules": []}"#).expect("auth policy");
         let log = std::fs::File::create(dir.join("kube-emulator.log")).expect("emulator log");
         let child = Command::new(python)
             .arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("kube-emulator/emulator.py"))
@@ -67,6 +72,8 @@ impl Kube {
             .arg(&port_file)
             .arg("--request-log")
             .arg(&requests)
+            .arg("--auth-policy")
+            .arg(&auth_policy)
             .stdout(log.try_clone().expect("log"))
             .stderr(log)
             .spawn()
@@ -102,11 +109,109 @@ impl Kube {
             emulator: Some(child),
             emulated: true,
             requests: Some(requests),
+            auth_policy: Some(auth_policy),
         }
     }
 
     pub fn kubeconfig(&self) -> &Path {
         &self.kubeconfig
+    }
+
+    /// A bearer token (audience `stowage`) of a new identity that may search
+    /// collection `namespace/collection`, and nothing else: on a cluster a
+    /// ServiceAccount with a Role on `indexcollections/search`; on the
+    /// emulator, the same grant in its review policy.
+    pub fn grant_search(&self, namespace: &str, collection: &str) -> Grant {
+        let account = unique("reader").to_lowercase();
+        match &self.auth_policy {
+            Some(path) => {
+                let token = unique("token-");
+                let user = format!("system:serviceaccount:{namespace}:{account}");
+                let mut policy: serde_json::Value =
+                    serde_json::from_str(&std::fs::read_to_string(path).expect("policy"))
+                        .expect("policy JSON");
+                policy["tokens"][&token] = serde_json::json!({
+                    "username": user, "groups": ["system:serviceaccounts"], "audiences": ["stowage"]
+                });
+                if let Some(rules) = policy["rules"].as_array_mut() {
+                    rules.push(serde_json::json!({
+                        "user": user, "verb": "get", "group": "stowage.dev",
+                        "resource": "indexcollections", "subresource": "search",
+                        "namespace": namespace, "names": [collection]
+                    }));
+                }
+                std::fs::write(path, policy.to_string()).expect("write policy");
+                Grant {
+                    token,
+                    namespace: namespace.into(),
+                    account,
+                }
+            }
+            None => {
+                let role = format!(
+                    "apiVersion: rbac.authorization.k8s.io/v1\nkind: Role\nmetadata: {{name: {account}, namespace: {namespace}}}\n\
+                     rules: [{{apiGroups: [stowage.dev], resources: [indexcollections/search], resourceNames: [{collection}], verbs: [get]}}]\n"
+                );
+                let dir = tempfile::tempdir().expect("tempdir");
+                let file = dir.path().join("role.yaml");
+                std::fs::write(&file, role).expect("role");
+                self.ok(&["create", "serviceaccount", &account, "-n", namespace]);
+                self.ok(&["apply", "-f", &file.to_string_lossy()]);
+                self.ok(&[
+                    "create",
+                    "rolebinding",
+                    &account,
+                    "-n",
+                    namespace,
+                    "--role",
+                    &account,
+                    "--serviceaccount",
+                    &format!("{namespace}:{account}"),
+                ]);
+                let token = self
+                    .ok(&[
+                        "create",
+                        "token",
+                        &account,
+                        "-n",
+                        namespace,
+                        "--audience",
+                        "stowage",
+                    ])
+                    .trim()
+                    .to_string();
+                Grant {
+                    token,
+                    namespace: namespace.into(),
+                    account,
+                }
+            }
+        }
+    }
+
+    /// Revokes a grant's token (the ServiceAccount goes; on the emulator,
+    /// the token).
+    pub fn revoke(&self, grant: &Grant) {
+        match &self.auth_policy {
+            Some(path) => {
+                let mut policy: serde_json::Value =
+                    serde_json::from_str(&std::fs::read_to_string(path).expect("policy"))
+                        .expect("policy JSON");
+                if let Some(tokens) = policy["tokens"].as_object_mut() {
+                    tokens.remove(&grant.token);
+                }
+                std::fs::write(path, policy.to_string()).expect("write policy");
+            }
+            None => {
+                self.ok(&[
+                    "delete",
+                    "serviceaccount",
+                    &grant.account,
+                    "-n",
+                    &grant.namespace,
+                ]);
+            }
+        }
     }
 
     pub fn run(&self, args: &[&str]) -> Output {
@@ -142,6 +247,13 @@ impl Kube {
         }
         self.run(&args)
     }
+}
+
+/// A token that may search one collection.
+pub struct Grant {
+    pub token: String,
+    namespace: String,
+    account: String,
 }
 
 impl Drop for Kube {
@@ -324,6 +436,11 @@ impl World {
     /// Starts a worker with `capacity` slots (and the built-in embedding
     /// model, where the stack has it).
     pub fn worker(&self, capacity: usize) -> Proc {
+        self.worker_with(capacity, &[])
+    }
+
+    /// A worker with `extra` flags.
+    pub fn worker_with(&self, capacity: usize, extra: &[String]) -> Proc {
         let grpc = format!("127.0.0.1:{}", free_port());
         let mut args = self.common_args();
         args.extend([
@@ -335,6 +452,7 @@ impl World {
         if let Some(dir) = self.stack.try_get("STOWAGE_EMBEDDING_MODEL_DIR") {
             args.push(format!("--embedding-model-dir={dir}"));
         }
+        args.extend(extra.iter().cloned());
         let mut proc = self.spawn(self.binaries.worker, "worker", args);
         proc.grpc = Some(grpc);
         proc

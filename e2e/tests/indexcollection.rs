@@ -21,18 +21,27 @@ deeply twice a week and tie the stems to stakes as the plants grow.\n";
 const NATS: &str = "# Message queues\n\nNATS JetStream keeps every task in a stream; \
 consumers acknowledge each message explicitly and redeliveries happen after the ack wait.\n";
 
-async fn keys(grpc: &str, namespace: &str, query: &str, mode: SearchMode) -> Vec<String> {
+async fn keys(
+    grpc: &str,
+    token: &str,
+    namespace: &str,
+    query: &str,
+    mode: SearchMode,
+) -> Vec<String> {
     let Ok(mut client) = SearchClient::connect(format!("http://{grpc}")).await else {
         return Vec::new();
     };
-    let request = SearchRequest {
+    let mut request = tonic::Request::new(SearchRequest {
         namespace: namespace.into(),
         collection: "kb".into(),
         query: query.into(),
         mode: mode as i32,
         top_k: 3,
         ..Default::default()
-    };
+    });
+    if let Ok(value) = format!("Bearer {token}").parse() {
+        request.metadata_mut().insert("authorization", value);
+    }
     match client.query(request).await {
         Ok(r) => r.into_inner().hits.into_iter().map(|h| h.key).collect(),
         Err(_) => Vec::new(),
@@ -94,15 +103,25 @@ spec:
     );
 
     // Meaning, not words: no query word appears in the document it finds.
+    // Search access is a Kubernetes grant: a Role on indexcollections/search.
+    let reader = w.kube.grant_search(&w.namespace, "kb");
     let hits = keys(
         &grpc,
+        &reader.token,
         &w.namespace,
         "how do I recover my SQL server from a backup?",
         SearchMode::Vector,
     )
     .await;
     assert_eq!(hits.first().map(String::as_str), Some("docs/postgres.md"));
-    let hits = keys(&grpc, &w.namespace, "baking a loaf", SearchMode::Hybrid).await;
+    let hits = keys(
+        &grpc,
+        &reader.token,
+        &w.namespace,
+        "baking a loaf",
+        SearchMode::Hybrid,
+    )
+    .await;
     assert_eq!(hits.first().map(String::as_str), Some("docs/bread.md"));
 
     // An UploadJob lands a new document; the collection watches uploads.
@@ -121,6 +140,7 @@ spec:
         || async {
             keys(
                 &grpc,
+                &reader.token,
                 &w.namespace,
                 "message queue acknowledgements",
                 SearchMode::Hybrid,

@@ -27,6 +27,34 @@ pub struct WorkerArgs {
     #[arg(long, env = "STOWAGE_GRPC_ADDR", default_value = "127.0.0.1:50051")]
     pub grpc_addr: SocketAddr,
 
+    /// Certificate (PEM, leaf first) of the gRPC server: with
+    /// --grpc-tls-key, the whole gRPC port (health included) speaks TLS only.
+    /// Both files are read again when they change: new connections get the
+    /// new certificate without a restart.
+    #[arg(long, env = "STOWAGE_GRPC_TLS_CERT", requires = "grpc_tls_key")]
+    pub grpc_tls_cert: Option<PathBuf>,
+
+    /// Private key (PEM) of --grpc-tls-cert.
+    #[arg(long, env = "STOWAGE_GRPC_TLS_KEY", requires = "grpc_tls_cert")]
+    pub grpc_tls_key: Option<PathBuf>,
+
+    /// CA (PEM) of client certificates: when set, every gRPC client must
+    /// present a certificate it signed. Read at start-up.
+    #[arg(long, env = "STOWAGE_GRPC_TLS_CLIENT_CA", requires = "grpc_tls_cert")]
+    pub grpc_tls_client_ca: Option<PathBuf>,
+
+    /// How gRPC callers are checked: `kubernetes` — every call but health
+    /// needs a bearer token (audience `stowage`), authenticated with a
+    /// TokenReview and authorized with a SubjectAccessReview; `none` — no
+    /// checks at all (demos only; said loudly at start-up).
+    #[arg(long, env = "STOWAGE_AUTH_MODE", value_enum, default_value_t = crate::auth::AuthMode::Kubernetes)]
+    pub auth_mode: crate::auth::AuthMode,
+
+    /// How long an authentication or authorization decision is reused (a
+    /// revoked token is refused after at most this long).
+    #[arg(long, env = "STOWAGE_AUTH_CACHE_TTL", value_parser = stowage_common::config::parse_duration, default_value = "10s")]
+    pub auth_cache_ttl: Duration,
+
     /// Tasks this worker runs at once (each file upload also runs its own
     /// parts in parallel, up to the job's `concurrency`).
     #[arg(long, env = "STOWAGE_WORKER_CAPACITY", default_value_t = 4)]
@@ -45,12 +73,10 @@ pub struct WorkerArgs {
     #[arg(long, env = "STOWAGE_DRAIN_TIMEOUT", value_parser = stowage_common::config::parse_duration, default_value = "20s")]
     pub drain_timeout: Duration,
 
-    /// Directory of mounted credentials Secrets: `<dir>/<secret name>/access_key_id`
-    /// and `secret_access_key` (the keys `AWS_ACCESS_KEY_ID` /
-    /// `AWS_SECRET_ACCESS_KEY` work too). Jobs name a Secret in
-    /// `credentialsSecretRef`; without one the worker's own `AWS_*` variables apply.
-    #[arg(long, env = "STOWAGE_CREDENTIALS_DIR")]
-    pub credentials_dir: Option<PathBuf>,
+    /// Where the Secrets resources name are read: a resource's Secret is
+    /// always `<its namespace>/<name>`.
+    #[command(flatten)]
+    pub credentials: stowage_common::secrets::CredentialsArgs,
 
     /// Folder of the built-in embedding model (all-MiniLM-L6-v2:
     /// `config.json`, `tokenizer.json`, `model.safetensors`; `scripts/stack

@@ -1,5 +1,6 @@
 //! The worker's gRPC server: WorkerStatus, Search, standard health and
-//! reflection.
+//! (only without authentication) reflection. Every call but health is
+//! checked by [`crate::auth`].
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -20,9 +21,12 @@ struct StatusService {
 impl WorkerStatus for StatusService {
     async fn get_status(
         &self,
-        _: Request<GetStatusRequest>,
+        request: Request<GetStatusRequest>,
     ) -> Result<Response<GetStatusResponse>, Status> {
         let ctx = &self.ctx;
+        ctx.auth
+            .check(&request, &crate::auth::Access::WorkerStatus)
+            .await?;
         Ok(Response::new(GetStatusResponse {
             worker_id: ctx.worker_id.clone(),
             capacity: ctx.capacity as u32,
@@ -43,9 +47,11 @@ impl WorkerStatus for StatusService {
     }
 }
 
-/// Serves gRPC on `addr` until `shutdown` turns true; returns the bound address.
+/// Serves gRPC on `addr` until `shutdown` turns true, over TLS when `tls`
+/// is given; returns the bound address.
 pub async fn serve(
     addr: SocketAddr,
+    tls: Option<crate::tls::ServerTls>,
     ctx: Arc<Context>,
     mut shutdown: watch::Receiver<bool>,
 ) -> anyhow::Result<(SocketAddr, tokio::task::JoinHandle<()>)> {
@@ -59,24 +65,34 @@ pub async fn serve(
         .register_encoded_file_descriptor_set(stowage_proto::v1::FILE_DESCRIPTOR_SET)
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
         .build_v1()?;
-    let server = tonic::transport::Server::builder()
+    // Reflection tells anyone the API's shape: only where anyone may call
+    // it anyway.
+    let reflection = (ctx.auth.mode() == crate::auth::AuthMode::None).then_some(reflection);
+    let router = tonic::transport::Server::builder()
         .layer(tower::util::MapResponseLayer::new(
             undecodable_is_invalid_argument,
         ))
         .add_service(health)
-        .add_service(reflection)
+        .add_optional_service(reflection)
         .add_service(WorkerStatusServer::new(StatusService {
             ctx: Arc::clone(&ctx),
         }))
         .add_service(stowage_proto::v1::search_server::SearchServer::new(
             crate::index::search::SearchService { ctx },
-        ))
-        .serve_with_incoming_shutdown(tokio_stream_listener(listener), async move {
-            let _ = shutdown.wait_for(|s| *s).await;
-            health_reporter
-                .set_not_serving::<WorkerStatusServer<StatusService>>()
-                .await;
-        });
+        ));
+    let stop = async move {
+        let _ = shutdown.wait_for(|s| *s).await;
+        health_reporter
+            .set_not_serving::<WorkerStatusServer<StatusService>>()
+            .await;
+    };
+    let server: futures::future::BoxFuture<'static, Result<(), tonic::transport::Error>> = match tls
+    {
+        None => {
+            Box::pin(router.serve_with_incoming_shutdown(tokio_stream_listener(listener), stop))
+        }
+        Some(tls) => Box::pin(router.serve_with_incoming_shutdown(tls.incoming(listener), stop)),
+    };
     let handle = tokio::spawn(async move {
         if let Err(e) = server.await {
             tracing::error!(error = %e, "gRPC server failed");

@@ -6,7 +6,9 @@
 //! - [`index`]: IndexCollection sync runs.
 //! - [`sweeper`]: aborts orphaned multipart uploads.
 //! - [`grpc`]: WorkerStatus, health and reflection.
+//! - [`tls`]: the gRPC server's TLS (certificate reloaded when its files change).
 
+pub mod auth;
 pub mod config;
 pub mod grpc;
 pub mod index;
@@ -14,6 +16,7 @@ pub mod metrics;
 pub mod outcome;
 pub mod sweeper;
 pub mod tasks;
+pub mod tls;
 pub mod upload;
 
 use std::net::SocketAddr;
@@ -34,6 +37,7 @@ use crate::config::WorkerArgs;
 use crate::metrics::WorkerMetrics;
 use crate::tasks::InFlight;
 use crate::upload::multipart::PartHook;
+use stowage_common::secrets::{SECRET_TTL, SecretSource, Secrets};
 use stowage_common::storage::S3Clients;
 
 /// Everything a task needs, shared by all of them.
@@ -42,8 +46,6 @@ pub struct Context {
     pub locks: LockManager,
     pub queue: Queue,
     pub s3: S3Clients,
-    /// Mounted credentials Secrets (`<dir>/<secret>/<key>`).
-    pub credentials_dir: Option<std::path::PathBuf>,
     /// The built-in embedding model's folder, and the model once loaded.
     pub embedding_model_dir: Option<std::path::PathBuf>,
     pub builtin_model: tokio::sync::OnceCell<Arc<index::embed::Batcher>>,
@@ -56,6 +58,8 @@ pub struct Context {
     pub ack_wait: Duration,
     pub draining: AtomicBool,
     pub sha256_metadata: config::Sha256Metadata,
+    /// Who may call the gRPC API.
+    pub auth: auth::Auth,
     /// Attempts of planning, sync and document tasks (`--task-attempts`).
     pub task_attempts: u32,
     /// The slowest a source may send (uploads and documents).
@@ -63,6 +67,36 @@ pub struct Context {
     /// Upload jobs by id, so a file does not re-read (or re-validate) its
     /// job's whole spec.
     pub jobs: std::sync::Mutex<std::collections::HashMap<uuid::Uuid, Arc<upload::item::CachedJob>>>,
+}
+
+/// The Kubernetes API (in-cluster or KUBECONFIG), if there is one: where
+/// Secrets are read without `--credentials-dir`, and callers checked.
+async fn kube_client() -> Result<kube::Client, String> {
+    let mut config = kube::Config::infer()
+        .await
+        .map_err(|e| stowage_common::errors::chain(&e))?;
+    // Says who calls in the API server's audit log (and the e2e suite's).
+    config.headers.push((
+        http::header::USER_AGENT,
+        http::HeaderValue::from_static(concat!("stowage-worker/", env!("CARGO_PKG_VERSION"))),
+    ));
+    kube::Client::try_from(config).map_err(|e| stowage_common::errors::chain(&e))
+}
+
+/// Where this worker reads Secrets: the directory it was given, else the
+/// Kubernetes API.
+fn secret_source(args: &WorkerArgs, kube: &Result<kube::Client, String>) -> SecretSource {
+    if let Some(dir) = &args.credentials.credentials_dir {
+        return SecretSource::Directory(dir.clone());
+    }
+    match kube {
+        Ok(client) => SecretSource::Kubernetes(client.clone()),
+        Err(e) => {
+            let why = format!("this worker has no --credentials-dir and no Kubernetes API ({e})");
+            warn!("{why}: resources that name a Secret will fail");
+            SecretSource::Unconfigured(why)
+        }
+    }
 }
 
 /// A started worker.
@@ -78,11 +112,12 @@ pub struct Worker {
 /// Connects to PostgreSQL and NATS, checks advisory locks, migrates, and
 /// starts the servers, the task loop and the sweeper.
 pub async fn start(args: WorkerArgs, hook: Option<PartHook>) -> anyhow::Result<Worker> {
+    let grpc_tls = tls::ServerTls::from_args(&args)?;
     let mut registry = Registry::default();
     let lock_metrics = LockMetrics::register(&mut registry);
     let metrics = WorkerMetrics::register(&mut registry);
     let (pool, locks) = db::connect(&args.database, lock_metrics, args.lock_heartbeat).await?;
-    let queue = Queue::connect(&args.nats.nats_url, &args.nats.queue_prefix).await?;
+    let queue = Queue::connect(&args.nats.settings()).await?;
     queue
         .ensure(&ConsumerSettings {
             ack_wait: args.ack_wait,
@@ -92,12 +127,23 @@ pub async fn start(args: WorkerArgs, hook: Option<PartHook>) -> anyhow::Result<W
         let host = std::fs::read_to_string("/etc/hostname").unwrap_or_else(|_| "worker".into());
         format!("{}-{}", host.trim(), std::process::id())
     });
+    let kube = kube_client().await;
+    let auth = match (args.auth_mode, &kube) {
+        (auth::AuthMode::Kubernetes, Err(e)) => anyhow::bail!(
+            "--auth-mode kubernetes checks gRPC callers with the Kubernetes API, which this \
+             worker cannot reach ({e}); run it in a cluster or with KUBECONFIG, or use \
+             --auth-mode none for a local demo"
+        ),
+        (mode, kube) => auth::Auth::new(mode, kube.as_ref().ok().cloned(), args.auth_cache_ttl),
+    };
     let ctx = Arc::new(Context {
         db: pool,
         locks,
         queue,
-        s3: S3Clients::new(args.credentials_dir.clone()),
-        credentials_dir: args.credentials_dir.clone(),
+        s3: S3Clients::new(
+            Secrets::new(secret_source(&args, &kube), SECRET_TTL),
+            args.credentials.allow_worker_credentials,
+        ),
         embedding_model_dir: args.embedding_model_dir.clone(),
         builtin_model: Default::default(),
         http: Default::default(),
@@ -110,6 +156,7 @@ pub async fn start(args: WorkerArgs, hook: Option<PartHook>) -> anyhow::Result<W
         draining: AtomicBool::new(false),
         sha256_metadata: args.sha256_metadata,
         task_attempts: args.task_attempts,
+        auth,
         min_rate: upload::source::MinRate {
             bytes_per_sec: args.source_min_rate,
             window: Duration::from_secs(30),
@@ -125,12 +172,14 @@ pub async fn start(args: WorkerArgs, hook: Option<PartHook>) -> anyhow::Result<W
         stopped.clone(),
     )
     .await?;
-    let (grpc_addr, grpc) = grpc::serve(args.grpc_addr, Arc::clone(&ctx), stopped.clone()).await?;
+    let (grpc_addr, grpc) =
+        grpc::serve(args.grpc_addr, grpc_tls, Arc::clone(&ctx), stopped.clone()).await?;
     let tasks = tokio::spawn(tasks::run_loop(
         Arc::clone(&ctx),
         stopped.clone(),
         args.drain_timeout,
     ));
+    tokio::spawn(heartbeat(Arc::clone(&ctx), stopped.clone()));
     tokio::spawn(sweep_periodically(
         Arc::clone(&ctx),
         args.sweep_interval,
@@ -157,6 +206,39 @@ impl Worker {
         let _ = self.grpc.await;
         info!("worker stopped");
         result
+    }
+}
+
+/// How often a worker says what it is doing.
+const HEARTBEAT: Duration = Duration::from_secs(5);
+
+/// Publishes the worker's load every [`HEARTBEAT`] (the operator's
+/// autoscaler prefers idle pods when the fleet scales in), and once more
+/// when it starts draining.
+async fn heartbeat(ctx: Arc<Context>, mut stop: watch::Receiver<bool>) {
+    use prost::Message as _;
+    let subject = ctx.queue.topology().worker_subject(&ctx.worker_id);
+    loop {
+        let beat = stowage_proto::v1::WorkerHeartbeat {
+            worker_id: ctx.worker_id.clone(),
+            in_flight: u32::try_from(ctx.in_flight.snapshot().len()).unwrap_or(u32::MAX),
+            capacity: u32::try_from(ctx.capacity).unwrap_or(u32::MAX),
+            draining: *stop.borrow(),
+        };
+        if let Err(e) = ctx
+            .queue
+            .publish_event(subject.clone(), beat.encode_to_vec())
+            .await
+        {
+            tracing::debug!(error = %e, "heartbeat not published");
+        }
+        if *stop.borrow() {
+            return;
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(HEARTBEAT) => {}
+            _ = stop.changed() => {}
+        }
     }
 }
 

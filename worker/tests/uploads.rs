@@ -667,3 +667,439 @@ async fn a_source_rewritten_between_hashing_and_upload_is_never_completed(target
     worker.shutdown().await.expect("shutdown");
 }
 on_each_s3!(a_source_rewritten_between_hashing_and_upload_is_never_completed);
+
+/// CRC-32C of `data` as S3 reports it (base64 of the big-endian value).
+fn crc32c_b64(data: &[u8]) -> String {
+    use base64::Engine;
+    let crc = crc_fast::checksum(crc_fast::CrcAlgorithm::Crc32Iscsi, data) as u32;
+    base64::engine::general_purpose::STANDARD.encode(crc.to_be_bytes())
+}
+
+async fn a_corrupted_single_put_is_caught_and_uploaded_again(target: &str) {
+    let h = Harness::new(target).await;
+    let src = SourceServer::start().await;
+    let bytes = data(300_000, 90);
+    let expected = sha256_hex(&bytes);
+    src.serve("small.bin", bytes.clone());
+    // The first time the single PUT's body is handed over, a byte is flipped
+    // before the checksum sent with it is computed: the server receives
+    // bytes that match their checksum and stores them. Only the verifying
+    // HEAD (size, full-object CRC-32C of the bytes read, sha256 metadata)
+    // can tell.
+    let corrupted = Arc::new(AtomicUsize::new(0));
+    let seen = Arc::clone(&corrupted);
+    let hook: stowage_worker::upload::multipart::PartHook = Arc::new(move |part, attempt, b| {
+        if part == 1
+            && attempt == stowage_worker::upload::multipart::HOOK_AS_READ
+            && seen.fetch_add(1, Ordering::SeqCst) == 0
+        {
+            let mut v = b.to_vec();
+            v[1234] ^= 0x20;
+            bytes::Bytes::from(v)
+        } else {
+            b
+        }
+    });
+    let worker = h.worker(Some(hook)).await;
+    let job = h
+        .submit(
+            "corrupt-single",
+            h.spec(http(vec![src.url("small.bin")]), ""),
+        )
+        .await;
+    assert_eq!(
+        h.wait_job(job, Duration::from_secs(120)).await.state,
+        "succeeded"
+    );
+    // What a client nobody here wrote reads back.
+    assert_eq!(h.peer_sha256("small.bin"), expected);
+    let head = h.peer_head("small.bin");
+    assert_eq!(head["ContentLength"], 300_000, "{head}");
+    assert_eq!(
+        head["ChecksumCRC32C"].as_str(),
+        Some(crc32c_b64(&bytes).as_str()),
+        "{head}"
+    );
+    assert_eq!(
+        head["Metadata"]["sha256"].as_str(),
+        Some(expected.as_str()),
+        "{head}"
+    );
+    // The first attempt failed verification; the second uploaded again.
+    let item = h.items(job).await.remove(0);
+    assert_eq!(
+        corrupted.load(Ordering::SeqCst),
+        2,
+        "one corrupted PUT, then a clean one"
+    );
+    assert_eq!(item.attempts, 1, "{item:?}");
+    assert_eq!(src.hits("small.bin"), 2);
+    assert_eq!(item.sha256_hex.as_deref(), Some(expected.as_str()));
+    worker.shutdown().await.expect("shutdown");
+}
+on_each_s3!(a_corrupted_single_put_is_caught_and_uploaded_again);
+
+/// The worker binary, killed with SIGKILL by the tests that need it.
+fn spawn_worker(h: &Harness) -> std::process::Child {
+    std::process::Command::new(env!("CARGO_BIN_EXE_stowage-worker"))
+        .args(h.worker_args(&[]).into_iter().skip(1))
+        .env("RUST_LOG", "warn")
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .expect("start worker binary")
+}
+
+/// Waits until the job's item has at least `n` recorded parts; returns the
+/// multipart upload id they belong to.
+async fn wait_for_parts(h: &Harness, job: uuid::Uuid, n: i64) -> String {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(180);
+    loop {
+        let db = h.pool.get().await.expect("db");
+        let row = db
+            .query_one(
+                "SELECT count(p.part_number), min(m.upload_id)
+                 FROM upload_items i JOIN multipart_uploads m ON m.item_id = i.id
+                 LEFT JOIN upload_parts p ON p.item_id = i.id
+                 WHERE i.job_id = $1",
+                &[&job],
+            )
+            .await
+            .expect("parts");
+        let (count, upload): (i64, Option<String>) = (row.get(0), row.get(1));
+        if count >= n
+            && let Some(upload) = upload
+        {
+            return upload;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "no {n} parts recorded in time"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// A file of `size` bytes served at 1 MiB per `pause`, uploaded in 5 MiB
+/// parts two at a time by worker processes, each SIGKILLed once the item
+/// has recorded the next count of parts in `kill_at`; a last worker
+/// finishes. Returns the job and the multipart upload id seen at each kill.
+async fn upload_with_kills(
+    h: &Harness,
+    src: &SourceServer,
+    path: &str,
+    kill_at: &[i64],
+    between_kills: impl Fn(usize),
+) -> (uuid::Uuid, Vec<String>) {
+    let mut spec = h.spec(http(vec![src.url(path)]), "");
+    spec.part_size_bytes = 5 * MIB as u64;
+    spec.concurrency = 2;
+    let job = h.submit("killed", spec).await;
+    let mut uploads = Vec::new();
+    for (i, &parts) in kill_at.iter().enumerate() {
+        let mut worker = spawn_worker(h);
+        uploads.push(wait_for_parts(h, job, parts).await);
+        worker.kill().expect("SIGKILL");
+        worker.wait().expect("reaped");
+        between_kills(i);
+    }
+    let mut last = spawn_worker(h);
+    let done = h.wait_job(job, Duration::from_secs(300)).await;
+    last.kill().expect("stop the last worker");
+    last.wait().expect("reaped");
+    assert_eq!(done.state, "succeeded", "{:?}", h.items(job).await);
+    (job, uploads)
+}
+
+async fn a_resume_reads_only_the_parts_it_still_has_to_send(target: &str) {
+    let h = Harness::new(target).await;
+    let src = SourceServer::start().await;
+    const SIZE: usize = 80 * MIB;
+    const PART: u64 = 5 * MIB as u64;
+    let bytes = data(SIZE, 91);
+    let expected = sha256_hex(&bytes);
+    src.put(
+        "resumed.bin",
+        FileBehaviour {
+            data: bytes.clone(),
+            trickle: Some(Duration::from_millis(25)),
+            ..Default::default()
+        },
+    );
+    let kills = [2, 5, 8, 11];
+    let (job, uploads) = upload_with_kills(&h, &src, "resumed.bin", &kills, |_| {}).await;
+
+    let requests = src.requests("resumed.bin");
+    let served = src.bytes_served("resumed.bin");
+    let total = SIZE as u64;
+    for r in &requests {
+        eprintln!(
+            "{target}: {} {:?} -> {:?}: {} bytes",
+            r.status,
+            r.range_header,
+            r.span,
+            r.bytes()
+        );
+    }
+    eprintln!(
+        "{target}: {} requests, {served} bytes served for a {total}-byte file and {} kills \
+         ({:.2}x the file; hashing pass and upload read {}, re-read after kills {})",
+        requests.len(),
+        kills.len(),
+        served as f64 / total as f64,
+        2 * total,
+        served as i64 - 2 * total as i64
+    );
+    // One hashing pass and one upload read from the first byte; every
+    // resume asks for the version hashed, from a part boundary on.
+    let whole: Vec<_> = requests
+        .iter()
+        .filter(|r| r.range_header.is_none())
+        .collect();
+    assert_eq!(whole.len(), 2, "hashing pass + first upload read only");
+    let etag = support::source::etag_of(&bytes);
+    for r in requests.iter().filter(|r| r.range_header.is_some()) {
+        assert_eq!(r.status, 206, "{r:?}");
+        assert_eq!(r.if_match.as_deref(), Some(etag.as_str()), "{r:?}");
+        let (start, _) = r.span.expect("span");
+        assert_eq!(start % PART, 0, "ranges start at a part boundary: {r:?}");
+    }
+    // The target: the hashing pass once, the file once, and at most one
+    // part more per kill. (The source here is slower than the store, like
+    // the issue's HTTP source: what a kill loses is the part being read.
+    // Were the store the slower one, up to `concurrency` parts could be in
+    // flight at a kill, read but not stored.)
+    assert!(
+        served <= 2 * total + kills.len() as u64 * PART,
+        "served {served} bytes > 2 x {total} + {} kills x {PART}",
+        kills.len()
+    );
+    // One multipart upload from the first part to the last.
+    assert!(
+        uploads.iter().all(|u| *u == uploads[0]),
+        "one multipart upload: {uploads:?}"
+    );
+    let item = h.items(job).await.remove(0);
+    assert_eq!(item.sha256_hex.as_deref(), Some(expected.as_str()));
+    assert_eq!(h.peer_sha256("resumed.bin"), expected);
+    let head = h.peer_head("resumed.bin");
+    assert_eq!(head["ContentLength"], SIZE as u64, "{head}");
+    assert_eq!(
+        head["Metadata"]["sha256"].as_str(),
+        Some(expected.as_str()),
+        "{head}"
+    );
+    let open =
+        h.s3.list_multipart_uploads()
+            .bucket(&h.bucket)
+            .send()
+            .await
+            .expect("list");
+    assert!(open.uploads().is_empty(), "no multipart upload left open");
+}
+on_each_s3!(a_resume_reads_only_the_parts_it_still_has_to_send);
+
+async fn a_source_changed_between_attempts_starts_over(target: &str) {
+    let h = Harness::new(target).await;
+    let src = SourceServer::start().await;
+    let (before, after) = (data(30 * MIB, 92), data(30 * MIB, 93));
+    src.put(
+        "moving.bin",
+        FileBehaviour {
+            data: before.clone(),
+            trickle: Some(Duration::from_millis(25)),
+            ..Default::default()
+        },
+    );
+    // Killed after 2 parts of `before`; the file is rewritten (a new ETag)
+    // before the next worker resumes.
+    let (job, uploads) = upload_with_kills(&h, &src, "moving.bin", &[2], |_| {
+        src.rewrite("moving.bin", after.clone())
+    })
+    .await;
+    let requests = src.requests("moving.bin");
+    let statuses: Vec<_> = requests
+        .iter()
+        .map(|r| (r.status, r.range_header.is_some()))
+        .collect();
+    // Hashing pass and upload of `before`; the resume's ranged read asks for
+    // `before` and is refused; then `after` is hashed and uploaded whole.
+    assert_eq!(
+        statuses,
+        [
+            (200, false),
+            (200, false),
+            (412, true),
+            (200, false),
+            (200, false)
+        ],
+        "{requests:?}"
+    );
+    let old_etag = support::source::etag_of(&before);
+    assert_eq!(requests[2].if_match.as_deref(), Some(old_etag.as_str()));
+    let expected = sha256_hex(&after);
+    let item = h.items(job).await.remove(0);
+    assert_eq!(item.sha256_hex.as_deref(), Some(expected.as_str()));
+    assert_eq!(h.peer_sha256("moving.bin"), expected);
+    assert_eq!(
+        h.peer_head("moving.bin")["Metadata"]["sha256"].as_str(),
+        Some(expected.as_str())
+    );
+    // The upload of `before` was aborted, not completed or left behind.
+    assert_eq!(uploads.len(), 1);
+    let open =
+        h.s3.list_multipart_uploads()
+            .bucket(&h.bucket)
+            .send()
+            .await
+            .expect("list");
+    assert!(open.uploads().is_empty(), "{:?}", open.uploads());
+}
+on_each_s3!(a_source_changed_between_attempts_starts_over);
+
+async fn a_resume_by_last_modified_reads_only_what_it_must(target: &str) {
+    let h = Harness::new(target).await;
+    let src = SourceServer::start().await;
+    const SIZE: usize = 40 * MIB;
+    let bytes = data(SIZE, 94);
+    src.put(
+        "dated.bin",
+        FileBehaviour {
+            data: bytes.clone(),
+            trickle: Some(Duration::from_millis(25)),
+            validators: support::source::Validators::LastModified,
+            ..Default::default()
+        },
+    );
+    let (job, _) = upload_with_kills(&h, &src, "dated.bin", &[3], |_| {}).await;
+    let requests = src.requests("dated.bin");
+    let ranged: Vec<_> = requests
+        .iter()
+        .filter(|r| r.range_header.is_some())
+        .collect();
+    assert!(!ranged.is_empty(), "{requests:?}");
+    for r in &ranged {
+        assert_eq!(r.status, 206, "{r:?}");
+        assert!(r.if_unmodified_since.is_some(), "{r:?}");
+    }
+    let served = src.bytes_served("dated.bin");
+    assert!(
+        served <= 2 * SIZE as u64 + 5 * MIB as u64,
+        "served {served}: {requests:?}"
+    );
+    let expected = sha256_hex(&bytes);
+    assert_eq!(
+        h.items(job).await[0].sha256_hex.as_deref(),
+        Some(expected.as_str())
+    );
+    assert_eq!(h.peer_sha256("dated.bin"), expected);
+}
+on_each_s3!(a_resume_by_last_modified_reads_only_what_it_must);
+
+async fn a_source_without_ranges_is_read_whole_but_not_hashed_again(target: &str) {
+    let h = Harness::new(target).await;
+    let src = SourceServer::start().await;
+    const SIZE: usize = 40 * MIB;
+    let bytes = data(SIZE, 95);
+    src.put(
+        "plain.bin",
+        FileBehaviour {
+            data: bytes.clone(),
+            trickle: Some(Duration::from_millis(25)),
+            no_ranges: true,
+            ..Default::default()
+        },
+    );
+    let (job, uploads) = upload_with_kills(&h, &src, "plain.bin", &[3], |_| {}).await;
+    let requests = src.requests("plain.bin");
+    let shape: Vec<_> = requests
+        .iter()
+        .map(|r| (r.status, r.range_header.is_some()))
+        .collect();
+    // Hashing pass, upload; after the kill the ranged read is answered with
+    // the whole body (dropped at once) and the source is read whole again —
+    // once, with no second hashing pass.
+    assert_eq!(
+        shape,
+        [(200, false), (200, false), (200, true), (200, false)],
+        "{requests:?}"
+    );
+    let expected = sha256_hex(&bytes);
+    assert_eq!(
+        h.items(job).await[0].sha256_hex.as_deref(),
+        Some(expected.as_str())
+    );
+    assert_eq!(h.peer_sha256("plain.bin"), expected);
+    assert_eq!(uploads.len(), 1);
+}
+on_each_s3!(a_source_without_ranges_is_read_whole_but_not_hashed_again);
+
+async fn an_s3_source_is_read_by_range_only_while_its_etag_holds(target: &str) {
+    use stowage_worker::upload::source::{MinRate, Ranged, Source, Validator};
+    let h = Harness::new(target).await;
+    let worker = h.worker(None).await;
+    let (a, b) = (data(12 * MIB, 96), data(12 * MIB, 97));
+    let put = |body: bytes::Bytes| {
+        h.s3.put_object()
+            .bucket(&h.bucket)
+            .key("src/x.bin")
+            .body(body.into())
+            .send()
+    };
+    put(a.clone()).await.expect("stage source object");
+    let spec = UploadSource {
+        s3: Some(stowage_common::spec::S3Source {
+            bucket: h.bucket.clone(),
+            prefix: "src/".into(),
+            endpoint: h.endpoint(),
+        }),
+        http: None,
+    };
+    let ctx = &worker.context;
+    let source = Source::new("default", &spec, &ctx.s3, &ctx.http, MinRate::OFF)
+        .await
+        .expect("source");
+    let whole = source.open("src/x.bin").await.expect("open");
+    let validator = whole.validator.clone();
+    assert!(
+        matches!(validator, Some(Validator::ETag(_))),
+        "{validator:?}"
+    );
+    let total = 12 * MIB as u64;
+    let (start, end) = (5 * MIB as u64, 10 * MIB as u64 - 1);
+    let read = |r: Ranged| async move {
+        match r {
+            Ranged::Partial(body) => {
+                let chunks: Vec<bytes::Bytes> = futures::TryStreamExt::try_collect(body.stream)
+                    .await
+                    .expect("read the range");
+                Ok(chunks.concat())
+            }
+            Ranged::Changed(reason) => Err(reason),
+            Ranged::Unsupported => Err("unsupported".to_string()),
+        }
+    };
+    let got = source
+        .open_range("src/x.bin", start, end, total, validator.as_ref())
+        .await
+        .expect("ranged GET");
+    assert_eq!(
+        read(got).await.expect("the same version"),
+        a[start as usize..=end as usize]
+    );
+    // A size other than the one recorded is another version.
+    let other_size = source
+        .open_range("src/x.bin", start, end, total + 1, validator.as_ref())
+        .await
+        .expect("ranged GET");
+    assert!(read(other_size).await.is_err(), "another size");
+    // Rewritten: its ETag changed, the ranged read is refused.
+    put(b).await.expect("rewrite source object");
+    let changed = source
+        .open_range("src/x.bin", start, end, total, validator.as_ref())
+        .await
+        .expect("ranged GET");
+    let reason = read(changed).await.expect_err("another version");
+    assert!(reason.contains("ETag"), "{reason}");
+    worker.shutdown().await.expect("shutdown");
+}
+on_each_s3!(an_s3_source_is_read_by_range_only_while_its_etag_holds);

@@ -1,12 +1,17 @@
 //! The PostgreSQL connection pool and the embedded schema migrations, which
-//! run once across a rolling deploy under the migrations lock.
+//! run once across a rolling deploy under the migrations lock. Every
+//! connection, pooled or a lock session, is made from a [`PgConfig`], so
+//! that both honour the connection string's TLS options ([`tls`]).
+
+pub mod tls;
 
 use std::str::FromStr;
 use std::time::Duration;
 
 use deadpool_postgres::{Manager, ManagerConfig, RecyclingMethod};
-use tokio_postgres::NoTls;
 use tracing::info;
+
+pub use tls::{PgTls, PgTlsStream, SslMode};
 
 use crate::locks::{LockClass, LockError, LockKey, LockManager};
 
@@ -23,6 +28,8 @@ mod embedded {
 pub enum DbError {
     #[error("invalid database URL: {}", crate::errors::chain(.0))]
     InvalidUrl(#[source] tokio_postgres::Error),
+    #[error("database URL: {0}")]
+    Tls(String),
     #[error("cannot build the connection pool: {0}")]
     Pool(String),
     #[error("cannot get a database connection: {}", crate::state::pool_message(.0))]
@@ -51,17 +58,64 @@ pub async fn connect(
     Ok((pool, locks))
 }
 
-/// Parses a `postgres://` URL or key=value connection string.
-pub fn parse_url(url: &str) -> Result<tokio_postgres::Config, DbError> {
-    tokio_postgres::Config::from_str(url).map_err(DbError::InvalidUrl)
+/// A parsed connection string: tokio-postgres' settings and the TLS
+/// connector its `sslmode`/`sslrootcert`/`sslcert`/`sslkey` ask for. Derefs
+/// to [`tokio_postgres::Config`].
+#[derive(Clone)]
+pub struct PgConfig {
+    config: tokio_postgres::Config,
+    tls: PgTls,
 }
 
-pub fn pool(config: &tokio_postgres::Config, max_size: usize) -> Result<Pool, DbError> {
+impl PgConfig {
+    /// Opens one connection (the caller drives the returned connection).
+    pub async fn open(
+        &self,
+    ) -> Result<
+        (
+            tokio_postgres::Client,
+            tokio_postgres::Connection<tokio_postgres::Socket, PgTlsStream>,
+        ),
+        tokio_postgres::Error,
+    > {
+        self.config.connect(self.tls.clone()).await
+    }
+
+    pub fn tls(&self) -> &PgTls {
+        &self.tls
+    }
+}
+
+impl std::ops::Deref for PgConfig {
+    type Target = tokio_postgres::Config;
+
+    fn deref(&self) -> &tokio_postgres::Config {
+        &self.config
+    }
+}
+
+impl std::ops::DerefMut for PgConfig {
+    fn deref_mut(&mut self) -> &mut tokio_postgres::Config {
+        &mut self.config
+    }
+}
+
+/// Parses a `postgres://` URL or key=value connection string, with libpq's
+/// TLS options (see [`tls`]); reads the certificate files it names.
+pub fn parse_url(url: &str) -> Result<PgConfig, DbError> {
+    let (rest, options) = tls::split_ssl_options(url).map_err(DbError::Tls)?;
+    let mut config = tokio_postgres::Config::from_str(&rest).map_err(DbError::InvalidUrl)?;
+    let (tls, mode) = PgTls::new(&options).map_err(DbError::Tls)?;
+    config.ssl_mode(mode);
+    Ok(PgConfig { config, tls })
+}
+
+pub fn pool(config: &PgConfig, max_size: usize) -> Result<Pool, DbError> {
     let mut config = config.clone();
     config.application_name("stowage");
     let manager = Manager::from_config(
-        config,
-        NoTls,
+        config.config,
+        config.tls,
         ManagerConfig {
             recycling_method: RecyclingMethod::Fast,
         },

@@ -47,8 +47,8 @@ use std::time::{Duration, Instant};
 use sha2::{Digest, Sha256};
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
+use tokio_postgres::Client;
 use tokio_postgres::error::SqlState;
-use tokio_postgres::{Client, NoTls};
 use tracing::{debug, warn};
 
 /// What a lock protects. The discriminant is the first key of the advisory lock,
@@ -166,7 +166,7 @@ impl LockError {
 /// Hands out advisory locks. Cheap to clone.
 #[derive(Clone)]
 pub struct LockManager {
-    config: Arc<tokio_postgres::Config>,
+    config: Arc<crate::db::PgConfig>,
     metrics: LockMetrics,
     heartbeat: Duration,
     idle: IdleSessions,
@@ -186,7 +186,8 @@ impl LockManager {
     /// `heartbeat` bounds how long a silently dead session (a network
     /// partition rather than a closed socket) goes unnoticed, also while it
     /// waits for a lock; a wait asks again every half heartbeat.
-    pub fn new(config: tokio_postgres::Config, metrics: LockMetrics, heartbeat: Duration) -> Self {
+    /// Sessions connect as `config` says, TLS included (as the pool does).
+    pub fn new(config: crate::db::PgConfig, metrics: LockMetrics, heartbeat: Duration) -> Self {
         let mut config = config;
         config
             .keepalives(true)
@@ -391,11 +392,7 @@ impl LockManager {
     }
 
     async fn open_session(&self) -> Result<Session, LockError> {
-        let (client, connection) = self
-            .config
-            .connect(NoTls)
-            .await
-            .map_err(LockError::Connect)?;
+        let (client, connection) = self.config.open().await.map_err(LockError::Connect)?;
         let client = Arc::new(client);
         let (lost_tx, lost_rx) = watch::channel(None::<String>);
         let heartbeat = self.heartbeat;

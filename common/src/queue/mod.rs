@@ -26,6 +26,10 @@ use rand::Rng;
 use stowage_proto::v1::{DeadLetter, ObjectLanded, Task};
 use tracing::info;
 
+mod connect;
+
+pub use connect::NatsSettings;
+
 pub use async_nats::jetstream::AckKind;
 pub use async_nats::jetstream::Message;
 
@@ -46,6 +50,10 @@ pub enum QueueError {
         #[source]
         source: async_nats::ConnectError,
     },
+    #[error("cannot connect to NATS at {}: {message}", crate::redact::url(url))]
+    Tls { url: String, message: String },
+    #[error("NATS settings: {0}")]
+    Settings(String),
     #[error("JetStream {what} failed: {message}")]
     JetStream { what: &'static str, message: String },
     #[error("message on {subject} is not a valid {kind}: {source}")]
@@ -188,6 +196,15 @@ impl Topology {
         ProgressKind::parse(rest.split('.').next()?)
     }
 
+    /// Where worker `id` says what it is doing ([`stowage_proto::v1::WorkerHeartbeat`]).
+    pub fn worker_subject(&self, id: &str) -> String {
+        format!("{}.event.worker.{}", self.prefix, subject_token(id))
+    }
+
+    pub fn worker_wildcard(&self) -> String {
+        format!("{}.event.worker.>", self.prefix)
+    }
+
     pub fn event_wildcard(&self) -> String {
         format!("{}.event.>", self.prefix)
     }
@@ -248,36 +265,14 @@ pub struct Published {
 }
 
 impl Queue {
-    pub async fn connect(url: &str, prefix: &str) -> Result<Self, QueueError> {
-        let client = async_nats::ConnectOptions::new()
-            .name("stowage")
-            .retry_on_initial_connect()
-            .connection_timeout(Duration::from_secs(5))
-            .connect(url)
-            .await
-            .map_err(|source| QueueError::Connect {
-                url: url.to_string(),
-                source,
-            })?;
-        // `retry_on_initial_connect` returns at once; wait for the first
-        // connection so a wrong URL fails with a clear error.
-        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-        while client.connection_state() != async_nats::connection::State::Connected {
-            if tokio::time::Instant::now() > deadline {
-                return Err(QueueError::JetStream {
-                    what: "connect",
-                    message: format!(
-                        "NATS at {} did not accept a connection within 10s",
-                        crate::redact::url(url)
-                    ),
-                });
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
+    /// Connects as `settings` say (TLS, credentials); waits up to 10 s for
+    /// a server that is still starting, not for one that refuses us.
+    pub async fn connect(settings: &NatsSettings) -> Result<Self, QueueError> {
+        let client = connect::client(settings).await?;
         Ok(Queue {
             js: jetstream::new(client.clone()),
             client,
-            topology: Topology::new(prefix),
+            topology: Topology::new(&settings.prefix),
         })
     }
 
@@ -541,6 +536,20 @@ impl Queue {
                 .get_or_create_consumer(INDEXER_CONSUMER, config)
                 .await
         )
+    }
+
+    /// Deletes the worker consumer (tests of what happens when the backlog
+    /// cannot be read; [`Queue::ensure`] creates it again).
+    pub async fn delete_worker_consumer(&self) -> Result<(), QueueError> {
+        let stream = js!(
+            "get stream",
+            self.js.get_stream(self.topology.tasks_stream()).await
+        )?;
+        js!(
+            "delete consumer",
+            stream.delete_consumer(WORKER_CONSUMER).await
+        )?;
+        Ok(())
     }
 
     /// Pending + un-acked tasks, the backlog the fleet has to work off.

@@ -421,13 +421,15 @@ pub async fn fail_job(client: &Client, job_id: Uuid, error: &str) -> Result<(), 
 }
 
 /// Destinations of the jobs registered in the last `days` days.
+/// The destinations of the jobs of the last `days`, with the namespace whose
+/// credentials reach them.
 pub async fn recent_destinations(
     client: &Client,
     days: i32,
-) -> Result<Vec<crate::spec::Destination>, StateError> {
+) -> Result<Vec<(String, crate::spec::Destination)>, StateError> {
     let stmt = client
         .prepare_cached(
-            "SELECT DISTINCT spec->'destination' FROM upload_jobs
+            "SELECT DISTINCT namespace, spec->'destination' FROM upload_jobs
              WHERE created_at > now() - make_interval(days => $1)",
         )
         .await?;
@@ -435,7 +437,10 @@ pub async fn recent_destinations(
     // A destination this version cannot read is skipped, not fatal.
     Ok(rows
         .iter()
-        .filter_map(|r| serde_json::from_value(r.get::<_, serde_json::Value>(0)).ok())
+        .filter_map(|r| {
+            let dest = serde_json::from_value(r.get::<_, serde_json::Value>(1)).ok()?;
+            Some((r.get::<_, String>(0), dest))
+        })
         .collect())
 }
 
@@ -574,6 +579,19 @@ pub struct MultipartRecord {
     pub checksum_algorithm: String,
     /// The SHA-256 set in the object's metadata at creation, if any.
     pub metadata_sha256: Option<String>,
+    /// What the hashing pass behind `metadata_sha256` read (migration V12),
+    /// when there was one: a resume reads only the parts still to send.
+    pub source: Option<SourceVersion>,
+}
+
+/// The source bytes a multipart upload's hashing pass read.
+#[derive(Clone, Debug, PartialEq)]
+pub struct SourceVersion {
+    pub size_bytes: i64,
+    /// Checksum (the upload's algorithm, base64) of each part-sized slice.
+    pub part_checksums: Vec<String>,
+    /// `etag:<value>` or `last-modified:<value>`, if the source sent one.
+    pub validator: Option<String>,
 }
 
 #[derive(Clone, Debug, PartialEq)]
@@ -591,7 +609,7 @@ pub async fn get_multipart(
     let Some(r) = client
         .query_opt(
             &client.prepare_cached("SELECT endpoint, bucket, object_key, upload_id, part_size_bytes, checksum_algorithm,
-                    metadata_sha256
+                    metadata_sha256, source_size, source_part_checksums, source_validator
              FROM multipart_uploads WHERE item_id = $1").await?,
             &[&item_id],
         )
@@ -607,6 +625,17 @@ pub async fn get_multipart(
         part_size_bytes: r.get(4),
         checksum_algorithm: r.get(5),
         metadata_sha256: r.get(6),
+        source: match (
+            r.get::<_, Option<i64>>(7),
+            r.get::<_, Option<Vec<String>>>(8),
+        ) {
+            (Some(size_bytes), Some(part_checksums)) => Some(SourceVersion {
+                size_bytes,
+                part_checksums,
+                validator: r.get(9),
+            }),
+            _ => None,
+        },
     };
     let parts = client
         .query(
@@ -638,8 +667,9 @@ pub async fn save_multipart(
     client
         .execute(
             &client.prepare_cached("INSERT INTO multipart_uploads (item_id, endpoint, bucket, object_key, upload_id,
-                                            part_size_bytes, checksum_algorithm, metadata_sha256)
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8)").await?,
+                                            part_size_bytes, checksum_algorithm, metadata_sha256,
+                                            source_size, source_part_checksums, source_validator)
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)").await?,
             &[
                 &item_id,
                 &upload.endpoint,
@@ -649,6 +679,9 @@ pub async fn save_multipart(
                 &upload.part_size_bytes,
                 &upload.checksum_algorithm,
                 &upload.metadata_sha256,
+                &upload.source.as_ref().map(|v| v.size_bytes),
+                &upload.source.as_ref().map(|v| &v.part_checksums),
+                &upload.source.as_ref().and_then(|v| v.validator.as_ref()),
             ],
         )
         .await?;

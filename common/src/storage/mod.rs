@@ -34,8 +34,11 @@ const SECRET_ACCESS_KEY: &[&str] = &["secret_access_key", "AWS_SECRET_ACCESS_KEY
 pub struct S3Clients {
     secrets: Secrets,
     allow_worker_credentials: bool,
-    cache: Arc<Mutex<HashMap<(String, Endpoint), (Instant, aws_sdk_s3::Client)>>>,
+    cache: Arc<Mutex<HashMap<(String, Endpoint), Built>>>,
 }
+
+/// A client built at some instant (its Secret as read then).
+type Built = (Instant, aws_sdk_s3::Client);
 
 impl S3Clients {
     /// `allow_worker_credentials`: may a resource use this process's own

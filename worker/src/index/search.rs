@@ -159,8 +159,20 @@ impl Search for SearchService {
         &self,
         request: Request<SearchRequest>,
     ) -> Result<Response<SearchResponse>, Status> {
+        let (mode, top_k) = validate(request.get_ref())?;
+        // Before anything is looked up: a denial says nothing of whether
+        // the collection exists.
+        self.ctx
+            .auth
+            .check(
+                &request,
+                &crate::auth::Access::Search {
+                    namespace: request.get_ref().namespace.clone(),
+                    name: request.get_ref().collection.clone(),
+                },
+            )
+            .await?;
         let r = request.into_inner();
-        let (mode, top_k) = validate(&r)?;
         let db = self
             .ctx
             .db

@@ -22,7 +22,10 @@ use tracing::{debug, info, warn};
 use uuid::Uuid;
 
 use super::UploadError;
-use super::multipart::{self, Options, SHA256_METADATA, Target, Transfer};
+use super::checksum::PartChecksums;
+use super::multipart::{
+    self, Hashed, Input, MissingParts, Opened, Options, StoredObject, Target, Transfer,
+};
 use super::source::{Source, SourceBody};
 use crate::Context;
 use crate::config::Sha256Metadata;
@@ -62,7 +65,6 @@ pub async fn run(
         "cancelled" => return Outcome::Done { label: "cancelled" },
         _ => {}
     }
-    let spec = &job.record.spec;
     let started = std::time::Instant::now();
     let (outcome, state) = match process(ctx, &item, &job, cancel, progress).await {
         Ok(state) => {
@@ -99,7 +101,7 @@ pub async fn run(
                 reason: "worker shutting down".into(),
             };
         }
-        Err(e) => match fail(ctx, &item, spec, &e).await {
+        Err(e) => match fail(ctx, &item, &job.record, &e).await {
             Ok(outcome @ Outcome::Dead { .. }) => (outcome, ItemState::Failed),
             Ok(outcome) => return outcome,
             Err(state_err) => return retry_later(&state_err, item.attempts as u32 + 1),
@@ -152,7 +154,10 @@ pub async fn fail_dead(
     }
     if let Some((rec, _)) = state::get_multipart(&db, item.id).await?
         && let Ok(job) = state::get_job(&db, item.job_id).await
-        && let Ok(client) = ctx.s3.client(&job.spec.destination.endpoint)
+        && let Ok(client) = ctx
+            .s3
+            .client(&job.namespace, &job.spec.destination.endpoint)
+            .await
     {
         multipart::abort(&client, &rec).await;
     }
@@ -207,9 +212,10 @@ async fn load(
 async fn fail(
     ctx: &Context,
     item: &ItemRecord,
-    spec: &UploadJobSpec,
+    job: &JobRecord,
     e: &UploadError,
 ) -> Result<Outcome, StateError> {
+    let spec = &job.spec;
     let attempt = item.attempts as u32 + 1;
     let class = e.class();
     let message = e.to_string();
@@ -230,7 +236,10 @@ async fn fail(
     }
     // Permanent, or out of attempts: abort what was started, then fail.
     if let Some((rec, _)) = state::get_multipart(&db, item.id).await?
-        && let Ok(client) = ctx.s3.client(&spec.destination.endpoint)
+        && let Ok(client) = ctx
+            .s3
+            .client(&job.namespace, &spec.destination.endpoint)
+            .await
     {
         multipart::abort(&client, &rec).await;
     }
@@ -257,7 +266,8 @@ async fn process(
     let spec = &job.record.spec;
     validate_key(&item.dest_key)?;
     let dest = &spec.destination;
-    let client = ctx.s3.client(&dest.endpoint)?;
+    let namespace = job.record.namespace.as_str();
+    let client = ctx.s3.client(namespace, &dest.endpoint).await?;
     let endpoint = dest.endpoint.label().to_string();
     let lock_key = LockKey::new(
         LockClass::ObjectKey,
@@ -279,7 +289,7 @@ async fn process(
         key: &item.dest_key,
     };
     let result = tokio::select! {
-        r = transfer(ctx, item, spec, &target, &lock, progress, resumable) => r,
+        r = transfer(ctx, namespace, item, spec, &target, &lock, progress, resumable) => r,
         reason = lock.lost() => Err(UploadError::LockLost(reason)),
         _ = cancel.cancelled() => Err(UploadError::Cancelled),
     };
@@ -291,36 +301,15 @@ async fn process(
     result
 }
 
-struct Existing {
-    sha256: Option<String>,
-    size: i64,
-}
-
-async fn head(target: &Target<'_>, key: &str) -> Result<Option<Existing>, UploadError> {
-    match target
-        .client
-        .head_object()
-        .bucket(target.bucket)
-        .key(key)
-        .send()
-        .await
-    {
-        Ok(h) => Ok(Some(Existing {
-            sha256: h.metadata().and_then(|m| m.get(SHA256_METADATA)).cloned(),
-            size: h.content_length().unwrap_or(0),
-        })),
-        Err(e) => {
-            let e = stowage_common::storage::s3_error("HeadObject", e);
-            if e.is_not_found() {
-                Ok(None)
-            } else {
-                Err(e.into())
-            }
-        }
-    }
-}
-
-async fn copy(target: &Target<'_>, from: &str, to: &str) -> Result<(), UploadError> {
+/// A server-side copy of `from` (as a HEAD found it) to `to`, then checked
+/// with a fresh HEAD of `to`: an object that does not match is not counted.
+async fn copy(
+    target: &Target<'_>,
+    from: &str,
+    found: &StoredObject,
+    to: &str,
+    sha: Option<&str>,
+) -> Result<(), UploadError> {
     target
         .client
         .copy_object()
@@ -331,11 +320,13 @@ async fn copy(target: &Target<'_>, from: &str, to: &str) -> Result<(), UploadErr
         .send()
         .await
         .map_err(|e| stowage_common::storage::s3_error("CopyObject", e))?;
-    Ok(())
+    multipart::verify_copy(target, to, found, sha).await
 }
 
+#[allow(clippy::too_many_arguments)]
 async fn transfer(
     ctx: &Context,
+    namespace: &str,
     item: &ItemRecord,
     spec: &UploadJobSpec,
     target: &Target<'_>,
@@ -347,7 +338,7 @@ async fn transfer(
     let existing = if spec.conflict_policy == ConflictPolicy::Overwrite && !spec.dedup {
         None
     } else {
-        head(target, target.key).await?
+        multipart::head_stored(target, target.key).await?
     };
     if let Some(e) = &existing
         && spec.conflict_policy == ConflictPolicy::Skip
@@ -363,28 +354,83 @@ async fn transfer(
         )
         .await;
     }
-    let source = Source::new(&spec.source, &ctx.s3, &ctx.http, ctx.min_rate)?;
-    let mut known_sha256 = None;
+    let source = Source::new(namespace, &spec.source, &ctx.s3, &ctx.http, ctx.min_rate).await?;
+    let t = Transfer {
+        db: ctx.db.clone(),
+        metrics: ctx.metrics.clone(),
+        hook: ctx.hook.clone(),
+        progress,
+    };
+    let mut resume = if resumable {
+        t.resume_point(item.id, target, spec.part_size_bytes, spec.checksum)
+            .await?
+    } else {
+        None
+    };
+    // An upload whose hashing pass is recorded resumes by reading only the
+    // parts it still has to send: no hashing pass, no re-read of the stored
+    // parts (see Transfer::run for why the object is still the hashed bytes).
+    let mut recorded = None;
+    let mut missing = None;
+    if let Some(r) = &resume
+        && let Some(hashed) = r.hashed()
+    {
+        match MissingParts::open(
+            &source,
+            &item.source_ref,
+            r,
+            hashed.clone(),
+            spec.part_size_bytes,
+        )
+        .await?
+        {
+            Opened::Ready(m) => {
+                missing = Some(m);
+                recorded = Some(hashed);
+            }
+            Opened::Unsupported => {
+                // A source that serves no ranges is read whole, but the
+                // hashing pass is not repeated: the upload's own hash must
+                // match the recorded one before it is completed.
+                info!(
+                    key = target.key,
+                    "the source serves no byte ranges; reading it whole to resume"
+                );
+                recorded = Some(hashed);
+            }
+            Opened::Changed(reason) => {
+                info!(
+                    key = target.key,
+                    reason, "the source changed since the upload began; starting over"
+                );
+                t.forget(item.id, target).await?;
+                resume = None;
+            }
+        }
+    }
+    let mut known: Option<Hashed> = None;
     if spec.dedup {
-        let (sha, size) = hash_source(&source, &item.source_ref).await?;
-        if existing.as_ref().and_then(|e| e.sha256.as_deref()) == Some(sha.as_str()) {
+        let hashed = match &recorded {
+            Some(h) => h.clone(),
+            None => hash_source(&source, &item.source_ref, spec).await?,
+        };
+        let (sha, size) = (hashed.sha256.as_str(), hashed.size);
+        if existing.as_ref().and_then(|e| e.sha256.as_deref()) == Some(sha) {
             info!(key = target.key, "destination already holds this content");
-            return finish(ctx, item, ItemState::SkippedExists, &sha, size as i64, None).await;
+            return finish(ctx, item, ItemState::SkippedExists, sha, size as i64, None).await;
         }
         let twin = {
             let db = ctx.db.get().await?;
-            state::object_with_content(&db, target.bucket, &sha).await?
+            state::object_with_content(&db, target.bucket, sha).await?
         };
         if let Some(twin) = twin.filter(|t| t.object_key != target.key && size <= MAX_PART_SIZE)
-            && head(target, &twin.object_key)
+            && let Some(found) = multipart::head_stored(target, &twin.object_key)
                 .await?
-                .and_then(|h| h.sha256)
-                .as_deref()
-                == Some(sha.as_str())
+                .filter(|h| h.sha256.as_deref() == Some(sha) && h.size == size as i64)
         {
-            let archived = archive_if_versioned(ctx, spec, target, existing.is_some()).await?;
+            let archived = archive_if_versioned(ctx, spec, target, existing.as_ref()).await?;
             lock.ensure_held()?;
-            copy(target, &twin.object_key, target.key).await?;
+            copy(target, &twin.object_key, &found, target.key, Some(sha)).await?;
             info!(
                 key = target.key,
                 from = twin.object_key,
@@ -399,49 +445,59 @@ async fn transfer(
                 ctx,
                 item,
                 ItemState::SkippedDuplicate,
-                &sha,
+                sha,
                 size as i64,
                 Some(written),
             )
             .await;
         }
-        known_sha256 = Some(sha);
+        known = Some(hashed);
     }
-    let archived = archive_if_versioned(ctx, spec, target, existing.is_some()).await?;
-    let mut body = source.open(&item.source_ref).await?;
-    if known_sha256.is_none()
-        && ctx.sha256_metadata == Sha256Metadata::Always
-        && body.size.is_none_or(|size| size > spec.part_size_bytes)
-    {
-        // A multipart object's metadata is set when the upload is created:
-        // hash the source first (the upload checks it gets the same hash).
-        let started = std::time::Instant::now();
-        let (sha, size) = hash_body(body).await?;
-        debug!(key = target.key, size, took = ?started.elapsed(), "source hashed up front");
-        known_sha256 = Some(sha);
-        body = source.open(&item.source_ref).await?;
-    }
+    let archived = archive_if_versioned(ctx, spec, target, existing.as_ref()).await?;
+    let input = match missing {
+        Some(m) => {
+            known = recorded;
+            Input::Missing(m)
+        }
+        None => {
+            if known.is_none() {
+                known = recorded;
+            }
+            let mut body = source.open(&item.source_ref).await?;
+            if known.is_none()
+                && ctx.sha256_metadata == Sha256Metadata::Always
+                && body.size.is_none_or(|size| size > spec.part_size_bytes)
+            {
+                // A multipart object's metadata is set when the upload is
+                // created: hash the source first (the upload checks it gets
+                // the same bytes, part by part and as a whole).
+                let started = std::time::Instant::now();
+                let hashed = hash_body(body, spec).await?;
+                debug!(key = target.key, size = hashed.size, took = ?started.elapsed(), "source hashed up front");
+                known = Some(hashed);
+                body = source.open(&item.source_ref).await?;
+            }
+            Input::Stream(body)
+        }
+    };
     // Status shows the size of a file that takes a while; a small file's
     // size is recorded when it finishes.
-    if let Some(size) = body.size.filter(|s| *s > spec.part_size_bytes) {
+    let size = match &input {
+        Input::Missing(_) => known.as_ref().map(|k| k.size),
+        Input::Stream(body) => body.size,
+    };
+    if let Some(size) = size.filter(|s| *s > spec.part_size_bytes) {
         let db = ctx.db.get().await?;
         state::set_progress(&db, item.id, 0, Some(size as i64)).await?;
     }
-    let t = Transfer {
-        db: ctx.db.clone(),
-        metrics: ctx.metrics.clone(),
-        hook: ctx.hook.clone(),
-        progress,
-    };
     let opts = Options {
         part_size: spec.part_size_bytes,
         concurrency: spec.concurrency as usize,
         algorithm: spec.checksum,
-        known_sha256,
+        known,
         sha256_metadata_copy: ctx.sha256_metadata == Sha256Metadata::Copy,
-        resumable,
     };
-    let up = t.run(item.id, target, &opts, body, lock).await?;
+    let up = t.run(item.id, target, &opts, resume, input, lock).await?;
     if up.parts > 1 || up.parts_resumed > 0 {
         // Only the multipart path leaves bookkeeping to clear.
         let db = ctx.db.get().await?;
@@ -468,18 +524,26 @@ async fn archive_if_versioned(
     ctx: &Context,
     spec: &UploadJobSpec,
     target: &Target<'_>,
-    exists: bool,
+    existing: Option<&StoredObject>,
 ) -> Result<Option<String>, UploadError> {
-    if !exists || spec.conflict_policy != ConflictPolicy::Version {
+    let Some(existing) = existing.filter(|_| spec.conflict_policy == ConflictPolicy::Version)
+    else {
         return Ok(None);
-    }
+    };
     let current = {
         let db = ctx.db.get().await?;
         state::current_object(&db, target.bucket, target.key).await?
     };
     let version = current.map_or(0, |c| c.version);
     let archive = format!("{}.stowage-v{version}", target.key);
-    copy(target, target.key, &archive).await?;
+    copy(
+        target,
+        target.key,
+        existing,
+        &archive,
+        existing.sha256.as_deref(),
+    )
+    .await?;
     info!(key = target.key, archive, "previous version preserved");
     Ok(Some(archive))
 }
@@ -577,19 +641,35 @@ async fn republish_landed(
 }
 
 /// Reads the whole source once for its SHA-256 and size (dedup).
-async fn hash_source(source: &Source, source_ref: &str) -> Result<(String, u64), UploadError> {
-    hash_body(source.open(source_ref).await?).await
+async fn hash_source(
+    source: &Source,
+    source_ref: &str,
+    spec: &UploadJobSpec,
+) -> Result<Hashed, UploadError> {
+    hash_body(source.open(source_ref).await?, spec).await
 }
 
-/// Reads `body` to its end: its SHA-256 (hex) and size.
-async fn hash_body(mut body: SourceBody) -> Result<(String, u64), UploadError> {
+/// Reads `body` to its end: its SHA-256 (hex), size, the checksum of each
+/// part-sized slice (what every part of the upload must then carry) and the
+/// validator it came with.
+async fn hash_body(mut body: SourceBody, spec: &UploadJobSpec) -> Result<Hashed, UploadError> {
     use futures::StreamExt;
     let mut h = Sha256::new();
+    let mut parts = PartChecksums::new(
+        spec.checksum,
+        multipart::effective_part_size(spec.part_size_bytes),
+    );
     let mut n = 0u64;
     while let Some(chunk) = body.stream.next().await {
         let chunk = chunk?;
         n += chunk.len() as u64;
         h.update(&chunk);
+        parts.update(&chunk);
     }
-    Ok((hex::encode(h.finalize()), n))
+    Ok(Hashed {
+        sha256: hex::encode(h.finalize()),
+        size: n,
+        part_checksums: parts.finish(),
+        validator: body.validator,
+    })
 }

@@ -1,11 +1,18 @@
 //! The transfer of one object: a single checksummed PUT when it fits in one
 //! part, else a multipart upload whose parts go up in parallel (bounded
 //! memory: at most `concurrency` parts exist at once), each with a checksum
-//! the server verifies, each recorded in PostgreSQL before it counts. A later
-//! attempt resumes from the recorded parts that the server still has
-//! (ListParts), re-reading but not re-sending them.
+//! the server verifies, each recorded in PostgreSQL before it counts. Every
+//! object is then checked with a fresh HEAD (size, checksum, SHA-256
+//! metadata) before it counts.
+//!
+//! A later attempt resumes from the recorded parts that the server still has
+//! (ListParts). When the upload's hashing pass is recorded (its SHA-256, size,
+//! per-part checksums and the source's validator), the resume reads only the
+//! parts still to send, by ranges, and every part the object is completed
+//! with must carry the checksum the hashing pass computed for it; otherwise
+//! it re-reads the whole source, re-sending only what is not stored.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
@@ -21,24 +28,36 @@ use stowage_common::db::Pool;
 use stowage_common::errors::{Classify, ErrorClass};
 use stowage_common::locks::SessionLock;
 use stowage_common::queue::backoff_delay;
+use stowage_common::redact;
 use stowage_common::spec::{ChecksumAlgorithm, MAX_PART_SIZE, MAX_PARTS};
-use stowage_common::state::uploads::{self as state, MultipartRecord, PartRecord};
-use tokio::sync::Semaphore;
+use stowage_common::state::uploads::{self as state, MultipartRecord, PartRecord, SourceVersion};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio::task::JoinSet;
 use tracing::{debug, info, warn};
 
 use super::UploadError;
 use super::checksum::{composite_checksum, part_checksum};
-use super::source::{PartReader, SourceBody};
+use super::source::{PartReader, Ranged, Source, SourceBody, Validator};
 use crate::metrics::WorkerMetrics;
 use stowage_common::storage::{S3Error, abort_upload, s3_error};
 
 /// Object metadata key holding the whole object's SHA-256 (hex).
 pub const SHA256_METADATA: &str = "sha256";
 
-/// Called with (part number, attempt, bytes) just before a part is sent and
-/// returns the bytes to send. Tests use it to corrupt a part in flight.
+/// Called with (part number, attempt, bytes); returns the bytes to use.
+/// Tests use it to corrupt bodies:
+/// - attempt [`HOOK_AS_READ`] (0), once per body, with the bytes as read,
+///   before the checksum sent with them is computed: a change here reaches
+///   the server with a matching checksum, a fault the server cannot see —
+///   only the verification afterwards can;
+/// - attempts 1, 2, … just before each send, after that checksum: a change
+///   here is in-flight corruption the server rejects.
+///
+/// A single PUT is part 1.
 pub type PartHook = Arc<dyn Fn(i32, u32, Bytes) -> Bytes + Send + Sync>;
+
+/// The `attempt` with which [`PartHook`] sees a body as it was read.
+pub const HOOK_AS_READ: u32 = 0;
 
 /// Where an object goes.
 pub struct Target<'a> {
@@ -53,12 +72,63 @@ pub struct Options {
     pub part_size: u64,
     pub concurrency: usize,
     pub algorithm: ChecksumAlgorithm,
-    /// The SHA-256 when it is known before the upload (dedup pass).
-    pub known_sha256: Option<String>,
+    /// What a full read of the source before the upload learnt (the dedup
+    /// or hashing pass, or the record of the upload being resumed): its
+    /// SHA-256 goes into a multipart object's metadata at creation.
+    pub known: Option<Hashed>,
     /// Write a SHA-256 learnt only at the end into the metadata (self-copy).
     pub sha256_metadata_copy: bool,
-    /// An earlier attempt recorded a multipart upload: look for its parts.
-    pub resumable: bool,
+}
+
+/// What one full read of the source learnt about the version it read.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Hashed {
+    pub sha256: String,
+    pub size: u64,
+    /// The checksum (the job's algorithm) of each part-sized slice, in order.
+    pub part_checksums: Vec<String>,
+    /// The validator the source sent with those bytes.
+    pub validator: Option<Validator>,
+}
+
+/// The part size a transfer cuts sources into (the hashing pass too).
+pub fn effective_part_size(part_size: u64) -> u64 {
+    part_size.min(MAX_PART_SIZE)
+}
+
+/// A multipart upload an earlier attempt left, with its recorded parts that
+/// the server still holds.
+pub struct Resume {
+    pub record: MultipartRecord,
+    pub done: HashMap<i32, PartRecord>,
+}
+
+impl Resume {
+    /// What the upload's hashing pass read, when it was recorded (V12) and
+    /// is whole: then a resume needs to read only the parts still to send.
+    pub fn hashed(&self) -> Option<Hashed> {
+        let v = self.record.source.as_ref()?;
+        let sha256 = self.record.metadata_sha256.clone()?;
+        let size = u64::try_from(v.size_bytes).ok().filter(|s| *s > 0)?;
+        let part_size = u64::try_from(self.record.part_size_bytes).ok()?;
+        if v.part_checksums.len() as u64 != size.div_ceil(effective_part_size(part_size).max(1)) {
+            return None;
+        }
+        Some(Hashed {
+            sha256,
+            size,
+            part_checksums: v.part_checksums.clone(),
+            validator: v.validator.as_deref().and_then(Validator::decode),
+        })
+    }
+}
+
+/// What a transfer reads.
+pub enum Input {
+    /// The whole source from its first byte.
+    Stream(SourceBody),
+    /// Only the parts a resume still has to send (see [`MissingParts`]).
+    Missing(Box<MissingParts>),
 }
 
 #[derive(Clone, Debug, PartialEq)]
@@ -87,6 +157,44 @@ impl Transfer {
         item_id: i64,
         target: &Target<'_>,
         opts: &Options,
+        resume: Option<Resume>,
+        input: Input,
+        fence: &SessionLock,
+    ) -> Result<Uploaded, UploadError> {
+        match input {
+            Input::Stream(body) => {
+                self.run_stream(item_id, target, opts, resume, body, fence)
+                    .await
+            }
+            Input::Missing(missing) => {
+                let missing = *missing;
+                let Some(resume) = resume else {
+                    return Err(UploadError::Invalid(
+                        "internal: a ranged resume without its multipart upload".into(),
+                    ));
+                };
+                let result = self
+                    .run_missing(item_id, target, opts, resume, missing, fence)
+                    .await;
+                if let Err(UploadError::SourceChanged { .. }) = &result {
+                    // Its parts are of other content than its metadata's
+                    // hash: the next attempt starts over.
+                    self.forget(item_id, target).await?;
+                }
+                result
+            }
+        }
+    }
+
+    /// The whole source, read from its first byte: parts an earlier attempt
+    /// stored are compared with what is read, not sent again; the SHA-256 of
+    /// what is read must be the one the upload was created with.
+    async fn run_stream(
+        &self,
+        item_id: i64,
+        target: &Target<'_>,
+        opts: &Options,
+        mut resume: Option<Resume>,
         body: SourceBody,
         fence: &SessionLock,
     ) -> Result<Uploaded, UploadError> {
@@ -99,12 +207,27 @@ impl Transfer {
                 });
             }
         }
-        let part_size = usize::try_from(opts.part_size.min(MAX_PART_SIZE))
+        let part_size = usize::try_from(effective_part_size(opts.part_size))
             .map_err(|_| UploadError::Invalid("part size does not fit in memory".into()))?;
-        let mut resume = if opts.resumable {
-            self.resume_point(item_id, target, opts).await?
-        } else {
-            None
+        let known_sha = opts.known.as_ref().map(|k| &k.sha256);
+        if let Some(r) = &resume
+            && r.record.metadata_sha256.as_ref() != known_sha
+        {
+            // Created with another hash in its metadata (the source changed
+            // since), or with none: completing it would describe the object
+            // wrongly.
+            info!(
+                key = target.key,
+                "recorded multipart upload carries another SHA-256; starting over"
+            );
+            self.forget(item_id, target).await?;
+            resume = None;
+        }
+        // The source's validator is recorded only when the upload reads the
+        // version the hashing pass read (as far as validators tell).
+        let validator = match (&opts.known, &body.validator) {
+            (Some(k), Some(v)) if k.validator.as_ref() == Some(v) => Some(v.clone()),
+            _ => None,
         };
         let mut reader = PartReader::new(body.stream, part_size);
         let mut whole = Sha256::new();
@@ -122,12 +245,14 @@ impl Transfer {
         }
 
         let (upload_id, done) = match resume.take() {
-            Some(r) => r,
-            None => (self.create(item_id, target, opts).await?, HashMap::new()),
+            Some(r) => (r.record.upload_id, r.done),
+            None => (
+                self.create(item_id, target, opts, validator.as_ref())
+                    .await?,
+                HashMap::new(),
+            ),
         };
-        let slots = Arc::new(Semaphore::new(opts.concurrency.max(1)));
-        let mut tasks: JoinSet<Result<PartRecord, UploadError>> = JoinSet::new();
-        let mut kept: Vec<PartRecord> = Vec::new();
+        let mut parts = Parts::new(opts.concurrency);
         let mut total = 0u64;
         let mut number = 0i32;
         let mut pending = Some(first);
@@ -137,9 +262,7 @@ impl Transfer {
             number += 1;
             total += data.len() as u64;
             // Surface a failed part early instead of reading the whole source.
-            while let Some(joined) = tasks.try_join_next() {
-                kept.push(joined.map_err(join_error)??);
-            }
+            parts.reap()?;
             if let Some(prev) = done.get(&number) {
                 let checksum = part_checksum(opts.algorithm, &data);
                 if prev.checksum != checksum || prev.size_bytes != data.len() as i64 {
@@ -148,35 +271,21 @@ impl Transfer {
                     self.forget(item_id, target).await?;
                     return Err(UploadError::SourceChanged { part: number });
                 }
-                self.metrics.parts_resumed.inc();
-                self.progress
-                    .fetch_add(data.len() as u64, Ordering::Relaxed);
-                kept.push(prev.clone());
+                self.keep(&mut parts, prev);
             } else {
                 fence.ensure_held()?;
-                let permit = Arc::clone(&slots)
-                    .acquire_owned()
-                    .await
-                    .map_err(|_| UploadError::Cancelled)?;
-                let part = PartUpload {
-                    transfer: self.clone(),
-                    client: target.client.clone(),
-                    bucket: target.bucket.to_string(),
-                    key: target.key.to_string(),
-                    upload_id: upload_id.clone(),
-                    item_id,
-                    number,
-                    algorithm: opts.algorithm,
-                };
-                tasks.spawn(async move {
-                    let r = part.send(data).await;
-                    drop(permit);
-                    r
-                });
+                let permit = parts.slot().await?;
+                // Each part must be the slice the hashing pass read.
+                let check = opts
+                    .known
+                    .as_ref()
+                    .and_then(|k| k.part_checksums.get(number as usize - 1).cloned())
+                    .map_or(Check::None, Check::Hashed);
+                let part = self.part_upload(target, &upload_id, item_id, number, opts, check);
+                parts.spawn(part, data, permit);
             }
             // Read ahead only once a slot is free, so memory stays bounded.
-            let permit = slots.acquire().await.map_err(|_| UploadError::Cancelled)?;
-            drop(permit);
+            drop(parts.slot().await?);
             pending = match next.take() {
                 Some(n) => Some(n),
                 None => match reader.next_part().await {
@@ -184,7 +293,7 @@ impl Transfer {
                     Err(e) => {
                         // Let the parts already on their way land and be
                         // recorded: the next attempt resumes from them.
-                        while tasks.join_next().await.is_some() {}
+                        parts.settle().await;
                         return Err(e);
                     }
                 },
@@ -199,13 +308,10 @@ impl Transfer {
                 });
             }
         }
-        while let Some(joined) = tasks.join_next().await {
-            kept.push(joined.map_err(join_error)??);
-        }
-        kept.sort_by_key(|p| p.part_number);
+        let kept = parts.finish().await?;
         fence.ensure_held()?;
         let sha = hex::encode(whole.finalize());
-        if let Some(hashed) = opts.known_sha256.as_ref().filter(|h| **h != sha) {
+        if let Some(hashed) = known_sha.filter(|h| **h != sha) {
             // The upload carries the earlier hash in its metadata: never
             // complete it; the next attempt starts over.
             self.forget(item_id, target).await?;
@@ -214,11 +320,164 @@ impl Transfer {
                 read: sha,
             });
         }
+        self.completed(target, opts, &upload_id, kept, total, sha, done.len())
+            .await
+    }
+
+    /// A resume that reads only the parts not stored yet. Every part the
+    /// object is completed with — stored before or sent now — must carry
+    /// the checksum the hashing pass computed for its slice of the source,
+    /// so the object is the bytes whose SHA-256 its metadata holds.
+    async fn run_missing(
+        &self,
+        item_id: i64,
+        target: &Target<'_>,
+        opts: &Options,
+        resume: Resume,
+        mut missing: MissingParts,
+        fence: &SessionLock,
+    ) -> Result<Uploaded, UploadError> {
+        let hashed = missing.hashed.clone();
+        let part_size = effective_part_size(opts.part_size);
+        let upload_id = resume.record.upload_id.clone();
+        let mut parts = Parts::new(opts.concurrency);
+        let mut total = 0u64;
+        for (i, expected) in hashed.part_checksums.iter().enumerate() {
+            let number = i as i32 + 1;
+            let size = part_size.min(hashed.size - i as u64 * part_size);
+            total += size;
+            parts.reap()?;
+            if let Some(prev) = resume.done.get(&number) {
+                if prev.checksum != *expected || prev.size_bytes != size as i64 {
+                    // Stored from another version than the one hashed (the
+                    // source changed between the hashing pass and the
+                    // upload, before the kill).
+                    return Err(UploadError::SourceChanged { part: number });
+                }
+                self.keep(&mut parts, prev);
+                continue;
+            }
+            fence.ensure_held()?;
+            // Read only once a slot is free, so memory stays bounded.
+            let permit = parts.slot().await?;
+            let data = match missing.part(number).await {
+                Ok(data) => data,
+                Err(Missing::Changed(reason)) => {
+                    parts.settle().await;
+                    self.forget(item_id, target).await?;
+                    return Err(UploadError::SourceRead {
+                        source_ref: redact::url(&missing.source_ref),
+                        message: format!(
+                            "the source changed since the upload began ({reason}); the next \
+                             attempt starts over"
+                        ),
+                    });
+                }
+                Err(Missing::Failed(e)) => {
+                    // The parts on their way land and are recorded.
+                    parts.settle().await;
+                    return Err(e);
+                }
+            };
+            if data.len() as u64 != size {
+                parts.settle().await;
+                return Err(UploadError::SourceRead {
+                    source_ref: redact::url(&missing.source_ref),
+                    message: format!(
+                        "part {number}: read {} bytes of a range of {size}",
+                        data.len()
+                    ),
+                });
+            }
+            let part = self.part_upload(
+                target,
+                &upload_id,
+                item_id,
+                number,
+                opts,
+                Check::Resumed(expected.clone()),
+            );
+            parts.spawn(part, data, permit);
+        }
+        let kept = parts.finish().await?;
+        fence.ensure_held()?;
+        if total != hashed.size || kept.len() != hashed.part_checksums.len() {
+            return Err(UploadError::Verification {
+                key: target.key.to_string(),
+                message: format!(
+                    "resumed upload has {} parts of {total} bytes; the source had {} of {}",
+                    kept.len(),
+                    hashed.part_checksums.len(),
+                    hashed.size
+                ),
+            });
+        }
+        info!(
+            key = target.key,
+            read = missing.bytes_read,
+            of = hashed.size,
+            "resumed without re-reading the stored parts"
+        );
+        self.completed(
+            target,
+            opts,
+            &upload_id,
+            kept,
+            total,
+            hashed.sha256,
+            resume.done.len(),
+        )
+        .await
+    }
+
+    /// A part an earlier attempt stored, taken over.
+    fn keep(&self, parts: &mut Parts, prev: &PartRecord) {
+        self.metrics.parts_resumed.inc();
+        self.progress.fetch_add(
+            u64::try_from(prev.size_bytes).unwrap_or(0),
+            Ordering::Relaxed,
+        );
+        parts.kept.push(prev.clone());
+    }
+
+    fn part_upload(
+        &self,
+        target: &Target<'_>,
+        upload_id: &str,
+        item_id: i64,
+        number: i32,
+        opts: &Options,
+        check: Check,
+    ) -> PartUpload {
+        PartUpload {
+            transfer: self.clone(),
+            client: target.client.clone(),
+            bucket: target.bucket.to_string(),
+            key: target.key.to_string(),
+            upload_id: upload_id.to_string(),
+            item_id,
+            number,
+            algorithm: opts.algorithm,
+            check,
+        }
+    }
+
+    /// Completes and verifies a multipart upload whose parts are all stored.
+    #[allow(clippy::too_many_arguments)]
+    async fn completed(
+        &self,
+        target: &Target<'_>,
+        opts: &Options,
+        upload_id: &str,
+        kept: Vec<PartRecord>,
+        total: u64,
+        sha: String,
+        resumed: usize,
+    ) -> Result<Uploaded, UploadError> {
         let parts_done = std::time::Instant::now();
         let etag = self
-            .complete(target, opts, &upload_id, &kept, total, &sha)
+            .complete(target, opts, upload_id, &kept, total, &sha)
             .await?;
-        let resumed = done.len() as u32;
         info!(
             key = target.key,
             parts = kept.len(),
@@ -232,29 +491,28 @@ impl Transfer {
             size: total,
             etag,
             parts: kept.len() as u32,
-            parts_resumed: resumed,
+            parts_resumed: resumed as u32,
         })
     }
 
     /// Aborts the item's multipart upload and forgets it: the next attempt
     /// starts a new one.
-    async fn forget(&self, item_id: i64, target: &Target<'_>) -> Result<(), UploadError> {
+    pub async fn forget(&self, item_id: i64, target: &Target<'_>) -> Result<(), UploadError> {
         let db = self.db.get().await?;
-        if let Some((rec, _)) = state::get_multipart(&db, item_id).await? {
-            abort(target.client, &rec).await;
-            state::delete_multipart(&db, item_id).await?;
-        }
-        Ok(())
+        forget_upload(&db, target.client, item_id).await
     }
 
     /// The multipart upload to continue and its parts that are both recorded
     /// and still on the server; anything else is forgotten (and aborted).
-    async fn resume_point(
+    /// (Whether its metadata's hash is still right is for the caller: see
+    /// [`Resume::hashed`] and [`Transfer::run`].)
+    pub async fn resume_point(
         &self,
         item_id: i64,
         target: &Target<'_>,
-        opts: &Options,
-    ) -> Result<Option<(String, HashMap<i32, PartRecord>)>, UploadError> {
+        part_size: u64,
+        algorithm: ChecksumAlgorithm,
+    ) -> Result<Option<Resume>, UploadError> {
         let db = self.db.get().await?;
         let Some((rec, parts)) = state::get_multipart(&db, item_id).await? else {
             return Ok(None);
@@ -262,12 +520,8 @@ impl Transfer {
         let same = rec.bucket == target.bucket
             && rec.object_key == target.key
             && rec.endpoint == target.endpoint
-            && rec.part_size_bytes == opts.part_size as i64
-            && rec.checksum_algorithm == opts.algorithm.as_str()
-            // Created with another hash in its metadata (the source changed
-            // since), or with none: completing it would describe the object
-            // wrongly.
-            && rec.metadata_sha256 == opts.known_sha256;
+            && rec.part_size_bytes == part_size as i64
+            && rec.checksum_algorithm == algorithm.as_str();
         if !same {
             abort(target.client, &rec).await;
             state::delete_multipart(&db, item_id).await?;
@@ -303,14 +557,18 @@ impl Transfer {
             parts = done.len(),
             "resuming multipart upload"
         );
-        Ok(Some((rec.upload_id, done)))
+        Ok(Some(Resume { record: rec, done }))
     }
 
+    /// Creates the multipart upload and records it, with what the hashing
+    /// pass read (and `validator`, the source's, when the upload reads the
+    /// version the hashing pass read) so that a resume can read less.
     async fn create(
         &self,
         item_id: i64,
         target: &Target<'_>,
         opts: &Options,
+        validator: Option<&Validator>,
     ) -> Result<String, UploadError> {
         let mut req = target
             .client
@@ -318,8 +576,8 @@ impl Transfer {
             .bucket(target.bucket)
             .key(target.key)
             .checksum_algorithm(s3_algorithm(opts.algorithm));
-        if let Some(sha) = &opts.known_sha256 {
-            req = req.metadata(SHA256_METADATA, sha);
+        if let Some(known) = &opts.known {
+            req = req.metadata(SHA256_METADATA, &known.sha256);
         }
         let out = req
             .send()
@@ -342,7 +600,12 @@ impl Transfer {
             upload_id: upload_id.clone(),
             part_size_bytes: opts.part_size as i64,
             checksum_algorithm: opts.algorithm.as_str().to_string(),
-            metadata_sha256: opts.known_sha256.clone(),
+            metadata_sha256: opts.known.as_ref().map(|k| k.sha256.clone()),
+            source: opts.known.as_ref().map(|k| SourceVersion {
+                size_bytes: k.size as i64,
+                part_checksums: k.part_checksums.clone(),
+                validator: validator.map(Validator::encode),
+            }),
         };
         let saved = match self.db.get().await {
             Ok(db) => state::save_multipart(&db, item_id, &rec).await,
@@ -357,6 +620,9 @@ impl Transfer {
         Ok(upload_id)
     }
 
+    /// One PUT with the whole object's checksum, then the verifying HEAD:
+    /// the stored object must have the size and checksum of the bytes read
+    /// and their SHA-256 in its metadata.
     async fn put_single(
         &self,
         target: &Target<'_>,
@@ -366,48 +632,63 @@ impl Transfer {
         fence: &SessionLock,
     ) -> Result<Uploaded, UploadError> {
         fence.ensure_held()?;
-        let checksum = part_checksum(opts.algorithm, &data);
         let size = data.len() as u64;
-        let etag = self
-            .send_retrying(target.key, 1, &data, |body| async {
-                let req = target
-                    .client
-                    .put_object()
-                    .bucket(target.bucket)
-                    .key(target.key)
-                    .content_length(size as i64)
-                    .metadata(SHA256_METADATA, &sha)
-                    .body(ByteStream::from(body));
-                let req = match opts.algorithm {
-                    ChecksumAlgorithm::Crc32c => req.checksum_crc32_c(&checksum),
-                    ChecksumAlgorithm::Sha256 => req.checksum_sha256(&checksum),
-                };
-                // The signed checksum header already protects the bytes; a
-                // SHA-256 of the payload for the signature would only cost
-                // CPU on both ends.
-                let out = req
-                    .customize()
-                    .disable_payload_signing()
-                    .send()
-                    .await
-                    .map_err(|e| s3_error("PutObject", e))?;
-                // The server checked the body against the checksum header
-                // before accepting it; it echoes the value it stored.
-                let echoed = match opts.algorithm {
-                    ChecksumAlgorithm::Crc32c => out.checksum_crc32_c(),
-                    ChecksumAlgorithm::Sha256 => out.checksum_sha256(),
-                };
-                if let Some(echoed) = echoed
-                    && echoed != checksum
-                {
-                    return Err(UploadError::Verification {
-                        key: target.key.to_string(),
-                        message: format!("server stored checksum {echoed}, sent {checksum}"),
-                    });
-                }
-                Ok(out.e_tag().map(str::to_string))
-            })
-            .await?;
+        // What the stored object must match: the bytes as read.
+        let expected = part_checksum(opts.algorithm, &data);
+        let (body, checksum) = match &self.hook {
+            Some(h) => {
+                let body = h(1, HOOK_AS_READ, data);
+                let checksum = part_checksum(opts.algorithm, &body);
+                (body, checksum)
+            }
+            None => (data, expected.clone()),
+        };
+        self.send_retrying(target.key, 1, &body, |body| async {
+            let req = target
+                .client
+                .put_object()
+                .bucket(target.bucket)
+                .key(target.key)
+                .content_length(body.len() as i64)
+                .metadata(SHA256_METADATA, &sha)
+                .body(ByteStream::from(body));
+            let req = match opts.algorithm {
+                ChecksumAlgorithm::Crc32c => req.checksum_crc32_c(&checksum),
+                ChecksumAlgorithm::Sha256 => req.checksum_sha256(&checksum),
+            };
+            // The signed checksum header already protects the bytes; a
+            // SHA-256 of the payload for the signature would only cost
+            // CPU on both ends.
+            let out = req
+                .customize()
+                .disable_payload_signing()
+                .send()
+                .await
+                .map_err(|e| s3_error("PutObject", e))?;
+            // The server checked the body against the checksum header
+            // before accepting it; it echoes the value it stored.
+            let echoed = match opts.algorithm {
+                ChecksumAlgorithm::Crc32c => out.checksum_crc32_c(),
+                ChecksumAlgorithm::Sha256 => out.checksum_sha256(),
+            };
+            if let Some(echoed) = echoed
+                && echoed != checksum
+            {
+                return Err(UploadError::Verification {
+                    key: target.key.to_string(),
+                    message: format!("server stored checksum {echoed}, sent {checksum}"),
+                });
+            }
+            Ok(())
+        })
+        .await?;
+        let etag = verify_head(
+            target,
+            size,
+            Some((opts.algorithm, Stored::Whole(&expected))),
+            Some(&sha),
+        )
+        .await?;
         self.metrics.bytes_uploaded.inc_by(size);
         self.metrics.parts_uploaded.inc();
         self.progress.fetch_add(size, Ordering::Relaxed);
@@ -492,15 +773,17 @@ impl Transfer {
         let completed_at = std::time::Instant::now();
         let checksums: Vec<String> = parts.iter().map(|p| p.checksum.clone()).collect();
         let composite = composite_checksum(opts.algorithm, &checksums);
-        verify_head(
+        let mut etag = verify_head(
             target,
             total,
-            composite.as_deref().map(|c| (opts.algorithm, c)),
-            sha,
+            composite
+                .as_deref()
+                .map(|c| (opts.algorithm, Stored::Composite(c))),
+            opts.known.as_ref().map(|_| sha),
         )
         .await?;
         debug!(key = target.key, verify = ?completed_at.elapsed(), "completed and verified");
-        if opts.known_sha256.is_none() && opts.sha256_metadata_copy {
+        if opts.known.is_none() && opts.sha256_metadata_copy {
             // The whole-object hash is known only now: store it in the
             // object's metadata with a server-side self-copy.
             if total <= MAX_PART_SIZE {
@@ -515,7 +798,7 @@ impl Transfer {
                     .send()
                     .await
                     .map_err(|e| s3_error("CopyObject (metadata)", e))?;
-                verify_head(target, total, None, sha).await?;
+                etag = verify_head(target, total, None, Some(sha)).await?;
             } else {
                 warn!(
                     key = target.key,
@@ -523,15 +806,242 @@ impl Transfer {
                 );
             }
         }
-        let head = target
-            .client
-            .head_object()
-            .bucket(target.bucket)
-            .key(target.key)
-            .send()
+        Ok(etag)
+    }
+}
+
+/// The parts of one upload on their way: at most `concurrency` exist at
+/// once (read or being sent), each holding a slot.
+struct Parts {
+    slots: Arc<Semaphore>,
+    tasks: JoinSet<Result<PartRecord, UploadError>>,
+    kept: Vec<PartRecord>,
+}
+
+impl Parts {
+    fn new(concurrency: usize) -> Parts {
+        Parts {
+            slots: Arc::new(Semaphore::new(concurrency.max(1))),
+            tasks: JoinSet::new(),
+            kept: Vec::new(),
+        }
+    }
+
+    /// Waits for a free slot.
+    async fn slot(&self) -> Result<OwnedSemaphorePermit, UploadError> {
+        Arc::clone(&self.slots)
+            .acquire_owned()
             .await
-            .map_err(|e| s3_error("HeadObject", e))?;
-        Ok(head.e_tag().map(str::to_string))
+            .map_err(|_| UploadError::Cancelled)
+    }
+
+    fn spawn(&mut self, part: PartUpload, data: Bytes, permit: OwnedSemaphorePermit) {
+        self.tasks.spawn(async move {
+            let r = part.send(data).await;
+            drop(permit);
+            r
+        });
+    }
+
+    /// Collects the parts that are done; the first failure is returned.
+    fn reap(&mut self) -> Result<(), UploadError> {
+        while let Some(joined) = self.tasks.try_join_next() {
+            self.kept.push(joined.map_err(join_error)??);
+        }
+        Ok(())
+    }
+
+    /// Lets the parts on their way land (and be recorded), whatever the
+    /// outcome: the next attempt resumes from them.
+    async fn settle(&mut self) {
+        while self.tasks.join_next().await.is_some() {}
+    }
+
+    /// Every part, in order, once all are stored.
+    async fn finish(mut self) -> Result<Vec<PartRecord>, UploadError> {
+        while let Some(joined) = self.tasks.join_next().await {
+            self.kept.push(joined.map_err(join_error)??);
+        }
+        self.kept.sort_by_key(|p| p.part_number);
+        Ok(self.kept)
+    }
+}
+
+/// Why [`MissingParts::part`] has no bytes.
+pub enum Missing {
+    /// The source is not the version hashed any more (the reason).
+    Changed(String),
+    Failed(UploadError),
+}
+
+/// Whether a resume can read only what it still has to send.
+pub enum Opened {
+    Ready(Box<MissingParts>),
+    /// The source changed since the upload began: start over.
+    Changed(String),
+    /// The source does not serve ranges: read it whole.
+    Unsupported,
+}
+
+/// The parts of a resumed upload that are not stored yet, read from the
+/// source by ranges — one request per run of consecutive missing parts,
+/// each asking for the version the hashing pass read (its validator as a
+/// precondition, its size in the answer's Content-Range).
+pub struct MissingParts {
+    source: Source,
+    source_ref: String,
+    hashed: Hashed,
+    part_size: u64,
+    /// Runs of consecutive missing parts not opened yet: (first, last).
+    runs: VecDeque<(i32, i32)>,
+    /// The run being read: its next part, its last part, its bytes.
+    current: Option<(i32, i32, PartReader)>,
+    /// Source bytes read so far.
+    pub bytes_read: u64,
+}
+
+impl MissingParts {
+    /// Opens the first run of the parts `resume` lacks (no request at all
+    /// when it lacks none).
+    pub async fn open(
+        source: &Source,
+        source_ref: &str,
+        resume: &Resume,
+        hashed: Hashed,
+        part_size: u64,
+    ) -> Result<Opened, UploadError> {
+        let part_size = effective_part_size(part_size);
+        let mut runs: VecDeque<(i32, i32)> = VecDeque::new();
+        for number in 1..=hashed.part_checksums.len() as i32 {
+            if resume.done.contains_key(&number) {
+                continue;
+            }
+            match runs.back_mut() {
+                Some((_, last)) if *last == number - 1 => *last = number,
+                _ => runs.push_back((number, number)),
+            }
+        }
+        let mut m = MissingParts {
+            source: source.clone(),
+            source_ref: source_ref.to_string(),
+            hashed,
+            part_size,
+            runs,
+            current: None,
+            bytes_read: 0,
+        };
+        if let Some(&(first, last)) = m.runs.front() {
+            let opened = Self::open_run(
+                &m.source,
+                &m.source_ref,
+                &m.hashed,
+                part_size,
+                (first, last),
+            )
+            .await?;
+            match opened {
+                Ranged::Partial(body) => {
+                    m.runs.pop_front();
+                    let size = usize::try_from(part_size).map_err(|_| {
+                        UploadError::Invalid("part size does not fit in memory".into())
+                    })?;
+                    m.current = Some((first, last, PartReader::new(body.stream, size)));
+                }
+                Ranged::Changed(reason) => return Ok(Opened::Changed(reason)),
+                Ranged::Unsupported => return Ok(Opened::Unsupported),
+            }
+        }
+        Ok(Opened::Ready(Box::new(m)))
+    }
+
+    /// Opens parts `first..=last` (borrowing only what it needs: the part
+    /// being read is not `Sync`).
+    async fn open_run(
+        source: &Source,
+        source_ref: &str,
+        hashed: &Hashed,
+        part_size: u64,
+        (first, last): (i32, i32),
+    ) -> Result<Ranged, UploadError> {
+        let start = (first as u64 - 1) * part_size;
+        let end = (last as u64 * part_size).min(hashed.size) - 1;
+        debug!(first, last, start, end, "reading the missing parts");
+        source
+            .open_range(
+                source_ref,
+                start,
+                end,
+                hashed.size,
+                hashed.validator.as_ref(),
+            )
+            .await
+    }
+
+    /// The bytes of part `number`, one of the missing parts, asked for in
+    /// increasing order.
+    async fn part(&mut self, number: i32) -> Result<Bytes, Missing> {
+        if self
+            .current
+            .as_ref()
+            .is_none_or(|(next, _, _)| *next != number)
+        {
+            let internal = || {
+                Missing::Failed(UploadError::Invalid(format!(
+                    "internal: part {number} is not the next missing part"
+                )))
+            };
+            let (first, last) = self.runs.pop_front().ok_or_else(internal)?;
+            if first != number {
+                return Err(internal());
+            }
+            let size = usize::try_from(self.part_size).map_err(|_| {
+                Missing::Failed(UploadError::Invalid(
+                    "part size does not fit in memory".into(),
+                ))
+            })?;
+            let opened = Self::open_run(
+                &self.source,
+                &self.source_ref,
+                &self.hashed,
+                self.part_size,
+                (first, last),
+            )
+            .await
+            .map_err(Missing::Failed)?;
+            match opened {
+                Ranged::Partial(body) => {
+                    self.current = Some((first, last, PartReader::new(body.stream, size)));
+                }
+                Ranged::Changed(reason) => return Err(Missing::Changed(reason)),
+                Ranged::Unsupported => {
+                    return Err(Missing::Failed(UploadError::SourceRead {
+                        source_ref: redact::url(&self.source_ref),
+                        message: "the source stopped serving byte ranges".into(),
+                    }));
+                }
+            }
+        }
+        let Some((next, last, reader)) = self.current.as_mut() else {
+            return Err(Missing::Failed(UploadError::Invalid(
+                "internal: no open range".into(),
+            )));
+        };
+        let data = reader
+            .next_part()
+            .await
+            .map_err(Missing::Failed)?
+            .ok_or_else(|| {
+                Missing::Failed(UploadError::SourceRead {
+                    source_ref: redact::url(&self.source_ref),
+                    message: format!("the range ended before part {number}"),
+                })
+            })?;
+        self.bytes_read += data.len() as u64;
+        *next += 1;
+        if *next > *last {
+            self.current = None;
+        }
+        Ok(data)
     }
 }
 
@@ -548,6 +1058,19 @@ struct PartUpload {
     item_id: i64,
     number: i32,
     algorithm: ChecksumAlgorithm,
+    check: Check,
+}
+
+/// What a part must match before it is sent: the checksum the hashing pass
+/// computed for its slice of the source. A part that does not match gets
+/// its upload (whose metadata holds that pass's hash) aborted and forgotten.
+enum Check {
+    /// No hashing pass: nothing to match.
+    None,
+    /// A fresh upload, or a resume that reads the whole source again.
+    Hashed(String),
+    /// A resume that reads only the missing parts.
+    Resumed(String),
 }
 
 impl PartUpload {
@@ -555,7 +1078,34 @@ impl PartUpload {
     /// server rejects for a bad checksum is sent again from memory), and
     /// records it once the server has it.
     async fn send(self, data: Bytes) -> Result<PartRecord, UploadError> {
+        let data = match &self.transfer.hook {
+            Some(h) => h(self.number, HOOK_AS_READ, data),
+            None => data,
+        };
         let checksum = part_checksum(self.algorithm, &data);
+        let (expected, resuming) = match &self.check {
+            Check::None => (None, false),
+            Check::Hashed(e) => (Some(e), false),
+            Check::Resumed(e) => (Some(e), true),
+        };
+        if let Some(expected) = expected.filter(|e| **e != checksum) {
+            // Never complete an upload whose metadata describes other bytes:
+            // the next attempt starts over.
+            let db = self.transfer.db.get().await?;
+            forget_upload(&db, &self.client, self.item_id).await?;
+            return Err(if resuming {
+                UploadError::SourceChanged { part: self.number }
+            } else {
+                UploadError::Verification {
+                    key: self.key.clone(),
+                    message: format!(
+                        "part {} is not what the hashing pass read (checksum {checksum}, \
+                         hashed {expected}): the source changed since; starting over",
+                        self.number
+                    ),
+                }
+            });
+        }
         let size = data.len();
         let etag = self
             .transfer
@@ -637,15 +1187,24 @@ fn same_etag(a: &str, b: &str) -> bool {
     a.trim_matches('"') == b.trim_matches('"')
 }
 
+/// The checksum a verified object must report.
+#[derive(Clone, Copy, Debug)]
+enum Stored<'a> {
+    /// A multipart object's composite `…-N` (servers report it or nothing).
+    Composite(&'a str),
+    /// A single PUT's checksum of the whole object.
+    Whole(&'a str),
+}
+
 /// Checks, with a fresh HEAD, that the stored object has the size that was
-/// read, the composite checksum of the parts sent (when the server reports
-/// one) and, if present, the SHA-256 metadata.
+/// read, the checksum of the bytes sent (when the server reports one) and,
+/// when it was set, the SHA-256 metadata. Returns the object's ETag.
 async fn verify_head(
     target: &Target<'_>,
     size: u64,
-    composite: Option<(ChecksumAlgorithm, &str)>,
-    sha: &str,
-) -> Result<(), UploadError> {
+    checksum: Option<(ChecksumAlgorithm, Stored<'_>)>,
+    sha: Option<&str>,
+) -> Result<Option<String>, UploadError> {
     let head = target
         .client
         .head_object()
@@ -663,26 +1222,132 @@ async fn verify_head(
     if stored != size as i64 {
         return Err(fail(format!("stored size {stored} != {size} bytes read")));
     }
-    if let Some((algorithm, expected)) = composite {
+    if let Some((algorithm, expected)) = checksum {
         let reported = match algorithm {
             ChecksumAlgorithm::Crc32c => head.checksum_crc32_c(),
             ChecksumAlgorithm::Sha256 => head.checksum_sha256(),
         };
-        // Servers report either the composite `…-N` or nothing at all.
-        if let Some(r) = reported.filter(|r| r.contains('-'))
-            && r != expected
-        {
-            return Err(fail(format!(
-                "server checksum {r} != {expected} of the parts sent"
-            )));
+        match (expected, reported) {
+            (Stored::Composite(e), Some(r)) if r.contains('-') && r != e => {
+                return Err(fail(format!(
+                    "server checksum {r} != {e} of the parts sent"
+                )));
+            }
+            (Stored::Whole(e), Some(r)) if !r.contains('-') && r != e => {
+                return Err(fail(format!(
+                    "server checksum {r} != {e} of the bytes read"
+                )));
+            }
+            (_, None) => debug!(key = target.key, "the server reports no checksum"),
+            _ => {}
         }
     }
-    if let Some(meta) = head.metadata().and_then(|m| m.get(SHA256_METADATA))
-        && meta != sha
+    if let Some(sha) = sha {
+        match head.metadata().and_then(|m| m.get(SHA256_METADATA)) {
+            Some(meta) if meta == sha => {}
+            Some(meta) => {
+                return Err(fail(format!(
+                    "sha256 metadata {meta} != {sha} of the bytes read"
+                )));
+            }
+            None => return Err(fail(format!("no sha256 metadata (expected {sha})"))),
+        }
+    }
+    Ok(head.e_tag().map(str::to_string))
+}
+
+/// What a HEAD tells of a stored object.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct StoredObject {
+    pub size: i64,
+    pub sha256: Option<String>,
+    /// The checksums the server reports (asked with ChecksumMode::Enabled):
+    /// (algorithm, value).
+    pub checksums: Vec<(&'static str, String)>,
+}
+
+/// HEADs `key` in the target's bucket: `None` when there is no such object.
+pub async fn head_stored(
+    target: &Target<'_>,
+    key: &str,
+) -> Result<Option<StoredObject>, UploadError> {
+    match target
+        .client
+        .head_object()
+        .bucket(target.bucket)
+        .key(key)
+        .checksum_mode(ChecksumMode::Enabled)
+        .send()
+        .await
+    {
+        Ok(h) => {
+            let checksums = [
+                ("CRC32C", h.checksum_crc32_c()),
+                ("SHA256", h.checksum_sha256()),
+                ("CRC32", h.checksum_crc32()),
+                ("CRC64NVME", h.checksum_crc64_nvme()),
+                ("SHA1", h.checksum_sha1()),
+            ]
+            .into_iter()
+            .filter_map(|(a, v)| v.map(|v| (a, v.to_string())))
+            .collect();
+            Ok(Some(StoredObject {
+                size: h.content_length().unwrap_or(0),
+                sha256: h.metadata().and_then(|m| m.get(SHA256_METADATA)).cloned(),
+                checksums,
+            }))
+        }
+        Err(e) => {
+            let e = s3_error("HeadObject", e);
+            if e.is_not_found() {
+                Ok(None)
+            } else {
+                Err(e.into())
+            }
+        }
+    }
+}
+
+/// Checks, with a fresh HEAD, that a server-side copy at `key` is what it
+/// copied: the size, the SHA-256 metadata (`sha`, when one is expected) and
+/// every checksum both objects report in the same form (a full-object value
+/// or a composite `…-N`).
+pub async fn verify_copy(
+    target: &Target<'_>,
+    key: &str,
+    from: &StoredObject,
+    sha: Option<&str>,
+) -> Result<(), UploadError> {
+    let fail = |message: String| UploadError::Verification {
+        key: key.to_string(),
+        message,
+    };
+    let Some(copy) = head_stored(target, key).await? else {
+        return Err(fail("the copy is not there".into()));
+    };
+    if copy.size != from.size {
+        return Err(fail(format!(
+            "copy has {} bytes, its source {}",
+            copy.size, from.size
+        )));
+    }
+    if let Some(sha) = sha
+        && copy.sha256.as_deref() != Some(sha)
     {
         return Err(fail(format!(
-            "sha256 metadata {meta} != {sha} of the bytes read"
+            "copy's sha256 metadata {:?} != {sha}",
+            copy.sha256
         )));
+    }
+    for (algorithm, value) in &copy.checksums {
+        if let Some((_, original)) = from.checksums.iter().find(|(a, _)| a == algorithm)
+            && original.contains('-') == value.contains('-')
+            && original != value
+        {
+            return Err(fail(format!(
+                "copy's {algorithm} checksum {value} != {original} of its source"
+            )));
+        }
     }
     Ok(())
 }
@@ -721,6 +1386,19 @@ pub async fn list_parts(
         }
     }
     Ok(out)
+}
+
+/// Aborts the item's multipart upload, if it has one, and forgets it.
+async fn forget_upload(
+    db: &stowage_common::db::Client,
+    client: &aws_sdk_s3::Client,
+    item_id: i64,
+) -> Result<(), UploadError> {
+    if let Some((rec, _)) = state::get_multipart(db, item_id).await? {
+        abort(client, &rec).await;
+        state::delete_multipart(db, item_id).await?;
+    }
+    Ok(())
 }
 
 /// Aborts a multipart upload; failures are logged, the sweeper catches leftovers.

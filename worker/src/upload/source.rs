@@ -13,10 +13,68 @@ use super::UploadError;
 use super::net;
 use stowage_common::storage::{S3Clients, s3_error};
 
-/// An opened source: its size when the source tells it, and its bytes.
+/// An opened source: its size when the source tells it, the validator of
+/// the version it sends (if any), and its bytes.
 pub struct SourceBody {
     pub size: Option<u64>,
+    pub validator: Option<Validator>,
     pub stream: BoxStream<'static, Result<Bytes, UploadError>>,
+}
+
+/// A strong validator of the version a source sent: an HTTP `ETag` (weak
+/// ones, `W/"…"`, cannot be used as preconditions) or else `Last-Modified`;
+/// an S3 object's ETag. A ranged read of a resume asks for the same version
+/// with it (`If-Match` / `If-Unmodified-Since`) and checks that the answer
+/// carries it again.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Validator {
+    ETag(String),
+    LastModified(String),
+}
+
+impl Validator {
+    /// The form kept in PostgreSQL.
+    pub fn encode(&self) -> String {
+        match self {
+            Validator::ETag(v) => format!("etag:{v}"),
+            Validator::LastModified(v) => format!("last-modified:{v}"),
+        }
+    }
+
+    pub fn decode(s: &str) -> Option<Validator> {
+        if let Some(v) = s.strip_prefix("etag:") {
+            Some(Validator::ETag(v.to_string()))
+        } else {
+            s.strip_prefix("last-modified:")
+                .map(|v| Validator::LastModified(v.to_string()))
+        }
+    }
+
+    fn from_http(headers: &reqwest::header::HeaderMap) -> Option<Validator> {
+        let get = |name| {
+            headers
+                .get(name)
+                .and_then(|v| v.to_str().ok())
+                .map(str::trim)
+                .filter(|v| !v.is_empty())
+        };
+        match get(reqwest::header::ETAG) {
+            Some(etag) if !etag.starts_with("W/") => Some(Validator::ETag(etag.to_string())),
+            _ => {
+                get(reqwest::header::LAST_MODIFIED).map(|d| Validator::LastModified(d.to_string()))
+            }
+        }
+    }
+}
+
+/// The answer to a ranged read.
+pub enum Ranged {
+    /// The bytes asked for, of the version asked for.
+    Partial(SourceBody),
+    /// The source holds another version now (or another size): the reason.
+    Changed(String),
+    /// The source sent the whole body instead: it does not serve ranges.
+    Unsupported,
 }
 
 /// A job's source, ready to open items.
@@ -56,7 +114,9 @@ impl MinRate {
 }
 
 impl Source {
-    pub fn new(
+    /// The source of a job of `namespace` (whose Secrets it may use).
+    pub async fn new(
+        namespace: &str,
         spec: &UploadSource,
         clients: &S3Clients,
         http_clients: &net::HttpClients,
@@ -64,7 +124,7 @@ impl Source {
     ) -> Result<Self, UploadError> {
         let kind = match (&spec.s3, &spec.http) {
             (Some(s3), None) => SourceKind::S3 {
-                client: clients.client(&s3.endpoint)?,
+                client: clients.client(namespace, &s3.endpoint).await?,
                 spec: s3.clone(),
             },
             (None, Some(http)) => SourceKind::Http {
@@ -89,8 +149,136 @@ impl Source {
         let body = self.open_raw(source_ref).await?;
         Ok(SourceBody {
             size: body.size,
+            validator: body.validator,
             stream: guarded(body.stream, body.size, source_ref, self.min_rate),
         })
+    }
+
+    /// Opens bytes `start..=end` of `source_ref`, a source of `total` bytes,
+    /// provided it still is the version `validator` names (without one, the
+    /// size is all that is checked here; the caller checks the bytes).
+    pub async fn open_range(
+        &self,
+        source_ref: &str,
+        start: u64,
+        end: u64,
+        total: u64,
+        validator: Option<&Validator>,
+    ) -> Result<Ranged, UploadError> {
+        let range = format!("bytes={start}-{end}");
+        let expected_range = format!("bytes {start}-{end}/{total}");
+        let (content_range, answered, stream) = match &self.kind {
+            SourceKind::S3 { spec, client } => {
+                let etag = match validator {
+                    Some(Validator::ETag(e)) => Some(e.clone()),
+                    _ => None,
+                };
+                let out = match client
+                    .get_object()
+                    .bucket(&spec.bucket)
+                    .key(source_ref)
+                    .range(&range)
+                    .set_if_match(etag)
+                    .send()
+                    .await
+                {
+                    Ok(out) => out,
+                    Err(e) => {
+                        let e = s3_error("GetObject (source range)", e);
+                        return match e.status {
+                            Some(412) => Ok(Ranged::Changed(
+                                "its ETag is not the one recorded (412 Precondition Failed)".into(),
+                            )),
+                            Some(416) => Ok(Ranged::Changed(format!(
+                                "it no longer has {total} bytes (416 Range Not Satisfiable)"
+                            ))),
+                            _ => Err(e.into()),
+                        };
+                    }
+                };
+                let Some(content_range) = out.content_range().map(str::to_string) else {
+                    return Ok(Ranged::Unsupported);
+                };
+                let answered = out.e_tag().map(|e| Validator::ETag(e.to_string()));
+                (content_range, answered, s3_stream(out.body, source_ref))
+            }
+            SourceKind::Http {
+                allow_private_networks,
+                client,
+            } => {
+                let url = reqwest::Url::parse(source_ref).map_err(|e| {
+                    UploadError::Invalid(format!("{:?}: {e}", redact::url(source_ref)))
+                })?;
+                net::check_literal(&url, *allow_private_networks)
+                    .map_err(|e| UploadError::Refused(e.to_string()))?;
+                let mut req = client.get(url).header(reqwest::header::RANGE, &range);
+                req = match validator {
+                    Some(Validator::ETag(e)) => req.header(reqwest::header::IF_MATCH, e),
+                    Some(Validator::LastModified(d)) => {
+                        req.header(reqwest::header::IF_UNMODIFIED_SINCE, d)
+                    }
+                    None => req,
+                };
+                let resp = req.send().await.map_err(|e| http_error(source_ref, e))?;
+                match resp.status().as_u16() {
+                    206 => {}
+                    200 => return Ok(Ranged::Unsupported),
+                    412 => {
+                        return Ok(Ranged::Changed(
+                            "it is not the version recorded (412 Precondition Failed)".into(),
+                        ));
+                    }
+                    416 => {
+                        return Ok(Ranged::Changed(format!(
+                            "it no longer has {total} bytes (416 Range Not Satisfiable)"
+                        )));
+                    }
+                    status => {
+                        return Err(UploadError::SourceStatus {
+                            source_ref: redact::url(source_ref),
+                            status,
+                        });
+                    }
+                }
+                let content_range = resp
+                    .headers()
+                    .get(reqwest::header::CONTENT_RANGE)
+                    .and_then(|v| v.to_str().ok())
+                    .unwrap_or_default()
+                    .to_string();
+                let answered = match validator {
+                    // The same kind of validator as recorded, from this answer.
+                    Some(Validator::LastModified(_)) => resp
+                        .headers()
+                        .get(reqwest::header::LAST_MODIFIED)
+                        .and_then(|v| v.to_str().ok())
+                        .map(|d| Validator::LastModified(d.trim().to_string())),
+                    _ => Validator::from_http(resp.headers()),
+                };
+                (content_range, answered, http_stream(resp, source_ref))
+            }
+        };
+        if content_range.trim() != expected_range {
+            return Ok(Ranged::Changed(format!(
+                "asked for {expected_range}, it sent {:?}",
+                content_range.trim()
+            )));
+        }
+        if let Some(v) = validator
+            && answered.as_ref() != Some(v)
+        {
+            return Ok(Ranged::Changed(format!(
+                "it answers with {} instead of the recorded {}",
+                answered.map_or_else(|| "no validator".to_string(), |a| a.encode()),
+                v.encode()
+            )));
+        }
+        let size = end - start + 1;
+        Ok(Ranged::Partial(SourceBody {
+            size: Some(size),
+            validator: answered,
+            stream: guarded(stream, Some(size), source_ref, self.min_rate),
+        }))
     }
 
     async fn open_raw(&self, source_ref: &str) -> Result<SourceBody, UploadError> {
@@ -104,23 +292,11 @@ impl Source {
                     .await
                     .map_err(|e| s3_error("GetObject (source)", e))?;
                 let size = out.content_length().and_then(|n| u64::try_from(n).ok());
-                let key = source_ref.to_string();
-                let stream = futures::stream::try_unfold(out.body, move |mut body| {
-                    let key = key.clone();
-                    async move {
-                        match body.try_next().await {
-                            Ok(Some(chunk)) => Ok(Some((chunk, body))),
-                            Ok(None) => Ok(None),
-                            Err(e) => Err(UploadError::SourceRead {
-                                source_ref: key,
-                                message: redact::text(&chain(&e)),
-                            }),
-                        }
-                    }
-                });
+                let validator = out.e_tag().map(|e| Validator::ETag(e.to_string()));
                 Ok(SourceBody {
                     size,
-                    stream: stream.boxed(),
+                    validator,
+                    stream: s3_stream(out.body, source_ref),
                 })
             }
             SourceKind::Http {
@@ -145,20 +321,49 @@ impl Source {
                     });
                 }
                 let size = resp.content_length();
-                let url = redact::url(source_ref);
-                let stream = resp
-                    .bytes_stream()
-                    .map_err(move |e| UploadError::SourceRead {
-                        source_ref: url.clone(),
-                        message: body_error(&e),
-                    });
+                let validator = Validator::from_http(resp.headers());
                 Ok(SourceBody {
                     size,
-                    stream: stream.boxed(),
+                    validator,
+                    stream: http_stream(resp, source_ref),
                 })
             }
         }
     }
+}
+
+fn s3_stream(
+    body: aws_sdk_s3::primitives::ByteStream,
+    source_ref: &str,
+) -> BoxStream<'static, Result<Bytes, UploadError>> {
+    let key = source_ref.to_string();
+    futures::stream::try_unfold(body, move |mut body| {
+        let key = key.clone();
+        async move {
+            match body.try_next().await {
+                Ok(Some(chunk)) => Ok(Some((chunk, body))),
+                Ok(None) => Ok(None),
+                Err(e) => Err(UploadError::SourceRead {
+                    source_ref: key,
+                    message: redact::text(&chain(&e)),
+                }),
+            }
+        }
+    })
+    .boxed()
+}
+
+fn http_stream(
+    resp: reqwest::Response,
+    source_ref: &str,
+) -> BoxStream<'static, Result<Bytes, UploadError>> {
+    let url = redact::url(source_ref);
+    resp.bytes_stream()
+        .map_err(move |e| UploadError::SourceRead {
+            source_ref: url.clone(),
+            message: body_error(&e),
+        })
+        .boxed()
 }
 
 fn http_error(source_ref: &str, e: reqwest::Error) -> UploadError {

@@ -14,7 +14,7 @@ use std::time::Duration;
 use clap::Parser;
 use stowage_common::db::{self, Pool};
 use stowage_common::locks::{LockManager, LockMetrics};
-use stowage_common::queue::Queue;
+use stowage_common::queue::{NatsSettings, Queue};
 use stowage_common::spec::{Destination, Endpoint, SecretRef, UploadJobSpec, UploadSource};
 use stowage_common::state::uploads::{self, JobRecord, NewJob};
 use stowage_common::testing::{S3Target, StackEnv, fresh_database, unique};
@@ -48,7 +48,7 @@ impl Harness {
         let prefix = unique("t");
         let creds_dir = tempfile::tempdir().expect("tempdir");
         target
-            .write_secret(creds_dir.path(), SECRET)
+            .write_secret(creds_dir.path(), "default", SECRET)
             .expect("credentials Secret");
         let s3 = target.client();
         let bucket = unique("b-");
@@ -61,7 +61,7 @@ impl Harness {
         let pool = db::pool(&pg, 8).expect("pool");
         let locks = LockManager::new(pg, LockMetrics::default(), Duration::from_secs(2));
         db::migrate(&pool, &locks).await.expect("migrate");
-        let queue = Queue::connect(&env.nats_url(), &prefix)
+        let queue = Queue::connect(&NatsSettings::new(env.nats_url(), &prefix))
             .await
             .expect("nats");
         queue
@@ -96,6 +96,8 @@ impl Harness {
             "--ack-wait=5s".into(),
             "--drain-timeout=2s".into(),
             "--lock-heartbeat=1s".into(),
+            // No Kubernetes API here: gRPC auth is the e2e suite's.
+            "--auth-mode=none".into(),
         ];
         args.extend(extra.iter().map(|s| s.to_string()));
         args
@@ -124,6 +126,7 @@ impl Harness {
             credentials_secret_ref: Some(SecretRef {
                 name: SECRET.into(),
             }),
+            use_worker_credentials: false,
         }
     }
 
@@ -203,6 +206,30 @@ impl Harness {
     /// SHA-256 of the object as read back by the AWS CLI (not our code).
     pub fn peer_sha256(&self, key: &str) -> String {
         peer_sha256(&self.target, &self.bucket, key)
+    }
+
+    /// `aws s3api head-object --checksum-mode ENABLED`, as JSON.
+    pub fn peer_head(&self, key: &str) -> serde_json::Value {
+        let t = &self.target;
+        let env = StackEnv::load();
+        let out = Command::new(env.get("STOWAGE_AWS_CLI"))
+            .args(["--endpoint-url", &t.endpoint, "s3api", "head-object"])
+            .args(["--bucket", &self.bucket, "--key", key])
+            .args(["--checksum-mode", "ENABLED", "--output", "json"])
+            .env("AWS_ACCESS_KEY_ID", &t.access_key_id)
+            .env("AWS_SECRET_ACCESS_KEY", &t.secret_access_key)
+            .env("AWS_DEFAULT_REGION", &t.region)
+            .env("AWS_REGION", &t.region)
+            .env("AWS_CONFIG_FILE", aws_config_file())
+            .env_remove("AWS_PROFILE")
+            .output()
+            .expect("run aws cli");
+        assert!(
+            out.status.success(),
+            "aws cli head-object {key}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        serde_json::from_slice(&out.stdout).expect("head-object JSON")
     }
 }
 

@@ -217,6 +217,7 @@ async fn index(docs: usize, server: &str, capacity: usize) -> anyhow::Result<()>
             format!("--credentials-dir={}", creds.path().display()),
             format!("--embedding-model-dir={}", model_dir(&env)?.display()),
             "--grpc-addr=127.0.0.1:0".into(),
+            "--auth-mode=none".into(),
             "--metrics-addr=127.0.0.1:0".into(),
             format!("--capacity={capacity}"),
         ]),
