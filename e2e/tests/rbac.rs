@@ -1,11 +1,12 @@
-//! Least privilege proven, not asserted: the operator runs through
-//! everything it does — UploadJobs registered, refused, completed and
-//! deleted by their TTL, an IndexCollection synced and deleted, the worker
-//! fleet scaled up and down with its idle pods marked, an unreadable
-//! backlog reported — while the Kubernetes API emulator records every
-//! request. Each request must be allowed by the RBAC rules the Helm chart
-//! renders for the operator's ServiceAccount, and each grant of those rules
-//! must have been used.
+//! Least privilege proven, not asserted: the operator and a worker run
+//! through everything they do — UploadJobs registered, refused, completed,
+//! deleted by their TTL and deleted mid-upload (its multipart upload
+//! aborted with the namespace's credentials), an IndexCollection synced,
+//! searched with a token and deleted, the worker fleet scaled up and down
+//! with its idle pods marked, an unreadable backlog reported — while the
+//! Kubernetes API emulator records every request. Each request must be
+//! allowed by the RBAC rules the Helm chart renders for that component's
+//! ServiceAccount, and each grant of those rules must have been used.
 //!
 //! (It needs the emulator's request log: against a real cluster the same
 //! proof is `kubectl auth can-i --as` on the audit log, outside this suite.)
@@ -16,12 +17,13 @@ use serde_json::json;
 use stowage_common::queue::{ConsumerSettings, NatsSettings, Queue, TaskKind};
 use stowage_common::testing::data;
 use stowage_e2e::rbac::{attributes, judge, requests, rules_for};
-use stowage_e2e::{Binaries, World, chart, eventually};
+use stowage_e2e::{Binaries, SlowFiles, World, chart, eventually};
 use stowage_proto::v1::{PlanUpload, Task, task};
 
 const RELEASE: &str = "stowage";
 const WORKERS: &str = "stowage-worker";
 const OPERATOR_SA: &str = "stowage-operator";
+const WORKER_SA: &str = "stowage-worker";
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_operator_request_is_granted_by_the_chart_and_every_grant_is_used() {
@@ -38,10 +40,19 @@ async fn every_operator_request_is_granted_by_the_chart_and_every_grant_is_used(
     let docs = chart::render(
         RELEASE,
         &ns,
-        &json!({"autoscaling": {"mode": "operator", "minReplicas": 1, "maxReplicas": 4}}),
+        &json!({
+            "autoscaling": {"mode": "operator", "minReplicas": 1, "maxReplicas": 4},
+            "auth": {"mode": "kubernetes"},
+            "tenantNamespaces": [ns],
+        }),
     );
     let rules = rules_for(&docs, OPERATOR_SA, &ns);
     assert!(!rules.is_empty(), "the chart binds rules to {OPERATOR_SA}");
+    let worker_rules = rules_for(&docs, WORKER_SA, &ns);
+    assert!(
+        !worker_rules.is_empty(),
+        "the chart binds rules to {WORKER_SA}"
+    );
 
     // The fleet the chart installs, and two of its pods.
     w.apply_ok(&format!(
@@ -116,8 +127,39 @@ spec:
         .await
         .expect("consumer back");
 
-    // UploadJobs: one completes and is deleted by its TTL, one is refused.
-    let _worker = w.worker(2);
+    // UploadJobs: one completes and is deleted by its TTL, one is refused,
+    // one is deleted while its multipart upload is open.
+    let worker = w.worker(2);
+    let slow = SlowFiles::start(vec![("big.bin".into(), data(12 << 20, 3))], 1 << 20).await;
+    w.apply_ok(&format!(
+        r#"apiVersion: stowage.dev/v1alpha1
+kind: UploadJob
+metadata: {{name: slow, namespace: {ns}}}
+spec:
+  source: {{http: {{urls: ["{url}/big.bin"], allowPrivateNetworks: true}}}}
+  destination: {{bucket: {dst}, keyPrefix: slow/, endpoint: {endpoint}, region: {region}, credentialsSecretRef: {{name: s3}}}}
+  partSizeBytes: 5242880
+"#,
+        url = slow.base,
+        dst = w.bucket,
+        endpoint = w.target.endpoint,
+        region = w.target.region,
+    ));
+    eventually(
+        "a multipart upload is open",
+        Duration::from_secs(60),
+        || async { w.open_uploads(&w.bucket).await > 0 },
+    )
+    .await;
+    w.kube.ok(&[
+        "delete",
+        "uj/slow",
+        "-n",
+        &ns,
+        "--wait=true",
+        "--timeout=60s",
+    ]);
+    assert_eq!(w.open_uploads(&w.bucket).await, 0, "aborted on deletion");
     w.put(&w.source_bucket, "rbac/a.txt", data(1000, 1)).await;
     w.apply_ok(&w.s3_job("ttl", "rbac/").replace(
         "  partSizeBytes:",
@@ -153,6 +195,28 @@ spec:
         region = w.target.region,
     ));
     w.wait_for("ic/kb", "Ready", "120s");
+    // Searched with a token: the worker's TokenReview and SubjectAccessReview.
+    let reader = w.kube.grant_search(&ns, "kb");
+    let grpc = worker.grpc.clone().expect("grpc");
+    let mut client =
+        stowage_proto::v1::search_client::SearchClient::connect(format!("http://{grpc}"))
+            .await
+            .expect("connect");
+    let mut request = tonic::Request::new(stowage_proto::v1::SearchRequest {
+        namespace: ns.clone(),
+        collection: "kb".into(),
+        query: "anything".into(),
+        ..Default::default()
+    });
+    request.metadata_mut().insert(
+        "authorization",
+        format!("Bearer {}", reader.token).parse().expect("header"),
+    );
+    let code = match client.query(request).await {
+        Ok(_) => tonic::Code::Ok,
+        Err(s) => s.code(),
+    };
+    assert_eq!(code, tonic::Code::Ok, "the granted search answers");
     let synced = w.field("ic/kb", "{.status.lastSyncRun.id}");
     eventually("a scheduled resync", Duration::from_secs(60), || async {
         w.field("ic/kb", "{.status.lastSyncRun.id}") != synced
@@ -169,24 +233,27 @@ spec:
         "--timeout=60s",
     ]);
 
-    let made: Vec<_> = requests(&log)
-        .into_iter()
-        .filter(|r| r.agent.starts_with("stowage-operator/"))
-        .filter_map(|r| attributes(&r))
-        .collect();
-    assert!(
-        made.len() > 20,
-        "the operator's requests were recorded: {made:?}"
-    );
-    let verdict = judge(&rules, &made);
-    assert!(
-        verdict.denied.is_empty(),
-        "the chart's RBAC denies the operator: {:#?}",
-        verdict.denied
-    );
-    assert!(
-        verdict.unused.is_empty(),
-        "the chart grants the operator what it never used: {:#?}",
-        verdict.unused
-    );
+    let all = requests(&log);
+    for (component, agent, rules) in [
+        ("operator", "stowage-operator/", &rules),
+        ("worker", "stowage-worker/", &worker_rules),
+    ] {
+        let made: Vec<_> = all
+            .iter()
+            .filter(|r| r.agent.starts_with(agent))
+            .filter_map(attributes)
+            .collect();
+        assert!(!made.is_empty(), "the {component}'s requests were recorded");
+        let verdict = judge(rules, &made);
+        assert!(
+            verdict.denied.is_empty(),
+            "the chart's RBAC denies the {component}: {:#?}",
+            verdict.denied
+        );
+        assert!(
+            verdict.unused.is_empty(),
+            "the chart grants the {component} what it never used: {:#?}",
+            verdict.unused
+        );
+    }
 }
