@@ -277,7 +277,8 @@ WORKER_N=0
 start_worker() {
   WORKER_N=$((WORKER_N + 1))
   WORKER_LOG=$LOGS/worker-$WORKER_N.log
-  NO_COLOR=1 "${CLIENT[@]}" "$BIN/stowage-worker" --credentials-dir "$RUN/creds" --auth-mode none --capacity "$CAPACITY" \
+  NO_COLOR=1 "${CLIENT[@]}" "$BIN/stowage-worker" --credentials-dir "$RUN/creds" --auth-mode none --allow-private-networks true \
+    --capacity "$CAPACITY" \
     --grpc-addr 127.0.0.1:0 --metrics-addr 127.0.0.1:0 "${WORKER_ARGS[@]}" >"$WORKER_LOG" 2>&1 &
   WORKER_PID=$!
   local addr=""

@@ -116,7 +116,9 @@ struct UploadArgs {
     /// HTTP(S) URLs to copy (repeat the flag).
     #[arg(long)]
     url: Vec<String>,
-    /// Let HTTP sources reach loopback/private addresses.
+    /// Let the source and the destination reach loopback and private
+    /// addresses (the workers must be started with
+    /// --allow-private-networks too).
     #[arg(long)]
     allow_private_networks: bool,
     /// Destination: `s3://bucket/key-prefix`.
@@ -168,6 +170,7 @@ impl UploadArgs {
             force_path_style: true,
             credentials_secret_ref: creds.clone().map(|name| SecretRef { name }),
             use_worker_credentials: false,
+            allow_private_networks: self.allow_private_networks,
         };
         let source = match &self.from {
             Some(from) => {

@@ -11,6 +11,7 @@
 //! - [`telemetry`]: logs, Prometheus metrics and health endpoints.
 //! - [`errors`]: the retryable / permanent classification that drives retries.
 //! - [`redact`]: secrets out of URLs wherever they are printed.
+//! - [`net`]: which addresses a tenant's endpoints may reach.
 //! - [`tls`]: TLS for PostgreSQL, NATS and gRPC (PEM files, verification, clear handshake errors).
 
 pub mod config;
@@ -18,6 +19,7 @@ pub mod db;
 pub mod errors;
 pub mod jobs;
 pub mod locks;
+pub mod net;
 pub mod queue;
 pub mod redact;
 pub mod secrets;

@@ -79,6 +79,7 @@ fn model(name: &str) -> Embedding {
         dimensions: 3,
         endpoint: Some("http://127.0.0.1:9".into()),
         credentials_secret_ref: None,
+        allow_private_networks: false,
     }
 }
 

@@ -413,6 +413,8 @@ impl World {
             format!("--nats-url={}", self.stack.nats_url()),
             format!("--queue-prefix={}", self.prefix),
             "--lock-heartbeat=500ms".into(),
+            // The stack and the test sources listen on loopback.
+            "--allow-private-networks=true".into(),
         ]
     }
 
@@ -472,12 +474,14 @@ spec:
       endpoint: {endpoint}
       region: {region}
       credentialsSecretRef: {{name: s3}}
+      allowPrivateNetworks: true
   destination:
     bucket: {dst}
     keyPrefix: {name}/
     endpoint: {endpoint}
     region: {region}
     credentialsSecretRef: {{name: s3}}
+    allowPrivateNetworks: true
   partSizeBytes: 5242880
   retry: {{maxAttempts: 3, backoff: {{baseMillis: 200, maxMillis: 1000}}}}
 "#,
@@ -492,7 +496,7 @@ spec:
     /// The `destination` (and S3 source) endpoint fields of a manifest.
     pub fn endpoint_yaml(&self) -> String {
         format!(
-            "endpoint: {}\n      region: {}\n      credentialsSecretRef: {{name: {SECRET}}}",
+            "endpoint: {}\n      region: {}\n      credentialsSecretRef: {{name: {SECRET}}}\n      allowPrivateNetworks: true",
             self.target.endpoint, self.target.region
         )
     }

@@ -76,6 +76,7 @@ spec:
     endpoint: {endpoint}
     region: {region}
     credentialsSecretRef: {{name: s3}}
+    allowPrivateNetworks: true
   watchUploads: true
   resyncInterval: 1h
 "#,

@@ -137,7 +137,7 @@ kind: UploadJob
 metadata: {{name: slow, namespace: {ns}}}
 spec:
   source: {{http: {{urls: ["{url}/big.bin"], allowPrivateNetworks: true}}}}
-  destination: {{bucket: {dst}, keyPrefix: slow/, endpoint: {endpoint}, region: {region}, credentialsSecretRef: {{name: s3}}}}
+  destination: {{bucket: {dst}, keyPrefix: slow/, endpoint: {endpoint}, region: {region}, credentialsSecretRef: {{name: s3}}, allowPrivateNetworks: true}}
   partSizeBytes: 5242880
 "#,
         url = slow.base,
@@ -187,7 +187,7 @@ spec:
 kind: IndexCollection
 metadata: {{name: kb, namespace: {ns}}}
 spec:
-  source: {{bucket: {bucket}, prefix: none/, endpoint: {endpoint}, region: {region}, credentialsSecretRef: {{name: s3}}}}
+  source: {{bucket: {bucket}, prefix: none/, endpoint: {endpoint}, region: {region}, credentialsSecretRef: {{name: s3}}, allowPrivateNetworks: true}}
   resyncInterval: 10s
 "#,
         bucket = w.bucket,

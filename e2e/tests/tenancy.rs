@@ -82,13 +82,14 @@ async fn a_secret_of_another_namespace_is_never_used() {
 kind: IndexCollection
 metadata: {{name: kb, namespace: {ns}}}
 spec:
-  source: {{bucket: {bucket}, prefix: kb/, endpoint: {s3}, region: {region}, credentialsSecretRef: {{name: s3}}}}
+  source: {{bucket: {bucket}, prefix: kb/, endpoint: {s3}, region: {region}, credentialsSecretRef: {{name: s3}}, allowPrivateNetworks: true}}
   embedding:
     provider: openai
     model: m
     dimensions: 4
     endpoint: {endpoint}
     credentialsSecretRef: {{name: embedder-key}}
+    allowPrivateNetworks: true
   resyncInterval: 1h
 "#,
         ns = w.namespace,
@@ -151,7 +152,7 @@ async fn search_is_granted_with_kubernetes_rbac() {
 kind: IndexCollection
 metadata: {{name: {name}, namespace: {ns}}}
 spec:
-  source: {{bucket: {bucket}, prefix: kb/, endpoint: {s3}, region: {region}, credentialsSecretRef: {{name: s3}}}}
+  source: {{bucket: {bucket}, prefix: kb/, endpoint: {s3}, region: {region}, credentialsSecretRef: {{name: s3}}, allowPrivateNetworks: true}}
   resyncInterval: 1h
 "#,
             ns = w.namespace,
@@ -198,4 +199,41 @@ spec:
         },
     )
     .await;
+}
+
+/// An embedding endpoint is held to the same address policy as HTTP
+/// sources: one on loopback, without `allowPrivateNetworks`, is refused
+/// before a single request reaches it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_loopback_embedding_endpoint_needs_the_allowance() {
+    let w = world().await;
+    let _operator = w.operator();
+    let _worker = w.worker(2);
+    let (endpoint, seen) = recording_embedder().await;
+    w.put(&w.bucket, "kb/a.md", b"# A\n\nSome text.\n".to_vec().into())
+        .await;
+    w.apply_ok(&format!(
+        r#"apiVersion: stowage.dev/v1alpha1
+kind: IndexCollection
+metadata: {{name: kb, namespace: {ns}}}
+spec:
+  source: {{bucket: {bucket}, prefix: kb/, endpoint: {s3}, region: {region}, credentialsSecretRef: {{name: s3}}, allowPrivateNetworks: true}}
+  embedding: {{provider: openai, model: m, dimensions: 4, endpoint: {endpoint}}}
+  resyncInterval: 1h
+"#,
+        ns = w.namespace,
+        bucket = w.bucket,
+        s3 = w.target.endpoint,
+        region = w.target.region,
+    ));
+    w.wait_for("ic/kb", "Failed", "120s");
+    let error = w.field("ic/kb", "{.status.lastSyncRun.error}");
+    assert!(
+        error.contains("refusing to connect to 127.0.0.1") && error.contains("loopback"),
+        "{error}"
+    );
+    assert!(
+        seen.lock().map(|s| s.is_empty()).unwrap_or(false),
+        "a request reached the server"
+    );
 }

@@ -31,6 +31,7 @@ spec:
     endpoint: {endpoint}
     region: {region}
     credentialsSecretRef: {{name: s3}}
+    allowPrivateNetworks: true
   partSizeBytes: 5242880
   concurrency: 2
 "#,
@@ -610,6 +611,7 @@ async fn stowctl_upload_waits_for_the_job_and_lists_its_files() {
         &format!("--to-endpoint={endpoint}"),
         "--to-credentials=s3",
         &format!("--region={}", w.target.region),
+        "--allow-private-networks",
         "--wait",
         "--timeout=120",
     ]);

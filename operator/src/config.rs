@@ -60,6 +60,10 @@ pub struct OperatorArgs {
     #[command(flatten)]
     pub credentials: stowage_common::secrets::CredentialsArgs,
 
+    /// Where the endpoints of resources may go.
+    #[command(flatten)]
+    pub endpoints: stowage_common::storage::EndpointArgs,
+
     #[command(flatten)]
     pub autoscale: AutoscaleArgs,
 

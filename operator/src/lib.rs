@@ -82,7 +82,13 @@ pub async fn run(args: OperatorArgs, shutdown: impl Future<Output = ()>) -> anyh
         db: pool,
         queue,
         locks: locks.clone(),
-        s3: S3Clients::new(secrets, args.credentials.allow_worker_credentials),
+        s3: S3Clients::new(
+            secrets,
+            args.endpoints
+                .policy(args.credentials.allow_worker_credentials)
+                .map_err(anyhow::Error::msg)?,
+        ),
+        allow_private_networks: args.endpoints.allow_private_networks,
         allow_worker_credentials: args.credentials.allow_worker_credentials,
         recorder,
         metrics: metrics.clone(),

@@ -100,7 +100,7 @@ async fn fixture() -> Fixture {
                 stowage_common::secrets::SecretSource::Unconfigured("tests".into()),
                 stowage_common::secrets::SECRET_TTL,
             ),
-            false,
+            stowage_common::storage::Policy::default(),
         ),
         metrics: Metrics::register(&mut registry),
         resync: Duration::from_secs(60),
@@ -111,6 +111,7 @@ async fn fixture() -> Fixture {
         concurrency: concurrency_for_pool(4),
         autoscale: None,
         allow_worker_credentials: false,
+        allow_private_networks: false,
         failures: Default::default(),
     });
     Fixture {
@@ -776,6 +777,18 @@ fn hostile_upload_jobs() -> Vec<(Value, &'static str)> {
         (
             dest(json!({"credentialsSecretRef": "creds"})),
             "spec.destination.credentialsSecretRef: Invalid value: \"creds\": must be of type object",
+        ),
+        (
+            dest(json!({"allowPrivateNetworks": true})),
+            "spec.destination.allowPrivateNetworks: this installation does not let resources reach private networks",
+        ),
+        (
+            json!({"source": {"http": {"urls": ["http://10.0.0.1/a"], "allowPrivateNetworks": true}}}),
+            "spec.source.http.allowPrivateNetworks: this installation does not let resources reach private networks",
+        ),
+        (
+            dest(json!({"useWorkerCredentials": true})),
+            "spec.destination.useWorkerCredentials: this installation does not let resources use the workers' own credentials",
         ),
     ]
 }

@@ -78,6 +78,10 @@ pub struct WorkerArgs {
     #[command(flatten)]
     pub credentials: stowage_common::secrets::CredentialsArgs,
 
+    /// Where the endpoints of resources may go.
+    #[command(flatten)]
+    pub endpoints: stowage_common::storage::EndpointArgs,
+
     /// Folder of the built-in embedding model (all-MiniLM-L6-v2:
     /// `config.json`, `tokenizer.json`, `model.safetensors`; `scripts/stack
     /// install model` unpacks it). Loaded on first use; without it,

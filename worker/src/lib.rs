@@ -60,6 +60,8 @@ pub struct Context {
     pub sha256_metadata: config::Sha256Metadata,
     /// Who may call the gRPC API.
     pub auth: auth::Auth,
+    /// May resources reach private networks where they ask to?
+    pub allow_private_networks: bool,
     /// Attempts of planning, sync and document tasks (`--task-attempts`).
     pub task_attempts: u32,
     /// The slowest a source may send (uploads and documents).
@@ -142,11 +144,14 @@ pub async fn start(args: WorkerArgs, hook: Option<PartHook>) -> anyhow::Result<W
         queue,
         s3: S3Clients::new(
             Secrets::new(secret_source(&args, &kube), SECRET_TTL),
-            args.credentials.allow_worker_credentials,
+            args.endpoints
+                .policy(args.credentials.allow_worker_credentials)
+                .map_err(anyhow::Error::msg)?,
         ),
+        allow_private_networks: args.endpoints.allow_private_networks,
         embedding_model_dir: args.embedding_model_dir.clone(),
         builtin_model: Default::default(),
-        http: Default::default(),
+        http: upload::net::HttpClients::new(args.endpoints.allow_private_networks),
         metrics,
         hook,
         in_flight: InFlight::default(),

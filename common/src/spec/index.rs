@@ -139,9 +139,14 @@ pub struct Embedding {
     #[serde(skip_serializing_if = "Option::is_none")]
     #[cfg_attr(feature = "schema", schemars(length(min = 1, max = super::MAX_URL_CHARS)))]
     pub endpoint: Option<String>,
-    /// Secret holding the provider's API key (`api_key`).
+    /// Secret holding the provider's API key (`api_key`), in the
+    /// collection's own namespace.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub credentials_secret_ref: Option<SecretRef>,
+    /// Allow the endpoint to be a loopback, private or link-local address:
+    /// only where the installation permits it (`--allow-private-networks`).
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub allow_private_networks: bool,
 }
 
 impl Default for Embedding {
@@ -152,6 +157,7 @@ impl Default for Embedding {
             dimensions: 384,
             endpoint: None,
             credentials_secret_ref: None,
+            allow_private_networks: false,
         }
     }
 }
@@ -165,6 +171,18 @@ impl Embedding {
 }
 
 impl IndexSpec {
+    /// The fields of this spec that ask for private networks.
+    pub fn private_networks(&self) -> Vec<&'static str> {
+        let mut out = Vec::new();
+        if self.source.endpoint.allow_private_networks {
+            out.push("source.allowPrivateNetworks");
+        }
+        if self.embedding.allow_private_networks {
+            out.push("embedding.allowPrivateNetworks");
+        }
+        out
+    }
+
     /// What the schema cannot check, with the field named.
     pub fn validate(&self) -> Result<(), SpecError> {
         validate_bucket("source.bucket", &self.source.bucket)?;

@@ -144,6 +144,11 @@ pub struct Endpoint {
     /// (`--allow-worker-credentials` on the operator and the workers).
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub use_worker_credentials: bool,
+    /// Allow the endpoint to be a loopback, private (RFC 1918/4193),
+    /// link-local or other non-public address: only where the installation
+    /// permits it (`--allow-private-networks` on the operator and workers).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub allow_private_networks: bool,
 }
 
 impl Endpoint {
@@ -282,6 +287,31 @@ impl UploadJobSpec {
         }
         if self.destination.endpoint.use_worker_credentials {
             out.push("destination.useWorkerCredentials");
+        }
+        out
+    }
+
+    /// The fields of this spec that ask for private networks.
+    pub fn private_networks(&self) -> Vec<&'static str> {
+        let mut out = Vec::new();
+        if self
+            .source
+            .http
+            .as_ref()
+            .is_some_and(|h| h.allow_private_networks)
+        {
+            out.push("source.http.allowPrivateNetworks");
+        }
+        if self
+            .source
+            .s3
+            .as_ref()
+            .is_some_and(|s| s.endpoint.allow_private_networks)
+        {
+            out.push("source.s3.allowPrivateNetworks");
+        }
+        if self.destination.endpoint.allow_private_networks {
+            out.push("destination.allowPrivateNetworks");
         }
         out
     }

@@ -51,6 +51,15 @@ async fn apply(raw: &RawIndexCollection, ctx: &Context) -> Result<Action, Error>
         Ok(ic) => ic,
         Err(why) => return refuse(raw, &api, ctx, &why).await,
     };
+    if let Some(field) = ic.spec.index.private_networks().first()
+        && !ctx.allow_private_networks
+    {
+        let why = format!(
+            "spec.{field}: this installation does not let resources reach private networks \
+             (--allow-private-networks)"
+        );
+        return refuse(raw, &api, ctx, &why).await;
+    }
     if ic.spec.index.source.endpoint.use_worker_credentials && !ctx.allow_worker_credentials {
         let why = "spec.source.useWorkerCredentials: this installation does not let resources \
                    use the workers' own credentials (--allow-worker-credentials): name a Secret \

@@ -36,7 +36,7 @@ use stowage_common::jobs::JobError;
 use stowage_common::locks::{LockError, LockManager};
 use stowage_common::queue::{Queue, QueueError};
 use stowage_common::state::StateError;
-use stowage_common::storage::{CredentialsError, S3Clients};
+use stowage_common::storage::{ClientError, S3Clients};
 use tokio::sync::mpsc;
 use tracing::{error, info, warn};
 
@@ -64,6 +64,8 @@ pub struct Context {
     pub concurrency: u16,
     /// May resources use the processes' own S3 credentials?
     pub allow_worker_credentials: bool,
+    /// May resources reach private networks where they ask to?
+    pub allow_private_networks: bool,
     /// The worker fleet's autoscaling, when the operator does it.
     pub autoscale: Option<crate::autoscale::Settings>,
     /// Consecutive failed reconciles per resource, for the backoff.
@@ -89,8 +91,8 @@ pub enum Error {
     Job(#[from] JobError),
     #[error("lock: {0}")]
     Lock(#[from] LockError),
-    #[error("credentials: {0}")]
-    Credentials(#[from] CredentialsError),
+    #[error("S3 client: {0}")]
+    Storage(#[from] ClientError),
     #[error("aborting multipart upload {upload_id} of {bucket}/{key}: {message}")]
     Abort {
         bucket: String,
@@ -133,7 +135,7 @@ impl Error {
             Error::Queue(_) => "queue",
             Error::Job(JobError::Queue(_)) => "queue",
             Error::Job(_) => "database",
-            Error::Credentials(_) => "credentials",
+            Error::Storage(_) => "credentials",
             Error::Abort { .. } => "storage",
             Error::Panic(_) => "panic",
             Error::Finalizer(e) => match e.as_ref() {

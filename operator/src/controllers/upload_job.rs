@@ -65,6 +65,15 @@ async fn apply(raw: &RawUploadJob, ctx: &Context) -> Result<Action, Error> {
         Ok(uj) => uj,
         Err(why) => return refuse(raw, &api, ctx, &why).await,
     };
+    if let Some(field) = uj.spec.upload.private_networks().first()
+        && !ctx.allow_private_networks
+    {
+        let why = format!(
+            "spec.{field}: this installation does not let resources reach private networks \
+             (--allow-private-networks)"
+        );
+        return refuse(raw, &api, ctx, &why).await;
+    }
     if let Some(field) = uj.spec.upload.worker_credentials().first()
         && !ctx.allow_worker_credentials
     {

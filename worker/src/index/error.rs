@@ -35,6 +35,15 @@ pub enum IndexError {
     LockLost(String),
 }
 
+impl From<stowage_common::storage::ClientError> for IndexError {
+    fn from(e: stowage_common::storage::ClientError) -> Self {
+        match e {
+            stowage_common::storage::ClientError::Credentials(e) => IndexError::Credentials(e),
+            stowage_common::storage::ClientError::Refused(why) => IndexError::Invalid(why),
+        }
+    }
+}
+
 impl From<CredentialsError> for IndexError {
     fn from(e: CredentialsError) -> Self {
         IndexError::Credentials(e)

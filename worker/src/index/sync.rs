@@ -213,6 +213,13 @@ pub(crate) async fn embedder(
                 .value(&["api_key", "API_KEY"])?,
         ),
     };
+    if spec.allow_private_networks && !ctx.allow_private_networks {
+        return Err(IndexError::Invalid(
+            "embedding.allowPrivateNetworks: this installation does not let resources reach \
+             private networks (--allow-private-networks)"
+                .into(),
+        ));
+    }
     Ok(RemoteEmbedder::new(spec, api_key, Retry::default())
         .map(|r| Embedder::Remote(Arc::new(r)))?)
 }

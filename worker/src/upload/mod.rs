@@ -61,6 +61,15 @@ pub enum UploadError {
     EventOwed(String),
 }
 
+impl From<stowage_common::storage::ClientError> for UploadError {
+    fn from(e: stowage_common::storage::ClientError) -> Self {
+        match e {
+            stowage_common::storage::ClientError::Credentials(e) => UploadError::Credentials(e),
+            stowage_common::storage::ClientError::Refused(why) => UploadError::Refused(why),
+        }
+    }
+}
+
 impl From<stowage_common::storage::CredentialsError> for UploadError {
     fn from(e: stowage_common::storage::CredentialsError) -> Self {
         UploadError::Credentials(e)

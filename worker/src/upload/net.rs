@@ -1,90 +1,11 @@
-//! Which network addresses an HTTP source may reach. By default only public
-//! unicast addresses: a job must not become a way into the cluster's own
-//! network (metadata services, databases, the Kubernetes API).
+//! HTTP clients held to the address policy of [`stowage_common::net`]:
+//! checked on the resolved addresses and on every redirect.
 
-use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::net::SocketAddr;
 use std::sync::Arc;
 
 use reqwest::dns::{Addrs, Name, Resolve, Resolving};
-
-/// Why an address was refused.
-#[derive(Debug, thiserror::Error)]
-#[error(
-    "refusing to connect to {addr} ({host}): it is a {kind} address and the job does not set allowPrivateNetworks"
-)]
-pub struct AddressRefused {
-    pub host: String,
-    pub addr: IpAddr,
-    pub kind: &'static str,
-}
-
-/// `None` for a public unicast address, else what kind of address it is.
-pub fn non_public_kind(ip: IpAddr) -> Option<&'static str> {
-    match ip {
-        IpAddr::V4(v4) => v4_kind(v4),
-        IpAddr::V6(v6) => {
-            if let Some(v4) = v6.to_ipv4_mapped() {
-                return v4_kind(v4);
-            }
-            let seg0 = v6.segments()[0];
-            if v6.is_loopback() {
-                Some("loopback")
-            } else if v6.is_unspecified() {
-                Some("unspecified")
-            } else if v6.is_multicast() {
-                Some("multicast")
-            } else if seg0 & 0xfe00 == 0xfc00 {
-                Some("unique local (private)")
-            } else if seg0 & 0xffc0 == 0xfe80 {
-                Some("link-local")
-            } else if seg0 == 0x2001 && v6.segments()[1] == 0x0db8 {
-                Some("documentation")
-            } else if seg0 == 0x0064 && v6.segments()[1] == 0xff9b {
-                // NAT64 can reach any IPv4 address, private ones included.
-                Some("NAT64")
-            } else {
-                None
-            }
-        }
-    }
-}
-
-fn v4_kind(ip: Ipv4Addr) -> Option<&'static str> {
-    let o = ip.octets();
-    if ip.is_loopback() {
-        Some("loopback")
-    } else if ip.is_private() {
-        Some("private")
-    } else if ip.is_link_local() {
-        Some("link-local")
-    } else if ip.is_unspecified() || o[0] == 0 {
-        Some("unspecified")
-    } else if ip.is_broadcast() || ip.is_multicast() || o[0] >= 240 {
-        Some("broadcast/multicast/reserved")
-    } else if o[0] == 100 && (64..128).contains(&o[1]) {
-        Some("carrier-grade NAT (shared)")
-    } else if o[0] == 198 && (o[1] == 18 || o[1] == 19) {
-        Some("benchmarking")
-    } else if ip.is_documentation() {
-        Some("documentation")
-    } else if o[0] == 192 && o[1] == 0 && o[2] == 0 {
-        Some("IETF protocol assignment")
-    } else {
-        None
-    }
-}
-
-/// Checks one address against the policy.
-pub fn check(host: &str, addr: IpAddr, allow_private: bool) -> Result<(), AddressRefused> {
-    match non_public_kind(addr) {
-        Some(kind) if !allow_private => Err(AddressRefused {
-            host: host.to_string(),
-            addr,
-            kind,
-        }),
-        _ => Ok(()),
-    }
-}
+pub use stowage_common::net::{AddressRefused, check, non_public_kind};
 
 /// A resolver that drops the connection attempt when a name resolves to a
 /// refused address. Checking the resolved addresses (not the name) is what
@@ -116,14 +37,32 @@ impl Resolve for GuardedResolver {
 /// The two HTTP clients a worker needs (private networks refused or
 /// allowed), built once: building one loads TLS roots, which costs more CPU
 /// than fetching a small file.
-#[derive(Default)]
 pub struct HttpClients {
+    /// May resources reach private networks (`--allow-private-networks`)?
+    permitted: bool,
     public_only: std::sync::OnceLock<reqwest::Client>,
     any: std::sync::OnceLock<reqwest::Client>,
 }
 
 impl HttpClients {
-    pub fn get(&self, allow_private: bool) -> Result<reqwest::Client, reqwest::Error> {
+    /// `permitted`: whether this installation lets resources that ask for
+    /// it reach private networks.
+    pub fn new(permitted: bool) -> Self {
+        HttpClients {
+            permitted,
+            public_only: Default::default(),
+            any: Default::default(),
+        }
+    }
+
+    pub fn get(&self, allow_private: bool) -> Result<reqwest::Client, super::UploadError> {
+        if allow_private && !self.permitted {
+            return Err(super::UploadError::Refused(
+                "the source asks for private networks (allowPrivateNetworks), which this \
+                 installation does not allow (--allow-private-networks)"
+                    .into(),
+            ));
+        }
         let cell = if allow_private {
             &self.any
         } else {
@@ -132,9 +71,21 @@ impl HttpClients {
         if let Some(c) = cell.get() {
             return Ok(c.clone());
         }
-        let client = http_client(allow_private)?;
+        let client = http_client(allow_private)
+            .map_err(|e| super::UploadError::Invalid(format!("HTTP client: {e}")))?;
         Ok(cell.get_or_init(|| client).clone())
     }
+}
+
+/// A client for embedding servers: the address policy on every resolved
+/// address, and no redirect at all (it would carry the API key along).
+pub fn embedder_client(allow_private: bool) -> Result<reqwest::Client, reqwest::Error> {
+    reqwest::Client::builder()
+        .dns_resolver(Arc::new(GuardedResolver { allow_private }))
+        .redirect(reqwest::redirect::Policy::none())
+        .connect_timeout(std::time::Duration::from_secs(10))
+        .timeout(std::time::Duration::from_secs(120))
+        .build()
 }
 
 /// An HTTP client for sources: guarded resolution, and redirects
@@ -161,11 +112,7 @@ pub fn http_client(allow_private: bool) -> Result<reqwest::Client, reqwest::Erro
 /// Refuses URLs whose host is an IP literal outside the policy (the resolver
 /// never sees those).
 pub fn check_literal(url: &reqwest::Url, allow_private: bool) -> Result<(), AddressRefused> {
-    match url.host() {
-        Some(url::Host::Ipv4(v4)) => check(&v4.to_string(), IpAddr::V4(v4), allow_private),
-        Some(url::Host::Ipv6(v6)) => check(&v6.to_string(), IpAddr::V6(v6), allow_private),
-        _ => Ok(()),
-    }
+    stowage_common::net::check_url(url, allow_private)
 }
 
 #[cfg(test)]
@@ -173,42 +120,9 @@ mod tests {
     use super::*;
 
     #[test]
-    fn classifies_addresses() {
-        let refused = [
-            "127.0.0.1",
-            "10.1.2.3",
-            "172.16.0.1",
-            "192.168.1.1",
-            "169.254.169.254",
-            "0.0.0.0",
-            "100.64.0.1",
-            "::1",
-            "fd00::1",
-            "fe80::1",
-            "::ffff:10.0.0.1",
-            "64:ff9b::a00:1",
-            "255.255.255.255",
-            "224.0.0.1",
-        ];
-        for a in refused {
-            let ip: IpAddr = a.parse().expect("fixture address");
-            assert!(non_public_kind(ip).is_some(), "{a} should be refused");
-            assert!(check("h", ip, false).is_err());
-            assert!(check("h", ip, true).is_ok());
-        }
-        for a in ["93.184.216.34", "1.1.1.1", "2606:4700::1111"] {
-            let ip: IpAddr = a.parse().expect("fixture address");
-            assert_eq!(non_public_kind(ip), None, "{a} is public");
-        }
-    }
-
-    #[test]
     fn literal_hosts_are_checked() {
         let u = reqwest::Url::parse("http://169.254.169.254/latest/meta-data").expect("url");
         let e = check_literal(&u, false).expect_err("metadata service must be refused");
         assert!(e.to_string().contains("link-local"), "{e}");
-        let u = reqwest::Url::parse("http://[::1]:8080/x").expect("url");
-        assert!(check_literal(&u, false).is_err());
-        assert!(check_literal(&u, true).is_ok());
     }
 }

@@ -128,9 +128,7 @@ impl Source {
                 spec: s3.clone(),
             },
             (None, Some(http)) => SourceKind::Http {
-                client: http_clients
-                    .get(http.allow_private_networks)
-                    .map_err(|e| UploadError::Invalid(format!("HTTP client: {e}")))?,
+                client: http_clients.get(http.allow_private_networks)?,
                 // Not the URL list: a job's spec can list thousands.
                 allow_private_networks: http.allow_private_networks,
             },

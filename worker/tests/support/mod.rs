@@ -98,6 +98,8 @@ impl Harness {
             "--lock-heartbeat=1s".into(),
             // No Kubernetes API here: gRPC auth is the e2e suite's.
             "--auth-mode=none".into(),
+            // The stack (and the test sources) listen on loopback.
+            "--allow-private-networks=true".into(),
         ];
         args.extend(extra.iter().map(|s| s.to_string()));
         args
@@ -127,6 +129,8 @@ impl Harness {
                 name: SECRET.into(),
             }),
             use_worker_credentials: false,
+            // The stack's S3 servers listen on loopback.
+            allow_private_networks: true,
         }
     }
 

@@ -218,6 +218,7 @@ async fn index(docs: usize, server: &str, capacity: usize) -> anyhow::Result<()>
             format!("--embedding-model-dir={}", model_dir(&env)?.display()),
             "--grpc-addr=127.0.0.1:0".into(),
             "--auth-mode=none".into(),
+            "--allow-private-networks=true".into(),
             "--metrics-addr=127.0.0.1:0".into(),
             format!("--capacity={capacity}"),
         ]),
@@ -226,7 +227,8 @@ async fn index(docs: usize, server: &str, capacity: usize) -> anyhow::Result<()>
     .await?;
     let spec: IndexSpec = serde_json::from_value(serde_json::json!({
         "source": {"bucket": bucket, "prefix": "kb/", "endpoint": target.endpoint,
-                   "region": target.region, "credentialsSecretRef": {"name": "bench"}},
+                   "region": target.region, "credentialsSecretRef": {"name": "bench"},
+                   "allowPrivateNetworks": true},
     }))?;
     let id = {
         let db = worker.context.db.get().await?;

@@ -33,6 +33,9 @@ pub enum EmbedError {
     Load { path: String, reason: String },
     #[error("builtin embedding model: {0}")]
     Inference(String),
+    /// The address policy refuses the endpoint.
+    #[error("embedding endpoint refused: {0}")]
+    Refused(String),
 }
 
 impl Classify for EmbedError {

@@ -62,6 +62,10 @@ impl RemoteEmbedder {
             .as_deref()
             .ok_or(EmbedError::NotRemote)?
             .trim_end_matches('/');
+        if let Ok(parsed) = reqwest::Url::parse(base) {
+            stowage_common::net::check_url(&parsed, spec.allow_private_networks)
+                .map_err(|e| EmbedError::Refused(e.to_string()))?;
+        }
         let url = match spec.provider {
             EmbeddingProvider::Openai => format!("{base}/v1/embeddings"),
             EmbeddingProvider::Ollama => format!("{base}/api/embed"),
@@ -76,13 +80,9 @@ impl RemoteEmbedder {
             api_key,
             batch: 64,
             retry,
-            http: reqwest::Client::builder()
-                .timeout(Duration::from_secs(120))
-                .connect_timeout(Duration::from_secs(10))
-                // A redirect would carry the API key along: the endpoint must
-                // be the final URL.
-                .redirect(reqwest::redirect::Policy::none())
-                .build()
+            // The address policy on what the endpoint resolves to, and no
+            // redirect: it would carry the API key along.
+            http: crate::upload::net::embedder_client(spec.allow_private_networks)
                 .map_err(|e| EmbedError::Transport(e.to_string()))?,
         })
     }
@@ -392,6 +392,8 @@ mod tests {
             dimensions: dims,
             endpoint: Some(endpoint.into()),
             credentials_secret_ref: None,
+            // The test servers listen on loopback.
+            allow_private_networks: true,
         }
     }
 
