@@ -1104,3 +1104,82 @@ async fn an_s3_source_is_read_by_range_only_while_its_etag_holds(target: &str) {
     worker.shutdown().await.expect("shutdown");
 }
 on_each_s3!(an_s3_source_is_read_by_range_only_while_its_etag_holds);
+
+async fn a_resume_reads_the_holes_between_stored_parts(target: &str) {
+    let h = Harness::new(target).await;
+    let src = SourceServer::start().await;
+    const SIZE: usize = 50 * MIB;
+    const PART: u64 = 5 * MIB as u64;
+    let bytes = data(SIZE, 98);
+    src.put(
+        "holes.bin",
+        FileBehaviour {
+            data: bytes.clone(),
+            trickle: Some(Duration::from_millis(40)),
+            ..Default::default()
+        },
+    );
+    let mut spec = h.spec(http(vec![src.url("holes.bin")]), "");
+    spec.part_size_bytes = PART;
+    spec.concurrency = 2;
+    let job = h.submit("holes", spec).await;
+    let mut first = spawn_worker(&h);
+    wait_for_parts(&h, job, 6).await;
+    first.kill().expect("SIGKILL");
+    first.wait().expect("reaped");
+    // Parts land out of order when several are in flight: as if part 3 had
+    // been on its way at the kill while the next ones were recorded, forget
+    // its record (the server keeps it; the resume must send it again).
+    let db = h.pool.get().await.expect("db");
+    db.execute("DELETE FROM upload_parts WHERE part_number = 3", &[])
+        .await
+        .expect("forget part 3");
+    let stored: Vec<i32> = db
+        .query("SELECT part_number FROM upload_parts ORDER BY 1", &[])
+        .await
+        .expect("parts")
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert!(
+        stored.len() >= 5 && !stored.contains(&3) && stored.contains(&4),
+        "{stored:?}"
+    );
+    let served_before = src.bytes_served("holes.bin");
+    let mut last = spawn_worker(&h);
+    let done = h.wait_job(job, Duration::from_secs(300)).await;
+    last.kill().expect("stop the last worker");
+    last.wait().expect("reaped");
+    assert_eq!(done.state, "succeeded", "{:?}", h.items(job).await);
+
+    // The resume read exactly the parts not stored: part 3, then the tail.
+    let ranged: Vec<_> = src
+        .requests("holes.bin")
+        .into_iter()
+        .filter(|r| r.range_header.is_some())
+        .collect();
+    let parts = (SIZE as u64).div_ceil(PART) as i32;
+    let mut expected_spans = Vec::new();
+    for n in (1..=parts).filter(|n| !stored.contains(n)) {
+        let (start, end) = ((n as u64 - 1) * PART, n as u64 * PART - 1);
+        match expected_spans.last_mut() {
+            Some((_, e)) if *e + 1 == start => *e = end,
+            _ => expected_spans.push((start, end)),
+        }
+    }
+    let spans: Vec<_> = ranged.iter().map(|r| r.span.expect("span")).collect();
+    assert_eq!(spans, expected_spans, "{ranged:?}");
+    let missing_bytes = (parts as usize - stored.len()) as u64 * PART;
+    assert_eq!(
+        src.bytes_served("holes.bin") - served_before,
+        missing_bytes,
+        "read only the missing parts"
+    );
+    let expected = sha256_hex(&bytes);
+    assert_eq!(h.peer_sha256("holes.bin"), expected);
+    assert_eq!(
+        h.peer_head("holes.bin")["Metadata"]["sha256"].as_str(),
+        Some(expected.as_str())
+    );
+}
+on_each_s3!(a_resume_reads_the_holes_between_stored_parts);

@@ -874,6 +874,19 @@ pub enum Missing {
     Failed(UploadError),
 }
 
+/// The runs `(first, last)` of consecutive parts among `1..=parts` that are
+/// not `stored`, in order: one ranged read each.
+fn missing_runs(parts: i32, stored: impl Fn(i32) -> bool) -> VecDeque<(i32, i32)> {
+    let mut runs: VecDeque<(i32, i32)> = VecDeque::new();
+    for number in (1..=parts).filter(|n| !stored(*n)) {
+        match runs.back_mut() {
+            Some((_, last)) if *last == number - 1 => *last = number,
+            _ => runs.push_back((number, number)),
+        }
+    }
+    runs
+}
+
 /// Whether a resume can read only what it still has to send.
 pub enum Opened {
     Ready(Box<MissingParts>),
@@ -911,16 +924,9 @@ impl MissingParts {
         part_size: u64,
     ) -> Result<Opened, UploadError> {
         let part_size = effective_part_size(part_size);
-        let mut runs: VecDeque<(i32, i32)> = VecDeque::new();
-        for number in 1..=hashed.part_checksums.len() as i32 {
-            if resume.done.contains_key(&number) {
-                continue;
-            }
-            match runs.back_mut() {
-                Some((_, last)) if *last == number - 1 => *last = number,
-                _ => runs.push_back((number, number)),
-            }
-        }
+        let runs = missing_runs(hashed.part_checksums.len() as i32, |n| {
+            resume.done.contains_key(&n)
+        });
         let mut m = MissingParts {
             source: source.clone(),
             source_ref: source_ref.to_string(),
@@ -1416,5 +1422,16 @@ mod tests {
     fn copy_source_encodes_keys() {
         assert_eq!(copy_source("b", "dir/a b+c.txt"), "b/dir/a%20b%2Bc.txt");
         assert!(same_etag("\"abc\"", "abc"));
+    }
+
+    #[test]
+    fn missing_parts_are_read_in_runs() {
+        let runs = |stored: &[i32]| Vec::from(missing_runs(8, |n| stored.contains(&n)));
+        assert_eq!(runs(&[]), [(1, 8)]);
+        assert_eq!(runs(&[1, 2, 3]), [(4, 8)]);
+        // Parts stored out of order (concurrency): the holes are read, the
+        // stored parts between them are not.
+        assert_eq!(runs(&[1, 2, 4, 7]), [(3, 3), (5, 6), (8, 8)]);
+        assert_eq!(runs(&[1, 2, 3, 4, 5, 6, 7, 8]), []);
     }
 }
