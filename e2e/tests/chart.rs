@@ -286,7 +286,45 @@ fn scenarios() -> Vec<(&'static str, Value)> {
             "auth-none",
             json!({"auth": {"mode": "none"}, "networkPolicy": {"enabled": true}}),
         ),
+        ("tls-everywhere", tls_everywhere()),
+        (
+            "grpc-tls-configmap-ca",
+            json!({
+                "nats": {
+                    "credentials": {"existingSecret": "nats-creds"},
+                    "tls": {"ca": {"existingSecret": "nats-ca"}}
+                },
+                "s3": {"caBundle": {"existingConfigMap": "trust-bundle", "key": "trust-bundle.pem"}},
+                "worker": {"grpcTls": {"existingSecret": "worker-tls"}},
+                "tests": {"grpcTls": {"ca": {"existingSecret": "corp-ca"}, "serverName": "stowage.example.com"}}
+            }),
+        ),
     ]
+}
+
+/// Every TLS and endpoint-policy value on: PostgreSQL TLS files, NATS TLS (CA and client
+/// certificate) with an NKey, an S3 CA bundle from a Secret, gRPC server TLS with client
+/// certificates (and the helm test's own), both allowances, a longer auth cache.
+fn tls_everywhere() -> Value {
+    json!({
+        "allowPrivateNetworks": true,
+        "auth": {"cacheTTL": "30s"},
+        "database": {"tls": {"existingSecret": "postgres-client-tls"}},
+        "nats": {
+            "nkey": {"existingSecret": "nats-nkey"},
+            "tls": {
+                "ca": {"existingSecret": "nats-ca", "secretKey": "ca.pem"},
+                "clientCertificate": {"existingSecret": "nats-client-tls"}
+            }
+        },
+        "s3": {
+            "allowWorkerCredentials": true,
+            "caBundle": {"existingSecret": "corp-ca", "key": "bundle.pem"}
+        },
+        "worker": {"grpcTls": {"existingSecret": "worker-tls", "clientCa": {"existingSecret": "clients-ca"}}},
+        "tests": {"grpcTls": {"clientCertificate": {"existingSecret": "probe-client-tls"}}},
+        "networkPolicy": {"enabled": true}
+    })
 }
 
 // ----------------------------------------------------------------------------- the tools' verdicts
@@ -917,6 +955,116 @@ fn the_schema_refuses_bad_values_with_its_message() {
             json!({"worker": {"embeddingModel": {"dir": "models"}}}),
             "at '/worker/embeddingModel/dir'",
         ),
+        (
+            "private networks allowed as text",
+            json!({"allowPrivateNetworks": "yes"}),
+            "at '/allowPrivateNetworks'",
+        ),
+        (
+            "worker credentials allowed as text",
+            json!({"s3": {"allowWorkerCredentials": "true"}}),
+            "at '/s3/allowWorkerCredentials'",
+        ),
+        (
+            "the endpoint policy under the wrong key",
+            json!({"s3": {"allowPrivateNetworks": true}}),
+            "additional properties 'allowPrivateNetworks' not allowed",
+        ),
+        (
+            "an auth cache TTL in words",
+            json!({"auth": {"cacheTTL": "10 seconds"}}),
+            "at '/auth/cacheTTL'",
+        ),
+        (
+            "an auth cache TTL as a number",
+            json!({"auth": {"cacheTTL": 10}}),
+            "at '/auth/cacheTTL'",
+        ),
+        (
+            "an unknown auth key",
+            json!({"auth": {"cacheTtl": "10s"}}),
+            "additional properties 'cacheTtl' not allowed",
+        ),
+        (
+            "a PEM certificate inlined as the gRPC Secret",
+            json!({"worker": {"grpcTls": {"existingSecret": "-----BEGIN CERTIFICATE-----\nMIIB"}}}),
+            "at '/worker/grpcTls/existingSecret'",
+        ),
+        (
+            "a certificate file path instead of a Secret",
+            json!({"worker": {"grpcTls": {"cert": "/etc/tls/tls.crt"}}}),
+            "additional properties 'cert' not allowed",
+        ),
+        (
+            "gRPC TLS as a boolean",
+            json!({"worker": {"grpcTls": true}}),
+            "at '/worker/grpcTls'",
+        ),
+        (
+            "an optional client CA",
+            json!({"worker": {"grpcTls": {"clientCa": {"optional": true}}}}),
+            "additional properties 'optional' not allowed",
+        ),
+        (
+            "gRPC TLS on the operator",
+            json!({"operator": {"grpcTls": {"existingSecret": "operator-tls"}}}),
+            "additional properties 'grpcTls' not allowed",
+        ),
+        (
+            "sslrootcert as a value",
+            json!({"database": {"tls": {"sslrootcert": "/etc/ssl/ca.crt"}}}),
+            "additional properties 'sslrootcert' not allowed",
+        ),
+        (
+            "a PostgreSQL TLS Secret as a list",
+            json!({"database": {"tls": {"existingSecret": ["pg-ca"]}}}),
+            "at '/database/tls/existingSecret'",
+        ),
+        (
+            "a NATS CA as a bare name",
+            json!({"nats": {"tls": {"ca": "nats-ca"}}}),
+            "at '/nats/tls/ca'",
+        ),
+        (
+            "NATS TLS without verification",
+            json!({"nats": {"tls": {"insecureSkipVerify": true}}}),
+            "additional properties 'insecureSkipVerify' not allowed",
+        ),
+        (
+            "an empty NKey key",
+            json!({"nats": {"nkey": {"existingSecret": "nats-nkey", "secretKey": ""}}}),
+            "at '/nats/nkey/secretKey'",
+        ),
+        (
+            "an NKey seed inlined",
+            json!({"nats": {"nkey": {"seed": "SUAM…"}}}),
+            "additional properties 'seed' not allowed",
+        ),
+        (
+            "a client key path with a slash",
+            json!({"nats": {"tls": {"clientCertificate": {"existingSecret": "c", "keyKey": "../tls.key"}}}}),
+            "at '/nats/tls/clientCertificate/keyKey'",
+        ),
+        (
+            "an invalid ConfigMap name",
+            json!({"s3": {"caBundle": {"existingConfigMap": "Corp_CA"}}}),
+            "at '/s3/caBundle/existingConfigMap'",
+        ),
+        (
+            "an S3 CA bundle inlined",
+            json!({"s3": {"caBundle": {"pem": "-----BEGIN CERTIFICATE-----"}}}),
+            "additional properties 'pem' not allowed",
+        ),
+        (
+            "a URL as the test's server name",
+            json!({"tests": {"grpcTls": {"serverName": "https://worker:50051"}}}),
+            "at '/tests/grpcTls/serverName'",
+        ),
+        (
+            "the test skipping verification",
+            json!({"tests": {"grpcTls": {"noVerify": true}}}),
+            "additional properties 'noVerify' not allowed",
+        ),
     ];
     for (what, values, expected) in cases {
         let err = template(&values, &[])
@@ -939,6 +1087,26 @@ fn the_schema_refuses_bad_values_with_its_message() {
             "both monitors",
             json!({"metrics": {"serviceMonitor": {"enabled": true}, "podMonitor": {"enabled": true}}}),
             "not both",
+        ),
+        (
+            "a creds file and an NKey (the binaries refuse both)",
+            json!({"nats": {"credentials": {"existingSecret": "c"}, "nkey": {"existingSecret": "n"}}}),
+            "nats.nkey.existingSecret (an NKey seed), not both",
+        ),
+        (
+            "an S3 CA from a Secret and a ConfigMap",
+            json!({"s3": {"caBundle": {"existingSecret": "ca", "existingConfigMap": "ca"}}}),
+            "s3.caBundle.existingConfigMap, not both",
+        ),
+        (
+            "client certificates without server TLS",
+            json!({"worker": {"grpcTls": {"clientCa": {"existingSecret": "clients-ca"}}}}),
+            "it needs worker.grpcTls.existingSecret",
+        ),
+        (
+            "client certificates required but the helm test has none",
+            json!({"worker": {"grpcTls": {"existingSecret": "worker-tls", "clientCa": {"existingSecret": "clients-ca"}}}}),
+            "set tests.grpcTls.clientCertificate.existingSecret",
         ),
     ];
     for (what, values, expected) in cases {
@@ -980,6 +1148,14 @@ fn the_schema_accepts_good_values() {
         (
             "existing ServiceAccounts",
             json!({"operator": {"serviceAccount": {"create": false, "name": "ops"}}, "worker": {"serviceAccount": {"create": false, "name": "workers"}}}),
+        ),
+        (
+            "client certificates without a helm test",
+            json!({"worker": {"grpcTls": {"existingSecret": "worker-tls", "clientCa": {"existingSecret": "clients-ca"}}}, "tests": {"enabled": false}}),
+        ),
+        (
+            "an auth cache in milliseconds",
+            json!({"auth": {"cacheTTL": "500ms"}}),
         ),
     ];
     for (what, values) in good {
@@ -1994,5 +2170,490 @@ fn helm_test_checks_the_workers_grpc_health() {
         render(&json!({"tests": {"enabled": false}}))
             .try_find("Pod", "rel-stowage-test-worker-grpc")
             .is_none()
+    );
+}
+
+// ----------------------------------------------------------------------------- TLS and endpoint policy
+
+const TEST_POD: &str = "rel-stowage-test-worker-grpc";
+
+/// Variables that name a TLS or credentials file; none is set unless a value asks for it.
+const FILE_VARS: [&str; 9] = [
+    "STOWAGE_NATS_CREDS_FILE",
+    "STOWAGE_NATS_NKEY_FILE",
+    "STOWAGE_NATS_TLS_CA_FILE",
+    "STOWAGE_NATS_TLS_CERT",
+    "STOWAGE_NATS_TLS_KEY",
+    "STOWAGE_S3_CA_FILE",
+    "STOWAGE_GRPC_TLS_CERT",
+    "STOWAGE_GRPC_TLS_KEY",
+    "STOWAGE_GRPC_TLS_CLIENT_CA",
+];
+
+fn pod_spec<'a>(m: &'a Manifests, deployment: &str) -> &'a Value {
+    &m.find("Deployment", deployment)["spec"]["template"]["spec"]
+}
+
+/// A container's volume mounts by volume name.
+fn mounts(container: &Value) -> BTreeMap<String, Value> {
+    container["volumeMounts"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|v| {
+            (
+                v["name"].as_str().unwrap_or_default().to_string(),
+                v.clone(),
+            )
+        })
+        .collect()
+}
+
+/// A pod's volumes by name.
+fn volumes(pod: &Value) -> BTreeMap<String, Value> {
+    pod["volumes"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|v| {
+            (
+                v["name"].as_str().unwrap_or_default().to_string(),
+                v.clone(),
+            )
+        })
+        .collect()
+}
+
+/// The keys of this Secret that a pod mounts, from secret volumes and projected sources;
+/// `*` for a whole Secret.
+fn secret_keys_mounted(pod: &Value, secret: &str) -> BTreeSet<String> {
+    let keys = |items: &Value| -> Vec<String> {
+        match items.as_array() {
+            Some(items) => items
+                .iter()
+                .filter_map(|i| i["key"].as_str().map(str::to_owned))
+                .collect(),
+            None => vec!["*".to_string()],
+        }
+    };
+    let mut out = BTreeSet::new();
+    for v in volumes(pod).values() {
+        if v["secret"]["secretName"] == secret {
+            out.extend(keys(&v["secret"]["items"]));
+        }
+        for source in v["projected"]["sources"].as_array().into_iter().flatten() {
+            if source["secret"]["name"] == secret {
+                out.extend(keys(&source["secret"]["items"]));
+            }
+        }
+    }
+    out
+}
+
+fn owned(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
+    pairs
+        .iter()
+        .map(|(a, b)| (a.to_string(), b.to_string()))
+        .collect()
+}
+
+#[test]
+fn tls_and_endpoint_policy_values_reach_both_binaries() {
+    // Defaults: both allowances off, said explicitly; no TLS file and nothing under /etc/stowage.
+    let m = render(&json!({}));
+    for d in [OPERATOR, WORKER] {
+        let c = m.container(d);
+        assert_eq!(
+            env_value(c, "STOWAGE_ALLOW_PRIVATE_NETWORKS"),
+            Some("false"),
+            "{d}"
+        );
+        assert_eq!(
+            env_value(c, "STOWAGE_ALLOW_WORKER_CREDENTIALS"),
+            Some("false"),
+            "{d}"
+        );
+        for var in FILE_VARS {
+            assert!(env(c, var).is_none(), "{d}: {var} by default");
+        }
+        assert_eq!(
+            mounts(c).keys().cloned().collect::<Vec<_>>(),
+            ["tmp"],
+            "{d}: only /tmp by default"
+        );
+    }
+    assert_eq!(
+        env_value(m.container(WORKER), "STOWAGE_AUTH_CACHE_TTL"),
+        Some("10s")
+    );
+    assert!(
+        env(m.container(OPERATOR), "STOWAGE_AUTH_CACHE_TTL").is_none(),
+        "the operator serves no gRPC"
+    );
+    assert!(
+        env(
+            render(&json!({"auth": {"mode": "none"}})).container(WORKER),
+            "STOWAGE_AUTH_CACHE_TTL"
+        )
+        .is_none(),
+        "no decisions to cache without auth"
+    );
+
+    // Everything on.
+    let m = render(&tls_everywhere());
+    let shared = [
+        ("STOWAGE_ALLOW_PRIVATE_NETWORKS", "true"),
+        ("STOWAGE_ALLOW_WORKER_CREDENTIALS", "true"),
+        (
+            "STOWAGE_NATS_NKEY_FILE",
+            "/var/run/secrets/stowage-nats/user.nk",
+        ),
+        ("STOWAGE_NATS_TLS_CA_FILE", "/etc/stowage/nats-tls/ca.crt"),
+        ("STOWAGE_NATS_TLS_CERT", "/etc/stowage/nats-tls/tls.crt"),
+        ("STOWAGE_NATS_TLS_KEY", "/etc/stowage/nats-tls/tls.key"),
+        ("STOWAGE_S3_CA_FILE", "/etc/stowage/s3-ca/ca.crt"),
+    ];
+    let worker_only = [
+        ("STOWAGE_GRPC_TLS_CERT", "/etc/stowage/grpc-tls/tls.crt"),
+        ("STOWAGE_GRPC_TLS_KEY", "/etc/stowage/grpc-tls/tls.key"),
+        (
+            "STOWAGE_GRPC_TLS_CLIENT_CA",
+            "/etc/stowage/grpc-tls/client-ca.crt",
+        ),
+        ("STOWAGE_AUTH_CACHE_TTL", "30s"),
+    ];
+    for d in [OPERATOR, WORKER] {
+        let c = m.container(d);
+        for (var, value) in shared {
+            assert_eq!(env_value(c, var), Some(value), "{d}: {var}");
+        }
+        for (var, value) in worker_only {
+            let expected = (d == WORKER).then_some(value);
+            assert_eq!(env_value(c, var), expected, "{d}: {var}");
+        }
+        assert!(env(c, "STOWAGE_NATS_CREDS_FILE").is_none(), "{d}");
+
+        // Mounted read-only where the variables point, never through subPath (the kubelet
+        // does not update subPath mounts when a Secret is renewed).
+        let mut expected = vec![
+            ("nats-credentials", "/var/run/secrets/stowage-nats"),
+            ("nats-tls", "/etc/stowage/nats-tls"),
+            ("postgres-tls", "/etc/stowage/postgres-tls"),
+            ("s3-ca", "/etc/stowage/s3-ca"),
+        ];
+        if d == WORKER {
+            expected.push(("grpc-tls", "/etc/stowage/grpc-tls"));
+        }
+        let mounted: BTreeMap<String, String> = mounts(c)
+            .into_iter()
+            .filter(|(n, _)| n != "tmp")
+            .map(|(n, v)| {
+                assert_eq!(v["readOnly"], true, "{d}: {n} read-only");
+                assert!(v.get("subPath").is_none(), "{d}: {n} through subPath");
+                (n, v["mountPath"].as_str().unwrap_or_default().to_string())
+            })
+            .collect();
+        assert_eq!(mounted, owned(&expected), "{d}");
+        for var in FILE_VARS {
+            if let Some(path) = env_value(c, var) {
+                assert!(
+                    mounted.values().any(|m| path.starts_with(&format!("{m}/"))),
+                    "{d}: {var}={path} is in a mounted volume"
+                );
+            }
+        }
+
+        // The volumes: the named Secrets, only the keys the binaries read, mode 0440.
+        let vols = volumes(pod_spec(&m, d));
+        assert_eq!(
+            vols["nats-credentials"]["secret"],
+            json!({"secretName": "nats-nkey", "defaultMode": 0o440, "items": [{"key": "user.nk", "path": "user.nk"}]}),
+            "{d}"
+        );
+        assert_eq!(
+            vols["nats-tls"]["projected"],
+            json!({"defaultMode": 0o440, "sources": [
+                {"secret": {"name": "nats-ca", "items": [{"key": "ca.pem", "path": "ca.crt"}]}},
+                {"secret": {"name": "nats-client-tls", "items": [
+                    {"key": "tls.crt", "path": "tls.crt"}, {"key": "tls.key", "path": "tls.key"}
+                ]}}
+            ]}),
+            "{d}"
+        );
+        // PostgreSQL: the whole Secret, so the URL's sslrootcert/sslcert/sslkey name its keys.
+        assert_eq!(
+            vols["postgres-tls"]["secret"],
+            json!({"secretName": "postgres-client-tls", "defaultMode": 0o440}),
+            "{d}"
+        );
+        assert_eq!(
+            vols["s3-ca"]["secret"],
+            json!({"secretName": "corp-ca", "defaultMode": 0o440, "items": [{"key": "bundle.pem", "path": "ca.crt"}]}),
+            "{d}"
+        );
+        if d == WORKER {
+            assert_eq!(
+                vols["grpc-tls"]["projected"],
+                json!({"defaultMode": 0o440, "sources": [
+                    {"secret": {"name": "worker-tls", "items": [
+                        {"key": "tls.crt", "path": "tls.crt"}, {"key": "tls.key", "path": "tls.key"}
+                    ]}},
+                    {"secret": {"name": "clients-ca", "items": [{"key": "ca.crt", "path": "client-ca.crt"}]}}
+                ]})
+            );
+        } else {
+            assert!(
+                !vols.contains_key("grpc-tls"),
+                "the operator gets no gRPC key"
+            );
+        }
+    }
+
+    // The S3 bundle from a ConfigMap, a creds file, a NATS CA only, TLS without client certificates.
+    let m = render(
+        &scenarios()
+            .into_iter()
+            .find(|s| s.0 == "grpc-tls-configmap-ca")
+            .expect("scenario")
+            .1,
+    );
+    for d in [OPERATOR, WORKER] {
+        let c = m.container(d);
+        assert_eq!(
+            env_value(c, "STOWAGE_NATS_CREDS_FILE"),
+            Some("/var/run/secrets/stowage-nats/nats.creds")
+        );
+        assert_eq!(
+            env_value(c, "STOWAGE_NATS_TLS_CA_FILE"),
+            Some("/etc/stowage/nats-tls/ca.crt")
+        );
+        for var in [
+            "STOWAGE_NATS_NKEY_FILE",
+            "STOWAGE_NATS_TLS_CERT",
+            "STOWAGE_NATS_TLS_KEY",
+            "STOWAGE_GRPC_TLS_CLIENT_CA",
+        ] {
+            assert!(env(c, var).is_none(), "{d}: {var}");
+        }
+        let vols = volumes(pod_spec(&m, d));
+        assert_eq!(
+            vols["s3-ca"]["configMap"],
+            json!({"name": "trust-bundle", "defaultMode": 0o440, "items": [{"key": "trust-bundle.pem", "path": "ca.crt"}]}),
+            "{d}"
+        );
+        assert_eq!(
+            vols["nats-tls"]["projected"]["sources"],
+            json!([{"secret": {"name": "nats-ca", "items": [{"key": "ca.crt", "path": "ca.crt"}]}}]),
+            "{d}"
+        );
+        assert!(!vols.contains_key("postgres-tls"), "{d}");
+    }
+    assert_eq!(
+        env_value(m.container(WORKER), "STOWAGE_GRPC_TLS_CERT"),
+        Some("/etc/stowage/grpc-tls/tls.crt")
+    );
+
+    // The PostgreSQL mount path is the one the documentation tells users to write in the URL.
+    for (doc, text) in [
+        ("values.yaml", read(&chart().join("values.yaml"))),
+        ("README.md", read(&root().join("README.md"))),
+    ] {
+        assert!(
+            text.contains("sslrootcert=/etc/stowage/postgres-tls/ca.crt"),
+            "{doc} documents the PostgreSQL TLS path"
+        );
+    }
+}
+
+#[test]
+fn tls_material_is_referenced_and_each_key_mounted_only_where_used() {
+    for (name, values) in scenarios() {
+        let m = render(&values);
+        assert!(
+            m.of_kind("ConfigMap").is_empty(),
+            "{name}: the chart creates no ConfigMap"
+        );
+        assert!(
+            !m.yaml.contains("-----BEGIN"),
+            "{name}: no PEM in the manifests"
+        );
+    }
+    let m = render(&tls_everywhere());
+    let worker = pod_spec(&m, WORKER);
+    let operator = pod_spec(&m, OPERATOR);
+    let test = &m.find("Pod", TEST_POD)["spec"];
+    let keys = |pod: &Value, secret: &str| -> Vec<String> {
+        secret_keys_mounted(pod, secret).into_iter().collect()
+    };
+    // The worker's private key reaches the worker only; the test pod gets its CA key.
+    assert_eq!(keys(worker, "worker-tls"), ["tls.crt", "tls.key"]);
+    assert!(keys(operator, "worker-tls").is_empty());
+    assert_eq!(keys(test, "worker-tls"), ["ca.crt"]);
+    assert_eq!(keys(worker, "clients-ca"), ["ca.crt"]);
+    assert!(keys(test, "clients-ca").is_empty());
+    assert_eq!(keys(test, "probe-client-tls"), ["tls.crt", "tls.key"]);
+    for pod in [worker, operator] {
+        assert!(keys(pod, "probe-client-tls").is_empty());
+        assert_eq!(keys(pod, "postgres-client-tls"), ["*"]);
+        assert_eq!(keys(pod, "nats-client-tls"), ["tls.crt", "tls.key"]);
+        assert_eq!(keys(pod, "nats-ca"), ["ca.pem"]);
+        assert_eq!(keys(pod, "nats-nkey"), ["user.nk"]);
+        assert_eq!(keys(pod, "corp-ca"), ["bundle.pem"]);
+    }
+    // Nothing of the connections reaches the test pod.
+    for secret in [
+        "postgres-client-tls",
+        "nats-client-tls",
+        "nats-ca",
+        "nats-nkey",
+        "corp-ca",
+    ] {
+        assert!(keys(test, secret).is_empty(), "test pod: {secret}");
+    }
+}
+
+#[test]
+fn worker_probes_use_http_when_grpc_speaks_tls() {
+    let plain = render(&json!({}));
+    let m = render(&json!({"worker": {"grpcTls": {"existingSecret": "worker-tls"}}}));
+    let w = m.container(WORKER);
+    let timing = |probe: &Value| -> Value {
+        let mut t = probe.clone();
+        if let Some(o) = t.as_object_mut() {
+            o.remove("grpc");
+            o.remove("httpGet");
+        }
+        t
+    };
+    for (probe, path) in [
+        ("startupProbe", "/healthz"),
+        ("livenessProbe", "/healthz"),
+        ("readinessProbe", "/readyz"),
+    ] {
+        assert!(
+            w[probe].get("grpc").is_none(),
+            "{probe}: the kubelet's gRPC probe speaks no TLS"
+        );
+        assert_eq!(
+            w[probe]["httpGet"],
+            json!({"path": path, "port": "http-metrics"}),
+            "{probe}"
+        );
+        let before = &plain.container(WORKER)[probe];
+        assert!(before["grpc"].is_object(), "plaintext: {probe} is gRPC");
+        assert_eq!(timing(&w[probe]), timing(before), "{probe}: same timing");
+    }
+    // The named port is the metrics server's, where the binaries route /healthz and /readyz.
+    assert!(
+        w["ports"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .any(|p| p["name"] == "http-metrics" && p["containerPort"] == 9090)
+    );
+    assert_eq!(env_value(w, "STOWAGE_METRICS_ADDR"), Some("0.0.0.0:9090"));
+    let telemetry = read(&root().join("common/src/telemetry.rs"));
+    for route in ["\"/healthz\"", "\"/readyz\""] {
+        assert!(
+            telemetry.contains(&format!(".route({route}")),
+            "{route} is served"
+        );
+    }
+    // The operator's probes do not depend on the worker's TLS.
+    for probe in ["startupProbe", "livenessProbe", "readinessProbe"] {
+        assert_eq!(
+            m.container(OPERATOR)[probe],
+            plain.container(OPERATOR)[probe]
+        );
+    }
+
+    // helm test: plaintext by default, TLS with the worker's CA key when gRPC speaks TLS.
+    let args = |m: &Manifests| strings(&m.find("Pod", TEST_POD)["spec"]["containers"][0]["args"]);
+    assert!(!args(&plain).iter().any(|a| a.starts_with("-tls")));
+    assert!(plain.find("Pod", TEST_POD)["spec"].get("volumes").is_none());
+    let head = [
+        format!("-addr={WORKER}.{NS}.svc:50051"),
+        "-service=stowage.v1.WorkerStatus".to_string(),
+    ];
+    let tls_args = |a: Vec<String>| -> Vec<String> {
+        assert_eq!(a[..2], head);
+        a.into_iter().filter(|a| a.starts_with("-tls")).collect()
+    };
+    assert_eq!(
+        tls_args(args(&m)),
+        ["-tls", "-tls-ca-cert=/etc/stowage/grpc-tls/ca.crt"]
+    );
+    let pod = &m.find("Pod", TEST_POD)["spec"];
+    assert_eq!(
+        pod["containers"][0]["volumeMounts"],
+        json!([{"name": "grpc-tls", "mountPath": "/etc/stowage/grpc-tls", "readOnly": true}])
+    );
+    assert_eq!(
+        volumes(pod)["grpc-tls"]["projected"],
+        json!({"defaultMode": 0o440, "sources": [
+            {"secret": {"name": "worker-tls", "items": [{"key": "ca.crt", "path": "ca.crt"}]}}
+        ]})
+    );
+    assert_eq!(
+        pod["securityContext"]["fsGroup"], 65532,
+        "the 0440 files are readable by the probe's user"
+    );
+
+    // Client certificates: the test presents its own; a CA and server name of the user's.
+    let m = render(&tls_everywhere());
+    assert_eq!(
+        tls_args(args(&m)),
+        [
+            "-tls",
+            "-tls-ca-cert=/etc/stowage/grpc-tls/ca.crt",
+            "-tls-client-cert=/etc/stowage/grpc-tls/tls.crt",
+            "-tls-client-key=/etc/stowage/grpc-tls/tls.key"
+        ]
+    );
+    let m = render(
+        &scenarios()
+            .into_iter()
+            .find(|s| s.0 == "grpc-tls-configmap-ca")
+            .expect("scenario")
+            .1,
+    );
+    assert_eq!(
+        tls_args(args(&m)),
+        [
+            "-tls",
+            "-tls-ca-cert=/etc/stowage/grpc-tls/ca.crt",
+            "-tls-server-name=stowage.example.com"
+        ]
+    );
+    assert_eq!(
+        volumes(&m.find("Pod", TEST_POD)["spec"])["grpc-tls"]["projected"]["sources"],
+        json!([{"secret": {"name": "corp-ca", "items": [{"key": "ca.crt", "path": "ca.crt"}]}}])
+    );
+}
+
+#[test]
+fn network_policies_do_not_change_with_tls() {
+    // Same ports with TLS on: TLS rides the gRPC port, the probes the metrics port, and the
+    // TLS files are mounted, not fetched.
+    let plain = render(&json!({"networkPolicy": {"enabled": true}}));
+    let tls = render(&tls_everywhere());
+    for name in [OPERATOR, WORKER, "rel-stowage-test"] {
+        assert_eq!(
+            plain.find("NetworkPolicy", name),
+            tls.find("NetworkPolicy", name),
+            "{name}"
+        );
+    }
+    let ingress_ports: Vec<Value> = tls.find("NetworkPolicy", WORKER)["spec"]["ingress"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .flat_map(|r| r["ports"].as_array().cloned().unwrap_or_default())
+        .map(|p| p["port"].clone())
+        .collect();
+    assert_eq!(
+        ingress_ports,
+        [json!("grpc"), json!("http-metrics")],
+        "gRPC clients and the probes' port"
     );
 }

@@ -106,8 +106,23 @@ app.kubernetes.io/component: {{ .component }}
 {{- end }}
 
 {{/*
-Environment both binaries share: connections (only ever from Secrets), queue prefix, logs,
-metrics address.
+The NATS user file (a `.creds` file or an NKey seed; the binaries take one or the other) as
+(dict "secret" … "key" …), or an empty dict. "stowage.validate" refuses both.
+*/}}
+{{- define "stowage.natsUserFile" -}}
+{{- $n := .Values.nats }}
+{{- if $n.credentials.existingSecret }}
+{{- dict "secret" $n.credentials.existingSecret "key" $n.credentials.secretKey | toYaml }}
+{{- else if $n.nkey.existingSecret }}
+{{- dict "secret" $n.nkey.existingSecret "key" $n.nkey.secretKey | toYaml }}
+{{- else }}
+{{- dict | toYaml }}
+{{- end }}
+{{- end }}
+
+{{/*
+Environment both binaries share: connections (only ever from Secrets, their TLS files
+mounted), queue prefix, logs, metrics address, the endpoint policy.
 */}}
 {{- define "stowage.commonEnv" -}}
 - name: STOWAGE_DATABASE_URL
@@ -125,6 +140,20 @@ metrics address.
 {{- if .ctx.Values.nats.credentials.existingSecret }}
 - name: STOWAGE_NATS_CREDS_FILE
   value: /var/run/secrets/stowage-nats/{{ .ctx.Values.nats.credentials.secretKey }}
+{{- end }}
+{{- if .ctx.Values.nats.nkey.existingSecret }}
+- name: STOWAGE_NATS_NKEY_FILE
+  value: /var/run/secrets/stowage-nats/{{ .ctx.Values.nats.nkey.secretKey }}
+{{- end }}
+{{- if .ctx.Values.nats.tls.ca.existingSecret }}
+- name: STOWAGE_NATS_TLS_CA_FILE
+  value: /etc/stowage/nats-tls/ca.crt
+{{- end }}
+{{- if .ctx.Values.nats.tls.clientCertificate.existingSecret }}
+- name: STOWAGE_NATS_TLS_CERT
+  value: /etc/stowage/nats-tls/tls.crt
+- name: STOWAGE_NATS_TLS_KEY
+  value: /etc/stowage/nats-tls/tls.key
 {{- end }}
 - name: STOWAGE_QUEUE_PREFIX
   value: {{ .ctx.Values.queuePrefix | quote }}
@@ -152,21 +181,79 @@ metrics address.
 - name: STOWAGE_CREDENTIALS_DIR
   value: /var/run/secrets/stowage
 {{- end }}
+- name: STOWAGE_ALLOW_WORKER_CREDENTIALS
+  value: {{ .ctx.Values.s3.allowWorkerCredentials | quote }}
+- name: STOWAGE_ALLOW_PRIVATE_NETWORKS
+  value: {{ .ctx.Values.allowPrivateNetworks | quote }}
+{{- if or .ctx.Values.s3.caBundle.existingSecret .ctx.Values.s3.caBundle.existingConfigMap }}
+- name: STOWAGE_S3_CA_FILE
+  value: /etc/stowage/s3-ca/ca.crt
+{{- end }}
 {{- end }}
 
-{{/* Volumes both components share: /tmp, the NATS credentials, the S3 credentials Secrets. */}}
+{{/*
+Volumes both components share: /tmp, the NATS credentials or NKey, the TLS files of NATS and
+PostgreSQL, the S3 CA bundle, the S3 credentials Secrets. Only the keys the binaries read are
+projected (never subPath mounts: the kubelet updates these in place when a Secret changes).
+*/}}
 {{- define "stowage.commonVolumes" -}}
+{{- $v := .ctx.Values -}}
 - name: tmp
   emptyDir:
     sizeLimit: {{ .component.tmpSizeLimit }}
-{{- with .ctx.Values.nats.credentials.existingSecret }}
+{{- with include "stowage.natsUserFile" .ctx | fromYaml }}
 - name: nats-credentials
+  secret:
+    secretName: {{ .secret }}
+    defaultMode: 0440
+    items:
+      - key: {{ .key }}
+        path: {{ .key }}
+{{- end }}
+{{- if or $v.nats.tls.ca.existingSecret $v.nats.tls.clientCertificate.existingSecret }}
+- name: nats-tls
+  projected:
+    defaultMode: 0440
+    sources:
+      {{- with $v.nats.tls.ca.existingSecret }}
+      - secret:
+          name: {{ . }}
+          items:
+            - key: {{ $v.nats.tls.ca.secretKey }}
+              path: ca.crt
+      {{- end }}
+      {{- with $v.nats.tls.clientCertificate.existingSecret }}
+      - secret:
+          name: {{ . }}
+          items:
+            - key: {{ $v.nats.tls.clientCertificate.certKey }}
+              path: tls.crt
+            - key: {{ $v.nats.tls.clientCertificate.keyKey }}
+              path: tls.key
+      {{- end }}
+{{- end }}
+{{- with $v.database.tls.existingSecret }}
+- name: postgres-tls
   secret:
     secretName: {{ . }}
     defaultMode: 0440
+{{- end }}
+{{- if $v.s3.caBundle.existingSecret }}
+- name: s3-ca
+  secret:
+    secretName: {{ $v.s3.caBundle.existingSecret }}
+    defaultMode: 0440
     items:
-      - key: {{ $.ctx.Values.nats.credentials.secretKey }}
-        path: {{ $.ctx.Values.nats.credentials.secretKey }}
+      - key: {{ $v.s3.caBundle.key }}
+        path: ca.crt
+{{- else if $v.s3.caBundle.existingConfigMap }}
+- name: s3-ca
+  configMap:
+    name: {{ $v.s3.caBundle.existingConfigMap }}
+    defaultMode: 0440
+    items:
+      - key: {{ $v.s3.caBundle.key }}
+        path: ca.crt
 {{- end }}
 {{- range .ctx.Values.s3.credentialsSecrets }}
 - name: s3-{{ . | trunc 50 | trimSuffix "-" }}
@@ -180,11 +267,27 @@ metrics address.
 {{- end }}
 
 {{- define "stowage.commonVolumeMounts" -}}
+{{- $v := .ctx.Values -}}
 - name: tmp
   mountPath: /tmp
-{{- if .ctx.Values.nats.credentials.existingSecret }}
+{{- if or $v.nats.credentials.existingSecret $v.nats.nkey.existingSecret }}
 - name: nats-credentials
   mountPath: /var/run/secrets/stowage-nats
+  readOnly: true
+{{- end }}
+{{- if or $v.nats.tls.ca.existingSecret $v.nats.tls.clientCertificate.existingSecret }}
+- name: nats-tls
+  mountPath: /etc/stowage/nats-tls
+  readOnly: true
+{{- end }}
+{{- if $v.database.tls.existingSecret }}
+- name: postgres-tls
+  mountPath: /etc/stowage/postgres-tls
+  readOnly: true
+{{- end }}
+{{- if or $v.s3.caBundle.existingSecret $v.s3.caBundle.existingConfigMap }}
+- name: s3-ca
+  mountPath: /etc/stowage/s3-ca
   readOnly: true
 {{- end }}
 {{- range .ctx.Values.s3.credentialsSecrets }}
@@ -240,6 +343,18 @@ Topology spread constraints; one without a labelSelector selects the component's
 {{- end }}
 {{- if and .Values.metrics.serviceMonitor.enabled .Values.metrics.podMonitor.enabled }}
 {{- fail "enable either metrics.serviceMonitor or metrics.podMonitor, not both (every target would be scraped twice)" }}
+{{- end }}
+{{- if and .Values.nats.credentials.existingSecret .Values.nats.nkey.existingSecret }}
+{{- fail "set either nats.credentials.existingSecret (a .creds file) or nats.nkey.existingSecret (an NKey seed), not both: the binaries take one NATS user" }}
+{{- end }}
+{{- if and .Values.s3.caBundle.existingSecret .Values.s3.caBundle.existingConfigMap }}
+{{- fail "set either s3.caBundle.existingSecret or s3.caBundle.existingConfigMap, not both" }}
+{{- end }}
+{{- if and .Values.worker.grpcTls.clientCa.existingSecret (not .Values.worker.grpcTls.existingSecret) }}
+{{- fail "worker.grpcTls.clientCa verifies client certificates of a TLS server: it needs worker.grpcTls.existingSecret (the server's certificate)" }}
+{{- end }}
+{{- if and .Values.tests.enabled .Values.worker.grpcTls.clientCa.existingSecret (not .Values.tests.grpcTls.clientCertificate.existingSecret) }}
+{{- fail "worker.grpcTls.clientCa requires a client certificate of every gRPC client, the helm test's too: set tests.grpcTls.clientCertificate.existingSecret (or tests.enabled=false)" }}
 {{- end }}
 {{- end }}
 
