@@ -119,16 +119,21 @@ pub enum SecretSource {
     /// No way to read Secrets here, and why (no `--credentials-dir` and no
     /// Kubernetes API): every Secret is refused with that reason.
     Unconfigured(String),
+    /// Each source in turn: a Secret one does not have is looked up in the
+    /// next (mounted Secrets of the release namespace first, then the API
+    /// for tenant namespaces). Any other refusal is final.
+    Layered(Vec<SecretSource>),
 }
 
 /// Where the binaries read the Secrets resources name (flags shared by the
 /// operator and the worker).
 #[derive(clap::Args, Clone, Debug, Default)]
 pub struct CredentialsArgs {
-    /// Read Secrets from this directory, laid out by namespace:
-    /// `<dir>/<namespace>/<secret>/<key>` (single-tenant installs, local
-    /// runs). Without it, from the Kubernetes API, in the resource's own
-    /// namespace, with this process's ServiceAccount.
+    /// Read Secrets from this directory first, laid out by namespace:
+    /// `<dir>/<namespace>/<secret>/<key>` (Secrets mounted as volumes,
+    /// local runs). A Secret it does not hold is read from the Kubernetes
+    /// API, in the resource's own namespace, with this process's
+    /// ServiceAccount.
     #[arg(long, env = "STOWAGE_CREDENTIALS_DIR")]
     pub credentials_dir: Option<PathBuf>,
 
@@ -196,11 +201,26 @@ impl Secrets {
     }
 
     async fn read(&self, namespace: &str, name: &str) -> Result<SecretData, CredentialsError> {
+        self.source.read(namespace, name).await
+    }
+}
+
+impl SecretSource {
+    async fn read(&self, namespace: &str, name: &str) -> Result<SecretData, CredentialsError> {
         let not_found = || CredentialsError::NotFound {
             namespace: namespace.into(),
             name: name.into(),
         };
-        match &self.source {
+        match self {
+            SecretSource::Layered(sources) => {
+                for source in sources {
+                    match Box::pin(source.read(namespace, name)).await {
+                        Err(CredentialsError::NotFound { .. }) => continue,
+                        found => return found,
+                    }
+                }
+                Err(not_found())
+            }
             SecretSource::Unconfigured(why) => Err(CredentialsError::Unavailable {
                 namespace: namespace.into(),
                 name: name.into(),
@@ -322,6 +342,47 @@ mod tests {
         assert!(matches!(
             a.value(&["access_key_id"]),
             Err(CredentialsError::MissingKey { .. })
+        ));
+    }
+
+    #[tokio::test]
+    async fn layered_sources_fall_through_only_on_not_found() {
+        let mounted = tempfile::tempdir().expect("tempdir");
+        let api = tempfile::tempdir().expect("tempdir");
+        for (dir, ns, value) in [
+            (&mounted, "stowage", "mounted"),
+            (&api, "stowage", "shadowed"),
+            (&api, "team-a", "from-api"),
+        ] {
+            let d = dir.path().join(ns).join("creds");
+            std::fs::create_dir_all(&d).expect("mkdir");
+            std::fs::write(d.join("api_key"), value).expect("write");
+        }
+        let layered = |last: SecretSource| {
+            Secrets::new(
+                SecretSource::Layered(vec![SecretSource::Directory(mounted.path().into()), last]),
+                SECRET_TTL,
+            )
+        };
+        let secrets = layered(SecretSource::Directory(api.path().into()));
+        let key = |d: Arc<SecretData>| d.value(&["api_key"]);
+        assert_eq!(
+            key(secrets.get("stowage", "creds").await.expect("mounted")),
+            Ok("mounted".into())
+        );
+        assert_eq!(
+            key(secrets.get("team-a", "creds").await.expect("next source")),
+            Ok("from-api".into())
+        );
+        assert!(matches!(
+            secrets.get("team-b", "creds").await,
+            Err(CredentialsError::NotFound { .. })
+        ));
+        // A refusal other than "not here" is the answer.
+        let secrets = layered(SecretSource::Unconfigured("no API".into()));
+        assert!(matches!(
+            secrets.get("team-a", "creds").await,
+            Err(CredentialsError::Unavailable { .. })
         ));
     }
 }

@@ -1492,7 +1492,8 @@ fn secrets_are_referenced_never_inlined() {
             .filter_map(|v| v["mountPath"].as_str().map(str::to_owned))
             .collect();
         assert!(
-            mounts.contains(&"/var/run/secrets/stowage/s3-archive".to_string()),
+            // `<dir>/<namespace>/<name>`: the binaries' layout, the release's namespace.
+            mounts.contains(&format!("/var/run/secrets/stowage/{NS}/s3-archive")),
             "{d}: {mounts:?}"
         );
         assert!(

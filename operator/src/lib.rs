@@ -72,7 +72,10 @@ pub async fn run(args: OperatorArgs, shutdown: impl Future<Output = ()>) -> anyh
     );
     let secrets = Secrets::new(
         match &args.credentials.credentials_dir {
-            Some(dir) => SecretSource::Directory(dir.clone()),
+            Some(dir) => SecretSource::Layered(vec![
+                SecretSource::Directory(dir.clone()),
+                SecretSource::Kubernetes(client.clone()),
+            ]),
             None => SecretSource::Kubernetes(client.clone()),
         },
         SECRET_TTL,

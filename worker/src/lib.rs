@@ -85,15 +85,17 @@ async fn kube_client() -> Result<kube::Client, String> {
     kube::Client::try_from(config).map_err(|e| stowage_common::errors::chain(&e))
 }
 
-/// Where this worker reads Secrets: the directory it was given, else the
+/// Where this worker reads Secrets: the directory it was given, then the
 /// Kubernetes API.
 fn secret_source(args: &WorkerArgs, kube: &Result<kube::Client, String>) -> SecretSource {
-    if let Some(dir) = &args.credentials.credentials_dir {
-        return SecretSource::Directory(dir.clone());
-    }
-    match kube {
-        Ok(client) => SecretSource::Kubernetes(client.clone()),
-        Err(e) => {
+    match (&args.credentials.credentials_dir, kube) {
+        (Some(dir), Ok(client)) => SecretSource::Layered(vec![
+            SecretSource::Directory(dir.clone()),
+            SecretSource::Kubernetes(client.clone()),
+        ]),
+        (Some(dir), Err(_)) => SecretSource::Directory(dir.clone()),
+        (None, Ok(client)) => SecretSource::Kubernetes(client.clone()),
+        (None, Err(e)) => {
             let why = format!("this worker has no --credentials-dir and no Kubernetes API ({e})");
             warn!("{why}: resources that name a Secret will fail");
             SecretSource::Unconfigured(why)

@@ -292,7 +292,7 @@ projected (never subPath mounts: the kubelet updates these in place when a Secre
 {{- end }}
 {{- range .ctx.Values.s3.credentialsSecrets }}
 - name: s3-{{ . | trunc 50 | trimSuffix "-" }}
-  mountPath: /var/run/secrets/stowage/{{ . }}
+  mountPath: /var/run/secrets/stowage/{{ $.ctx.Release.Namespace }}/{{ . }}
   readOnly: true
 {{- end }}
 {{- with .component.extraVolumeMounts }}
