@@ -6,7 +6,7 @@ use std::time::Duration;
 use anyhow::{Context, bail};
 use clap::{Args, Parser, Subcommand};
 use futures::{FutureExt, StreamExt};
-use stowage_common::config::{DatabaseArgs, NatsArgs};
+use stowage_common::config::NatsArgs;
 use stowage_common::db::{self, Pool};
 use stowage_common::jobs;
 use stowage_common::locks::{LockManager, LockMetrics};
@@ -22,8 +22,9 @@ use uuid::Uuid;
 #[derive(Parser)]
 #[command(name = "stowctl", version)]
 pub struct Cli {
-    #[command(flatten)]
-    database: DatabaseArgs,
+    /// PostgreSQL connection string (every command but `search`).
+    #[arg(long, env = "STOWAGE_DATABASE_URL", global = true)]
+    database_url: Option<String>,
     #[command(flatten)]
     nats: NatsArgs,
     #[command(subcommand)]
@@ -46,7 +47,7 @@ enum Command {
     #[command(subcommand)]
     DeadLetters(DeadLetterCommand),
     /// Search an IndexCollection through a worker's gRPC API.
-    Search(SearchArgs),
+    Search(Box<SearchArgs>),
 }
 
 #[derive(Args)]
@@ -76,6 +77,8 @@ struct SearchArgs {
     worker: String,
     #[command(flatten)]
     tls: crate::grpc::WorkerTls,
+    #[command(flatten)]
+    token: crate::token::TokenArgs,
 }
 
 #[derive(Clone, Copy, clap::ValueEnum)]
@@ -226,8 +229,10 @@ impl UploadArgs {
     }
 }
 
-async fn connect(database: &DatabaseArgs) -> anyhow::Result<Pool> {
-    let pg = db::parse_url(&database.database_url)?;
+async fn connect(database_url: Option<&str>) -> anyhow::Result<Pool> {
+    let url = database_url
+        .context("this command needs the database: give --database-url or STOWAGE_DATABASE_URL")?;
+    let pg = db::parse_url(url)?;
     let pool = db::pool(&pg, 4)?;
     let locks = LockManager::new(pg, LockMetrics::default(), Duration::from_secs(5));
     db::migrate(&pool, &locks).await?;
@@ -238,14 +243,14 @@ impl Cli {
     pub async fn run(self) -> anyhow::Result<()> {
         // Search needs only a worker, not the database or NATS.
         let command = match self.command {
-            Command::Search(args) => return search(args).await,
+            Command::Search(args) => return search(*args).await,
             other => other,
         };
-        let pool = connect(&self.database).await?;
+        let pool = connect(self.database_url.as_deref()).await?;
         let queue = Queue::connect(&self.nats.settings()).await?;
         queue.ensure(&Default::default()).await?;
         match command {
-            Command::Search(args) => search(args).await,
+            Command::Search(args) => search(*args).await,
             Command::Upload(args) => upload(&pool, &queue, *args).await,
             Command::Status { job, summary } => {
                 let state = print_status(&pool, job, !summary).await?;
@@ -386,14 +391,15 @@ async fn print_status(pool: &Pool, id: Uuid, items: bool) -> anyhow::Result<Stri
 async fn search(a: SearchArgs) -> anyhow::Result<()> {
     use stowage_proto::v1::search_client::SearchClient;
     use stowage_proto::v1::{SearchMode, SearchRequest};
+    let token = a.token.resolve().await?;
     let mut client = SearchClient::new(crate::grpc::connect(&a.worker, &a.tls).await?);
     let mode = match a.mode {
         SearchModeArg::Hybrid => SearchMode::Hybrid,
         SearchModeArg::Vector => SearchMode::Vector,
         SearchModeArg::Keyword => SearchMode::Keyword,
     };
-    let hits = client
-        .query(SearchRequest {
+    let request = crate::grpc::authorized(
+        SearchRequest {
             namespace: a.namespace,
             collection: a.collection,
             query: a.query,
@@ -401,11 +407,15 @@ async fn search(a: SearchArgs) -> anyhow::Result<()> {
             top_k: a.top_k,
             key_prefix: a.prefix.unwrap_or_default(),
             content_type: a.content_type.unwrap_or_default(),
-        })
+        },
+        token.as_ref(),
+    )?;
+    let hits = client
+        .query(request)
         .await
         .map_err(|s| match stowage_common::tls::find_rustls_error(&s) {
             Some(_) => a.tls.explain(&a.worker, &s),
-            None => anyhow::anyhow!("search failed: {}", s.message()),
+            None => crate::grpc::refused("search", &s, token.as_ref()),
         })?
         .into_inner()
         .hits;

@@ -107,3 +107,43 @@ pub async fn connect(url: &str, tls_args: &WorkerTls) -> anyhow::Result<Channel>
         .await
         .map_err(|e| tls_args.explain(url, &e))
 }
+
+/// `message` with the caller's bearer token, if there is one.
+pub fn authorized<T>(
+    message: T,
+    token: Option<&crate::token::Token>,
+) -> anyhow::Result<tonic::Request<T>> {
+    let mut request = tonic::Request::new(message);
+    if let Some(token) = token {
+        let value = format!("Bearer {}", token.value)
+            .parse()
+            .with_context(|| format!("the token from {} cannot be sent", token.source))?;
+        request.metadata_mut().insert("authorization", value);
+    }
+    Ok(request)
+}
+
+/// A call the worker refused, with what to do about a missing or refused
+/// token.
+pub fn refused(
+    what: &str,
+    status: &tonic::Status,
+    token: Option<&crate::token::Token>,
+) -> anyhow::Error {
+    let hint = match (status.code(), token) {
+        (tonic::Code::Unauthenticated, None) => format!(
+            " — no token was sent: give --token-file (a token for the audience \"stowage\", e.g. \
+             `kubectl create token NAME --audience stowage`), mount one at {}, or use a \
+             kubeconfig whose current user has a token",
+            crate::token::PROJECTED_TOKEN
+        ),
+        (tonic::Code::Unauthenticated, Some(t)) => format!(" (the token from {})", t.source),
+        (tonic::Code::PermissionDenied, Some(t)) => format!(
+            " (the identity of the token from {} needs a Role granting `get` on \
+             indexcollections/search in that namespace)",
+            t.source
+        ),
+        _ => String::new(),
+    };
+    anyhow::anyhow!("{what} failed: {}{hint}", status.message())
+}

@@ -48,6 +48,62 @@ async fn keys(
     }
 }
 
+/// `stowctl search` as a user runs it: no database, a token from a file or
+/// from the kubeconfig's current user, and a plain refusal without one.
+fn stowctl_search_sends_the_callers_token(w: &World, grpc: &str, token: &str) {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let token_file = dir.path().join("token");
+    std::fs::write(&token_file, format!("{token}\n")).expect("token file");
+    let kubeconfig = dir.path().join("kubeconfig");
+    std::fs::write(
+        &kubeconfig,
+        format!(
+            "apiVersion: v1\nkind: Config\ncurrent-context: c\ncontexts:\n- name: c\n  context: \
+             {{cluster: x, user: reader}}\nusers:\n- name: reader\n  user: {{token: {token}}}\n"
+        ),
+    )
+    .expect("kubeconfig");
+    let search = |args: &[&str], kubeconfig: &std::path::Path| {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_e2e-stowctl"))
+            .args([
+                "search",
+                "kb",
+                "how do I recover my SQL server from a backup?",
+            ])
+            .args([
+                "--namespace",
+                &w.namespace,
+                "--worker",
+                &format!("http://{grpc}"),
+            ])
+            .args(["--mode", "vector", "--top-k", "1"])
+            .args(args)
+            // Nothing but what a laptop has: no database URL, no NATS.
+            .env_clear()
+            .env("PATH", std::env::var_os("PATH").unwrap_or_default())
+            .env("KUBECONFIG", kubeconfig)
+            .output()
+            .expect("run stowctl");
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    let found = format!("s3://{}/docs/postgres.md", w.bucket);
+    let nowhere = dir.path().join("absent");
+    let (ok, out, err) = search(&["--token-file", &token_file.to_string_lossy()], &nowhere);
+    assert!(ok && out.contains(&found), "--token-file: {out}{err}");
+    let (ok, out, err) = search(&[], &kubeconfig);
+    assert!(ok && out.contains(&found), "kubeconfig user: {out}{err}");
+    let (ok, out, err) = search(&["--no-token"], &kubeconfig);
+    assert!(!ok && !out.contains(&found), "{out}");
+    assert!(
+        err.contains("bearer token is required") && err.contains("no token was sent"),
+        "{err}"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_collection_indexes_its_bucket_follows_uploads_and_is_cleaned_up() {
     let w = World::new(Binaries {
@@ -124,6 +180,7 @@ spec:
     )
     .await;
     assert_eq!(hits.first().map(String::as_str), Some("docs/bread.md"));
+    stowctl_search_sends_the_callers_token(&w, &grpc, &reader.token);
 
     // An UploadJob lands a new document; the collection watches uploads.
     w.put(
