@@ -147,7 +147,8 @@ async fn planning_attempts_are_bounded_and_the_dead_letter_says_why() {
     endpoint.endpoint = Some("http://127.0.0.1:9".into()); // discard: nothing listens
     let source: UploadSource = serde_json::from_value(serde_json::json!({
         "s3": {"bucket": "nowhere", "prefix": "", "endpoint": endpoint.endpoint,
-               "region": endpoint.region, "credentialsSecretRef": {"name": support::SECRET}}
+               "region": endpoint.region, "credentialsSecretRef": {"name": support::SECRET},
+               "allowPrivateNetworks": true}
     }))
     .expect("source");
     let job = h.submit("unreachable", h.spec(source, "u/")).await;
@@ -222,9 +223,15 @@ async fn common_failures_are_told_plainly_and_without_secrets() {
     let missing = error_of("missing.pdf");
     assert!(missing.contains("answered HTTP 404"), "{missing}");
     let cut = error_of("cut.bin");
+    // How much of the cut-off megabyte reached the reader before the error
+    // depends on buffering; never more than the server sent, never nothing.
+    let came = cut
+        .rsplit_once("after ")
+        .and_then(|(_, rest)| rest.split_once(" of 3145728 bytes"))
+        .and_then(|(n, _)| n.parse::<u64>().ok());
     assert!(
         cut.contains("the connection broke while reading the body")
-            && cut.contains("after 1048576 of 3145728 bytes"),
+            && came.is_some_and(|n| n > 0 && n <= 1 << 20),
         "a body cut short says how much came: {cut}"
     );
     assert!(!cut.contains("error decoding response body"), "{cut}");
@@ -274,7 +281,7 @@ async fn a_missing_secret_is_named_without_the_workers_paths() {
     let done = h.wait_job(job, Duration::from_secs(60)).await;
     assert_eq!(done.state, "failed");
     let error = h.items(job).await[0].last_error.clone().unwrap_or_default();
-    assert!(error.contains("\"nope\""), "{error}");
+    assert!(error.contains("Secret default/nope"), "{error}");
     let dir = h.creds_dir.path().display().to_string();
     assert!(!error.contains(&dir), "the worker's path leaked: {error}");
     worker.shutdown().await.expect("shutdown");

@@ -94,7 +94,8 @@ async fn a_runs_documents_spread_over_the_workers_and_the_last_one_closes_it() {
     let id = register(
         &h,
         serde_json::json!({"source": source, "embedding": {
-            "provider": "openai", "model": SLOW_MODEL, "dimensions": 32, "endpoint": url}}),
+            "provider": "openai", "model": SLOW_MODEL, "dimensions": 32, "endpoint": url,
+            "allowPrivateNetworks": true}}),
     )
     .await;
 
@@ -137,7 +138,8 @@ async fn a_new_sync_waits_for_a_live_run_and_abandons_a_stalled_one() {
     put(&h, "kb/a.txt", "text/plain", b"Alpha notes about buckets.").await;
     let source = source(&h, "kb/");
     let spec = serde_json::json!({"source": source, "embedding": {
-        "provider": "openai", "model": "bow", "dimensions": 64, "endpoint": url}});
+        "provider": "openai", "model": "bow", "dimensions": 64, "endpoint": url,
+            "allowPrivateNetworks": true}});
     let id = register(&h, spec.clone()).await;
     let embedding: Embedding =
         serde_json::from_value(spec["embedding"].clone()).expect("embedding");

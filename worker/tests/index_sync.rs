@@ -72,7 +72,7 @@ async fn sync_runs_index_incrementally_and_search_finds_the_documents() {
         serde_json::json!({
             "source": source,
             "chunking": {"strategy": "markdown", "size": 200, "overlap": 0},
-            "embedding": {"provider": "openai", "model": "bag-of-words", "dimensions": DIMS, "endpoint": url},
+            "embedding": {"provider": "openai", "model": "bag-of-words", "dimensions": DIMS, "endpoint": url, "allowPrivateNetworks": true},
         }),
     )
     .await;
@@ -320,7 +320,7 @@ async fn queries_during_a_model_change_are_answered_by_one_complete_generation()
         let source = source(&h, "kb/");
         serde_json::from_value(serde_json::json!({
             "source": source,
-            "embedding": {"provider": "openai", "model": model, "dimensions": dims, "endpoint": url},
+            "embedding": {"provider": "openai", "model": model, "dimensions": dims, "endpoint": url, "allowPrivateNetworks": true},
         }))
         .expect("spec")
     };
@@ -459,7 +459,8 @@ async fn document_tasks_update_and_remove_single_documents_between_runs() {
     let id = register(
         &h,
         serde_json::json!({"source": source, "embedding": {
-            "provider": "openai", "model": "bow", "dimensions": DIMS, "endpoint": url}}),
+            "provider": "openai", "model": "bow", "dimensions": DIMS, "endpoint": url,
+            "allowPrivateNetworks": true}}),
     )
     .await;
     assert_eq!(sync(&h, id, "one").await.state, RunState::Completed);
@@ -583,7 +584,8 @@ async fn identical_bytes_written_again_are_not_embedded_again(target: &str) {
     let id = register(
         &h,
         serde_json::json!({"source": source(&h, "kb/"), "embedding": {
-            "provider": "openai", "model": "bow", "dimensions": DIMS, "endpoint": url}}),
+            "provider": "openai", "model": "bow", "dimensions": DIMS, "endpoint": url,
+            "allowPrivateNetworks": true}}),
     )
     .await;
     let first = sync(&h, id, "one").await;
@@ -723,7 +725,8 @@ async fn document_tasks_embed_nothing_for_identical_bytes(target: &str) {
     let id = register(
         &h,
         serde_json::json!({"source": source(&h, "kb/"), "embedding": {
-            "provider": "openai", "model": "bow", "dimensions": DIMS, "endpoint": url}}),
+            "provider": "openai", "model": "bow", "dimensions": DIMS, "endpoint": url,
+            "allowPrivateNetworks": true}}),
     )
     .await;
     assert_eq!(sync(&h, id, "one").await.state, RunState::Completed);

@@ -47,9 +47,13 @@ impl Harness {
         let database_url = fresh_database(&env).await;
         let prefix = unique("t");
         let creds_dir = tempfile::tempdir().expect("tempdir");
-        target
-            .write_secret(creds_dir.path(), "default", SECRET)
-            .expect("credentials Secret");
+        // Jobs run in `default`, collections in `team-a`: each namespace
+        // has its own copy, as Secrets are never shared between them.
+        for namespace in ["default", "team-a"] {
+            target
+                .write_secret(creds_dir.path(), namespace, SECRET)
+                .expect("credentials Secret");
+        }
         let s3 = target.client();
         let bucket = unique("b-");
         s3.create_bucket()
