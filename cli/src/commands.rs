@@ -213,6 +213,7 @@ impl UploadArgs {
                 bucket,
                 key_prefix,
                 endpoint: endpoint(&self.to_endpoint, &self.to_credentials),
+                encryption: None,
             },
             part_size_bytes: self.part_size,
             concurrency: self.concurrency,

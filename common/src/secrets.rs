@@ -51,6 +51,12 @@ pub enum CredentialsError {
         name: String,
         reason: String,
     },
+    #[error("Secret {namespace}/{name} cannot be used: {reason}")]
+    Invalid {
+        namespace: String,
+        name: String,
+        reason: String,
+    },
     #[error("{0:?} is not a valid Secret name")]
     InvalidName(String),
     #[error(
@@ -97,14 +103,29 @@ impl SecretData {
 
     /// The first of `keys` present, as trimmed UTF-8.
     pub fn value(&self, keys: &[&str]) -> Result<String, CredentialsError> {
+        self.bytes(keys)
+            .map(|v| String::from_utf8_lossy(v).trim().to_string())
+    }
+
+    /// The first of `keys` present, as stored (binary key material).
+    pub fn bytes(&self, keys: &[&str]) -> Result<&[u8], CredentialsError> {
         keys.iter()
             .find_map(|k| self.values.get(*k))
-            .map(|v| String::from_utf8_lossy(v).trim().to_string())
+            .map(Vec::as_slice)
             .ok_or_else(|| CredentialsError::MissingKey {
                 namespace: self.namespace.clone(),
                 name: self.name.clone(),
                 keys: keys.join(" / "),
             })
+    }
+
+    /// A refusal of this Secret's content, naming it (never the value).
+    pub fn invalid(&self, reason: impl Into<String>) -> CredentialsError {
+        CredentialsError::Invalid {
+            namespace: self.namespace.clone(),
+            name: self.name.clone(),
+            reason: reason.into(),
+        }
     }
 }
 

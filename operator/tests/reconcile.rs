@@ -787,6 +787,46 @@ fn hostile_upload_jobs() -> Vec<(Value, &'static str)> {
             "spec.source.http.allowPrivateNetworks: this installation does not let resources reach private networks",
         ),
         (
+            dest(json!({"encryption": {"type": "AES"}})),
+            "spec.destination.encryption.type: Unsupported value: \"AES\"",
+        ),
+        (
+            dest(json!({"encryption": {}})),
+            "spec.destination.encryption.type: Required value",
+        ),
+        (
+            dest(json!({"encryption": {"type": "SSE-C"}})),
+            "destination.encryption: type SSE-C needs customerKeySecretRef",
+        ),
+        (
+            dest(json!({"encryption": {"type": "SSE-S3", "kmsKeyId": "k"}})),
+            "destination.encryption: kmsKeyId goes only with type SSE-KMS",
+        ),
+        (
+            dest(json!({"encryption": {"type": "SSE-KMS", "customerKeySecretRef": {"name": "k"}}})),
+            "destination.encryption: customerKeySecretRef goes only with type SSE-C",
+        ),
+        (
+            dest(json!({"encryption": {"type": "SSE-KMS", "kmsKeyId": "k".repeat(2049)}})),
+            "spec.destination.encryption.kmsKeyId: Too long: may not be more than 2048 characters",
+        ),
+        (
+            dest(json!({"encryption": {"type": "SSE-KMS", "kmsKeyId": "alias/my key"}})),
+            "destination.encryption.kmsKeyId: must be 1 to 2048 printable characters without spaces",
+        ),
+        (
+            dest(
+                json!({"encryption": {"type": "SSE-C", "customerKeySecretRef": {"name": "other-ns/key"}}}),
+            ),
+            "spec.destination.encryption.customerKeySecretRef.name: Invalid value: \"other-ns/key\": must match",
+        ),
+        (
+            dest(
+                json!({"encryption": {"type": "SSE-C", "customerKeySecretRef": {"name": "k", "key": "a/b"}}}),
+            ),
+            "spec.destination.encryption.customerKeySecretRef.key: Invalid value: \"a/b\": must match",
+        ),
+        (
             dest(json!({"useWorkerCredentials": true})),
             "spec.destination.useWorkerCredentials: this installation does not let resources use the workers' own credentials",
         ),

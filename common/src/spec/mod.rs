@@ -27,6 +27,10 @@ pub const MAX_PREFIX_CHARS: usize = 1024;
 pub const MAX_REGION_CHARS: usize = 64;
 /// A Secret's name is a DNS subdomain.
 pub const MAX_SECRET_NAME_CHARS: usize = 253;
+/// A KMS key id, alias or ARN (AWS allows 2,048 characters).
+pub const MAX_KMS_KEY_CHARS: usize = 2048;
+/// A key of a Secret's data (Kubernetes: 253 characters).
+pub const MAX_SECRET_KEY_CHARS: usize = 253;
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
@@ -116,6 +120,88 @@ pub struct Destination {
     pub key_prefix: String,
     #[serde(flatten)]
     pub endpoint: Endpoint,
+    /// Server-side encryption of every object the job writes (uploads,
+    /// dedup copies, preserved versions). Without it, the bucket's default.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub encryption: Option<Encryption>,
+}
+
+/// How the store encrypts what a job writes.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
+#[cfg_attr(
+    feature = "schema",
+    schemars(extend("x-kubernetes-validations" = [
+        {
+            "rule": "self.type == 'SSE-KMS' || !has(self.kmsKeyId)",
+            "message": "kmsKeyId goes only with type SSE-KMS"
+        },
+        {
+            "rule": "(self.type == 'SSE-C') == has(self.customerKeySecretRef)",
+            "message": "type SSE-C needs customerKeySecretRef, and only SSE-C takes one"
+        }
+    ]))
+)]
+#[serde(rename_all = "camelCase")]
+pub struct Encryption {
+    #[serde(rename = "type")]
+    pub kind: EncryptionType,
+    /// SSE-KMS: the KMS key (id, alias or ARN); without it the store's
+    /// default KMS key.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[cfg_attr(feature = "schema", schemars(length(min = 1, max = MAX_KMS_KEY_CHARS)))]
+    pub kms_key_id: Option<String>,
+    /// SSE-C: the Secret, in the job's namespace, holding the 256-bit key
+    /// (32 bytes, or their base64). Stowage never stores it; the same key
+    /// is needed to read the objects back.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub customer_key_secret_ref: Option<SecretKeyRef>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
+pub enum EncryptionType {
+    /// Keys managed by the store (`x-amz-server-side-encryption: AES256`).
+    #[serde(rename = "SSE-S3")]
+    SseS3,
+    /// Keys in a KMS (`aws:kms`).
+    #[serde(rename = "SSE-KMS")]
+    SseKms,
+    /// A key the customer provides with every request.
+    #[serde(rename = "SSE-C")]
+    SseC,
+}
+
+impl EncryptionType {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            EncryptionType::SseS3 => "SSE-S3",
+            EncryptionType::SseKms => "SSE-KMS",
+            EncryptionType::SseC => "SSE-C",
+        }
+    }
+}
+
+/// One key of a Secret in the resource's namespace.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
+pub struct SecretKeyRef {
+    #[cfg_attr(
+        feature = "schema",
+        schemars(length(min = 1, max = MAX_SECRET_NAME_CHARS), regex(pattern = r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$"))
+    )]
+    pub name: String,
+    /// The key in the Secret's data.
+    #[serde(default = "default_sse_c_key")]
+    #[cfg_attr(
+        feature = "schema",
+        schemars(length(min = 1, max = MAX_SECRET_KEY_CHARS), regex(pattern = r"^[-._a-zA-Z0-9]+$"))
+    )]
+    pub key: String,
+}
+
+fn default_sse_c_key() -> String {
+    "key".into()
 }
 
 /// Where an S3-compatible service is and which credentials to use.
@@ -352,6 +438,9 @@ impl UploadJobSpec {
             validate_key(&self.destination.key_prefix)
                 .map_err(|e| invalid("destination.keyPrefix", e.to_string()))?;
         }
+        if let Some(e) = &self.destination.encryption {
+            validate_encryption("destination.encryption", e)?;
+        }
         if !(MIN_PART_SIZE..=MAX_PART_SIZE).contains(&self.part_size_bytes) {
             return Err(invalid(
                 "partSizeBytes",
@@ -411,6 +500,47 @@ fn validate_endpoint(field: &str, e: &Endpoint) -> Result<(), SpecError> {
         validate_secret_name(field, &r.name)?;
     }
     Ok(())
+}
+
+fn validate_encryption(field: &str, e: &Encryption) -> Result<(), SpecError> {
+    if let Some(id) = &e.kms_key_id {
+        if e.kind != EncryptionType::SseKms {
+            return Err(invalid(field, "kmsKeyId goes only with type SSE-KMS"));
+        }
+        if id.is_empty()
+            || id.chars().count() > MAX_KMS_KEY_CHARS
+            || !id.bytes().all(|b| b.is_ascii_graphic())
+        {
+            return Err(invalid(
+                format!("{field}.kmsKeyId"),
+                format!("must be 1 to {MAX_KMS_KEY_CHARS} printable characters without spaces"),
+            ));
+        }
+    }
+    match (&e.customer_key_secret_ref, e.kind) {
+        (Some(r), EncryptionType::SseC) => {
+            validate_secret_name(&format!("{field}.customerKeySecretRef"), &r.name)?;
+            let key_ok = (1..=MAX_SECRET_KEY_CHARS).contains(&r.key.len())
+                && r.key
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'));
+            if !key_ok {
+                return Err(invalid(
+                    format!("{field}.customerKeySecretRef.key"),
+                    format!("{:?} is not a Secret data key", r.key),
+                ));
+            }
+            Ok(())
+        }
+        (None, EncryptionType::SseC) => {
+            Err(invalid(field, "type SSE-C needs customerKeySecretRef"))
+        }
+        (Some(_), _) => Err(invalid(
+            field,
+            "customerKeySecretRef goes only with type SSE-C",
+        )),
+        (None, _) => Ok(()),
+    }
 }
 
 /// A Secret's name: a DNS subdomain (lower-case letters, digits, `-`, `.`).

@@ -15,6 +15,7 @@ use uuid::Uuid;
 
 use crate::Context;
 use crate::upload::UploadError;
+use crate::upload::encryption::{self, Sse};
 use stowage_common::storage::s3_error;
 
 /// Returns how many files are to do, or `None` when the job was cancelled
@@ -32,6 +33,7 @@ pub async fn run(ctx: &Context, job_id: Uuid) -> Result<Option<usize>, UploadErr
     job.spec
         .validate()
         .map_err(|e| UploadError::Invalid(e.to_string()))?;
+    check_encryption(ctx, &job).await?;
     let items = list_source(ctx, &job.namespace, &job.spec).await?;
     let (todo, refused) = {
         let db = ctx.db.get().await?;
@@ -48,6 +50,20 @@ pub async fn run(ctx: &Context, job_id: Uuid) -> Result<Option<usize>, UploadErr
     let db = ctx.db.get().await?;
     state::mark_planned(&db, job_id).await?;
     Ok(Some(todo.len()))
+}
+
+/// A job that asks for server-side encryption is refused before anything
+/// is written when its key cannot be read or the store does not apply it.
+async fn check_encryption(ctx: &Context, job: &state::JobRecord) -> Result<(), UploadError> {
+    let dest = &job.spec.destination;
+    let Some(sse) =
+        Sse::resolve(dest.encryption.as_ref(), &job.namespace, ctx.s3.secrets()).await?
+    else {
+        return Ok(());
+    };
+    let client = ctx.s3.client(&job.namespace, &dest.endpoint).await?;
+    let key = format!("{}.stowage-encryption-check-{}", dest.key_prefix, job.id);
+    encryption::preflight(&client, &dest.bucket, &key, &sse).await
 }
 
 /// Dead-letters the files refused at planning, then records that they are.

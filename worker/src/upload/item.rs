@@ -23,6 +23,7 @@ use uuid::Uuid;
 
 use super::UploadError;
 use super::checksum::PartChecksums;
+use super::encryption::{Sse, with_copy_source_key, with_sse};
 use super::multipart::{
     self, Hashed, Input, MissingParts, Opened, Options, StoredObject, Target, Transfer,
 };
@@ -268,6 +269,7 @@ async fn process(
     let dest = &spec.destination;
     let namespace = job.record.namespace.as_str();
     let client = ctx.s3.client(namespace, &dest.endpoint).await?;
+    let sse = Sse::resolve(dest.encryption.as_ref(), namespace, ctx.s3.secrets()).await?;
     let endpoint = dest.endpoint.label().to_string();
     let lock_key = LockKey::new(
         LockClass::ObjectKey,
@@ -287,6 +289,7 @@ async fn process(
         endpoint: &endpoint,
         bucket: &dest.bucket,
         key: &item.dest_key,
+        sse: sse.as_ref(),
     };
     let result = tokio::select! {
         r = transfer(ctx, namespace, item, spec, &target, &lock, progress, resumable) => r,
@@ -310,13 +313,23 @@ async fn copy(
     to: &str,
     sha: Option<&str>,
 ) -> Result<(), UploadError> {
-    target
-        .client
-        .copy_object()
-        .bucket(target.bucket)
-        .key(to)
-        .copy_source(multipart::copy_source(target.bucket, from))
-        .metadata_directive(MetadataDirective::Copy)
+    if found.opaque {
+        return Err(UploadError::Encryption(format!(
+            "cannot copy {from} to {to}: {from} is encrypted with other parameters than this \
+             job's (another SSE-C key, or none)"
+        )));
+    }
+    let req = with_sse!(
+        target
+            .client
+            .copy_object()
+            .bucket(target.bucket)
+            .key(to)
+            .copy_source(multipart::copy_source(target.bucket, from))
+            .metadata_directive(MetadataDirective::Copy),
+        target.sse
+    );
+    with_copy_source_key!(req, target.sse)
         .send()
         .await
         .map_err(|e| stowage_common::storage::s3_error("CopyObject", e))?;
@@ -424,7 +437,7 @@ async fn transfer(
             state::object_with_content(&db, target.bucket, sha).await?
         };
         if let Some(twin) = twin.filter(|t| t.object_key != target.key && size <= MAX_PART_SIZE)
-            && let Some(found) = multipart::head_stored(target, &twin.object_key)
+            && let Some(found) = usable_twin(target, &twin.object_key)
                 .await?
                 .filter(|h| h.sha256.as_deref() == Some(sha) && h.size == size as i64)
         {
@@ -517,6 +530,20 @@ async fn transfer(
         Some(written),
     )
     .await
+}
+
+/// A HEAD of a dedup candidate: one the job's credentials or encryption
+/// cannot read (another SSE-C key, a KMS key it may not use) is no
+/// candidate, and the file is uploaded.
+async fn usable_twin(target: &Target<'_>, key: &str) -> Result<Option<StoredObject>, UploadError> {
+    match multipart::head_stored(target, key).await {
+        Ok(found) => Ok(found.filter(|f| !f.opaque)),
+        Err(UploadError::S3(e)) if e.status.is_some_and(|s| (400..500).contains(&s)) => {
+            debug!(key, error = %e, "dedup candidate unreadable with this job's settings");
+            Ok(None)
+        }
+        Err(e) => Err(e),
+    }
 }
 
 /// Conflict policy `version`: preserve the current object before replacing it.

@@ -1,9 +1,11 @@
 //! Where uploads happen: sources ([`source`]), the address policy for HTTP
 //! sources ([`net`]), checksums ([`checksum`]), the resumable multipart
-//! transfer ([`multipart`]) and the per-file flow around it — key lock,
-//! conflict policy, dedup, object history ([`item`]).
+//! transfer ([`multipart`]), server-side encryption ([`encryption`]) and the
+//! per-file flow around it — key lock, conflict policy, dedup, object
+//! history ([`item`]).
 
 pub mod checksum;
+pub mod encryption;
 pub mod item;
 pub mod multipart;
 pub mod net;
@@ -43,6 +45,10 @@ pub enum UploadError {
     SourceChangedDuringUpload { hashed: String, read: String },
     #[error("verification failed for {key}: {message}")]
     Verification { key: String, message: String },
+    /// The job's encryption cannot be applied (the store ignores it, an
+    /// object is encrypted with other parameters).
+    #[error("encryption: {0}")]
+    Encryption(String),
     #[error("state: {0}")]
     State(#[from] StateError),
     #[error("lock: {0}")]
@@ -98,6 +104,7 @@ impl Classify for UploadError {
             | UploadError::InvalidKey(_)
             | UploadError::Invalid(_)
             | UploadError::Credentials(_)
+            | UploadError::Encryption(_)
             | UploadError::TooManyParts { .. } => Permanent,
             UploadError::SourceRead { .. }
             | UploadError::SourceChanged { .. }

@@ -20,7 +20,7 @@ use std::time::Duration;
 use aws_sdk_s3::primitives::ByteStream;
 use aws_sdk_s3::types::{
     ChecksumAlgorithm as S3Checksum, ChecksumMode, CompletedMultipartUpload, CompletedPart,
-    MetadataDirective,
+    MetadataDirective, ServerSideEncryption,
 };
 use bytes::Bytes;
 use sha2::{Digest, Sha256};
@@ -37,6 +37,7 @@ use tracing::{debug, info, warn};
 
 use super::UploadError;
 use super::checksum::{composite_checksum, part_checksum};
+use super::encryption::{Sse, with_copy_source_key, with_customer_key, with_sse};
 use super::source::{PartReader, Ranged, Source, SourceBody, Validator};
 use crate::metrics::WorkerMetrics;
 use stowage_common::storage::{S3Error, abort_upload, s3_error};
@@ -66,6 +67,8 @@ pub struct Target<'a> {
     pub endpoint: &'a str,
     pub bucket: &'a str,
     pub key: &'a str,
+    /// The job's server-side encryption, on every write and read.
+    pub sse: Option<&'a Sse>,
 }
 
 pub struct Options {
@@ -459,6 +462,7 @@ impl Transfer {
             number,
             algorithm: opts.algorithm,
             check,
+            sse: target.sse.cloned(),
         }
     }
 
@@ -527,7 +531,7 @@ impl Transfer {
             state::delete_multipart(&db, item_id).await?;
             return Ok(None);
         }
-        let server = match list_parts(target.client, &rec).await {
+        let server = match list_parts(target.client, &rec, target.sse).await {
             Ok(s) => s,
             Err(e) if e.is_not_found() => {
                 info!(
@@ -570,12 +574,15 @@ impl Transfer {
         opts: &Options,
         validator: Option<&Validator>,
     ) -> Result<String, UploadError> {
-        let mut req = target
-            .client
-            .create_multipart_upload()
-            .bucket(target.bucket)
-            .key(target.key)
-            .checksum_algorithm(s3_algorithm(opts.algorithm));
+        let mut req = with_sse!(
+            target
+                .client
+                .create_multipart_upload()
+                .bucket(target.bucket)
+                .key(target.key)
+                .checksum_algorithm(s3_algorithm(opts.algorithm)),
+            target.sse
+        );
         if let Some(known) = &opts.known {
             req = req.metadata(SHA256_METADATA, &known.sha256);
         }
@@ -644,14 +651,17 @@ impl Transfer {
             None => (data, expected.clone()),
         };
         self.send_retrying(target.key, 1, &body, |body| async {
-            let req = target
-                .client
-                .put_object()
-                .bucket(target.bucket)
-                .key(target.key)
-                .content_length(body.len() as i64)
-                .metadata(SHA256_METADATA, &sha)
-                .body(ByteStream::from(body));
+            let req = with_sse!(
+                target
+                    .client
+                    .put_object()
+                    .bucket(target.bucket)
+                    .key(target.key)
+                    .content_length(body.len() as i64)
+                    .metadata(SHA256_METADATA, &sha)
+                    .body(ByteStream::from(body)),
+                target.sse
+            );
             let req = match opts.algorithm {
                 ChecksumAlgorithm::Crc32c => req.checksum_crc32_c(&checksum),
                 ChecksumAlgorithm::Sha256 => req.checksum_sha256(&checksum),
@@ -756,20 +766,23 @@ impl Transfer {
                 .build()
             })
             .collect();
-        target
-            .client
-            .complete_multipart_upload()
-            .bucket(target.bucket)
-            .key(target.key)
-            .upload_id(upload_id)
-            .multipart_upload(
-                CompletedMultipartUpload::builder()
-                    .set_parts(Some(completed))
-                    .build(),
-            )
-            .send()
-            .await
-            .map_err(|e| s3_error("CompleteMultipartUpload", e))?;
+        with_customer_key!(
+            target
+                .client
+                .complete_multipart_upload()
+                .bucket(target.bucket)
+                .key(target.key)
+                .upload_id(upload_id)
+                .multipart_upload(
+                    CompletedMultipartUpload::builder()
+                        .set_parts(Some(completed))
+                        .build(),
+                ),
+            target.sse
+        )
+        .send()
+        .await
+        .map_err(|e| s3_error("CompleteMultipartUpload", e))?;
         let completed_at = std::time::Instant::now();
         let checksums: Vec<String> = parts.iter().map(|p| p.checksum.clone()).collect();
         let composite = composite_checksum(opts.algorithm, &checksums);
@@ -787,14 +800,18 @@ impl Transfer {
             // The whole-object hash is known only now: store it in the
             // object's metadata with a server-side self-copy.
             if total <= MAX_PART_SIZE {
-                target
-                    .client
-                    .copy_object()
-                    .bucket(target.bucket)
-                    .key(target.key)
-                    .copy_source(copy_source(target.bucket, target.key))
-                    .metadata_directive(MetadataDirective::Replace)
-                    .metadata(SHA256_METADATA, sha)
+                let copy = with_sse!(
+                    target
+                        .client
+                        .copy_object()
+                        .bucket(target.bucket)
+                        .key(target.key)
+                        .copy_source(copy_source(target.bucket, target.key))
+                        .metadata_directive(MetadataDirective::Replace)
+                        .metadata(SHA256_METADATA, sha),
+                    target.sse
+                );
+                with_copy_source_key!(copy, target.sse)
                     .send()
                     .await
                     .map_err(|e| s3_error("CopyObject (metadata)", e))?;
@@ -1065,6 +1082,7 @@ struct PartUpload {
     number: i32,
     algorithm: ChecksumAlgorithm,
     check: Check,
+    sse: Option<Sse>,
 }
 
 /// What a part must match before it is sent: the checksum the hashing pass
@@ -1116,15 +1134,17 @@ impl PartUpload {
         let etag = self
             .transfer
             .send_retrying(&self.key, self.number, &data, |body| async {
-                let req = self
-                    .client
-                    .upload_part()
-                    .bucket(&self.bucket)
-                    .key(&self.key)
-                    .upload_id(&self.upload_id)
-                    .part_number(self.number)
-                    .content_length(size as i64)
-                    .body(ByteStream::from(body));
+                let req = with_customer_key!(
+                    self.client
+                        .upload_part()
+                        .bucket(&self.bucket)
+                        .key(&self.key)
+                        .upload_id(&self.upload_id)
+                        .part_number(self.number)
+                        .content_length(size as i64)
+                        .body(ByteStream::from(body)),
+                    self.sse.as_ref()
+                );
                 let req = match self.algorithm {
                     ChecksumAlgorithm::Crc32c => req.checksum_crc32_c(&checksum),
                     ChecksumAlgorithm::Sha256 => req.checksum_sha256(&checksum),
@@ -1211,19 +1231,33 @@ async fn verify_head(
     checksum: Option<(ChecksumAlgorithm, Stored<'_>)>,
     sha: Option<&str>,
 ) -> Result<Option<String>, UploadError> {
-    let head = target
-        .client
-        .head_object()
-        .bucket(target.bucket)
-        .key(target.key)
-        .checksum_mode(ChecksumMode::Enabled)
-        .send()
-        .await
-        .map_err(|e| s3_error("HeadObject (verify)", e))?;
+    let head = with_customer_key!(
+        target
+            .client
+            .head_object()
+            .bucket(target.bucket)
+            .key(target.key)
+            .checksum_mode(ChecksumMode::Enabled),
+        target.sse
+    )
+    .send()
+    .await
+    .map_err(|e| s3_error("HeadObject (verify)", e))?;
     let fail = |message: String| UploadError::Verification {
         key: target.key.to_string(),
         message,
     };
+    if let Some(sse) = target.sse
+        && let Err(why) = sse.check(
+            "HeadObject",
+            head.server_side_encryption(),
+            head.ssekms_key_id(),
+            head.sse_customer_key_md5(),
+        )
+    {
+        remove_unencrypted(target, target.key).await;
+        return Err(UploadError::Encryption(why));
+    }
     let stored = head.content_length().unwrap_or(-1);
     if stored != size as i64 {
         return Err(fail(format!("stored size {stored} != {size} bytes read")));
@@ -1270,6 +1304,38 @@ pub struct StoredObject {
     /// The checksums the server reports (asked with ChecksumMode::Enabled):
     /// (algorithm, value).
     pub checksums: Vec<(&'static str, String)>,
+    /// What the HEAD said of its encryption: algorithm, KMS key, SSE-C key
+    /// MD5.
+    pub encryption: Option<EncryptionSeen>,
+    /// The object exists but cannot be read with the job's encryption
+    /// parameters (encrypted with another SSE-C key, or not with SSE-C).
+    pub opaque: bool,
+}
+
+/// A HEAD's encryption fields.
+pub type EncryptionSeen = (Option<ServerSideEncryption>, Option<String>, Option<String>);
+
+/// Deletes an object written without the encryption the job asked for:
+/// bytes the job meant to be encrypted are not left in clear.
+async fn remove_unencrypted(target: &Target<'_>, key: &str) {
+    match target
+        .client
+        .delete_object()
+        .bucket(target.bucket)
+        .key(key)
+        .send()
+        .await
+    {
+        Ok(_) => warn!(
+            key,
+            "deleted: stored without the encryption the job asks for"
+        ),
+        Err(e) => warn!(
+            key,
+            error = %s3_error("DeleteObject", e),
+            "stored without the encryption the job asks for, and could not be deleted"
+        ),
+    }
 }
 
 /// HEADs `key` in the target's bucket: `None` when there is no such object.
@@ -1277,15 +1343,16 @@ pub async fn head_stored(
     target: &Target<'_>,
     key: &str,
 ) -> Result<Option<StoredObject>, UploadError> {
-    match target
-        .client
-        .head_object()
-        .bucket(target.bucket)
-        .key(key)
-        .checksum_mode(ChecksumMode::Enabled)
-        .send()
-        .await
-    {
+    let head = with_customer_key!(
+        target
+            .client
+            .head_object()
+            .bucket(target.bucket)
+            .key(key)
+            .checksum_mode(ChecksumMode::Enabled),
+        target.sse
+    );
+    match head.send().await {
         Ok(h) => {
             let checksums = [
                 ("CRC32C", h.checksum_crc32_c()),
@@ -1301,12 +1368,26 @@ pub async fn head_stored(
                 size: h.content_length().unwrap_or(0),
                 sha256: h.metadata().and_then(|m| m.get(SHA256_METADATA)).cloned(),
                 checksums,
+                encryption: Some((
+                    h.server_side_encryption().cloned(),
+                    h.ssekms_key_id().map(str::to_string),
+                    h.sse_customer_key_md5().map(str::to_string),
+                )),
+                opaque: false,
             }))
         }
         Err(e) => {
             let e = s3_error("HeadObject", e);
             if e.is_not_found() {
                 Ok(None)
+            } else if e.status == Some(400) {
+                // A HEAD has no error body: a 400 is the store saying the
+                // object's encryption and the request's do not go together
+                // (an SSE-C object without its key, a clear one with one).
+                Ok(Some(StoredObject {
+                    opaque: true,
+                    ..StoredObject::default()
+                }))
             } else {
                 Err(e.into())
             }
@@ -1331,6 +1412,18 @@ pub async fn verify_copy(
     let Some(copy) = head_stored(target, key).await? else {
         return Err(fail("the copy is not there".into()));
     };
+    if let Some(sse) = target.sse {
+        let (algorithm, kms, md5) = copy.encryption.clone().unwrap_or_default();
+        if let Err(why) = sse.check(
+            "HeadObject",
+            algorithm.as_ref(),
+            kms.as_deref(),
+            md5.as_deref(),
+        ) {
+            remove_unencrypted(target, key).await;
+            return Err(UploadError::Encryption(why));
+        }
+    }
     if copy.size != from.size {
         return Err(fail(format!(
             "copy has {} bytes, its source {}",
@@ -1362,19 +1455,23 @@ pub async fn verify_copy(
 pub async fn list_parts(
     client: &aws_sdk_s3::Client,
     rec: &MultipartRecord,
+    sse: Option<&Sse>,
 ) -> Result<HashMap<i32, (String, i64)>, UploadError> {
     let mut out = HashMap::new();
     let mut marker: Option<String> = None;
     loop {
-        let page = client
-            .list_parts()
-            .bucket(&rec.bucket)
-            .key(&rec.object_key)
-            .upload_id(&rec.upload_id)
-            .set_part_number_marker(marker.clone())
-            .send()
-            .await
-            .map_err(|e| s3_error("ListParts", e))?;
+        let page = with_customer_key!(
+            client
+                .list_parts()
+                .bucket(&rec.bucket)
+                .key(&rec.object_key)
+                .upload_id(&rec.upload_id)
+                .set_part_number_marker(marker.clone()),
+            sse
+        )
+        .send()
+        .await
+        .map_err(|e| s3_error("ListParts", e))?;
         for p in page.parts() {
             if let Some(n) = p.part_number() {
                 out.insert(

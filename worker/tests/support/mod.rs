@@ -146,6 +146,7 @@ impl Harness {
                 bucket: self.bucket.clone(),
                 key_prefix: key_prefix.into(),
                 endpoint: self.endpoint(),
+                encryption: None,
             },
             "retry": {"maxAttempts": 5, "backoff": {"baseMillis": 100, "maxMillis": 1000}},
         }))
@@ -271,7 +272,7 @@ pub fn peer_sha256(t: &S3Target, bucket: &str, key: &str) -> String {
         .to_string()
 }
 
-fn aws_config_file() -> PathBuf {
+pub fn aws_config_file() -> PathBuf {
     let path = std::env::temp_dir().join("stowage-test-aws-config");
     std::fs::write(
         &path,
