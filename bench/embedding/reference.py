@@ -12,7 +12,8 @@ implementation) from the same local folder the worker loads
                                   the samples change)
   reference.py bench TEXTS.json   embeds the texts (a JSON list) in batches of
                                   32 and prints one JSON line: texts, seconds,
-                                  vectors (for the agreement figure)
+                                  cpu_seconds (all threads), vectors (for the
+                                  agreement figure)
 """
 import json
 import os
@@ -76,11 +77,11 @@ def bench(path):
         texts = json.load(f)
     m = model()
     m.encode(texts[:32], batch_size=32)  # warm-up, as the Rust side's load probe
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     v = m.encode(texts, batch_size=32, normalize_embeddings=True)
-    seconds = time.perf_counter() - t0
+    seconds, cpu_seconds = time.perf_counter() - t0, time.process_time() - c0
     vectors = [[float(x) for x in row] for row in v]
-    print(json.dumps({"texts": len(texts), "seconds": seconds, "vectors": vectors}))
+    print(json.dumps({"texts": len(texts), "seconds": seconds, "cpu_seconds": cpu_seconds, "vectors": vectors}))
 
 
 COMMANDS = {"fixture": fixture, "bench": bench}

@@ -454,6 +454,14 @@ impl World {
         if let Some(dir) = self.stack.try_get("STOWAGE_EMBEDDING_MODEL_DIR") {
             args.push(format!("--embedding-model-dir={dir}"));
         }
+        // The built-in model on ONNX Runtime, as the image runs it, when the stack has it.
+        if let (Some(dir), Some(runtime)) = (
+            self.stack.try_get("STOWAGE_ONNX_MODEL_DIR"),
+            self.stack.try_get("STOWAGE_ONNX_RUNTIME"),
+        ) {
+            args.push(format!("--embedding-onnx-dir={dir}"));
+            args.push(format!("--onnx-runtime-path={runtime}"));
+        }
         args.extend(extra.iter().cloned());
         let mut proc = self.spawn(self.binaries.worker, "worker", args);
         proc.grpc = Some(grpc);

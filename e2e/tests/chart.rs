@@ -589,7 +589,7 @@ fn lineage<'a>(stages: &'a BTreeMap<String, Vec<String>>, stage: &str) -> Vec<&'
         lines.extend(body.iter().map(String::as_str));
         next = body[0]
             .strip_prefix("FROM ")
-            .and_then(|f| f.split_whitespace().next())
+            .and_then(|f| f.split_whitespace().find(|w| !w.starts_with("--")))
             .map(str::to_string);
     }
     lines
@@ -621,7 +621,11 @@ fn images_are_pinned_non_root_labelled_and_carry_the_model() {
     }
     for (name, body) in &all {
         let from = body[0].trim_start_matches("FROM ");
-        let base = from.split_whitespace().next().unwrap_or_default();
+        // `--platform=…` aside.
+        let base = from
+            .split_whitespace()
+            .find(|w| !w.starts_with("--"))
+            .unwrap_or_default();
         assert!(
             base.starts_with("${") || all.contains_key(base) || digest(base),
             "stage {name}: FROM {base} is neither a pinned image nor a stage"
@@ -714,6 +718,26 @@ fn images_are_pinned_non_root_labelled_and_carry_the_model() {
             "ORT_DYLIB_PATH=/opt/stowage/lib/libonnxruntime.so.{ort}"
         )),
         "ORT_DYLIB_PATH names libonnxruntime {ort}"
+    );
+    // ... and the ONNX graphs, built from the same weights, where the chart points.
+    let onnx = &values[0]["worker"]["embeddingModel"]["onnx"];
+    let onnx_dir = onnx["dir"]
+        .as_str()
+        .expect("worker.embeddingModel.onnx.dir");
+    assert!(
+        worker.contains(&format!("STOWAGE_EMBEDDING_ONNX_DIR={onnx_dir}"))
+            && worker.contains(&format!("COPY --from=onnx-graph /out {onnx_dir}")),
+        "the image's ONNX graphs are at the chart's default ({onnx_dir})"
+    );
+    assert_eq!(
+        onnx["runtimePath"].as_str(),
+        Some(format!("/opt/stowage/lib/libonnxruntime.so.{ort}").as_str()),
+        "the chart's ONNX Runtime is the image's"
+    );
+    let graph = lineage(&all, "onnx-graph").join("\n");
+    assert!(
+        graph.contains("build_onnx.py build") && graph.contains("--require-hashes"),
+        "the graphs are built by scripts/model/build_onnx.py from hash-checked packages"
     );
     let ignore = read(&root().join(".dockerignore"));
     for entry in [".git", "target", "charts"] {
@@ -956,6 +980,21 @@ fn the_schema_refuses_bad_values_with_its_message() {
             "at '/worker/embeddingModel/dir'",
         ),
         (
+            "an unknown embedding runtime",
+            json!({"worker": {"embeddingModel": {"runtime": "torch"}}}),
+            "at '/worker/embeddingModel/runtime'",
+        ),
+        (
+            "an unknown precision",
+            json!({"worker": {"embeddingModel": {"onnx": {"precision": "int4"}}}}),
+            "at '/worker/embeddingModel/onnx/precision'",
+        ),
+        (
+            "negative embedding threads",
+            json!({"worker": {"embeddingModel": {"threads": -1}}}),
+            "at '/worker/embeddingModel/threads'",
+        ),
+        (
             "private networks allowed as text",
             json!({"allowPrivateNetworks": "yes"}),
             "at '/allowPrivateNetworks'",
@@ -1144,6 +1183,14 @@ fn the_schema_accepts_good_values() {
         (
             "remote embeddings only",
             json!({"worker": {"embeddingModel": {"enabled": false}}}),
+        ),
+        (
+            "the built-in model on candle",
+            json!({"worker": {"embeddingModel": {"runtime": "candle", "threads": 2}}}),
+        ),
+        (
+            "the built-in model in int8",
+            json!({"worker": {"embeddingModel": {"onnx": {"precision": "int8"}}}}),
         ),
         (
             "existing ServiceAccounts",
@@ -1407,6 +1454,17 @@ fn probes_listen_addresses_and_ports() {
         env_value(w, "STOWAGE_EMBEDDING_MODEL_DIR"),
         Some("/opt/stowage/models/all-minilm-l6-v2")
     );
+    // The built-in model runs on ONNX Runtime, fp32, threads from the pod's CPU limit.
+    assert_eq!(
+        env_value(w, "STOWAGE_EMBEDDING_ONNX_DIR"),
+        Some("/opt/stowage/models/all-minilm-l6-v2-onnx")
+    );
+    assert_eq!(
+        env_value(w, "ORT_DYLIB_PATH"),
+        Some("/opt/stowage/lib/libonnxruntime.so.1.32.0")
+    );
+    assert_eq!(env_value(w, "STOWAGE_EMBEDDING_PRECISION"), Some("fp32"));
+    assert_eq!(env_value(w, "STOWAGE_EMBEDDING_THREADS"), None);
     let worker_pod = &m.find("Deployment", WORKER)["spec"]["template"]["spec"];
     // drainTimeout (20s) must fit in the grace period.
     assert!(

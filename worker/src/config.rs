@@ -4,6 +4,7 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
+use crate::index::embed::{BuiltinSource, OnnxOptions, Precision};
 use clap::Parser;
 use stowage_common::config::{DatabaseArgs, NatsArgs, TelemetryArgs};
 
@@ -89,6 +90,38 @@ pub struct WorkerArgs {
     #[arg(long, env = "STOWAGE_EMBEDDING_MODEL_DIR")]
     pub embedding_model_dir: Option<PathBuf>,
 
+    /// Folder of the built-in model as ONNX graphs (`model.onnx`,
+    /// `model_int8.onnx`, `tokenizer.json`; `scripts/stack install onnx`
+    /// builds it, the worker image has it). When set, the built-in model
+    /// runs on ONNX Runtime (about 4× faster than candle) and needs
+    /// --onnx-runtime-path; otherwise it runs on candle from
+    /// --embedding-model-dir.
+    #[arg(long, env = "STOWAGE_EMBEDDING_ONNX_DIR", value_parser = any_path)]
+    pub embedding_onnx_dir: Option<PathBuf>,
+
+    /// ONNX Runtime's shared library (`libonnxruntime.so.<version>`, from the
+    /// PyPI `onnxruntime` wheel), opened at run time. Used only with
+    /// --embedding-onnx-dir.
+    #[arg(long, env = "ORT_DYLIB_PATH", value_parser = any_path)]
+    pub onnx_runtime_path: Option<PathBuf>,
+
+    /// Which ONNX graph runs: `fp32` (the model's own weights, the reference
+    /// vectors) or `int8` (about twice as fast, vectors slightly different:
+    /// see bench/README.md; all workers of an installation must agree).
+    #[arg(
+        long,
+        env = "STOWAGE_EMBEDDING_PRECISION",
+        value_enum,
+        default_value = "fp32"
+    )]
+    pub embedding_precision: Precision,
+
+    /// Threads of the ONNX Runtime session; 0: one per CPU the worker may
+    /// use (its affinity mask and cgroup CPU quota, i.e. the pod's CPU limit).
+    #[arg(long, env = "STOWAGE_EMBEDDING_THREADS", default_value_t = 0,
+          value_parser = clap::value_parser!(u16).range(0..=1024))]
+    pub embedding_threads: u16,
+
     /// How often the sweeper looks for orphaned multipart uploads.
     #[arg(long, env = "STOWAGE_SWEEP_INTERVAL", value_parser = stowage_common::config::parse_duration, default_value = "10m")]
     pub sweep_interval: Duration,
@@ -134,4 +167,112 @@ pub enum Sha256Metadata {
     Always,
     Copy,
     Known,
+}
+
+/// Any path, the empty one included: clap's own path parser refuses it, and
+/// a chart gives it to switch a setting of the image off
+/// ([`WorkerArgs::builtin_source`] reads it as unset).
+fn any_path(s: &str) -> Result<PathBuf, std::convert::Infallible> {
+    Ok(PathBuf::from(s))
+}
+
+impl WorkerArgs {
+    /// Where the built-in model comes from: ONNX Runtime when given the ONNX
+    /// folder, candle when given only the model folder, none without either.
+    /// Refuses half an ONNX configuration rather than quietly falling back.
+    pub fn builtin_source(&self) -> Result<Option<BuiltinSource>, String> {
+        // An empty value (an unset variable in a manifest) is no value.
+        let given = |p: &Option<PathBuf>| p.clone().filter(|p| !p.as_os_str().is_empty());
+        match (
+            given(&self.embedding_onnx_dir),
+            given(&self.onnx_runtime_path),
+        ) {
+            (Some(dir), Some(runtime)) => Ok(Some(BuiltinSource::Onnx(OnnxOptions {
+                runtime,
+                dir,
+                precision: self.embedding_precision,
+                threads: usize::from(self.embedding_threads),
+            }))),
+            (Some(_), None) => Err(
+                "--embedding-onnx-dir needs ONNX Runtime's library: --onnx-runtime-path \
+                 (ORT_DYLIB_PATH), e.g. libonnxruntime.so.1.32.0 from the PyPI onnxruntime wheel"
+                    .into(),
+            ),
+            (None, _) if self.embedding_precision != Precision::Fp32 => Err(format!(
+                "--embedding-precision {} needs the ONNX graphs (--embedding-onnx-dir); \
+                 candle computes in fp32",
+                self.embedding_precision.as_str()
+            )),
+            (None, _) => Ok(self.embedding_model_dir.clone().map(BuiltinSource::Candle)),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn args(extra: &[&str]) -> WorkerArgs {
+        let mut all = vec![
+            "stowage-worker",
+            "--database-url=postgres://x@127.0.0.1/x",
+            "--nats-url=nats://127.0.0.1:4222",
+        ];
+        all.extend_from_slice(extra);
+        WorkerArgs::try_parse_from(all).expect("flags parse")
+    }
+
+    #[test]
+    fn the_builtin_model_runs_on_onnx_runtime_when_given_its_graphs() {
+        let a = args(&[
+            "--embedding-model-dir=/m",
+            "--embedding-onnx-dir=/o",
+            "--onnx-runtime-path=/lib/libonnxruntime.so",
+            "--embedding-precision=int8",
+            "--embedding-threads=3",
+        ]);
+        assert_eq!(
+            a.builtin_source(),
+            Ok(Some(BuiltinSource::Onnx(OnnxOptions {
+                runtime: "/lib/libonnxruntime.so".into(),
+                dir: "/o".into(),
+                precision: Precision::Int8,
+                threads: 3,
+            })))
+        );
+        let a = args(&["--embedding-model-dir=/m", "--embedding-onnx-dir="]);
+        assert_eq!(
+            a.builtin_source(),
+            Ok(Some(BuiltinSource::Candle("/m".into())))
+        );
+    }
+
+    #[test]
+    fn half_an_onnx_configuration_is_refused() {
+        // Empty, as an unset variable in a manifest gives.
+        let no_runtime = args(&["--embedding-onnx-dir=/o", "--onnx-runtime-path="]);
+        assert!(
+            no_runtime
+                .builtin_source()
+                .is_err_and(|e| e.contains("--onnx-runtime-path"))
+        );
+        let int8 = args(&[
+            "--embedding-model-dir=/m",
+            "--embedding-onnx-dir=",
+            "--embedding-precision=int8",
+        ]);
+        assert!(
+            int8.builtin_source()
+                .is_err_and(|e| e.contains("--embedding-onnx-dir"))
+        );
+        assert!(
+            WorkerArgs::try_parse_from([
+                "stowage-worker",
+                "--database-url=x",
+                "--nats-url=y",
+                "--embedding-threads=5000"
+            ])
+            .is_err()
+        );
+    }
 }

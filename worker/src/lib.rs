@@ -46,8 +46,9 @@ pub struct Context {
     pub locks: LockManager,
     pub queue: Queue,
     pub s3: S3Clients,
-    /// The built-in embedding model's folder, and the model once loaded.
-    pub embedding_model_dir: Option<std::path::PathBuf>,
+    /// Where the built-in embedding model comes from, and the model once
+    /// loaded.
+    pub builtin_source: Option<index::embed::BuiltinSource>,
     pub builtin_model: tokio::sync::OnceCell<Arc<index::embed::Batcher>>,
     pub http: upload::net::HttpClients,
     pub metrics: WorkerMetrics,
@@ -151,7 +152,7 @@ pub async fn start(args: WorkerArgs, hook: Option<PartHook>) -> anyhow::Result<W
                 .map_err(anyhow::Error::msg)?,
         ),
         allow_private_networks: args.endpoints.allow_private_networks,
-        embedding_model_dir: args.embedding_model_dir.clone(),
+        builtin_source: args.builtin_source().map_err(anyhow::Error::msg)?,
         builtin_model: Default::default(),
         http: upload::net::HttpClients::new(args.endpoints.allow_private_networks),
         metrics,

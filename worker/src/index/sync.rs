@@ -31,7 +31,7 @@ use stowage_common::state::index::{self as store, NewChunk, Source};
 use tracing::{debug, info, warn};
 
 use super::chunk::chunk;
-use super::embed::{Batcher, BuiltinModel, Embedder, RemoteEmbedder, Retry};
+use super::embed::{Batcher, Embedder, RemoteEmbedder, Retry};
 use super::extract::{DEFAULT_MAX_BYTES, extract};
 use super::plan::{self, Head, Indexed, Listed, Plan, Recorded, content_hash, hash_candidates};
 use crate::Context;
@@ -179,22 +179,23 @@ pub(crate) async fn embedder(
     spec: &Embedding,
 ) -> Result<Embedder, IndexError> {
     if spec.provider == EmbeddingProvider::Builtin {
-        let Some(dir) = ctx.embedding_model_dir.clone() else {
+        let Some(source) = ctx.builtin_source.clone() else {
             return Err(IndexError::Model(
-                "the collection uses the builtin embedding model, but this worker has no \
-                 --embedding-model-dir (STOWAGE_EMBEDDING_MODEL_DIR; `scripts/stack install model` \
-                 unpacks it)"
+                "the collection uses the builtin embedding model, but this worker has neither \
+                 --embedding-onnx-dir (STOWAGE_EMBEDDING_ONNX_DIR; `scripts/stack install onnx`) \
+                 nor --embedding-model-dir (STOWAGE_EMBEDDING_MODEL_DIR; `scripts/stack install \
+                 model` unpacks it)"
                     .to_string(),
             ));
         };
         let model = ctx
             .builtin_model
             .get_or_try_init(|| async move {
-                let loaded = tokio::task::spawn_blocking(move || BuiltinModel::load(&dir))
+                let loaded = tokio::task::spawn_blocking(move || source.load())
                     .await
                     .map_err(|e| IndexError::Model(format!("loading the builtin model: {e}")))?
                     .map_err(|e| IndexError::Model(e.to_string()))?;
-                info!("builtin embedding model loaded");
+                info!(backend = %loaded.backend(), "builtin embedding model loaded");
                 Batcher::start(Arc::new(loaded), ctx.metrics.clone())
                     .map(Arc::new)
                     .map_err(|e| IndexError::Model(e.to_string()))

@@ -2,8 +2,10 @@
 //! figures and ratios; asserts nothing. Run `bench/index.sh` (which builds
 //! this in release mode and loads the stack's settings), or see `--help`.
 //!
-//! - `embed`: the built-in model (candle) against the Python reference
-//!   (sentence-transformers, same weights) on the same texts, in one run.
+//! - `embed`: the built-in model (candle; ONNX Runtime fp32 and int8) against
+//!   the Python reference (sentence-transformers, same weights) on the same
+//!   texts, in one run: throughput per wall second and per CPU-second, and
+//!   agreement of the vectors.
 //! - `index`: one sync run over a generated corpus of documents.
 //! - `search`: search latency per mode over N generated chunks, against an
 //!   exact (sequential-scan) vector search as the reference.
@@ -23,7 +25,8 @@ use stowage_common::state::collections::{self, NewCollection};
 use stowage_common::state::index::{self as store, Mode, Query};
 use stowage_common::testing::{StackEnv, fresh_database, fresh_schema, unique};
 use stowage_proto::v1::{CollectionProgress, SyncCollection, Task, task};
-use stowage_worker::index::embed::BuiltinModel;
+use stowage_worker::index::embed::onnx::available_cpus;
+use stowage_worker::index::embed::{BuiltinModel, OnnxOptions, Precision};
 
 use corpus::Generator;
 
@@ -36,7 +39,7 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Cmd {
-    /// Embedding throughput: the built-in model vs the Python reference.
+    /// Embedding throughput: the built-in model's backends vs the Python reference.
     Embed {
         /// Chunk-sized texts to embed.
         #[arg(long, default_value_t = 512)]
@@ -92,6 +95,115 @@ fn model_dir(env: &StackEnv) -> anyhow::Result<PathBuf> {
         .context("STOWAGE_EMBEDDING_MODEL_DIR is not set: scripts/stack install model")
 }
 
+/// CPU time this process has used (all threads, user + system), from
+/// `/proc/self/stat` (clock ticks of 1/100 s, Linux's USER_HZ).
+fn cpu_seconds() -> f64 {
+    let stat = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
+    // Fields after the command name, which is in parentheses and may hold spaces.
+    let rest = stat.rsplit_once(") ").map_or("", |(_, r)| r);
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let ticks = |i: usize| {
+        fields
+            .get(i)
+            .and_then(|f| f.parse::<f64>().ok())
+            .unwrap_or(0.0)
+    };
+    // utime and stime are fields 14 and 15 of the line, 12 and 13 after the name.
+    (ticks(11) + ticks(12)) / 100.0
+}
+
+/// One implementation's run over the texts.
+struct Run {
+    name: String,
+    seconds: f64,
+    cpu: f64,
+    vectors: Vec<Vec<f32>>,
+}
+
+impl Run {
+    fn print(&self, n: usize, reference: Option<&Run>) {
+        let ratio = |ours: f64, theirs: f64| {
+            if theirs > 0.0 {
+                format!("{:>6.2}", ours / theirs)
+            } else {
+                format!("{:>6}", "-")
+            }
+        };
+        let (per_s, per_cpu) = (n as f64 / self.seconds, n as f64 / self.cpu.max(1e-9));
+        let (vs_s, vs_cpu) = match reference {
+            Some(r) => (
+                ratio(per_s, n as f64 / r.seconds),
+                ratio(per_cpu, n as f64 / r.cpu.max(1e-9)),
+            ),
+            None => (format!("{:>6}", "-"), format!("{:>6}", "-")),
+        };
+        println!(
+            "{:<40} {:>8.2} {:>8.2} {:>9.1} {:>11.1} {vs_s} {vs_cpu}",
+            self.name, self.seconds, self.cpu, per_s, per_cpu
+        );
+    }
+}
+
+fn cosines(a: &[Vec<f32>], b: &[Vec<f32>]) -> (f32, f32) {
+    let c: Vec<f32> = a
+        .iter()
+        .zip(b)
+        .map(|(x, y)| x.iter().zip(y).map(|(p, q)| p * q).sum::<f32>())
+        .collect();
+    let min = c.iter().copied().fold(f32::INFINITY, f32::min);
+    (min, c.iter().sum::<f32>() / c.len().max(1) as f32)
+}
+
+/// Mean share of each text's 10 nearest neighbours (among the other texts,
+/// by cosine) that `b` finds as `a` does: what a vector search would return.
+fn neighbour_overlap(a: &[Vec<f32>], b: &[Vec<f32>], k: usize) -> f64 {
+    let top = |vs: &[Vec<f32>], i: usize| -> Vec<usize> {
+        let mut scored: Vec<(f32, usize)> = vs
+            .iter()
+            .enumerate()
+            .filter(|(j, _)| *j != i)
+            .map(|(j, v)| (v.iter().zip(&vs[i]).map(|(p, q)| p * q).sum::<f32>(), j))
+            .collect();
+        scored.sort_by(|x, y| y.0.total_cmp(&x.0));
+        scored.into_iter().take(k).map(|(_, j)| j).collect()
+    };
+    let n = a.len().min(b.len());
+    let shared: usize = (0..n)
+        .map(|i| {
+            let ta = top(a, i);
+            top(b, i).iter().filter(|j| ta.contains(j)).count()
+        })
+        .sum();
+    shared as f64 / (n.max(1) * k) as f64
+}
+
+/// The fastest of `batches` for one backend.
+fn best_run(
+    name: &str,
+    mut model: BuiltinModel,
+    texts: &[String],
+    batches: &[usize],
+) -> anyhow::Result<Run> {
+    model.embed(&texts[..texts.len().min(32)])?; // warm-up
+    let mut best: Option<Run> = None;
+    for &batch in batches {
+        model = model.with_batch(batch);
+        let (t0, c0) = (Instant::now(), cpu_seconds());
+        let vectors = model.embed(texts)?;
+        let run = Run {
+            name: format!("{name}, batch {batch}"),
+            seconds: t0.elapsed().as_secs_f64(),
+            cpu: cpu_seconds() - c0,
+            vectors,
+        };
+        run.print(texts.len(), None);
+        if best.as_ref().is_none_or(|b| run.cpu < b.cpu) {
+            best = Some(run);
+        }
+    }
+    best.context("no batch size given")
+}
+
 async fn embed(n: usize, python: Option<PathBuf>, batches: &[usize]) -> anyhow::Result<()> {
     let env = StackEnv::load();
     let dir = model_dir(&env)?;
@@ -100,67 +212,95 @@ async fn embed(n: usize, python: Option<PathBuf>, batches: &[usize]) -> anyhow::
     let file = tempfile::NamedTempFile::new()?;
     std::fs::write(file.path(), serde_json::to_vec(&texts)?)?;
 
-    let mut model = BuiltinModel::load(&dir)?;
-    model.embed(&texts[..texts.len().min(32)])?; // warm-up
-    println!("embedding {n} chunk-sized texts, all-MiniLM-L6-v2, CPU");
     println!(
-        "{:<34} {:>9} {:>10}",
-        "implementation", "seconds", "texts/s"
+        "embedding {n} chunk-sized texts, all-MiniLM-L6-v2, CPU ({} CPUs available)",
+        available_cpus()
     );
-    let (mut ours, mut rust_s) = (Vec::new(), f64::INFINITY);
-    for &batch in batches {
-        model = model.with_batch(batch);
-        let t0 = Instant::now();
-        let vectors = model.embed(&texts)?;
-        let seconds = t0.elapsed().as_secs_f64();
-        println!(
-            "{:<34} {:>9.2} {:>10.1}",
-            format!("stowage builtin (candle), batch {batch}"),
-            seconds,
-            n as f64 / seconds
-        );
-        if seconds < rust_s {
-            (ours, rust_s) = (vectors, seconds);
+    println!(
+        "{:<40} {:>8} {:>8} {:>9} {:>11} {:>6} {:>6}",
+        "implementation", "wall s", "CPU s", "texts/s", "texts/CPU-s", "×ref", "×refCPU"
+    );
+    let mut runs = vec![best_run(
+        "candle",
+        BuiltinModel::load(&dir)?,
+        &texts,
+        batches,
+    )?];
+    match (
+        env.try_get("STOWAGE_ONNX_MODEL_DIR"),
+        env.try_get("STOWAGE_ONNX_RUNTIME"),
+    ) {
+        (Some(onnx_dir), Some(runtime)) => {
+            for precision in [Precision::Fp32, Precision::Int8] {
+                let options = OnnxOptions {
+                    runtime: runtime.clone().into(),
+                    dir: onnx_dir.clone().into(),
+                    precision,
+                    threads: 0,
+                };
+                let name = format!("onnxruntime {}", precision.as_str());
+                let model = BuiltinModel::load_onnx(&options)?;
+                runs.push(best_run(&name, model, &texts, batches)?);
+            }
         }
+        _ => println!("(no ONNX Runtime: scripts/stack install onnx)"),
     }
-    let Some(python) = python.or_else(|| env.try_get("STOWAGE_EMBEDREF_PYTHON").map(PathBuf::from))
-    else {
-        println!("(no Python reference: scripts/stack install embedref)");
-        return Ok(());
-    };
-    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/embedding/reference.py");
-    let out = std::process::Command::new(&python)
-        .args([script, "bench", &file.path().display().to_string()])
-        .env("STOWAGE_EMBEDDING_MODEL_DIR", &dir)
-        .output()?;
-    if !out.status.success() {
-        bail!(
-            "reference.py failed: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
+    let reference =
+        match python.or_else(|| env.try_get("STOWAGE_EMBEDREF_PYTHON").map(PathBuf::from)) {
+            None => {
+                println!("(no Python reference: scripts/stack install embedref)");
+                None
+            }
+            Some(python) => {
+                let script = concat!(env!("CARGO_MANIFEST_DIR"), "/embedding/reference.py");
+                let out = std::process::Command::new(&python)
+                    .args([script, "bench", &file.path().display().to_string()])
+                    .env("STOWAGE_EMBEDDING_MODEL_DIR", &dir)
+                    .output()?;
+                if !out.status.success() {
+                    bail!(
+                        "reference.py failed: {}",
+                        String::from_utf8_lossy(&out.stderr)
+                    );
+                }
+                let line = String::from_utf8_lossy(&out.stdout);
+                let mut answer: serde_json::Value =
+                    serde_json::from_str(line.lines().last().unwrap_or("{}"))
+                        .context("reference output")?;
+                Some(Run {
+                    name: "sentence-transformers (torch), batch 32".into(),
+                    seconds: answer["seconds"].as_f64().context("reference seconds")?,
+                    cpu: answer["cpu_seconds"].as_f64().unwrap_or(0.0),
+                    vectors: serde_json::from_value(answer["vectors"].take()).unwrap_or_default(),
+                })
+            }
+        };
+    println!("\nbest batch of each (lowest CPU time), ×ref = throughput / the reference's:");
+    if let Some(r) = &reference {
+        r.print(n, None);
     }
-    let line = String::from_utf8_lossy(&out.stdout);
-    let mut answer: serde_json::Value =
-        serde_json::from_str(line.lines().last().unwrap_or("{}")).context("reference output")?;
-    let py_s = answer["seconds"].as_f64().context("reference seconds")?;
-    println!(
-        "{:<34} {:>9.2} {:>10.1}",
-        "sentence-transformers, batch 32",
-        py_s,
-        n as f64 / py_s
-    );
-    println!(
-        "stowage (best batch) / reference throughput: {:.2}",
-        py_s / rust_s
-    );
-    // Agreement on these texts too (the test checks the fixture).
-    if let Ok(reference) = serde_json::from_value::<Vec<Vec<f32>>>(answer["vectors"].take()) {
-        let worst = ours
-            .iter()
-            .zip(&reference)
-            .map(|(a, b)| a.iter().zip(b).map(|(x, y)| x * y).sum::<f32>())
-            .fold(f32::INFINITY, f32::min);
-        println!("lowest cosine between the two on these texts: {worst:.6}");
+    for run in &runs {
+        run.print(n, reference.as_ref());
+    }
+    println!("\nagreement on these texts (cosine min / mean; top-10 neighbour overlap):");
+    let fp32 = &runs[0];
+    for run in &runs {
+        if let Some(r) = reference.as_ref().filter(|r| !r.vectors.is_empty()) {
+            let (min, mean) = cosines(&run.vectors, &r.vectors);
+            println!(
+                "{:<40} vs reference: {min:.6} / {mean:.6}; overlap {:.3}",
+                run.name,
+                neighbour_overlap(&r.vectors, &run.vectors, 10)
+            );
+        }
+        if !std::ptr::eq(run, fp32) {
+            let (min, mean) = cosines(&run.vectors, &fp32.vectors);
+            println!(
+                "{:<40} vs candle:    {min:.6} / {mean:.6}; overlap {:.3}",
+                run.name,
+                neighbour_overlap(&fp32.vectors, &run.vectors, 10)
+            );
+        }
     }
     Ok(())
 }

@@ -38,8 +38,11 @@ impl Batcher {
         Ok(Batcher { model, queue })
     }
 
-    /// The model itself, for callers that must not wait behind a batch
-    /// (a search query; not counted in the batch metrics).
+    /// The model itself, for callers that must not wait behind a queue of
+    /// batches (a search query; not counted in the batch metrics). On ONNX
+    /// Runtime it still waits for the forward pass in progress, if any: the
+    /// one session already uses every CPU, so a second one would only take
+    /// turns with it.
     pub fn model(&self) -> &Arc<BuiltinModel> {
         &self.model
     }

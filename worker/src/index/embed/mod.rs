@@ -1,20 +1,24 @@
 //! Embeddings: text → unit-length vectors (cosine distance is then the dot
 //! product), from the built-in model or a remote provider.
 //!
-//! - [`builtin`]: all-MiniLM-L6-v2 on the CPU (candle), no network.
+//! - [`builtin`]: all-MiniLM-L6-v2 on the CPU, no network: ONNX Runtime
+//!   ([`onnx`]) or candle.
 //! - [`batch`]: the built-in model batched across a worker's documents.
 //! - [`remote`]: OpenAI-compatible, Ollama and Hugging Face TEI over HTTP.
 
 pub mod batch;
 pub mod builtin;
+pub mod onnx;
 pub mod remote;
 
+use std::path::PathBuf;
 use std::sync::Arc;
 
 use stowage_common::errors::{Classify, ErrorClass};
 
 pub use batch::Batcher;
 pub use builtin::BuiltinModel;
+pub use onnx::{OnnxOptions, Precision};
 pub use remote::{RemoteEmbedder, Retry};
 
 #[derive(Debug, thiserror::Error)]
@@ -46,6 +50,26 @@ impl Classify for EmbedError {
             }
             EmbedError::Transport(_) => ErrorClass::Retryable,
             _ => ErrorClass::Permanent,
+        }
+    }
+}
+
+/// Where the built-in model comes from, and which backend runs it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum BuiltinSource {
+    /// candle, from the folder with `config.json`, `tokenizer.json` and
+    /// `model.safetensors`.
+    Candle(PathBuf),
+    /// ONNX Runtime.
+    Onnx(OnnxOptions),
+}
+
+impl BuiltinSource {
+    /// Loads the model (blocking: reads ~90 MB, builds the session).
+    pub fn load(&self) -> Result<BuiltinModel, EmbedError> {
+        match self {
+            BuiltinSource::Candle(dir) => BuiltinModel::load(dir),
+            BuiltinSource::Onnx(options) => BuiltinModel::load_onnx(options),
         }
     }
 }
