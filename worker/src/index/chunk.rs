@@ -121,8 +121,11 @@ fn split(
     bounds.sort_unstable();
     bounds.dedup();
     bounds.push(text.len());
-    let md_splitter = markdown.then(|| MarkdownSplitter::new(config.clone()));
-    let text_splitter = (!markdown).then(|| TextSplitter::new(config));
+    let (md_splitter, text_splitter) = if markdown {
+        (Some(MarkdownSplitter::new(config)), None)
+    } else {
+        (None, Some(TextSplitter::new(config)))
+    };
     let mut pieces: Vec<Piece> = Vec::new();
     for w in bounds.windows(2) {
         let (a, b) = (w[0], w[1]);

@@ -718,9 +718,11 @@ impl Out {
 
     /// Text with whitespace collapsed.
     fn inline(&mut self, s: &str) {
-        for word in s.split(|c: char| c.is_whitespace()) {
-            if word.is_empty() {
+        for (i, word) in s.split(char::is_whitespace).enumerate() {
+            if i > 0 {
                 self.space = true;
+            }
+            if word.is_empty() {
                 continue;
             }
             if !self.room(word.len().saturating_add(2)) {
@@ -729,9 +731,6 @@ impl Out {
             self.flush();
             self.text.push_str(word);
             self.space = false;
-        }
-        if s.ends_with(char::is_whitespace) {
-            self.space = true;
         }
     }
 
