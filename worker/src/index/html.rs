@@ -739,13 +739,20 @@ impl Out {
 
     /// Preformatted text: lines kept, trailing blanks dropped.
     fn pre(&mut self, s: &str) {
+        let mut lines = s.split('\n').peekable();
         let mut first = true;
-        for line in s.split('\n') {
+        while let Some(line) = lines.next() {
             if !first {
                 self.block(1);
             }
             first = false;
-            let line = line.trim_end();
+            // Spaces between inline elements of a line stay; a line's
+            // trailing blanks go.
+            let line = if lines.peek().is_some() {
+                line.trim_end()
+            } else {
+                line
+            };
             if line.is_empty() {
                 continue;
             }
