@@ -63,7 +63,10 @@ const MAX_CONTEXT_BYTES: usize = 600;
 /// to the label before it, is not repeated; without labels, the text.
 pub fn context(title: Option<&str>, heading_path: &[String], text: &str) -> String {
     let mut labels: Vec<&str> = Vec::new();
-    for label in title.into_iter().chain(heading_path.iter().map(String::as_str)) {
+    for label in title
+        .into_iter()
+        .chain(heading_path.iter().map(String::as_str))
+    {
         let label = label.trim();
         if label.is_empty() || labels.contains(&label) {
             continue;
@@ -333,7 +336,10 @@ Apply an UploadJob and watch it with kubectl.\n";
         for c in &chunks {
             assert_eq!(&doc.text[c.byte_start..c.byte_end], c.text);
             assert!(c.text.chars().count() <= 1000);
-            assert!(!c.heading_path.is_empty(), "every chunk is under a heading: {c:?}");
+            assert!(
+                !c.heading_path.is_empty(),
+                "every chunk is under a heading: {c:?}"
+            );
             // A heading never ends a chunk: it starts the next one.
             for h in &doc.headings {
                 assert!(
@@ -351,7 +357,10 @@ Apply an UploadJob and watch it with kubectl.\n";
         assert_eq!(concurrently.heading_path, ["Parameters"]);
         let examples = chunks
             .iter()
-            .find(|c| c.text.contains("CREATE UNIQUE INDEX title_idx ON films (title);"))
+            .find(|c| {
+                c.text
+                    .contains("CREATE UNIQUE INDEX title_idx ON films (title);")
+            })
             .expect("the first example");
         assert_eq!(examples.heading_path, ["Examples"]);
         assert!(
@@ -368,7 +377,11 @@ Apply an UploadJob and watch it with kubectl.\n";
         let chunks = chunk_document(&doc, &Chunking::default()).expect("chunks");
         assert!((3..=8).contains(&chunks.len()), "{chunks:#?}");
         assert!(chunks[0].text.starts_with("5.1. Table Basics"));
-        assert!(chunks.iter().all(|c| c.heading_path == ["5.1. Table Basics"]));
+        assert!(
+            chunks
+                .iter()
+                .all(|c| c.heading_path == ["5.1. Table Basics"])
+        );
         assert!(median(&chunks) > 500, "{chunks:#?}");
     }
 
@@ -381,22 +394,40 @@ Apply an UploadJob and watch it with kubectl.\n";
         assert!(median(&chunks) > 700, "{}", median(&chunks));
         let catalog = html("catalog-pg-class.html");
         let chunks = chunk_document(&catalog, &Chunking::default()).expect("chunks");
-        assert!((8..40).contains(&chunks.len()) && median(&chunks) > 500, "{}", chunks.len());
+        assert!(
+            (8..40).contains(&chunks.len()) && median(&chunks) > 500,
+            "{}",
+            chunks.len()
+        );
     }
 
     #[test]
     fn borders_duplicates_and_fragments() {
         let plain = |text: &str, size: u32| {
-            chunk(text, Format::Plain, &cfg(ChunkingStrategy::Recursive, size, 0)).expect("chunks")
+            chunk(
+                text,
+                Format::Plain,
+                &cfg(ChunkingStrategy::Recursive, size, 0),
+            )
+            .expect("chunks")
         };
         assert!(plain("┌────┐\n│    │\n└────┘\n\n----\n\n****", 64).is_empty());
         let text = "The same paragraph, said once.\n\nThe same paragraph, said once.\n\n\
                     And then something else entirely.";
         let chunks = plain(text, 40);
         let texts: Vec<&str> = chunks.iter().map(|c| c.text.as_str()).collect();
-        assert_eq!(texts, ["The same paragraph, said once.", "And then something else entirely."]);
+        assert_eq!(
+            texts,
+            [
+                "The same paragraph, said once.",
+                "And then something else entirely."
+            ]
+        );
         // Fragments under a quarter of the size join a neighbour.
-        let chunks = plain("Short.\n\nA much longer paragraph follows the short one here.", 100);
+        let chunks = plain(
+            "Short.\n\nA much longer paragraph follows the short one here.",
+            100,
+        );
         assert_eq!(chunks.len(), 1, "{chunks:?}");
         assert_eq!(chunks[0].char_end, chunks[0].text.chars().count());
     }
@@ -408,12 +439,21 @@ Apply an UploadJob and watch it with kubectl.\n";
             text: "Chapter 5\n\n5.1 Basics\n\nTables hold rows.".into(),
             title: None,
             headings: vec![
-                Heading { offset: 0, level: 1, text: "Chapter 5".into() },
-                Heading { offset: 11, level: 2, text: "5.1 Basics".into() },
+                Heading {
+                    offset: 0,
+                    level: 1,
+                    text: "Chapter 5".into(),
+                },
+                Heading {
+                    offset: 11,
+                    level: 2,
+                    text: "5.1 Basics".into(),
+                },
             ],
             truncated: false,
         };
-        let chunks = chunk_document(&doc, &cfg(ChunkingStrategy::Markdown, 200, 0)).expect("chunks");
+        let chunks =
+            chunk_document(&doc, &cfg(ChunkingStrategy::Markdown, 200, 0)).expect("chunks");
         assert_eq!(chunks.len(), 1, "{chunks:?}");
         assert_eq!(chunks[0].text, doc.text);
         assert_eq!(chunks[0].heading_path, ["Chapter 5"]);
@@ -423,10 +463,15 @@ Apply an UploadJob and watch it with kubectl.\n";
         let next = body.len() + 2;
         let doc = Extracted {
             text: text.clone(),
-            headings: vec![Heading { offset: next, level: 2, text: "Next".into() }],
+            headings: vec![Heading {
+                offset: next,
+                level: 2,
+                text: "Next".into(),
+            }],
             ..doc
         };
-        let chunks = chunk_document(&doc, &cfg(ChunkingStrategy::Markdown, 200, 0)).expect("chunks");
+        let chunks =
+            chunk_document(&doc, &cfg(ChunkingStrategy::Markdown, 200, 0)).expect("chunks");
         assert_eq!(chunks.len(), 2, "{chunks:?}");
         assert!(chunks[1].text.starts_with("Next") && chunks[1].heading_path == ["Next"]);
     }

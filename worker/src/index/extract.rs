@@ -151,7 +151,8 @@ pub fn extract(
         Format::Html => {
             // As a browser reads it: a broken byte is a replacement
             // character, not a reason to lose the page.
-            let source = String::from_utf8_lossy(bytes.strip_prefix(b"\xEF\xBB\xBF").unwrap_or(bytes));
+            let source =
+                String::from_utf8_lossy(bytes.strip_prefix(b"\xEF\xBB\xBF").unwrap_or(bytes));
             let page = html::extract(&source);
             out.text = page.text;
             out.title = page.title;
@@ -207,7 +208,8 @@ fn front_matter(source: &str) -> (Option<String>, &str) {
         if i > 0 && trimmed == fence {
             return (title, &source[offset..]);
         }
-        if i > 0 && title.is_none()
+        if i > 0
+            && title.is_none()
             && let Some((key, value)) = trimmed.split_once([':', '='])
             && key.trim() == "title"
         {
@@ -299,7 +301,10 @@ fn pdf(bytes: &[u8]) -> Result<String, ExtractError> {
 /// A line that is only a page number: `12`, `- 12 -`, `Page 3`, `3 of 10`,
 /// `Page 3 of 10`, `iv`.
 fn page_number(line: &str) -> bool {
-    let l = line.trim().trim_matches(['-', '–', '—', ' ']).to_ascii_lowercase();
+    let l = line
+        .trim()
+        .trim_matches(['-', '–', '—', ' '])
+        .to_ascii_lowercase();
     let l = l.strip_prefix("page").map_or(l.as_str(), str::trim);
     if l.is_empty() {
         return false;
@@ -320,7 +325,11 @@ fn page_number(line: &str) -> bool {
 /// looks the same on every page.
 fn running_key(line: &str) -> String {
     line.split_whitespace()
-        .map(|w| w.chars().filter(|c| !c.is_ascii_digit()).collect::<String>())
+        .map(|w| {
+            w.chars()
+                .filter(|c| !c.is_ascii_digit())
+                .collect::<String>()
+        })
         .collect::<Vec<_>>()
         .join(" ")
 }
@@ -554,9 +563,17 @@ pub(crate) mod tests {
         assert_eq!(md.title.as_deref(), Some("Install guide"));
         assert_eq!(md.text, "# Installing\n\nRun it.\n");
         assert_eq!(md.headings.len(), 1);
-        assert_eq!((md.headings[0].offset, md.headings[0].text.as_str()), (0, "Installing"));
-        let md = extract(None, "b.md", b"intro\n\n# First\n\n## Second\n", DEFAULT_MAX_BYTES)
-            .expect("md");
+        assert_eq!(
+            (md.headings[0].offset, md.headings[0].text.as_str()),
+            (0, "Installing")
+        );
+        let md = extract(
+            None,
+            "b.md",
+            b"intro\n\n# First\n\n## Second\n",
+            DEFAULT_MAX_BYTES,
+        )
+        .expect("md");
         assert_eq!(md.title.as_deref(), Some("First"), "the first # heading");
         let md = extract(None, "c.md", b"---\nnot closed\n", DEFAULT_MAX_BYTES).expect("md");
         assert_eq!(md.text, "---\nnot closed\n");
@@ -568,8 +585,13 @@ pub(crate) mod tests {
         let doc = extract(Some("text/html"), "p.html", html, DEFAULT_MAX_BYTES).expect("html");
         assert_eq!(doc.title.as_deref(), Some("Caf\u{fffd}"));
         assert!(doc.text.starts_with("crème \u{fffd} br"), "{:?}", doc.text);
-        let e = extract(Some("text/html"), "e.html", b"<nav>only a menu</nav>", DEFAULT_MAX_BYTES)
-            .expect_err("nothing to read");
+        let e = extract(
+            Some("text/html"),
+            "e.html",
+            b"<nav>only a menu</nav>",
+            DEFAULT_MAX_BYTES,
+        )
+        .expect_err("nothing to read");
         assert_eq!(e, ExtractError::Empty("html"));
     }
 
@@ -585,8 +607,15 @@ pub(crate) mod tests {
             .collect();
         let text = pdf_pages(&pages);
         assert!(!text.contains("ACME Handbook"), "{text}");
-        assert!(!text.contains("- 1 -") && !text.lines().any(|l| l.trim() == "- 3 -"), "{text}");
-        assert!(text.starts_with("Body of page 1 with its own words.\nMore of page 1.\n\nBody of page 2"));
+        assert!(
+            !text.contains("- 1 -") && !text.lines().any(|l| l.trim() == "- 3 -"),
+            "{text}"
+        );
+        assert!(
+            text.starts_with(
+                "Body of page 1 with its own words.\nMore of page 1.\n\nBody of page 2"
+            )
+        );
         assert!(page_number("Page 3 of 10") && page_number("xiv") && page_number("12"));
         assert!(!page_number("12 apples") && !page_number("Chapter 12"));
         // Fewer than three pages: nothing is taken for a running header.
@@ -600,8 +629,13 @@ pub(crate) mod tests {
             format!("<table><tr>{}", "<td>x".repeat(100_000)),
             "<h1>a</h1><br><br><p>b</p><li>c".repeat(10_000),
         ] {
-            let doc = extract(Some("text/html"), "x.html", html.as_bytes(), DEFAULT_MAX_BYTES)
-                .expect("html");
+            let doc = extract(
+                Some("text/html"),
+                "x.html",
+                html.as_bytes(),
+                DEFAULT_MAX_BYTES,
+            )
+            .expect("html");
             assert!(doc.text.len() <= html.len() + super::html::SLACK);
         }
     }

@@ -80,10 +80,7 @@ pub struct Page {
 /// Parses `html` and extracts its main content.
 pub fn extract(html: &str) -> Page {
     let dom = parse(html);
-    let limit = html
-        .len()
-        .saturating_add(SLACK)
-        .min(MAX_TEXT_BYTES);
+    let limit = html.len().saturating_add(SLACK).min(MAX_TEXT_BYTES);
     let mut page = render(&dom, limit);
     page.truncated |= dom.truncated;
     page
@@ -223,7 +220,10 @@ impl Sink {
     }
 
     fn handle(&self, id: u32) -> Handle {
-        Handle { id, name: no_name() }
+        Handle {
+            id,
+            name: no_name(),
+        }
     }
 }
 
@@ -429,7 +429,8 @@ impl TreeSink for Sink {
         let mut nodes = self.nodes.borrow_mut();
         if let Data::Element { attrs, .. } = &mut nodes[target.id as usize].data {
             for a in add {
-                if KEPT_ATTRS.contains(&a.name.local) && !attrs.iter().any(|(k, _)| *k == a.name.local)
+                if KEPT_ATTRS.contains(&a.name.local)
+                    && !attrs.iter().any(|(k, _)| *k == a.name.local)
                 {
                     attrs.push((a.name.local, a.value));
                 }
@@ -822,7 +823,10 @@ fn kind(dom: &Dom, id: u32, stats: &[Stats], heuristic: bool) -> Kind {
         return Kind::Heading(level);
     }
     let block = match *l {
-        local_name!("pre") | local_name!("listing") | local_name!("xmp") | local_name!("plaintext") => {
+        local_name!("pre")
+        | local_name!("listing")
+        | local_name!("xmp")
+        | local_name!("plaintext") => {
             return Kind::Pre;
         }
         local_name!("table") => return Kind::Table,
@@ -868,7 +872,9 @@ fn link_dense(s: &Stats) -> bool {
 
 /// An anchor that only marks a place: `¶`, `#`, `§`, or classed so.
 fn is_permalink(dom: &Dom, id: u32, stats: &[Stats]) -> bool {
-    if dom.has_class(id, "headerlink") || dom.has_class(id, "anchor") || dom.has_class(id, "id_link")
+    if dom.has_class(id, "headerlink")
+        || dom.has_class(id, "anchor")
+        || dom.has_class(id, "id_link")
     {
         return true;
     }
@@ -1109,11 +1115,18 @@ pub(crate) mod tests {
     fn assert_no_nav(text: &str) {
         for nav in ["Prev", "Next", "Up", "Home", "Submit correction"] {
             assert!(
-                !text.lines().any(|l| l.trim() == nav || l.starts_with(&format!("{nav} |"))),
+                !text
+                    .lines()
+                    .any(|l| l.trim() == nav || l.starts_with(&format!("{nav} |"))),
                 "navigation {nav:?} in the text"
             );
         }
-        for nav in ["Prev Up", "Home Next", "Prev | Up", "If you see anything in the documentation"] {
+        for nav in [
+            "Prev Up",
+            "Home Next",
+            "Prev | Up",
+            "If you see anything in the documentation",
+        ] {
             assert!(!text.contains(nav), "navigation {nav:?} in the text");
         }
     }
@@ -1133,15 +1146,29 @@ pub(crate) mod tests {
             "the content starts with its heading, not the navigation: {:?}",
             &page.text[..200.min(page.text.len())]
         );
-        assert!(page.text.contains("A table in a relational database is much like a table on paper"));
+        assert!(
+            page.text
+                .contains("A table in a relational database is much like a table on paper")
+        );
         assert_no_nav(&page.text);
-        assert!(!page.text.contains("Chapter 5. Data Definition"), "the header's chapter line");
-        assert!(!page.text.contains("5.2. Default Values"), "the footer's next link");
+        assert!(
+            !page.text.contains("Chapter 5. Data Definition"),
+            "the header's chapter line"
+        );
+        assert!(
+            !page.text.contains("5.2. Default Values"),
+            "the footer's next link"
+        );
         for h in &page.headings {
             assert!(page.text[h.offset..].starts_with(&h.text), "{h:?}");
         }
         // SQL examples keep their lines.
-        assert!(page.text.contains("CREATE TABLE my_first_table (\n    first_column text,"), "{}", page.text);
+        assert!(
+            page.text
+                .contains("CREATE TABLE my_first_table (\n    first_column text,"),
+            "{}",
+            page.text
+        );
         assert!(!page.text.contains("  \n") && !page.text.contains("\n\n\n"));
     }
 
@@ -1154,8 +1181,18 @@ pub(crate) mod tests {
             .iter()
             .map(|h| (h.level, h.text.as_str()))
             .collect();
-        for want in ["Synopsis", "Description", "Parameters", "Notes", "Examples", "See Also"] {
-            assert!(headings.iter().any(|(_, t)| *t == want), "{want} in {headings:?}");
+        for want in [
+            "Synopsis",
+            "Description",
+            "Parameters",
+            "Notes",
+            "Examples",
+            "See Also",
+        ] {
+            assert!(
+                headings.iter().any(|(_, t)| *t == want),
+                "{want} in {headings:?}"
+            );
         }
         assert!(!page.text.contains('¶'));
         assert_no_nav(&page.text);
@@ -1171,11 +1208,17 @@ pub(crate) mod tests {
             .lines()
             .find(|l| l.starts_with("relname name"))
             .expect("the relname row");
-        assert!(row.contains("Name of the table, index, view, etc."), "{row:?}");
+        assert!(
+            row.contains("Name of the table, index, view, etc."),
+            "{row:?}"
+        );
         for line in page.text.lines().filter(|l| !l.is_empty()) {
             assert_eq!(line, line.trim(), "no padding");
             assert!(!line.contains("  "), "no padding: {line:?}");
-            assert!(line.chars().any(char::is_alphanumeric), "no border line: {line:?}");
+            assert!(
+                line.chars().any(char::is_alphanumeric),
+                "no border line: {line:?}"
+            );
         }
     }
 
@@ -1195,8 +1238,15 @@ pub(crate) mod tests {
         let html = pg("ddl.html");
         let page = extract(&html);
         assert_eq!(page.title.as_deref(), Some("Chapter 5. Data Definition"));
-        assert!(page.text.contains("This chapter covers how one creates the database structures"));
-        assert!(!page.text.contains("5.1. Table Basics"), "the toc: {}", page.text);
+        assert!(
+            page.text
+                .contains("This chapter covers how one creates the database structures")
+        );
+        assert!(
+            !page.text.contains("5.1. Table Basics"),
+            "the toc: {}",
+            page.text
+        );
         assert!(page.text.len() < 2000, "{}", page.text.len());
     }
 
@@ -1205,7 +1255,12 @@ pub(crate) mod tests {
         let html = pg("bookindex.html");
         let page = extract(&html);
         assert_eq!(page.title.as_deref(), Some("Index"));
-        assert!(page.text.len() < html.len() / 2, "{} of {}", page.text.len(), html.len());
+        assert!(
+            page.text.len() < html.len() / 2,
+            "{} of {}",
+            page.text.len(),
+            html.len()
+        );
         assert!(page.text.contains("ABORT"));
         assert!(!page.truncated);
     }
@@ -1223,8 +1278,15 @@ pub(crate) mod tests {
              <footer>© me</footer></body></html>",
         );
         assert_eq!(page.title.as_deref(), Some("My page"));
-        assert_eq!(page.text, "Welcome\n\nRead the guide first.\n\nThen\n\nGo on.");
-        let headings: Vec<_> = page.headings.iter().map(|h| (h.offset, h.level, h.text.as_str())).collect();
+        assert_eq!(
+            page.text,
+            "Welcome\n\nRead the guide first.\n\nThen\n\nGo on."
+        );
+        let headings: Vec<_> = page
+            .headings
+            .iter()
+            .map(|h| (h.offset, h.level, h.text.as_str()))
+            .collect();
         assert_eq!(headings, [(0, 1, "Welcome"), (32, 2, "Then")]);
     }
 
@@ -1235,13 +1297,21 @@ pub(crate) mod tests {
              <main><h1>Doc</h1><p>Text</p></main><div>Footer-ish</div></body>",
         );
         assert_eq!(page.text, "Doc\n\nText");
-        assert_eq!(page.title.as_deref(), Some("Doc"), "the first heading without <title>");
+        assert_eq!(
+            page.title.as_deref(),
+            Some("Doc"),
+            "the first heading without <title>"
+        );
     }
 
     #[test]
     fn deep_nesting_stops_the_parse_not_the_worker() {
         let depth = 200_000;
-        let html = format!("{}deep text{}", "<div>".repeat(depth), "</div>".repeat(depth));
+        let html = format!(
+            "{}deep text{}",
+            "<div>".repeat(depth),
+            "</div>".repeat(depth)
+        );
         let t0 = std::time::Instant::now();
         let page = extract(&html);
         assert!(page.truncated);
@@ -1259,7 +1329,11 @@ pub(crate) mod tests {
         let html = format!("<table>{}</table>", row.repeat(5 * 1024 * 1024 / row.len()));
         let page = extract(&html);
         assert!(page.text.len() <= html.len() + SLACK, "{}", page.text.len());
-        assert!(page.text.starts_with("k | v\nk | v\n"), "{:?}", &page.text[..40]);
+        assert!(
+            page.text.starts_with("k | v\nk | v\n"),
+            "{:?}",
+            &page.text[..40]
+        );
         // Separators only: bounded too.
         let html = "<tr><td>".repeat(1_000_000);
         assert!(extract(&html).text.len() <= html.len() + SLACK);

@@ -432,8 +432,14 @@ pub(crate) async fn document(
             DocumentEnd::Indexed { chunks: 0 }
         }
         Ok(Prepared::Chunks { chunks, title }) => {
-            store::write_titled_document(&mut db, generation_id, &source, title.as_deref(), &chunks)
-                .await?;
+            store::write_titled_document(
+                &mut db,
+                generation_id,
+                &source,
+                title.as_deref(),
+                &chunks,
+            )
+            .await?;
             DocumentEnd::Indexed {
                 chunks: chunks.len() as i32,
             }
@@ -461,9 +467,7 @@ enum Prepared {
         title: Option<String>,
     },
     /// The bytes (of this SHA-256) and type the document was indexed from.
-    Unchanged {
-        sha256_hex: String,
-    },
+    Unchanged { sha256_hex: String },
     /// Not indexed by design, with the reason.
     Skipped(String),
 }
@@ -547,7 +551,10 @@ async fn fetch_and_index(
     metrics.extraction_input_bytes.inc_by(input_bytes as u64);
     if truncated {
         metrics.extractions_truncated.inc();
-        info!(key = object.key, "extraction stopped at a limit: the document is indexed in part");
+        info!(
+            key = object.key,
+            "extraction stopped at a limit: the document is indexed in part"
+        );
     }
     metrics.chunks_per_document.observe(pieces.len() as f64);
     // Embedded with its context; stored as the source said it.

@@ -196,10 +196,7 @@ fn read_dir(dir: &std::path::Path) -> anyhow::Result<Vec<(String, Vec<u8>)>> {
             if path.is_dir() {
                 todo.push(path);
             } else {
-                let key = path
-                    .strip_prefix(dir)?
-                    .to_string_lossy()
-                    .replace('\\', "/");
+                let key = path.strip_prefix(dir)?.to_string_lossy().replace('\\', "/");
                 out.push((key, std::fs::read(&path)?));
             }
         }
@@ -273,7 +270,11 @@ fn extract(dir: &std::path::Path, skip: &[String]) -> anyhow::Result<()> {
     }
     let seconds = t0.elapsed().as_secs_f64();
     lens.sort_unstable();
-    let pct = |q: f64| lens.get(((lens.len().max(1) - 1) as f64 * q) as usize).copied().unwrap_or(0);
+    let pct = |q: f64| {
+        lens.get(((lens.len().max(1) - 1) as f64 * q) as usize)
+            .copied()
+            .unwrap_or(0)
+    };
     println!(
         "extraction + chunking (size 1000, overlap 100) of {} files, {:.1} MiB: {docs} documents, {skipped} skipped",
         files.len(),
@@ -298,7 +299,10 @@ fn extract(dir: &std::path::Path, skip: &[String]) -> anyhow::Result<()> {
         no_path
     );
     if let Some(mib) = peak_rss_mib() {
-        println!("peak RSS {mib:.0} MiB (the files themselves: {:.0} MiB)", bytes as f64 / (1 << 20) as f64);
+        println!(
+            "peak RSS {mib:.0} MiB (the files themselves: {:.0} MiB)",
+            bytes as f64 / (1 << 20) as f64
+        );
     }
     Ok(())
 }
@@ -340,7 +344,10 @@ async fn index(
                 .collect()
         }
     };
-    let (files, bytes) = (corpus.len(), corpus.iter().map(|(_, t)| t.len()).sum::<usize>());
+    let (files, bytes) = (
+        corpus.len(),
+        corpus.iter().map(|(_, t)| t.len()).sum::<usize>(),
+    );
     futures::stream::iter(corpus)
         .map(|(key, body)| {
             let (s3, bucket) = (s3.clone(), bucket.clone());
