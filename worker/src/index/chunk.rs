@@ -274,7 +274,10 @@ Apply an UploadJob and watch it with kubectl.\n";
 
     #[test]
     fn recursive_chunks_overlap_and_cover_the_text() {
-        let text = "Stowage moves documents. ".repeat(40);
+        // Numbered: identical chunks of a document are dropped.
+        let text: String = (0..40)
+            .map(|i| format!("Stowage moves {i:02} documents. "))
+            .collect();
         let chunks = chunk(
             &text,
             Format::Plain,
@@ -380,7 +383,7 @@ Apply an UploadJob and watch it with kubectl.\n";
         assert!(
             chunks
                 .iter()
-                .all(|c| c.heading_path == ["5.1. Table Basics"])
+                .all(|c| c.heading_path.first().map(String::as_str) == Some("5.1. Table Basics"))
         );
         assert!(median(&chunks) > 500, "{chunks:#?}");
     }
@@ -395,7 +398,7 @@ Apply an UploadJob and watch it with kubectl.\n";
         let catalog = html("catalog-pg-class.html");
         let chunks = chunk_document(&catalog, &Chunking::default()).expect("chunks");
         assert!(
-            (8..40).contains(&chunks.len()) && median(&chunks) > 500,
+            (5..40).contains(&chunks.len()) && median(&chunks) > 500,
             "{}",
             chunks.len()
         );
