@@ -4,6 +4,7 @@ use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::Registry;
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -13,7 +14,12 @@ pub struct TaskLabels {
     pub outcome: &'static str,
 }
 
-#[derive(Clone, Default)]
+/// Upper bounds of the chunks-per-document histogram.
+const CHUNKS_PER_DOCUMENT_BUCKETS: [f64; 12] = [
+    1.0, 2.0, 5.0, 10.0, 20.0, 50.0, 100.0, 200.0, 500.0, 1000.0, 2000.0, 5000.0,
+];
+
+#[derive(Clone)]
 pub struct WorkerMetrics {
     pub tasks: Family<TaskLabels, Counter>,
     pub in_flight: Gauge,
@@ -24,6 +30,34 @@ pub struct WorkerMetrics {
     pub orphans_aborted: Counter,
     pub embedded_texts: Counter,
     pub embed_batches: Counter,
+    /// Chunks each indexed document made (after merging and dropping).
+    pub chunks_per_document: Histogram,
+    /// Bytes of text extracted from documents.
+    pub extracted_bytes: Counter,
+    /// Bytes of documents read for extraction.
+    pub extraction_input_bytes: Counter,
+    /// Documents whose extraction stopped at a limit.
+    pub extractions_truncated: Counter,
+}
+
+impl Default for WorkerMetrics {
+    fn default() -> Self {
+        WorkerMetrics {
+            tasks: Family::default(),
+            in_flight: Gauge::default(),
+            bytes_uploaded: Counter::default(),
+            parts_uploaded: Counter::default(),
+            parts_resumed: Counter::default(),
+            part_retries: Counter::default(),
+            orphans_aborted: Counter::default(),
+            embedded_texts: Counter::default(),
+            embed_batches: Counter::default(),
+            chunks_per_document: Histogram::new(CHUNKS_PER_DOCUMENT_BUCKETS),
+            extracted_bytes: Counter::default(),
+            extraction_input_bytes: Counter::default(),
+            extractions_truncated: Counter::default(),
+        }
+    }
 }
 
 impl WorkerMetrics {
@@ -70,6 +104,26 @@ impl WorkerMetrics {
             "builtin_embed_batches",
             "Batches the built-in model ran for indexing (texts / batches = batch size)",
             m.embed_batches.clone(),
+        );
+        r.register(
+            "index_chunks_per_document",
+            "Chunks an indexed document made",
+            m.chunks_per_document.clone(),
+        );
+        r.register(
+            "index_extracted_bytes",
+            "Bytes of text extracted from documents for indexing",
+            m.extracted_bytes.clone(),
+        );
+        r.register(
+            "index_extraction_input_bytes",
+            "Bytes of documents read for extraction (extracted / input = how much was text)",
+            m.extraction_input_bytes.clone(),
+        );
+        r.register(
+            "index_extractions_truncated",
+            "Documents whose extraction stopped at a size, node or depth limit",
+            m.extractions_truncated.clone(),
         );
         m
     }

@@ -680,6 +680,18 @@ pub async fn write_document(
     source: &Source,
     chunks: &[NewChunk],
 ) -> Result<(), StateError> {
+    write_titled_document(client, generation_id, source, None, chunks).await
+}
+
+/// [`write_document`] with the title the document gives itself, kept on
+/// the document and on each of its chunks (`''` without one).
+pub async fn write_titled_document(
+    client: &mut Client,
+    generation_id: i64,
+    source: &Source,
+    title: Option<&str>,
+    chunks: &[NewChunk],
+) -> Result<(), StateError> {
     let tx = client.transaction().await?;
     let old: Vec<i64> = tx
         .query(
@@ -693,8 +705,8 @@ pub async fn write_document(
     let insert = tx
         .prepare(
             "INSERT INTO chunks (generation_id, object_key, ordinal, content, content_type,
-                 byte_start, byte_end, char_start, char_end, heading_path, embedding)
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)",
+                 byte_start, byte_end, char_start, char_end, heading_path, embedding, title)
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12)",
         )
         .await?;
     for (i, c) in chunks.iter().enumerate() {
@@ -712,6 +724,7 @@ pub async fn write_document(
                 &c.char_end,
                 &c.heading_path,
                 &Vector::from(c.embedding.clone()),
+                &title.unwrap_or_default(),
             ],
         )
         .await?;
@@ -725,6 +738,7 @@ pub async fn write_document(
         "indexed",
         None,
         chunks.len() as i32,
+        title,
     )
     .await?;
     tx.commit().await?;
@@ -746,7 +760,7 @@ pub async fn record_unindexed(
         &[&generation_id, &source.object_key],
     )
     .await?;
-    upsert_document(&tx, generation_id, source, state, Some(reason), 0).await?;
+    upsert_document(&tx, generation_id, source, state, Some(reason), 0, None).await?;
     tx.commit().await?;
     Ok(())
 }
@@ -758,15 +772,16 @@ async fn upsert_document(
     state: &str,
     reason: Option<&str>,
     chunks: i32,
+    title: Option<&str>,
 ) -> Result<(), StateError> {
     tx.execute(
         "INSERT INTO documents (generation_id, object_key, etag, sha256_hex, content_type,
-             size_bytes, state, reason, chunks)
-         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)
+             size_bytes, state, reason, chunks, title)
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)
          ON CONFLICT (generation_id, object_key) DO UPDATE SET etag = excluded.etag,
              sha256_hex = excluded.sha256_hex, content_type = excluded.content_type,
              size_bytes = excluded.size_bytes, state = excluded.state, reason = excluded.reason,
-             chunks = excluded.chunks, indexed_at = now()",
+             chunks = excluded.chunks, title = excluded.title, indexed_at = now()",
         &[
             &generation_id,
             &s.object_key,
@@ -777,6 +792,7 @@ async fn upsert_document(
             &state,
             &reason,
             &chunks,
+            &title,
         ],
     )
     .await?;

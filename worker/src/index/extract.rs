@@ -2,6 +2,26 @@
 //! object's content type or, failing that, its key's extension. Other types
 //! are skipped with the reason; a file larger than the limit is skipped; a
 //! malformed file fails with what is wrong with it.
+//!
+//! What comes out is what a reader reads, with the document's title and
+//! headings as structure for the chunker:
+//! - HTML: the main content, without navigation or page furniture, tables
+//!   as rows of ` | `-separated cells (see [`super::html`]); the `<title>`.
+//! - Markdown: as written (the heading-aware splitter reads its syntax),
+//!   less a leading YAML (`---`) or TOML (`+++`) front matter block, whose
+//!   `title` is the title; else the first `#` heading.
+//! - PDF: page by page, less page numbers and the running headers and
+//!   footers repeated on most pages.
+//!
+//! The text is bounded: never longer than the input plus
+//! [`super::html::SLACK`] bytes, nor than [`super::html::MAX_TEXT_BYTES`]
+//! (PDF text, which compressed streams can make larger than the file, is
+//! cut there).
+
+use pulldown_cmark::{Event, HeadingLevel, Parser, Tag, TagEnd};
+
+pub use super::html::Heading;
+use super::html::{self, MAX_TEXT_BYTES};
 
 /// Largest object extracted by default.
 pub const DEFAULT_MAX_BYTES: usize = 32 * 1024 * 1024;
@@ -91,6 +111,13 @@ impl ExtractError {
 pub struct Extracted {
     pub format: Format,
     pub text: String,
+    /// The title the document gives itself, if any.
+    pub title: Option<String>,
+    /// Headings with their byte offsets in `text`, in order (HTML, and
+    /// Markdown's `#` headings).
+    pub headings: Vec<Heading>,
+    /// Cut short by a limit of the extraction.
+    pub truncated: bool,
 }
 
 pub fn extract(
@@ -111,17 +138,131 @@ pub fn extract(
             _ => format!("{key:?} (no content type, unknown extension)"),
         })
     })?;
-    let text = match format {
-        Format::Plain | Format::Markdown => utf8(format, bytes)?.to_string(),
-        Format::Html => html2text::config::plain_no_decorate()
-            .string_from_read(utf8(format, bytes)?.as_bytes(), usize::MAX / 2)
-            .map_err(|e| malformed(format, e.to_string()))?,
-        Format::Pdf => pdf(bytes)?,
+    let mut out = Extracted {
+        format,
+        text: String::new(),
+        title: None,
+        headings: Vec::new(),
+        truncated: false,
     };
-    if text.trim().is_empty() {
+    match format {
+        Format::Plain => out.text = utf8(format, bytes)?.to_string(),
+        Format::Markdown => markdown(utf8(format, bytes)?, &mut out),
+        Format::Html => {
+            // As a browser reads it: a broken byte is a replacement
+            // character, not a reason to lose the page.
+            let source =
+                String::from_utf8_lossy(bytes.strip_prefix(b"\xEF\xBB\xBF").unwrap_or(bytes));
+            let page = html::extract(&source);
+            out.text = page.text;
+            out.title = page.title;
+            out.headings = page.headings;
+            out.truncated = page.truncated;
+        }
+        Format::Pdf => {
+            out.text = pdf(bytes)?;
+            if out.text.len() > MAX_TEXT_BYTES {
+                let mut end = MAX_TEXT_BYTES;
+                while !out.text.is_char_boundary(end) {
+                    end -= 1;
+                }
+                out.text.truncate(end);
+                out.truncated = true;
+            }
+        }
+    }
+    if out.text.trim().is_empty() {
         return Err(ExtractError::Empty(format.as_str()));
     }
-    Ok(Extracted { format, text })
+    Ok(out)
+}
+
+/// Markdown: front matter off (its `title` kept), headings found.
+fn markdown(source: &str, out: &mut Extracted) {
+    let (front_title, body) = front_matter(source);
+    out.text = body.to_string();
+    out.headings = markdown_headings(&out.text);
+    out.title = front_title.or_else(|| {
+        out.headings
+            .iter()
+            .find(|h| h.level == 1)
+            .map(|h| h.text.clone())
+    });
+}
+
+/// A leading `---` (YAML) or `+++` (TOML) block: its `title`, and the text
+/// after it. Unterminated, it is text.
+fn front_matter(source: &str) -> (Option<String>, &str) {
+    let fence = if source.starts_with("---\n") || source.starts_with("---\r\n") {
+        "---"
+    } else if source.starts_with("+++\n") || source.starts_with("+++\r\n") {
+        "+++"
+    } else {
+        return (None, source);
+    };
+    let mut offset = 0;
+    let mut title = None;
+    for (i, line) in source.split_inclusive('\n').enumerate() {
+        offset += line.len();
+        let trimmed = line.trim_end();
+        if i > 0 && trimmed == fence {
+            return (title, &source[offset..]);
+        }
+        if i > 0
+            && title.is_none()
+            && let Some((key, value)) = trimmed.split_once([':', '='])
+            && key.trim() == "title"
+        {
+            let value = value.trim().trim_matches(['"', '\'']).trim();
+            if !value.is_empty() {
+                title = Some(value.chars().take(300).collect());
+            }
+        }
+    }
+    (None, source)
+}
+
+/// Every `#` heading of Markdown text, with its byte offset.
+pub fn markdown_headings(text: &str) -> Vec<Heading> {
+    let mut out = Vec::new();
+    let mut current: Option<Heading> = None;
+    for (event, range) in Parser::new(text).into_offset_iter() {
+        match event {
+            Event::Start(Tag::Heading { level, .. }) => {
+                current = Some(Heading {
+                    offset: range.start,
+                    level: level_number(level),
+                    text: String::new(),
+                });
+            }
+            Event::Text(t) | Event::Code(t) => {
+                if let Some(h) = &mut current
+                    && h.text.len() < 300
+                {
+                    h.text.push_str(&t);
+                }
+            }
+            Event::End(TagEnd::Heading(_)) => {
+                if let Some(mut h) = current.take() {
+                    h.text = h.text.split_whitespace().collect::<Vec<_>>().join(" ");
+                    out.push(h);
+                }
+            }
+            _ => {}
+        }
+    }
+    out
+}
+
+fn level_number(l: HeadingLevel) -> u8 {
+    match l {
+        HeadingLevel::H1 => 1,
+        HeadingLevel::H2 => 2,
+        HeadingLevel::H3 => 3,
+        HeadingLevel::H4 => 4,
+        HeadingLevel::H5 => 5,
+        HeadingLevel::H6 => 6,
+    }
 }
 
 fn malformed(format: Format, reason: String) -> ExtractError {
@@ -147,14 +288,120 @@ fn pdf(bytes: &[u8]) -> Result<String, ExtractError> {
     }
     // The PDF parser panics on some damaged files: a damaged file must fail
     // its document, not the worker.
-    match std::panic::catch_unwind(|| pdf_extract::extract_text_from_mem(bytes)) {
-        Ok(Ok(text)) => Ok(text),
+    match std::panic::catch_unwind(|| pdf_extract::extract_text_from_mem_by_pages(bytes)) {
+        Ok(Ok(pages)) => Ok(pdf_pages(&pages)),
         Ok(Err(e)) => Err(malformed(Format::Pdf, e.to_string())),
         Err(_) => Err(malformed(
             Format::Pdf,
             "the PDF parser could not read it".into(),
         )),
     }
+}
+
+/// A line that is only a page number: `12`, `- 12 -`, `Page 3`, `3 of 10`,
+/// `Page 3 of 10`, `iv`.
+fn page_number(line: &str) -> bool {
+    let l = line
+        .trim()
+        .trim_matches(['-', '–', '—', ' '])
+        .to_ascii_lowercase();
+    let l = l.strip_prefix("page").map_or(l.as_str(), str::trim);
+    if l.is_empty() {
+        return false;
+    }
+    let words: Vec<&str> = l.split_whitespace().collect();
+    let number = |w: &str| {
+        w.chars().all(|c| c.is_ascii_digit())
+            || (w.len() <= 6 && w.chars().all(|c| matches!(c, 'i' | 'v' | 'x' | 'l')))
+    };
+    match words.as_slice() {
+        [n] => number(*n),
+        [n, "of" | "/", m] => number(*n) && number(*m),
+        _ => false,
+    }
+}
+
+/// Digits out, whitespace collapsed: a running header with its page number
+/// looks the same on every page.
+fn running_key(line: &str) -> String {
+    line.split_whitespace()
+        .map(|w| {
+            w.chars()
+                .filter(|c| !c.is_ascii_digit())
+                .collect::<String>()
+        })
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+/// Lines among the first and last two of each page.
+const RUNNING_LINES: usize = 2;
+
+/// Pages joined by blank lines, less page numbers, and less the lines at
+/// the top or bottom of a page that recur there on at least half of the
+/// pages (running headers and footers), when there are three pages or more.
+fn pdf_pages(pages: &[String]) -> String {
+    use std::collections::HashMap;
+    let edges = |page: &str| -> Vec<String> {
+        let lines: Vec<&str> = page.lines().filter(|l| !l.trim().is_empty()).collect();
+        let n = lines.len();
+        let mut keys: Vec<String> = lines
+            .iter()
+            .enumerate()
+            .filter(|(i, _)| *i < RUNNING_LINES || *i + RUNNING_LINES >= n)
+            .map(|(_, l)| running_key(l))
+            .filter(|k| !k.trim().is_empty())
+            .collect();
+        keys.sort();
+        keys.dedup();
+        keys
+    };
+    let mut seen: HashMap<String, usize> = HashMap::new();
+    if pages.len() >= 3 {
+        for page in pages {
+            for key in edges(page) {
+                *seen.entry(key).or_default() += 1;
+            }
+        }
+    }
+    let running = |line: &str| {
+        seen.get(&running_key(line))
+            .is_some_and(|&n| n.saturating_mul(2) >= pages.len())
+    };
+    let mut out = String::new();
+    for page in pages {
+        let n = page.lines().filter(|l| !l.trim().is_empty()).count();
+        let mut text = String::new();
+        let mut i = 0;
+        let mut blank = false;
+        for line in page.lines() {
+            if line.trim().is_empty() {
+                blank = true;
+                continue;
+            }
+            let edge = i < RUNNING_LINES || i + RUNNING_LINES >= n;
+            i += 1;
+            if page_number(line) || (edge && running(line)) {
+                continue;
+            }
+            if !text.is_empty() {
+                text.push_str(if blank { "\n\n" } else { "\n" });
+            }
+            blank = false;
+            text.push_str(line.trim_end());
+        }
+        if text.is_empty() {
+            continue;
+        }
+        if !out.is_empty() {
+            out.push_str("\n\n");
+        }
+        out.push_str(&text);
+        if out.len() > MAX_TEXT_BYTES {
+            break;
+        }
+    }
+    out
 }
 
 #[cfg(test)]
@@ -302,5 +549,94 @@ pub(crate) mod tests {
         assert!(e.to_string().contains("%PDF-"), "{e}");
         let e = extract(None, "blank.md", b"  \n\n", DEFAULT_MAX_BYTES).expect_err("empty");
         assert_eq!(e, ExtractError::Empty("markdown"));
+    }
+
+    #[test]
+    fn markdown_front_matter_gives_the_title_and_goes() {
+        let md = extract(
+            None,
+            "a.md",
+            b"---\ntitle: \"Install guide\"\ntags: [a]\n---\n# Installing\n\nRun it.\n",
+            DEFAULT_MAX_BYTES,
+        )
+        .expect("md");
+        assert_eq!(md.title.as_deref(), Some("Install guide"));
+        assert_eq!(md.text, "# Installing\n\nRun it.\n");
+        assert_eq!(md.headings.len(), 1);
+        assert_eq!(
+            (md.headings[0].offset, md.headings[0].text.as_str()),
+            (0, "Installing")
+        );
+        let md = extract(
+            None,
+            "b.md",
+            b"intro\n\n# First\n\n## Second\n",
+            DEFAULT_MAX_BYTES,
+        )
+        .expect("md");
+        assert_eq!(md.title.as_deref(), Some("First"), "the first # heading");
+        let md = extract(None, "c.md", b"---\nnot closed\n", DEFAULT_MAX_BYTES).expect("md");
+        assert_eq!(md.text, "---\nnot closed\n");
+    }
+
+    #[test]
+    fn html_with_broken_utf8_is_read_as_a_browser_would() {
+        let html = b"<title>Caf\xe9</title><main><p>cr\xc3\xa8me \xff br\xfbl\xe9e</p></main>";
+        let doc = extract(Some("text/html"), "p.html", html, DEFAULT_MAX_BYTES).expect("html");
+        assert_eq!(doc.title.as_deref(), Some("Caf\u{fffd}"));
+        assert!(doc.text.starts_with("crème \u{fffd} br"), "{:?}", doc.text);
+        let e = extract(
+            Some("text/html"),
+            "e.html",
+            b"<nav>only a menu</nav>",
+            DEFAULT_MAX_BYTES,
+        )
+        .expect_err("nothing to read");
+        assert_eq!(e, ExtractError::Empty("html"));
+    }
+
+    #[test]
+    fn pdf_pages_lose_numbers_and_running_headers() {
+        let pages: Vec<String> = (1..=4)
+            .map(|n| {
+                format!(
+                    "ACME Handbook, chapter 2\n\nBody of page {n} with its own words.\n\
+                     More of page {n}.\n\n- {n} -\n"
+                )
+            })
+            .collect();
+        let text = pdf_pages(&pages);
+        assert!(!text.contains("ACME Handbook"), "{text}");
+        assert!(
+            !text.contains("- 1 -") && !text.lines().any(|l| l.trim() == "- 3 -"),
+            "{text}"
+        );
+        assert!(
+            text.starts_with(
+                "Body of page 1 with its own words.\nMore of page 1.\n\nBody of page 2"
+            )
+        );
+        assert!(page_number("Page 3 of 10") && page_number("xiv") && page_number("12"));
+        assert!(!page_number("12 apples") && !page_number("Chapter 12"));
+        // Fewer than three pages: nothing is taken for a running header.
+        assert!(pdf_pages(&pages[..2]).contains("ACME Handbook"));
+    }
+
+    #[test]
+    fn html_text_is_bounded_by_its_input() {
+        for html in [
+            "<p>&nbsp;&amp;&lt;</p>".repeat(10_000),
+            format!("<table><tr>{}", "<td>x".repeat(100_000)),
+            "<h1>a</h1><br><br><p>b</p><li>c".repeat(10_000),
+        ] {
+            let doc = extract(
+                Some("text/html"),
+                "x.html",
+                html.as_bytes(),
+                DEFAULT_MAX_BYTES,
+            )
+            .expect("html");
+            assert!(doc.text.len() <= html.len() + super::html::SLACK);
+        }
     }
 }

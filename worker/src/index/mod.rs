@@ -1,7 +1,8 @@
 //! Where indexing happens: IndexCollection sync runs.
 //!
-//! - [`extract`]: text from plain text, Markdown, HTML and PDF.
-//! - [`chunk`]: recursive and Markdown-aware chunks with offsets and headings.
+//! - [`extract`]: text from plain text, Markdown, HTML and PDF, with the
+//!   title and headings; [`html`]: the main content of a page.
+//! - [`chunk`]: chunks that follow headings, with offsets and heading paths.
 //! - [`embed`]: the built-in model (all-MiniLM-L6-v2 on candle) and remote
 //!   providers (OpenAI-compatible, Ollama, TEI).
 //! - [`plan`]: a sync run's plan: the listing diffed with the indexed documents.
@@ -21,6 +22,7 @@ pub mod document;
 pub mod embed;
 pub mod error;
 pub mod extract;
+pub mod html;
 pub mod plan;
 pub mod search;
 pub mod sync;

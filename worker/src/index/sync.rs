@@ -30,7 +30,7 @@ use stowage_common::state::collections::{
 use stowage_common::state::index::{self as store, NewChunk, Source};
 use tracing::{debug, info, warn};
 
-use super::chunk::chunk;
+use super::chunk::{Chunk, chunk_document, context};
 use super::embed::{Batcher, Embedder, RemoteEmbedder, Retry};
 use super::extract::{DEFAULT_MAX_BYTES, extract};
 use super::plan::{self, Head, Indexed, Listed, Plan, Recorded, content_hash, hash_candidates};
@@ -410,6 +410,7 @@ pub(crate) async fn document(
         existing.as_ref(),
         &mut source,
         ctx.min_rate,
+        &ctx.metrics,
     )
     .await;
     let mut unchanged = false;
@@ -431,8 +432,15 @@ pub(crate) async fn document(
             unchanged = true;
             DocumentEnd::Indexed { chunks: 0 }
         }
-        Ok(Prepared::Chunks(chunks)) => {
-            store::write_document(&mut db, generation_id, &source, &chunks).await?;
+        Ok(Prepared::Chunks { chunks, title }) => {
+            store::write_titled_document(
+                &mut db,
+                generation_id,
+                &source,
+                title.as_deref(),
+                &chunks,
+            )
+            .await?;
             DocumentEnd::Indexed {
                 chunks: chunks.len() as i32,
             }
@@ -455,11 +463,12 @@ pub(crate) async fn document(
 
 /// A document ready to record; an `Err` instead means it failed.
 enum Prepared {
-    Chunks(Vec<NewChunk>),
-    /// The bytes (of this SHA-256) and type the document was indexed from.
-    Unchanged {
-        sha256_hex: String,
+    Chunks {
+        chunks: Vec<NewChunk>,
+        title: Option<String>,
     },
+    /// The bytes (of this SHA-256) and type the document was indexed from.
+    Unchanged { sha256_hex: String },
     /// Not indexed by design, with the reason.
     Skipped(String),
 }
@@ -472,6 +481,7 @@ async fn fetch_and_index(
     existing: Option<&store::IndexedDocument>,
     source: &mut Source,
     min_rate: MinRate,
+    metrics: &crate::metrics::WorkerMetrics,
 ) -> Result<Prepared, String> {
     if object.size as usize > DEFAULT_MAX_BYTES {
         return Ok(Prepared::Skipped(format!(
@@ -528,15 +538,35 @@ async fn fetch_and_index(
             stowage_common::errors::panic_message(panic.as_ref())
         ))
     })?;
-    let pieces = match pieces {
+    let Pieces {
+        chunks: pieces,
+        title,
+        extracted_bytes,
+        input_bytes,
+        truncated,
+    } = match pieces {
         Ok(pieces) => pieces,
         Err(skip) => return Ok(Prepared::Skipped(skip)),
     };
-    let texts: Vec<String> = pieces.iter().map(|c| c.text.clone()).collect();
+    metrics.extracted_bytes.inc_by(extracted_bytes as u64);
+    metrics.extraction_input_bytes.inc_by(input_bytes as u64);
+    if truncated {
+        metrics.extractions_truncated.inc();
+        info!(
+            key = object.key,
+            "extraction stopped at a limit: the document is indexed in part"
+        );
+    }
+    metrics.chunks_per_document.observe(pieces.len() as f64);
+    // Embedded with its context; stored as the source said it.
+    let texts: Vec<String> = pieces
+        .iter()
+        .map(|c| context(title.as_deref(), &c.heading_path, &c.text))
+        .collect();
     let vectors = embedder.embed(&texts).await.map_err(|e| e.to_string())?;
     let offset = |n: usize| i32::try_from(n).unwrap_or(i32::MAX);
-    Ok(Prepared::Chunks(
-        pieces
+    Ok(Prepared::Chunks {
+        chunks: pieces
             .into_iter()
             .zip(vectors)
             .map(|(c, embedding)| NewChunk {
@@ -549,7 +579,17 @@ async fn fetch_and_index(
                 embedding,
             })
             .collect(),
-    ))
+        title,
+    })
+}
+
+/// A document extracted and chunked.
+struct Pieces {
+    chunks: Vec<Chunk>,
+    title: Option<String>,
+    extracted_bytes: usize,
+    input_bytes: usize,
+    truncated: bool,
 }
 
 /// Text, then chunks: `Ok(Err(reason))` when the document is skipped by
@@ -559,15 +599,20 @@ fn extract_and_chunk(
     key: &str,
     bytes: &[u8],
     chunking: &stowage_common::spec::index::Chunking,
-) -> Result<Result<Vec<super::chunk::Chunk>, String>, String> {
+) -> Result<Result<Pieces, String>, String> {
     let extracted = match extract(content_type, key, bytes, DEFAULT_MAX_BYTES) {
         Ok(x) => x,
         Err(e) if e.is_skip() => return Ok(Err(e.to_string())),
         Err(e) => return Err(e.to_string()),
     };
-    chunk(&extracted.text, extracted.format, chunking)
-        .map(Ok)
-        .map_err(|e| e.to_string())
+    let chunks = chunk_document(&extracted, chunking).map_err(|e| e.to_string())?;
+    Ok(Ok(Pieces {
+        chunks,
+        extracted_bytes: extracted.text.len(),
+        input_bytes: bytes.len(),
+        truncated: extracted.truncated,
+        title: extracted.title,
+    }))
 }
 
 /// The whole object, read as it streams, held to the extraction limit and

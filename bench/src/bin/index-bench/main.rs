@@ -6,7 +6,9 @@
 //!   the Python reference (sentence-transformers, same weights) on the same
 //!   texts, in one run: throughput per wall second and per CPU-second, and
 //!   agreement of the vectors.
-//! - `index`: one sync run over a generated corpus of documents.
+//! - `index`: one sync run over a generated corpus of documents, or over a
+//!   directory of real ones (`--dir`: the labelled set's PostgreSQL manual).
+//! - `extract`: extraction and chunking alone over a directory (no stack).
 //! - `search`: search latency per mode over N generated chunks, against an
 //!   exact (sequential-scan) vector search as the reference.
 
@@ -51,10 +53,18 @@ enum Cmd {
         #[arg(long, value_delimiter = ',', default_value = "8,16,32")]
         batches: Vec<usize>,
     },
-    /// Indexing throughput: one sync run over generated Markdown documents.
+    /// Indexing throughput: one sync run over generated Markdown documents,
+    /// or over the files of a directory.
     Index {
         #[arg(long, default_value_t = 2000)]
         docs: usize,
+        /// Index these files instead (every file under it, keys relative to
+        /// it, the content type from the extension).
+        #[arg(long)]
+        dir: Option<PathBuf>,
+        /// The collection's `source.exclude` globs (e.g. `**/bookindex.html`).
+        #[arg(long)]
+        exclude: Vec<String>,
         /// S3 server of the stack: localstack or garage.
         #[arg(long, default_value = "garage")]
         server: String,
@@ -70,6 +80,14 @@ enum Cmd {
         #[arg(long, default_value_t = 300)]
         queries: usize,
     },
+    /// Extraction and chunking alone (default chunking) over a directory's
+    /// files: documents/s, chunks/s, chunk sizes, peak RSS.
+    Extract {
+        dir: PathBuf,
+        /// Files whose name contains this are left out (repeatable).
+        #[arg(long)]
+        skip: Vec<String>,
+    },
 }
 
 #[tokio::main]
@@ -82,10 +100,13 @@ async fn main() -> anyhow::Result<()> {
         } => embed(texts, python, &batches).await,
         Cmd::Index {
             docs,
+            dir,
+            exclude,
             server,
             capacity,
-        } => index(docs, &server, capacity).await,
+        } => index(docs, dir, exclude, &server, capacity).await,
         Cmd::Search { chunks, queries } => search(chunks, queries).await,
+        Cmd::Extract { dir, skip } => extract(&dir, &skip),
     }
 }
 
@@ -305,7 +326,134 @@ async fn embed(n: usize, python: Option<PathBuf>, batches: &[usize]) -> anyhow::
     Ok(())
 }
 
-async fn index(docs: usize, server: &str, capacity: usize) -> anyhow::Result<()> {
+/// The files under `dir` (recursively): key relative to it, bytes.
+fn read_dir(dir: &std::path::Path) -> anyhow::Result<Vec<(String, Vec<u8>)>> {
+    let mut out = Vec::new();
+    let mut todo = vec![dir.to_path_buf()];
+    while let Some(d) = todo.pop() {
+        for entry in std::fs::read_dir(&d).with_context(|| d.display().to_string())? {
+            let path = entry?.path();
+            if path.is_dir() {
+                todo.push(path);
+            } else {
+                let key = path.strip_prefix(dir)?.to_string_lossy().replace('\\', "/");
+                out.push((key, std::fs::read(&path)?));
+            }
+        }
+    }
+    out.sort();
+    Ok(out)
+}
+
+fn content_type(key: &str) -> &'static str {
+    match key.rsplit('.').next().unwrap_or_default() {
+        "html" | "htm" => "text/html",
+        "md" => "text/markdown",
+        "pdf" => "application/pdf",
+        "txt" => "text/plain",
+        "css" => "text/css",
+        "svg" => "image/svg+xml",
+        _ => "application/octet-stream",
+    }
+}
+
+/// The process's peak resident set (VmHWM), in MiB.
+fn peak_rss_mib() -> Option<f64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let kb: f64 = status
+        .lines()
+        .find(|l| l.starts_with("VmHWM:"))?
+        .split_whitespace()
+        .nth(1)?
+        .parse()
+        .ok()?;
+    Some(kb / 1024.0)
+}
+
+/// Starts counting the peak resident set afresh (Linux: clear_refs 5).
+fn reset_peak_rss() {
+    let _ = std::fs::write("/proc/self/clear_refs", "5");
+}
+
+fn extract(dir: &std::path::Path, skip: &[String]) -> anyhow::Result<()> {
+    use stowage_worker::index::{chunk, extract};
+    let files: Vec<(String, Vec<u8>)> = read_dir(dir)?
+        .into_iter()
+        .filter(|(k, _)| !skip.iter().any(|s| k.contains(s.as_str())))
+        .collect();
+    let bytes: usize = files.iter().map(|(_, b)| b.len()).sum();
+    reset_peak_rss();
+    let cfg = stowage_common::spec::index::Chunking::default();
+    let t0 = Instant::now();
+    let (mut docs, mut skipped, mut text_bytes) = (0usize, 0usize, 0usize);
+    let mut lens: Vec<usize> = Vec::new();
+    let mut most = (0usize, String::new());
+    let mut no_path = 0usize;
+    for (key, body) in &files {
+        let Ok(doc) = extract::extract(
+            Some(content_type(key)),
+            key,
+            body,
+            extract::DEFAULT_MAX_BYTES,
+        ) else {
+            skipped += 1;
+            continue;
+        };
+        docs += 1;
+        text_bytes += doc.text.len();
+        let chunks = chunk::chunk_document(&doc, &cfg)?;
+        if chunks.len() > most.0 {
+            most = (chunks.len(), key.clone());
+        }
+        no_path += chunks.iter().filter(|c| c.heading_path.is_empty()).count();
+        lens.extend(chunks.iter().map(|c| c.text.chars().count()));
+    }
+    let seconds = t0.elapsed().as_secs_f64();
+    lens.sort_unstable();
+    let pct = |q: f64| {
+        lens.get(((lens.len().max(1) - 1) as f64 * q) as usize)
+            .copied()
+            .unwrap_or(0)
+    };
+    println!(
+        "extraction + chunking (size 1000, overlap 100) of {} files, {:.1} MiB: {docs} documents, {skipped} skipped",
+        files.len(),
+        bytes as f64 / (1 << 20) as f64
+    );
+    println!(
+        "{seconds:.2} s: {:.0} documents/s, {:.0} chunks/s; text {:.1} MiB ({:.0}% of the input)",
+        docs as f64 / seconds,
+        lens.len() as f64 / seconds,
+        text_bytes as f64 / (1 << 20) as f64,
+        100.0 * text_bytes as f64 / bytes.max(1) as f64
+    );
+    println!(
+        "{} chunks ({:.1} per document; most: {} in {}); length p10 {} / median {} / p90 {} characters; {} without a heading path",
+        lens.len(),
+        lens.len() as f64 / docs.max(1) as f64,
+        most.0,
+        most.1,
+        pct(0.1),
+        pct(0.5),
+        pct(0.9),
+        no_path
+    );
+    if let Some(mib) = peak_rss_mib() {
+        println!(
+            "peak RSS {mib:.0} MiB (the files themselves: {:.0} MiB)",
+            bytes as f64 / (1 << 20) as f64
+        );
+    }
+    Ok(())
+}
+
+async fn index(
+    docs: usize,
+    dir: Option<PathBuf>,
+    exclude: Vec<String>,
+    server: &str,
+    capacity: usize,
+) -> anyhow::Result<()> {
     let env = StackEnv::load();
     let target = env
         .s3_targets()
@@ -319,25 +467,36 @@ async fn index(docs: usize, server: &str, capacity: usize) -> anyhow::Result<()>
     let s3 = target.client();
     let bucket = unique("bench-").to_lowercase().replace('_', "-");
     s3.create_bucket().bucket(&bucket).send().await?;
-    let mut g = Generator::new(11);
-    let corpus: Vec<(String, String)> = (0..docs)
-        .map(|i| {
-            (
-                format!("kb/doc-{i:05}.md"),
-                g.document(&format!("Note {i}")),
-            )
-        })
-        .collect();
-    let bytes: usize = corpus.iter().map(|(_, t)| t.len()).sum();
+    let corpus: Vec<(String, Vec<u8>)> = match &dir {
+        Some(dir) => read_dir(dir)?
+            .into_iter()
+            .map(|(k, b)| (format!("kb/{k}"), b))
+            .collect(),
+        None => {
+            let mut g = Generator::new(11);
+            (0..docs)
+                .map(|i| {
+                    (
+                        format!("kb/doc-{i:05}.md"),
+                        g.document(&format!("Note {i}")).into_bytes(),
+                    )
+                })
+                .collect()
+        }
+    };
+    let (files, bytes) = (
+        corpus.len(),
+        corpus.iter().map(|(_, t)| t.len()).sum::<usize>(),
+    );
     futures::stream::iter(corpus)
-        .map(|(key, text)| {
+        .map(|(key, body)| {
             let (s3, bucket) = (s3.clone(), bucket.clone());
             async move {
                 s3.put_object()
                     .bucket(bucket)
+                    .content_type(content_type(&key))
                     .key(key)
-                    .content_type("text/markdown")
-                    .body(text.into_bytes().into())
+                    .body(body.into())
                     .send()
                     .await
             }
@@ -368,7 +527,7 @@ async fn index(docs: usize, server: &str, capacity: usize) -> anyhow::Result<()>
     let spec: IndexSpec = serde_json::from_value(serde_json::json!({
         "source": {"bucket": bucket, "prefix": "kb/", "endpoint": target.endpoint,
                    "region": target.region, "credentialsSecretRef": {"name": "bench"},
-                   "allowPrivateNetworks": true},
+                   "allowPrivateNetworks": true, "exclude": exclude},
     }))?;
     let id = {
         let db = worker.context.db.get().await?;
@@ -389,6 +548,7 @@ async fn index(docs: usize, server: &str, capacity: usize) -> anyhow::Result<()>
         .client()
         .subscribe(queue.topology().progress_wildcard())
         .await?;
+    reset_peak_rss();
     let t0 = Instant::now();
     queue
         .publish_task(
@@ -416,8 +576,13 @@ async fn index(docs: usize, server: &str, capacity: usize) -> anyhow::Result<()>
         let db = worker.context.db.get().await?;
         collections::latest_run(&db, id).await?.context("a run")?
     };
+    let peak = peak_rss_mib();
+    let what = match &dir {
+        Some(d) => format!("the {files} files of {}", d.display()),
+        None => format!("{docs} Markdown documents"),
+    };
     println!(
-        "one sync run, built-in model, {server}, capacity {capacity}: {docs} Markdown documents, {:.1} MiB",
+        "one sync run, built-in model, {server}, capacity {capacity}: {what}, {:.1} MiB",
         bytes as f64 / (1 << 20) as f64
     );
     println!(
@@ -432,6 +597,27 @@ async fn index(docs: usize, server: &str, capacity: usize) -> anyhow::Result<()>
         run.counts.new as f64 / seconds,
         run.counts.chunks_written as f64 / seconds
     );
+    if let Some(mib) = peak {
+        println!("peak RSS of the process (worker in it) during the run: {mib:.0} MiB");
+    }
+    {
+        let db = worker.context.db.get().await?;
+        let row = db
+            .query_one(
+                "SELECT count(*), coalesce(percentile_disc(0.5) WITHIN GROUP (ORDER BY length(content)), 0),
+                        count(*) FILTER (WHERE heading_path = '{}'),
+                        count(*) FILTER (WHERE content !~ '[[:alnum:]]')
+                 FROM chunks",
+                &[],
+            )
+            .await?;
+        let (n, median, no_path, no_alnum): (i64, i32, i64, i64) =
+            (row.get(0), row.get(1), row.get(2), row.get(3));
+        println!(
+            "{n} chunks stored: median {median} characters, {no_path} without a heading path, \
+             {no_alnum} without a letter or digit"
+        );
+    }
     worker.shutdown().await?;
     Ok(())
 }
