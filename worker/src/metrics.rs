@@ -4,6 +4,7 @@ use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -13,7 +14,20 @@ pub struct TaskLabels {
     pub outcome: &'static str,
 }
 
-#[derive(Clone, Default)]
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct SearchLabels {
+    /// `vector`, `keyword`, `hybrid`.
+    pub mode: &'static str,
+}
+
+/// Search latency buckets: 0.5 ms to ~4 s, doubling.
+fn search_histogram() -> Histogram {
+    Histogram::new(exponential_buckets(0.0005, 2.0, 14))
+}
+
+type SearchHistograms = Family<SearchLabels, Histogram, fn() -> Histogram>;
+
+#[derive(Clone)]
 pub struct WorkerMetrics {
     pub tasks: Family<TaskLabels, Counter>,
     pub in_flight: Gauge,
@@ -24,6 +38,29 @@ pub struct WorkerMetrics {
     pub orphans_aborted: Counter,
     pub embedded_texts: Counter,
     pub embed_batches: Counter,
+    /// `Search.Query` answered, from the request to the answer, by mode
+    /// (the query's embedding included).
+    pub search_seconds: SearchHistograms,
+    /// The query's embedding alone (vector and hybrid modes).
+    pub query_embedding_seconds: Histogram,
+}
+
+impl Default for WorkerMetrics {
+    fn default() -> Self {
+        WorkerMetrics {
+            tasks: Family::default(),
+            in_flight: Gauge::default(),
+            bytes_uploaded: Counter::default(),
+            parts_uploaded: Counter::default(),
+            parts_resumed: Counter::default(),
+            part_retries: Counter::default(),
+            orphans_aborted: Counter::default(),
+            embedded_texts: Counter::default(),
+            embed_batches: Counter::default(),
+            search_seconds: Family::new_with_constructor(search_histogram),
+            query_embedding_seconds: search_histogram(),
+        }
+    }
 }
 
 impl WorkerMetrics {
@@ -71,7 +108,23 @@ impl WorkerMetrics {
             "Batches the built-in model ran for indexing (texts / batches = batch size)",
             m.embed_batches.clone(),
         );
+        r.register(
+            "search_seconds",
+            "Search.Query latency by mode, the query's embedding included (successful answers)",
+            m.search_seconds.clone(),
+        );
+        r.register(
+            "query_embedding_seconds",
+            "Time to embed a search query (vector and hybrid modes)",
+            m.query_embedding_seconds.clone(),
+        );
         m
+    }
+
+    pub fn search(&self, mode: &'static str, seconds: f64) {
+        self.search_seconds
+            .get_or_create(&SearchLabels { mode })
+            .observe(seconds);
     }
 
     pub fn task(&self, kind: &'static str, outcome: &'static str) {
