@@ -168,7 +168,8 @@ async fn any_text_is_a_ranked_keyword_query_and_rarer_terms_weigh_more() {
         assert!(hits.iter().all(|h| h.keyword_rank.is_some()));
     }
     // Only stop words, or nothing a word is made of: no hits, no error.
-    for text in ["the or not", "- -- \"\" ()", &"x".repeat(4096)] {
+    let long_word = "x".repeat(4096);
+    for text in ["the or not", "- -- \"\" ()", long_word.as_str()] {
         let hits = index::search(&mut db, collection, &query(Mode::Keyword, text, None, 10))
             .await
             .unwrap_or_else(|e| panic!("{text:?}: {e}"));

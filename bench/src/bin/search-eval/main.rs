@@ -63,11 +63,16 @@ struct Cli {
     /// Times every question is asked per mode in the latency run.
     #[arg(long, default_value_t = 3)]
     latency_rounds: usize,
+    /// Index only the pages some question marks relevant plus every n-th
+    /// other page (0: the whole manual). A quicker, easier set: its figures
+    /// are not comparable with a whole-manual run's (the baseline in the
+    /// same run sees the same pages).
+    #[arg(long, default_value_t = 0)]
+    sample_every: usize,
 }
 
 #[derive(serde::Deserialize)]
 struct Question {
-    id: String,
     style: String,
     question: String,
     relevant: HashMap<String, u8>,
@@ -93,7 +98,24 @@ async fn main() -> anyhow::Result<()> {
         .map(serde_json::from_str)
         .collect::<Result<_, _>>()
         .context("questions.jsonl")?;
-    let pages = read_pages(&cli.html)?;
+    let mut pages = read_pages(&cli.html)?;
+    if cli.sample_every > 0 {
+        let relevant: std::collections::HashSet<&str> = questions
+            .iter()
+            .flat_map(|q| q.relevant.keys().map(String::as_str))
+            .collect();
+        let mut other = 0usize;
+        pages.retain(|(name, _)| {
+            relevant.contains(name.as_str()) || {
+                other += 1;
+                other % cli.sample_every == 0
+            }
+        });
+        println!(
+            "SAMPLE: the relevant pages and every {}th other page only",
+            cli.sample_every
+        );
+    }
     println!(
         "{} questions; {} pages from {} ({} excluded: {})",
         questions.len(),
@@ -234,9 +256,11 @@ async fn index(
         .iter()
         .map(|(n, t)| (format!("pg15/html/{n}"), t.clone().into_bytes()))
         .collect();
-    for name in EXCLUDE {
-        if let Ok(b) = std::fs::read(cli.html.join(name)) {
-            uploads.push((format!("pg15/html/{name}"), b));
+    if cli.sample_every == 0 {
+        for name in EXCLUDE {
+            if let Ok(b) = std::fs::read(cli.html.join(name)) {
+                uploads.push((format!("pg15/html/{name}"), b));
+            }
         }
     }
     let bytes: usize = uploads.iter().map(|(_, b)| b.len()).sum();
