@@ -44,3 +44,16 @@ CREATE TABLE keyword_terms (
     chunks         integer NOT NULL CHECK (chunks >= 0),
     PRIMARY KEY (generation_id, lexeme)
 );
+
+-- Existing generations get their statistics now (the next activation or
+-- changing sync run recounts them).
+INSERT INTO keyword_terms (generation_id, lexeme, chunks)
+SELECT g.id, s.word, s.ndoc
+FROM embedding_generations g
+CROSS JOIN LATERAL ts_stat(format('SELECT tsv FROM chunks WHERE generation_id = %s', g.id)) s;
+INSERT INTO keyword_stats (generation_id, chunks, avg_length)
+SELECT g.id, n.n, CASE WHEN n.n > 0 THEN coalesce(t.total, 0)::float8 / n.n ELSE 0 END
+FROM embedding_generations g
+CROSS JOIN LATERAL (SELECT count(*) AS n FROM chunks c WHERE c.generation_id = g.id) n
+CROSS JOIN LATERAL (SELECT sum(k.chunks) AS total FROM keyword_terms k
+                    WHERE k.generation_id = g.id) t;
