@@ -60,7 +60,8 @@ struct SearchArgs {
     namespace: String,
     #[arg(long, value_enum, default_value_t = SearchModeArg::Hybrid)]
     mode: SearchModeArg,
-    #[arg(long, default_value_t = 10)]
+    /// Results wanted, 1–100 (the worker's maximum).
+    #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u32).range(1..=100))]
     top_k: u32,
     /// Only objects whose key starts with this.
     #[arg(long)]

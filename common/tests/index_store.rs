@@ -68,6 +68,7 @@ fn query<'a>(mode: Mode, vector: Option<&'a [f32]>, text: &'a str) -> Query<'a> 
         top_k: 5,
         key_prefix: None,
         content_type: None,
+        tuning: Default::default(),
     }
 }
 
@@ -135,32 +136,40 @@ async fn corpus(pool: &Pool, collection: Uuid, model_name: &str) -> i64 {
 async fn vector_keyword_and_hybrid_search_with_filters() {
     let (pool, collection) = setup().await;
     corpus(&pool, collection, "m1").await;
-    let db = pool.get().await.expect("db");
+    let mut db = pool.get().await.expect("db");
 
     let near_nats = [0.1f32, 0.9, 0.0];
-    let hits = index::search(&db, collection, &query(Mode::Vector, Some(&near_nats), ""))
-        .await
-        .expect("vector");
+    let hits = index::search(
+        &mut db,
+        collection,
+        &query(Mode::Vector, Some(&near_nats), ""),
+    )
+    .await
+    .expect("vector");
     assert_eq!(hits[0].object_key, "runbooks/nats.md");
     assert_eq!(hits[0].vector_rank, Some(1));
     assert!(hits[0].score > 0.9, "cosine similarity {}", hits[0].score);
 
     let hits = index::search(
-        &db,
+        &mut db,
         collection,
         &query(Mode::Keyword, None, "postgres failover"),
     )
     .await
     .expect("keyword");
-    assert_eq!(hits.len(), 1, "both words only in the runbook: {hits:?}");
+    // Terms are OR-ed and ranked: the chunk with both words first, the one
+    // with only "postgres" after it.
+    assert_eq!(hits.len(), 2, "{hits:?}");
     assert_eq!(hits[0].object_key, "runbooks/postgres.md");
+    assert_eq!(hits[1].object_key, "policies/postgres-backups.txt");
+    assert!(hits[0].score > hits[1].score, "{hits:?}");
     assert_eq!(hits[0].heading_path, ["Runbook", "Failover"]);
 
     // Hybrid: "postgres" matches two documents by keyword; the vector leans
     // to backups; fusion puts the document found by both first.
     let toward_backups = [0.6f32, 0.0, 0.8];
     let hits = index::search(
-        &db,
+        &mut db,
         collection,
         &query(Mode::Hybrid, Some(&toward_backups), "postgres"),
     )
@@ -175,14 +184,16 @@ async fn vector_keyword_and_hybrid_search_with_filters() {
 
     let mut q = query(Mode::Hybrid, Some(&toward_backups), "postgres");
     q.key_prefix = Some("runbooks/");
-    let hits = index::search(&db, collection, &q).await.expect("prefix");
+    let hits = index::search(&mut db, collection, &q)
+        .await
+        .expect("prefix");
     assert!(
         !hits.is_empty() && hits.iter().all(|h| h.object_key.starts_with("runbooks/")),
         "{hits:?}"
     );
     let mut q = query(Mode::Vector, Some(&toward_backups), "");
     q.content_type = Some("text/markdown");
-    let hits = index::search(&db, collection, &q)
+    let hits = index::search(&mut db, collection, &q)
         .await
         .expect("content type");
     assert!(
@@ -190,9 +201,13 @@ async fn vector_keyword_and_hybrid_search_with_filters() {
             .all(|h| h.content_type.as_deref() == Some("text/markdown"))
     );
 
-    let e = index::search(&db, collection, &query(Mode::Vector, Some(&[1.0, 0.0]), ""))
-        .await
-        .expect_err("dims");
+    let e = index::search(
+        &mut db,
+        collection,
+        &query(Mode::Vector, Some(&[1.0, 0.0]), ""),
+    )
+    .await
+    .expect_err("dims");
     assert!(
         matches!(e, SearchError::Dimensions { got: 2, want: 3 }),
         "{e}"
@@ -255,9 +270,13 @@ async fn a_rewritten_document_is_never_missing_or_doubled() {
     index::delete_document(&mut db, g, "runbooks/nats.md")
         .await
         .expect("delete");
-    let hits = index::search(&db, collection, &query(Mode::Keyword, None, "JetStream"))
-        .await
-        .expect("search");
+    let hits = index::search(
+        &mut db,
+        collection,
+        &query(Mode::Keyword, None, "JetStream"),
+    )
+    .await
+    .expect("search");
     assert!(
         hits.is_empty(),
         "deleted documents leave the index: {hits:?}"
@@ -308,26 +327,38 @@ async fn a_new_generation_replaces_the_old_only_when_activated() {
     )
     .await
     .expect("write");
-    let hits = index::search(&db, collection, &query(Mode::Keyword, None, "JetStream"))
-        .await
-        .expect("old");
+    let hits = index::search(
+        &mut db,
+        collection,
+        &query(Mode::Keyword, None, "JetStream"),
+    )
+    .await
+    .expect("old");
     assert_eq!(
         hits.len(),
         1,
         "search answers from the complete old generation while the new one builds"
     );
-    let hits = index::search(&db, collection, &query(Mode::Keyword, None, "generation"))
-        .await
-        .expect("old");
+    let hits = index::search(
+        &mut db,
+        collection,
+        &query(Mode::Keyword, None, "generation"),
+    )
+    .await
+    .expect("old");
     assert!(
         hits.is_empty(),
         "nothing of the building generation is visible"
     );
 
     index::activate(&mut db, new.id).await.expect("activate");
-    let hits = index::search(&db, collection, &query(Mode::Keyword, None, "generation"))
-        .await
-        .expect("new");
+    let hits = index::search(
+        &mut db,
+        collection,
+        &query(Mode::Keyword, None, "generation"),
+    )
+    .await
+    .expect("new");
     assert_eq!(hits.len(), 1);
     let active = index::active_generation(&db, collection)
         .await
@@ -509,7 +540,7 @@ async fn deleting_a_collection_drops_its_vector_indexes_and_no_others() {
         "none of the deleted collection's indexes is left; the other collection keeps its own"
     );
     assert_eq!(vector_index_count(&pool).await, 1);
-    let hits = index::search(&db, other, &query(Mode::Keyword, None, "JetStream"))
+    let hits = index::search(&mut db, other, &query(Mode::Keyword, None, "JetStream"))
         .await
         .expect("the other collection still answers");
     assert_eq!(hits.len(), 1);
@@ -839,7 +870,7 @@ async fn an_invalid_index_left_by_an_interrupted_build_is_rebuilt_by_the_next_ac
         "vector search uses it: {plan:#?}"
     );
     let hits = index::search(
-        &db,
+        &mut db,
         collection,
         &query(Mode::Vector, Some(&[0.0, 1.0, 0.0]), ""),
     )

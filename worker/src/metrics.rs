@@ -4,7 +4,7 @@ use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
-use prometheus_client::metrics::histogram::Histogram;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -18,6 +18,18 @@ pub struct TaskLabels {
 const CHUNKS_PER_DOCUMENT_BUCKETS: [f64; 12] = [
     1.0, 2.0, 5.0, 10.0, 20.0, 50.0, 100.0, 200.0, 500.0, 1000.0, 2000.0, 5000.0,
 ];
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct SearchLabels {
+    /// `vector`, `keyword`, `hybrid`.
+    pub mode: &'static str,
+}
+
+/// Search latency buckets: 0.5 ms to ~4 s, doubling.
+fn search_histogram() -> Histogram {
+    Histogram::new(exponential_buckets(0.0005, 2.0, 14))
+}
+
+type SearchHistograms = Family<SearchLabels, Histogram, fn() -> Histogram>;
 
 #[derive(Clone)]
 pub struct WorkerMetrics {
@@ -38,6 +50,11 @@ pub struct WorkerMetrics {
     pub extraction_input_bytes: Counter,
     /// Documents whose extraction stopped at a limit.
     pub extractions_truncated: Counter,
+    /// `Search.Query` answered, from the request to the answer, by mode
+    /// (the query's embedding included).
+    pub search_seconds: SearchHistograms,
+    /// The query's embedding alone (vector and hybrid modes).
+    pub query_embedding_seconds: Histogram,
 }
 
 impl Default for WorkerMetrics {
@@ -56,6 +73,10 @@ impl Default for WorkerMetrics {
             extracted_bytes: Counter::default(),
             extraction_input_bytes: Counter::default(),
             extractions_truncated: Counter::default(),
+        );
+        r.register(
+            search_seconds: Family::new_with_constructor(search_histogram),
+            query_embedding_seconds: search_histogram(),
         }
     }
 }
@@ -125,7 +146,23 @@ impl WorkerMetrics {
             "Documents whose extraction stopped at a size, node or depth limit",
             m.extractions_truncated.clone(),
         );
+        r.register(
+            "search_seconds",
+            "Search.Query latency by mode, the query's embedding included (successful answers)",
+            m.search_seconds.clone(),
+        );
+        r.register(
+            "query_embedding_seconds",
+            "Time to embed a search query (vector and hybrid modes)",
+            m.query_embedding_seconds.clone(),
+        );
         m
+    }
+
+    pub fn search(&self, mode: &'static str, seconds: f64) {
+        self.search_seconds
+            .get_or_create(&SearchLabels { mode })
+            .observe(seconds);
     }
 
     pub fn task(&self, kind: &'static str, outcome: &'static str) {

@@ -41,7 +41,7 @@ async fn document_state(h: &Harness, key: &str) -> Option<(String, Option<String
 }
 
 async fn search(h: &Harness, id: Uuid, mode: Mode, text: &str) -> Vec<String> {
-    let db = h.pool.get().await.expect("db");
+    let mut db = h.pool.get().await.expect("db");
     let vector = bag_of_words(text, DIMS);
     let q = Query {
         mode,
@@ -50,8 +50,9 @@ async fn search(h: &Harness, id: Uuid, mode: Mode, text: &str) -> Vec<String> {
         top_k: 3,
         key_prefix: None,
         content_type: None,
+        tuning: Default::default(),
     };
-    store::search(&db, id, &q)
+    store::search(&mut db, id, &q)
         .await
         .expect("search")
         .into_iter()

@@ -15,6 +15,12 @@ use uuid::Uuid;
 use super::StateError;
 use crate::spec::index::Embedding;
 
+mod search;
+pub use search::{
+    Hit, MAX_DEPTH, MAX_TOP_K, Mode, Query, SearchError, Tuning, refresh_keyword_stats, search,
+    search_generation,
+};
+
 #[derive(Clone, Debug, PartialEq)]
 pub struct Generation {
     pub id: i64,
@@ -636,6 +642,13 @@ pub async fn activate(client: &mut Client, generation_id: i64) -> Result<(), Act
             });
         }
     }
+    // Its keyword statistics, counted once its rows are all in.
+    if let Err(e) = refresh_keyword_stats(client, g.id).await {
+        tracing::warn!(
+            generation = g.id, error = %e,
+            "cannot count the new generation's keyword statistics; the next sync run does"
+        );
+    }
     // The generation is active: failing to remove what it replaced does not
     // undo that. What stays is removed by the next activation or the
     // collection's deletion.
@@ -818,168 +831,6 @@ pub async fn delete_document(
     .await?;
     tx.commit().await?;
     Ok(())
-}
-
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Mode {
-    Vector,
-    Keyword,
-    Hybrid,
-}
-
-pub struct Query<'a> {
-    pub mode: Mode,
-    /// The query's embedding (vector and hybrid modes).
-    pub vector: Option<&'a [f32]>,
-    /// The query's words (keyword and hybrid modes), web-search syntax.
-    pub text: &'a str,
-    pub top_k: i64,
-    pub key_prefix: Option<&'a str>,
-    pub content_type: Option<&'a str>,
-}
-
-#[derive(Clone, Debug, PartialEq)]
-pub struct Hit {
-    pub object_key: String,
-    pub content: String,
-    pub content_type: Option<String>,
-    pub byte_start: i32,
-    pub byte_end: i32,
-    pub char_start: i32,
-    pub char_end: i32,
-    pub heading_path: Vec<String>,
-    /// RRF score in hybrid mode, cosine similarity in vector mode, ts_rank_cd
-    /// in keyword mode.
-    pub score: f64,
-    pub vector_rank: Option<i64>,
-    pub keyword_rank: Option<i64>,
-}
-
-/// Candidates taken from each side before fusion.
-const CANDIDATES: i64 = 40;
-/// The RRF constant: score = Σ 1 / (K + rank).
-const RRF_K: f64 = 60.0;
-
-#[derive(Debug, thiserror::Error)]
-pub enum SearchError {
-    #[error("{0}")]
-    State(#[from] StateError),
-    #[error("the collection has no complete index yet")]
-    NoIndex,
-    #[error("the query vector has {got} dimensions, the index {want}")]
-    Dimensions { got: usize, want: i32 },
-    #[error("{0} search needs a query vector")]
-    NoVector(&'static str),
-}
-
-impl From<tokio_postgres::Error> for SearchError {
-    fn from(e: tokio_postgres::Error) -> Self {
-        SearchError::State(e.into())
-    }
-}
-
-/// Searches the active generation of a collection.
-pub async fn search(
-    client: &Client,
-    collection_id: Uuid,
-    q: &Query<'_>,
-) -> Result<Vec<Hit>, SearchError> {
-    let g = active_generation(client, collection_id)
-        .await?
-        .ok_or(SearchError::NoIndex)?;
-    search_generation(client, &g, q).await
-}
-
-/// Searches one generation (the query vector must come from its model).
-/// One statement: it sees the generation whole, or — if the generation was
-/// replaced and dropped meanwhile — not at all; callers that embedded the
-/// query for `g` check that `g` is still active and else ask again.
-pub async fn search_generation(
-    client: &Client,
-    g: &Generation,
-    q: &Query<'_>,
-) -> Result<Vec<Hit>, SearchError> {
-    let vector = match (q.mode, q.vector) {
-        (Mode::Keyword, _) => None,
-        (_, Some(v)) if v.len() != g.dimensions as usize => {
-            return Err(SearchError::Dimensions {
-                got: v.len(),
-                want: g.dimensions,
-            });
-        }
-        (_, Some(v)) => Some(Vector::from(v.to_vec())),
-        (Mode::Vector, None) => return Err(SearchError::NoVector("vector")),
-        (Mode::Hybrid, None) => return Err(SearchError::NoVector("hybrid")),
-    };
-    // $1 vector, $2 text, $3 key prefix, $4 content type, $5 top k.
-    let filter = format!(
-        "generation_id = {} AND ($3::text IS NULL OR starts_with(object_key, $3))
-         AND ($4::text IS NULL OR content_type = $4)",
-        g.id
-    );
-    let distance = format!(
-        "(embedding::vector({d}) <=> $1::vector({d}))",
-        d = g.dimensions
-    );
-    let vector_side = format!(
-        "SELECT id, row_number() OVER (ORDER BY {distance}) AS rank, 1 - {distance} AS similarity
-         FROM chunks WHERE {filter} ORDER BY {distance} LIMIT {CANDIDATES}"
-    );
-    let keyword_side = format!(
-        "SELECT id, row_number() OVER (ORDER BY ts_rank_cd(tsv, q) DESC, id) AS rank,
-                ts_rank_cd(tsv, q) AS relevance
-         FROM chunks, websearch_to_tsquery('english', $2) q
-         WHERE {filter} AND tsv @@ q ORDER BY relevance DESC, id LIMIT {CANDIDATES}"
-    );
-    let ranked = match q.mode {
-        Mode::Vector => format!(
-            "SELECT id, similarity::float8 AS score, rank AS vrank, NULL::bigint AS krank FROM ({vector_side}) v"
-        ),
-        Mode::Keyword => format!(
-            "SELECT id, relevance::float8 AS score, NULL::bigint AS vrank, rank AS krank FROM ({keyword_side}) k"
-        ),
-        Mode::Hybrid => format!(
-            "SELECT coalesce(v.id, k.id) AS id,
-                    coalesce(1.0 / ({RRF_K} + v.rank), 0) + coalesce(1.0 / ({RRF_K} + k.rank), 0) AS score,
-                    v.rank AS vrank, k.rank AS krank
-             FROM ({vector_side}) v FULL OUTER JOIN ({keyword_side}) k ON v.id = k.id"
-        ),
-    };
-    // A mode that does not use $1 or $2 still names their types.
-    let unused = match q.mode {
-        Mode::Vector => "($2::text IS NULL OR TRUE)".to_string(),
-        Mode::Keyword => format!("($1::vector({}) IS NULL OR TRUE)", g.dimensions),
-        Mode::Hybrid => "TRUE".to_string(),
-    };
-    let sql = format!(
-        "SELECT c.object_key, c.content, c.content_type, c.byte_start, c.byte_end, c.char_start,
-                c.char_end, c.heading_path, r.score::float8, r.vrank, r.krank
-         FROM ({ranked}) r JOIN chunks c ON c.id = r.id
-         WHERE {unused}
-         ORDER BY r.score DESC, c.id LIMIT $5"
-    );
-    let rows = client
-        .query(
-            &sql,
-            &[&vector, &q.text, &q.key_prefix, &q.content_type, &q.top_k],
-        )
-        .await?;
-    Ok(rows
-        .iter()
-        .map(|r| Hit {
-            object_key: r.get(0),
-            content: r.get(1),
-            content_type: r.get(2),
-            byte_start: r.get(3),
-            byte_end: r.get(4),
-            char_start: r.get(5),
-            char_end: r.get(6),
-            heading_path: r.get(7),
-            score: r.get(8),
-            vector_rank: r.get(9),
-            keyword_rank: r.get(10),
-        })
-        .collect())
 }
 
 /// What a generation holds for each key: the planner's view of the index.

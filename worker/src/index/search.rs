@@ -4,10 +4,13 @@
 //! complete.
 
 use std::sync::Arc;
+use std::time::Instant;
 
 use stowage_common::db::Client;
 use stowage_common::state::collections;
-use stowage_common::state::index::{self as store, Hit, Mode, Query, SearchError};
+use stowage_common::state::index::{
+    self as store, Hit, MAX_TOP_K, Mode, Query, SearchError, Tuning,
+};
 use stowage_proto::v1::search_server::Search;
 use stowage_proto::v1::{SearchHit, SearchMode, SearchRequest, SearchResponse};
 use tonic::{Request, Response, Status};
@@ -19,6 +22,8 @@ pub struct SearchService {
     pub ctx: Arc<Context>,
 }
 
+/// Results when a request does not say (`top_k` 0).
+const DEFAULT_TOP_K: i64 = 10;
 /// Longest query text accepted.
 const MAX_QUERY_CHARS: usize = 4096;
 /// Times a query is asked again when the generation it was embedded for
@@ -28,7 +33,7 @@ const GENERATION_RACES: usize = 3;
 impl SearchService {
     async fn answer(
         &self,
-        db: &Client,
+        db: &mut Client,
         collection_id: uuid::Uuid,
         mode: Mode,
         r: &SearchRequest,
@@ -36,18 +41,19 @@ impl SearchService {
     ) -> Result<Vec<Hit>, Status> {
         let unavailable = |e: SearchError| match e {
             SearchError::NoIndex => Status::failed_precondition(e.to_string()),
-            SearchError::Dimensions { .. } | SearchError::NoVector(_) => {
-                Status::invalid_argument(e.to_string())
-            }
+            SearchError::Dimensions { .. }
+            | SearchError::NoVector(_)
+            | SearchError::TopK(_)
+            | SearchError::Tuning(_) => Status::invalid_argument(e.to_string()),
             SearchError::State(_) => Status::unavailable(e.to_string()),
         };
-        let active = || async {
+        let active = async |db: &Client| {
             store::active_generation(db, collection_id)
                 .await
                 .map_err(|e| unavailable(e.into()))?
                 .ok_or_else(|| unavailable(SearchError::NoIndex))
         };
-        let mut generation = active().await?;
+        let mut generation = active(db).await?;
         for _ in 0..GENERATION_RACES {
             let vector = if mode == Mode::Keyword {
                 None
@@ -55,11 +61,16 @@ impl SearchService {
                 let e = embedder(&self.ctx, &r.namespace, &generation.embedding)
                     .await
                     .map_err(|e| Status::failed_precondition(e.to_string()))?;
-                Some(
-                    e.embed_query(&r.query)
-                        .await
-                        .map_err(|e| Status::unavailable(format!("embedding the query: {e}")))?,
-                )
+                let t0 = Instant::now();
+                let v = e
+                    .embed_query(&r.query)
+                    .await
+                    .map_err(|e| Status::unavailable(format!("embedding the query: {e}")))?;
+                self.ctx
+                    .metrics
+                    .query_embedding_seconds
+                    .observe(t0.elapsed().as_secs_f64());
+                Some(v)
             };
             let q = Query {
                 mode,
@@ -68,11 +79,12 @@ impl SearchService {
                 top_k,
                 key_prefix: Some(r.key_prefix.as_str()).filter(|p| !p.is_empty()),
                 content_type: Some(r.content_type.as_str()).filter(|t| !t.is_empty()),
+                tuning: Tuning::default(),
             };
             let hits = store::search_generation(db, &generation, &q)
                 .await
                 .map_err(unavailable)?;
-            let now = active().await?;
+            let now = active(db).await?;
             if now.id == generation.id {
                 return Ok(hits);
             }
@@ -141,16 +153,24 @@ fn validate(r: &SearchRequest) -> Result<(Mode, i64), Status> {
             "query is longer than {MAX_QUERY_CHARS} characters"
         )));
     }
-    let top_k = match r.top_k {
-        0 => 10,
-        k @ 1..=100 => i64::from(k),
+    let top_k = match i64::from(r.top_k) {
+        0 => DEFAULT_TOP_K,
+        k @ 1..=MAX_TOP_K => k,
         k => {
             return Err(Status::invalid_argument(format!(
-                "top_k {k} is not within [1, 100]"
+                "top_k {k} is above the maximum, {MAX_TOP_K} (0 means {DEFAULT_TOP_K})"
             )));
         }
     };
     Ok((mode, top_k))
+}
+
+fn mode_label(mode: Mode) -> &'static str {
+    match mode {
+        Mode::Vector => "vector",
+        Mode::Keyword => "keyword",
+        Mode::Hybrid => "hybrid",
+    }
 }
 
 #[tonic::async_trait]
@@ -159,6 +179,7 @@ impl Search for SearchService {
         &self,
         request: Request<SearchRequest>,
     ) -> Result<Response<SearchResponse>, Status> {
+        let t0 = Instant::now();
         let (mode, top_k) = validate(request.get_ref())?;
         // Before anything is looked up: a denial says nothing of whether
         // the collection exists.
@@ -173,7 +194,7 @@ impl Search for SearchService {
             )
             .await?;
         let r = request.into_inner();
-        let db = self
+        let mut db = self
             .ctx
             .db
             .get()
@@ -188,7 +209,11 @@ impl Search for SearchService {
                     r.namespace, r.collection
                 ))
             })?;
-        let hits = self.answer(&db, collection.id, mode, &r, top_k).await?;
+        let hits = self.answer(&mut db, collection.id, mode, &r, top_k).await?;
+        drop(db);
+        self.ctx
+            .metrics
+            .search(mode_label(mode), t0.elapsed().as_secs_f64());
         let bucket = collection.spec.source.bucket.clone();
         Ok(Response::new(SearchResponse {
             hits: hits
@@ -278,7 +303,7 @@ mod tests {
                     top_k: 101,
                     ..request("q")
                 },
-                "top_k 101",
+                "top_k 101 is above the maximum, 100",
             ),
             (
                 SearchRequest {

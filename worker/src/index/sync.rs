@@ -148,10 +148,23 @@ pub(crate) async fn close_if_done(
         return Ok(None);
     }
     let mut error = None;
-    if let Some(id) = progress.generation_id
-        && let Some(g) = store::generation(&db, id).await?
-        && g.state == "building"
+    let generation = match progress.generation_id {
+        Some(id) => store::generation(&db, id).await?,
+        None => None,
+    };
+    let c = &progress.counts;
+    let changed = c.new + c.changed + c.deleted > 0;
+    if let Some(g) = generation.as_ref().filter(|g| g.state != "building")
+        && changed
     {
+        // Activation counts a new generation's keyword statistics; a run
+        // that changed the active one recounts them here.
+        if let Err(e) = store::refresh_keyword_stats(&mut db, g.id).await {
+            warn!(generation = g.id, error = %e, "cannot recount the keyword statistics");
+        }
+    }
+    if let Some(g) = generation.filter(|g| g.state == "building") {
+        let id = g.id;
         match store::activate(&mut db, id).await {
             Ok(()) => {
                 info!(collection = %g.collection_id, generation = id, "new embedding generation active")

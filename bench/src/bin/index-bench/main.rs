@@ -695,7 +695,7 @@ async fn search(chunks: usize, queries: usize) -> anyhow::Result<()> {
     let mut p50_hnsw = 0.0;
     for (label, mode, exact) in [
         ("vector (HNSW)", Mode::Vector, false),
-        ("keyword (GIN, ts_rank_cd)", Mode::Keyword, false),
+        ("keyword (BM25)", Mode::Keyword, false),
         ("hybrid (RRF)", Mode::Hybrid, false),
         ("vector, exact scan", Mode::Vector, true),
     ] {
@@ -713,9 +713,10 @@ async fn search(chunks: usize, queries: usize) -> anyhow::Result<()> {
                 top_k: 10,
                 key_prefix: None,
                 content_type: None,
+                tuning: Default::default(),
             };
             let t = Instant::now();
-            let hits = store::search_generation(&client, &generation, &q).await?;
+            let hits = store::search_generation(&mut client, &generation, &q).await?;
             times.push(t.elapsed().as_secs_f64() * 1000.0);
             if hits.is_empty() && mode != Mode::Keyword {
                 bail!("{label}: no hits");
