@@ -26,7 +26,9 @@ ALTER TABLE chunks ADD COLUMN tsv tsvector
 CREATE INDEX chunks_tsv ON chunks USING gin (tsv);
 
 -- Per-generation statistics: how many chunks, their mean length (distinct
--- lexemes), and for each lexeme how many chunks contain it. Refreshed from the
+-- lexemes), the bytes their rows store (text, vector, tsvector, headings:
+-- the index size a collection's status reports, with its HNSW index's), and
+-- for each lexeme how many chunks contain it. Refreshed from the
 -- generation's rows when it is activated and when a sync run that changed
 -- it ends (a full recount, one statement: ts_stat); between refreshes a
 -- lexeme not counted yet ranks as a rare one.
@@ -35,6 +37,7 @@ CREATE TABLE keyword_stats (
                    REFERENCES embedding_generations (id) ON DELETE CASCADE,
     chunks         bigint NOT NULL CHECK (chunks >= 0),
     avg_length     float8 NOT NULL CHECK (avg_length >= 0),
+    stored_bytes   bigint NOT NULL DEFAULT 0 CHECK (stored_bytes >= 0),
     refreshed_at   timestamptz NOT NULL DEFAULT now()
 );
 CREATE TABLE keyword_terms (
@@ -51,9 +54,10 @@ INSERT INTO keyword_terms (generation_id, lexeme, chunks)
 SELECT g.id, s.word, s.ndoc
 FROM embedding_generations g
 CROSS JOIN LATERAL ts_stat(format('SELECT tsv FROM chunks WHERE generation_id = %s', g.id)) s;
-INSERT INTO keyword_stats (generation_id, chunks, avg_length)
-SELECT g.id, n.n, CASE WHEN n.n > 0 THEN coalesce(t.total, 0)::float8 / n.n ELSE 0 END
+INSERT INTO keyword_stats (generation_id, chunks, avg_length, stored_bytes)
+SELECT g.id, n.n, CASE WHEN n.n > 0 THEN coalesce(t.total, 0)::float8 / n.n ELSE 0 END, n.bytes
 FROM embedding_generations g
-CROSS JOIN LATERAL (SELECT count(*) AS n FROM chunks c WHERE c.generation_id = g.id) n
+CROSS JOIN LATERAL (SELECT count(*) AS n, coalesce(sum(pg_column_size(c.*)), 0) AS bytes
+                    FROM chunks c WHERE c.generation_id = g.id) n
 CROSS JOIN LATERAL (SELECT sum(k.chunks) AS total FROM keyword_terms k
                     WHERE k.generation_id = g.id) t;

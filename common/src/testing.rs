@@ -43,10 +43,13 @@ impl StackEnv {
         StackEnv { vars }
     }
 
-    /// The variable, or a panic that says how to start the stack.
+    /// The variable; without it the test process stops with one line saying
+    /// how to start the stack.
     pub fn get(&self, key: &str) -> String {
         self.vars.get(key).cloned().unwrap_or_else(|| {
-            panic!("{key} is not set: start the local stack with `scripts/stack up` (it writes the env file the tests read)")
+            stack_missing(&format!(
+                "{key} is not set (the env file `scripts/stack up` writes is missing or old)"
+            ))
         })
     }
 
@@ -134,6 +137,18 @@ impl S3Target {
 }
 
 /// A short random suffix for names that must not collide between tests.
+/// Ends the test process with one line on stderr: what is missing and how
+/// to start the local stack. An integration test without the stack cannot
+/// say anything more useful, and every other test of the binary would fail
+/// the same way (so no panic, no backtrace, no wall of failures).
+pub fn stack_missing(what: &str) -> ! {
+    eprintln!(
+        "\nstowage tests: {what}. These tests need the local stack: run `scripts/stack up` \
+         (then `eval \"$(scripts/stack env)\"`), or `cargo test --lib` for the tests that need nothing."
+    );
+    std::process::exit(2)
+}
+
 pub fn unique(prefix: &str) -> String {
     format!(
         "{prefix}{}",
@@ -146,7 +161,7 @@ pub async fn fresh_database(env: &StackEnv) -> String {
     let admin = env.database_url();
     let (client, conn) = tokio_postgres::connect(&admin, tokio_postgres::NoTls)
         .await
-        .unwrap_or_else(|e| panic!("cannot reach the stack's PostgreSQL at {admin}: {e}"));
+        .unwrap_or_else(|e| stack_missing(&format!("cannot reach PostgreSQL at {admin}: {e}")));
     tokio::spawn(conn);
     let name = unique("t_");
     client

@@ -393,6 +393,25 @@ async fn a_new_generation_replaces_the_old_only_when_activated() {
         .expect("pg_indexes")
         .get(0);
     assert_eq!(new_index, 1, "the active generation has its vector index");
+    let counts = index::counts(&db, collection).await.expect("counts");
+    assert_eq!(counts.generation, Some(new.id));
+    let (rows, vector_index): (i64, i64) = {
+        let r = db
+            .query_one(
+                "SELECT sum(pg_column_size(c.*))::int8, pg_relation_size($2::text::regclass)
+                 FROM chunks c WHERE generation_id = $1",
+                &[&new.id, &format!("chunks_hnsw_g{}", new.id)],
+            )
+            .await
+            .expect("sizes");
+        (r.get(0), r.get(1))
+    };
+    assert!(rows > 0 && vector_index > 0, "{rows} {vector_index}");
+    assert_eq!(
+        counts.bytes,
+        rows + vector_index,
+        "the index size is the generation's rows and its vector index"
+    );
 }
 
 // ---------------------------------------------------------------------------

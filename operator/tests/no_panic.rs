@@ -224,7 +224,7 @@ proptest! {
             collection_id: uuid::Uuid::nil(),
             latest_run: Some(&run),
             next_sync_time: Some(now),
-            index: IndexCounts { generation, indexed: counts[5], skipped: counts[2], failed: counts[3], chunks: counts[4] },
+            index: IndexCounts { generation, indexed: counts[5], skipped: counts[2], failed: counts[3], chunks: counts[4], bytes: counts[1] },
             run_pending: counts[0],
         });
     }

@@ -73,8 +73,6 @@ impl Default for WorkerMetrics {
             extracted_bytes: Counter::default(),
             extraction_input_bytes: Counter::default(),
             extractions_truncated: Counter::default(),
-        );
-        r.register(
             search_seconds: Family::new_with_constructor(search_histogram),
             query_embedding_seconds: search_histogram(),
         }

@@ -998,6 +998,11 @@ pub struct IndexCounts {
     pub skipped: i64,
     pub failed: i64,
     pub chunks: i64,
+    /// What the generation occupies in PostgreSQL: its chunk rows (text,
+    /// vector, tsvector, headings; as of the last statistics refresh, see
+    /// [`refresh_keyword_stats`]) and its HNSW index. Its share of the shared
+    /// keyword (GIN) index is not counted.
+    pub bytes: i64,
 }
 
 pub async fn counts(client: &Client, collection_id: Uuid) -> Result<IndexCounts, StateError> {
@@ -1009,9 +1014,11 @@ pub async fn counts(client: &Client, collection_id: Uuid) -> Result<IndexCounts,
             "SELECT count(*) FILTER (WHERE state = 'indexed'),
                     count(*) FILTER (WHERE state = 'skipped'),
                     count(*) FILTER (WHERE state = 'failed'),
-                    coalesce(sum(chunks), 0)::bigint
+                    coalesce(sum(chunks), 0)::bigint,
+                    coalesce((SELECT stored_bytes FROM keyword_stats WHERE generation_id = $1), 0)
+                    + coalesce(pg_relation_size(to_regclass($2)), 0)
              FROM documents WHERE generation_id = $1",
-            &[&g.id],
+            &[&g.id, &vector_index_name(g.id)],
         )
         .await?;
     Ok(IndexCounts {
@@ -1020,5 +1027,6 @@ pub async fn counts(client: &Client, collection_id: Uuid) -> Result<IndexCounts,
         skipped: r.get(1),
         failed: r.get(2),
         chunks: r.get(3),
+        bytes: r.get(4),
     })
 }

@@ -22,6 +22,7 @@ use super::Condition;
     printcolumn = r#"{"name":"Phase","type":"string","jsonPath":".status.phase"}"#,
     printcolumn = r#"{"name":"Progress","type":"string","jsonPath":".status.progress"}"#,
     printcolumn = r#"{"name":"Chunks","type":"integer","jsonPath":".status.chunks","priority":1}"#,
+    printcolumn = r#"{"name":"Size","type":"string","jsonPath":".status.indexSize","priority":1}"#,
     printcolumn = r#"{"name":"Last Sync","type":"string","jsonPath":".status.lastSyncRun.state","priority":1}"#,
     printcolumn = r#"{"name":"Age","type":"date","jsonPath":".metadata.creationTimestamp"}"#
 )]
@@ -66,6 +67,14 @@ pub struct IndexCollectionStatus {
     pub documents: DocumentCounts,
     #[serde(default)]
     pub chunks: i64,
+    /// Bytes the active generation occupies in PostgreSQL: its chunk rows
+    /// (text, vector, keyword terms) as of the last sync run, and its vector
+    /// index.
+    #[serde(default)]
+    pub index_bytes: i64,
+    /// `index_bytes` for people (`12.3 MiB`), for `kubectl get`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub index_size: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_sync_run: Option<SyncRunStatus>,
     /// The embedding generation search answers from.

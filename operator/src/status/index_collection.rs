@@ -158,6 +158,8 @@ pub fn compute(ic: &IndexCollection, snap: &Snapshot<'_>) -> IndexCollectionStat
             failed: snap.index.failed,
         },
         chunks: snap.index.chunks,
+        index_bytes: snap.index.bytes,
+        index_size: snap.index.generation.map(|_| human_bytes(snap.index.bytes)),
         last_sync_run: last,
         active_generation: snap.index.generation,
         next_sync_time: if ic.spec.suspend {
@@ -168,6 +170,21 @@ pub fn compute(ic: &IndexCollection, snap: &Snapshot<'_>) -> IndexCollectionStat
         conditions,
         collection_id: Some(snap.collection_id.to_string()),
     }
+}
+
+/// `bytes` in binary units with one decimal: `980 B`, `12.3 MiB`.
+fn human_bytes(bytes: i64) -> String {
+    const UNITS: [&str; 5] = ["KiB", "MiB", "GiB", "TiB", "PiB"];
+    if bytes < 1024 {
+        return format!("{} B", bytes.max(0));
+    }
+    let mut value = bytes as f64 / 1024.0;
+    let mut unit = 0;
+    while value >= 1024.0 && unit + 1 < UNITS.len() {
+        value /= 1024.0;
+        unit += 1;
+    }
+    format!("{value:.1} {}", UNITS[unit])
 }
 
 /// The status of a spec the operator refuses (`prev`: the status so far).
@@ -398,6 +415,32 @@ mod tests {
                 );
             }
         }
+    }
+
+    #[test]
+    fn the_index_size_is_reported_in_bytes_and_for_people() {
+        assert_eq!(human_bytes(0), "0 B");
+        assert_eq!(human_bytes(1023), "1023 B");
+        assert_eq!(human_bytes(1024), "1.0 KiB");
+        assert_eq!(human_bytes(12_897_485), "12.3 MiB");
+        assert_eq!(human_bytes(i64::MAX), "8192.0 PiB");
+        let ic = resource(None, false);
+        let s = compute(&ic, &snapshot(None, 0));
+        assert_eq!((s.index_bytes, s.index_size), (0, None), "no index yet");
+        let serving = IndexCounts {
+            generation: Some(3),
+            bytes: 5 * 1024 * 1024,
+            ..IndexCounts::default()
+        };
+        let s = compute(
+            &ic,
+            &Snapshot {
+                index: serving,
+                ..snapshot(None, 0)
+            },
+        );
+        assert_eq!(s.index_bytes, 5 * 1024 * 1024);
+        assert_eq!(s.index_size.as_deref(), Some("5.0 MiB"));
     }
 
     #[test]

@@ -32,7 +32,7 @@ use stowage_common::state::collections::{self, NewCollection};
 use stowage_common::state::index::{self as store, Generation, Mode, Query, Tuning};
 use stowage_common::testing::{StackEnv, fresh_database, unique};
 use stowage_proto::v1::{CollectionProgress, SyncCollection, Task, task};
-use stowage_worker::index::embed::BuiltinModel;
+use stowage_worker::index::embed::{BuiltinModel, BuiltinSource, OnnxOptions, Precision};
 
 #[derive(Parser)]
 #[command(about = "Search quality on the labelled PostgreSQL 15 set, and latency at scale")]
@@ -69,6 +69,49 @@ struct Cli {
     /// same run sees the same pages).
     #[arg(long, default_value_t = 0)]
     sample_every: usize,
+    /// The built-in model's backend: onnx (the worker's default when the
+    /// stack has ONNX Runtime) or candle.
+    #[arg(long, value_enum, default_value_t = Backend::Onnx)]
+    backend: Backend,
+    /// The ONNX graph's precision (int8: quantised weights).
+    #[arg(long, value_enum, default_value_t = Precision::Fp32)]
+    precision: Precision,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum Backend {
+    Onnx,
+    Candle,
+}
+
+/// The built-in model as `--backend` and `--precision` choose it, and the
+/// worker flags that select the same.
+fn builtin_model(env: &StackEnv, cli: &Cli) -> anyhow::Result<(BuiltinSource, Vec<String>)> {
+    let model_dir = env
+        .try_get("STOWAGE_EMBEDDING_MODEL_DIR")
+        .context("STOWAGE_EMBEDDING_MODEL_DIR is not set: scripts/stack install model")?;
+    let mut flags = vec![format!("--embedding-model-dir={model_dir}")];
+    if cli.backend == Backend::Candle {
+        return Ok((BuiltinSource::Candle(model_dir.into()), flags));
+    }
+    let (Some(dir), Some(runtime)) = (
+        env.try_get("STOWAGE_ONNX_MODEL_DIR"),
+        env.try_get("STOWAGE_ONNX_RUNTIME"),
+    ) else {
+        bail!("no ONNX Runtime in the stack: scripts/stack install onnx, or --backend candle");
+    };
+    flags.extend([
+        format!("--embedding-onnx-dir={dir}"),
+        format!("--onnx-runtime-path={runtime}"),
+        format!("--embedding-precision={}", cli.precision.as_str()),
+    ]);
+    let options = OnnxOptions {
+        runtime: runtime.into(),
+        dir: dir.into(),
+        precision: cli.precision,
+        threads: 0,
+    };
+    Ok((BuiltinSource::Onnx(options), flags))
 }
 
 #[derive(serde::Deserialize)]
@@ -87,10 +130,14 @@ const COLLECTION: &str = "pg15";
 async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     let env = StackEnv::load();
-    let model_dir = env
-        .try_get("STOWAGE_EMBEDDING_MODEL_DIR")
-        .map(PathBuf::from)
-        .context("STOWAGE_EMBEDDING_MODEL_DIR is not set: scripts/stack install model")?;
+    let (model_source, model_flags) = builtin_model(&env, &cli)?;
+    println!(
+        "built-in model on {}",
+        match &model_source {
+            BuiltinSource::Candle(_) => "candle".to_string(),
+            BuiltinSource::Onnx(o) => format!("ONNX Runtime, {}", o.precision.as_str()),
+        }
+    );
     let questions: Vec<Question> = std::fs::read_to_string(&cli.questions)
         .with_context(|| format!("reading {}", cli.questions.display()))?
         .lines()
@@ -127,7 +174,7 @@ async fn main() -> anyhow::Result<()> {
 
     let database_url = match &cli.database_url {
         Some(url) => url.clone(),
-        None => index(&env, &cli, &pages, &model_dir).await?,
+        None => index(&env, &cli, &pages, &model_flags).await?,
     };
     let pg = stowage_common::db::parse_url(&database_url)?;
     let pool = stowage_common::db::pool(&pg, 4)?;
@@ -139,7 +186,7 @@ async fn main() -> anyhow::Result<()> {
         .await?
         .context("the collection has no active generation")?;
 
-    let model = tokio::task::spawn_blocking(move || BuiltinModel::load(&model_dir)).await??;
+    let model = tokio::task::spawn_blocking(move || model_source.load()).await??;
     let texts: Vec<String> = questions.iter().map(|q| q.question.clone()).collect();
     let vectors = model.embed(&texts)?;
 
@@ -237,7 +284,7 @@ async fn index(
     env: &StackEnv,
     cli: &Cli,
     pages: &[(String, String)],
-    model_dir: &Path,
+    model_flags: &[String],
 ) -> anyhow::Result<String> {
     let target = env
         .s3_targets()
@@ -284,19 +331,22 @@ async fn index(
         .collect::<Result<Vec<_>, _>>()?;
 
     let worker = stowage_worker::start(
-        stowage_worker::config::WorkerArgs::parse_from([
-            "stowage-worker".to_string(),
-            format!("--database-url={database_url}"),
-            format!("--nats-url={}", env.nats_url()),
-            format!("--queue-prefix={prefix}"),
-            format!("--credentials-dir={}", creds.path().display()),
-            format!("--embedding-model-dir={}", model_dir.display()),
-            "--grpc-addr=127.0.0.1:0".into(),
-            "--auth-mode=none".into(),
-            "--allow-private-networks=true".into(),
-            "--metrics-addr=127.0.0.1:0".into(),
-            format!("--capacity={}", cli.capacity),
-        ]),
+        stowage_worker::config::WorkerArgs::parse_from(
+            [
+                "stowage-worker".to_string(),
+                format!("--database-url={database_url}"),
+                format!("--nats-url={}", env.nats_url()),
+                format!("--queue-prefix={prefix}"),
+                format!("--credentials-dir={}", creds.path().display()),
+                "--grpc-addr=127.0.0.1:0".into(),
+                "--auth-mode=none".into(),
+                "--allow-private-networks=true".into(),
+                "--metrics-addr=127.0.0.1:0".into(),
+                format!("--capacity={}", cli.capacity),
+            ]
+            .into_iter()
+            .chain(model_flags.iter().cloned()),
+        ),
         None,
     )
     .await?;

@@ -492,7 +492,7 @@ pub async fn search_generation(
 }
 
 /// Recounts generation `generation_id`'s keyword statistics (chunks, mean
-/// length in distinct lexemes, chunks per lexeme) from its rows, replacing the old ones in one
+/// length in distinct lexemes, the bytes its rows store, chunks per lexeme) from its rows, replacing the old ones in one
 /// transaction. One pass over the generation's `tsv` (`ts_stat`): run it
 /// when a generation is activated or a sync run changed it, not per
 /// document.
@@ -521,13 +521,16 @@ pub async fn refresh_keyword_stats(
              terms AS (
                  INSERT INTO keyword_terms (generation_id, lexeme, chunks)
                  SELECT {generation_id}, word, ndoc FROM s)
-             INSERT INTO keyword_stats (generation_id, chunks, avg_length)
+             INSERT INTO keyword_stats (generation_id, chunks, avg_length, stored_bytes)
              SELECT {generation_id}, c.n,
-                    CASE WHEN c.n > 0 THEN coalesce(t.total, 0)::float8 / c.n ELSE 0 END
-             FROM (SELECT count(*) AS n FROM chunks WHERE generation_id = {generation_id}) c,
+                    CASE WHEN c.n > 0 THEN coalesce(t.total, 0)::float8 / c.n ELSE 0 END,
+                    c.bytes
+             FROM (SELECT count(*) AS n, coalesce(sum(pg_column_size(chunks.*)), 0) AS bytes
+                   FROM chunks WHERE generation_id = {generation_id}) c,
                   (SELECT sum(ndoc) AS total FROM s) t
              ON CONFLICT (generation_id) DO UPDATE SET chunks = excluded.chunks,
-                 avg_length = excluded.avg_length, refreshed_at = now()"
+                 avg_length = excluded.avg_length, stored_bytes = excluded.stored_bytes,
+                 refreshed_at = now()"
         ),
         &[],
     )
