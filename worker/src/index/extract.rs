@@ -337,6 +337,13 @@ fn running_key(line: &str) -> String {
 /// Lines among the first and last two of each page.
 const RUNNING_LINES: usize = 2;
 
+/// How many lines at each end of a page of `n` lines can be a running
+/// header or footer: two, but never more than a third of the page (a short
+/// page is mostly body).
+fn edge_lines(n: usize) -> usize {
+    RUNNING_LINES.min(n / 3)
+}
+
 /// Pages joined by blank lines, less page numbers, and less the lines at
 /// the top or bottom of a page that recur there on at least half of the
 /// pages (running headers and footers), when there are three pages or more.
@@ -344,11 +351,11 @@ fn pdf_pages(pages: &[String]) -> String {
     use std::collections::HashMap;
     let edges = |page: &str| -> Vec<String> {
         let lines: Vec<&str> = page.lines().filter(|l| !l.trim().is_empty()).collect();
-        let n = lines.len();
+        let (n, k) = (lines.len(), edge_lines(lines.len()));
         let mut keys: Vec<String> = lines
             .iter()
             .enumerate()
-            .filter(|(i, _)| *i < RUNNING_LINES || *i + RUNNING_LINES >= n)
+            .filter(|(i, _)| *i < k || *i + k >= n)
             .map(|(_, l)| running_key(l))
             .filter(|k| !k.trim().is_empty())
             .collect();
@@ -371,6 +378,7 @@ fn pdf_pages(pages: &[String]) -> String {
     let mut out = String::new();
     for page in pages {
         let n = page.lines().filter(|l| !l.trim().is_empty()).count();
+        let k = edge_lines(n);
         let mut text = String::new();
         let mut i = 0;
         let mut blank = false;
@@ -379,7 +387,7 @@ fn pdf_pages(pages: &[String]) -> String {
                 blank = true;
                 continue;
             }
-            let edge = i < RUNNING_LINES || i + RUNNING_LINES >= n;
+            let edge = i < k || i + k >= n;
             i += 1;
             if page_number(line) || (edge && running(line)) {
                 continue;

@@ -367,6 +367,10 @@ pub async fn search_generation(
     } else {
         query_terms(&tx, g, q.text, &t).await?
     };
+    if q.mode == Mode::Keyword && terms.lexemes.is_empty() {
+        // Only stop words, or no word at all: nothing to look for.
+        return Ok(Vec::new());
+    }
     if q.mode != Mode::Keyword {
         // Filters inside the index scan; candidates at least the depth.
         tx.batch_execute(&format!(
@@ -440,7 +444,8 @@ pub async fn search_generation(
                   row_number() OVER (PARTITION BY c.object_key ORDER BY r.score DESC, c.id)
                     AS doc_rank
            FROM ({ranked}) r JOIN chunks c ON c.id = r.id
-           WHERE ($1::vector({d}) IS NULL OR TRUE) AND ($4::int8 IS NULL OR TRUE)
+           WHERE ($1::vector({d}) IS NULL OR TRUE) AND ($2::text IS NULL OR TRUE)
+             AND ($3::text IS NULL OR TRUE) AND ($4::int8 IS NULL OR TRUE)
              AND ($5::text[] IS NULL OR TRUE) AND ($6::float8[] IS NULL OR TRUE)
              AND ($7::text IS NULL OR TRUE) AND ($8::float8 IS NULL OR TRUE)
              AND ($9::float8 IS NULL OR TRUE) AND ($10::float4[] IS NULL OR TRUE)
