@@ -1247,17 +1247,16 @@ async fn verify_head(
         key: target.key.to_string(),
         message,
     };
-    if let Some(sse) = target.sse
-        && let Err(why) = sse.check(
-            "HeadObject",
+    require_encryption(
+        target,
+        target.key,
+        (
             head.server_side_encryption(),
             head.ssekms_key_id(),
             head.sse_customer_key_md5(),
-        )
-    {
-        remove_unencrypted(target, target.key).await;
-        return Err(UploadError::Encryption(why));
-    }
+        ),
+    )
+    .await?;
     let stored = head.content_length().unwrap_or(-1);
     if stored != size as i64 {
         return Err(fail(format!("stored size {stored} != {size} bytes read")));
@@ -1315,8 +1314,25 @@ pub struct StoredObject {
 /// A HEAD's encryption fields.
 pub type EncryptionSeen = (Option<ServerSideEncryption>, Option<String>, Option<String>);
 
-/// Deletes an object written without the encryption the job asked for:
-/// bytes the job meant to be encrypted are not left in clear.
+/// Checks what a HEAD of `key` said of its encryption (algorithm, KMS key,
+/// SSE-C key MD5) against the job's; an object stored without it is
+/// deleted, so that bytes the job meant to be encrypted are not left in
+/// clear.
+async fn require_encryption(
+    target: &Target<'_>,
+    key: &str,
+    (algorithm, kms, md5): (Option<&ServerSideEncryption>, Option<&str>, Option<&str>),
+) -> Result<(), UploadError> {
+    let Some(sse) = target.sse else {
+        return Ok(());
+    };
+    if let Err(why) = sse.check("HeadObject", algorithm, kms, md5) {
+        remove_unencrypted(target, key).await;
+        return Err(UploadError::Encryption(why));
+    }
+    Ok(())
+}
+
 async fn remove_unencrypted(target: &Target<'_>, key: &str) {
     match target
         .client
@@ -1412,18 +1428,13 @@ pub async fn verify_copy(
     let Some(copy) = head_stored(target, key).await? else {
         return Err(fail("the copy is not there".into()));
     };
-    if let Some(sse) = target.sse {
-        let (algorithm, kms, md5) = copy.encryption.clone().unwrap_or_default();
-        if let Err(why) = sse.check(
-            "HeadObject",
-            algorithm.as_ref(),
-            kms.as_deref(),
-            md5.as_deref(),
-        ) {
-            remove_unencrypted(target, key).await;
-            return Err(UploadError::Encryption(why));
-        }
-    }
+    let (algorithm, kms, md5) = copy.encryption.clone().unwrap_or_default();
+    require_encryption(
+        target,
+        key,
+        (algorithm.as_ref(), kms.as_deref(), md5.as_deref()),
+    )
+    .await?;
     if copy.size != from.size {
         return Err(fail(format!(
             "copy has {} bytes, its source {}",
