@@ -139,7 +139,7 @@ impl Default for Tuning {
             b: 0.0,
             title_weight: 0.5,
             heading_weight: 1.0,
-            common_share: 0.05,
+            common_share: 0.01,
         }
     }
 }
