@@ -315,8 +315,8 @@ fn page_number(line: &str) -> bool {
             || (w.len() <= 6 && w.chars().all(|c| matches!(c, 'i' | 'v' | 'x' | 'l')))
     };
     match words.as_slice() {
-        [n] => number(*n),
-        [n, "of" | "/", m] => number(*n) && number(*m),
+        [n] => number(n),
+        [n, "of" | "/", m] => number(n) && number(m),
         _ => false,
     }
 }

@@ -416,14 +416,13 @@ pub(crate) async fn document(
         size_bytes: Some(object.size),
     };
     let outcome = fetch_and_index(
+        ctx,
         client,
         spec,
         embedder,
         object,
         existing.as_ref(),
         &mut source,
-        ctx.min_rate,
-        &ctx.metrics,
     )
     .await;
     let mut unchanged = false;
@@ -487,15 +486,15 @@ enum Prepared {
 }
 
 async fn fetch_and_index(
+    ctx: &Context,
     client: &aws_sdk_s3::Client,
     spec: &IndexSpec,
     embedder: &Embedder,
     object: &Listed,
     existing: Option<&store::IndexedDocument>,
     source: &mut Source,
-    min_rate: MinRate,
-    metrics: &crate::metrics::WorkerMetrics,
 ) -> Result<Prepared, String> {
+    let metrics = &ctx.metrics;
     if object.size as usize > DEFAULT_MAX_BYTES {
         return Ok(Prepared::Skipped(format!(
             "not indexed: {} bytes is more than the extraction limit of {DEFAULT_MAX_BYTES}",
@@ -515,7 +514,7 @@ async fn fetch_and_index(
         source.etag = Some(etag.trim_matches('"').to_string());
     }
     let announced = got.content_length().and_then(|n| u64::try_from(n).ok());
-    let Some(bytes) = read_bounded(got.body, &object.key, announced, min_rate).await? else {
+    let Some(bytes) = read_bounded(got.body, &object.key, announced, ctx.min_rate).await? else {
         return Ok(Prepared::Skipped(format!(
             "not indexed: the object grew past the extraction limit of {DEFAULT_MAX_BYTES} \
              bytes while it was read (listed at {} bytes)",

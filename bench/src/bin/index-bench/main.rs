@@ -20,13 +20,10 @@ use std::time::Instant;
 use anyhow::{Context as _, bail};
 use clap::{Parser, Subcommand};
 use futures::StreamExt;
-use prost::Message as _;
-use stowage_common::queue::TaskKind;
 use stowage_common::spec::index::{Embedding, IndexSpec};
 use stowage_common::state::collections::{self, NewCollection};
 use stowage_common::state::index::{self as store, Mode, Query};
 use stowage_common::testing::{StackEnv, fresh_database, fresh_schema, unique};
-use stowage_proto::v1::{CollectionProgress, SyncCollection, Task, task};
 use stowage_worker::index::embed::onnx::available_cpus;
 use stowage_worker::index::embed::{BuiltinModel, OnnxOptions, Precision};
 
@@ -357,24 +354,6 @@ fn content_type(key: &str) -> &'static str {
     }
 }
 
-/// The process's peak resident set (VmHWM), in MiB.
-fn peak_rss_mib() -> Option<f64> {
-    let status = std::fs::read_to_string("/proc/self/status").ok()?;
-    let kb: f64 = status
-        .lines()
-        .find(|l| l.starts_with("VmHWM:"))?
-        .split_whitespace()
-        .nth(1)?
-        .parse()
-        .ok()?;
-    Some(kb / 1024.0)
-}
-
-/// Starts counting the peak resident set afresh (Linux: clear_refs 5).
-fn reset_peak_rss() {
-    let _ = std::fs::write("/proc/self/clear_refs", "5");
-}
-
 fn extract(dir: &std::path::Path, skip: &[String]) -> anyhow::Result<()> {
     use stowage_worker::index::{chunk, extract};
     let files: Vec<(String, Vec<u8>)> = read_dir(dir)?
@@ -382,7 +361,7 @@ fn extract(dir: &std::path::Path, skip: &[String]) -> anyhow::Result<()> {
         .filter(|(k, _)| !skip.iter().any(|s| k.contains(s.as_str())))
         .collect();
     let bytes: usize = files.iter().map(|(_, b)| b.len()).sum();
-    reset_peak_rss();
+    stowage_bench::reset_peak_rss();
     let cfg = stowage_common::spec::index::Chunking::default();
     let t0 = Instant::now();
     let (mut docs, mut skipped, mut text_bytes) = (0usize, 0usize, 0usize);
@@ -438,7 +417,7 @@ fn extract(dir: &std::path::Path, skip: &[String]) -> anyhow::Result<()> {
         pct(0.9),
         no_path
     );
-    if let Some(mib) = peak_rss_mib() {
+    if let Some(mib) = stowage_bench::peak_rss_mib() {
         println!(
             "peak RSS {mib:.0} MiB (the files themselves: {:.0} MiB)",
             bytes as f64 / (1 << 20) as f64
@@ -529,54 +508,8 @@ async fn index(
                    "region": target.region, "credentialsSecretRef": {"name": "bench"},
                    "allowPrivateNetworks": true, "exclude": exclude},
     }))?;
-    let id = {
-        let db = worker.context.db.get().await?;
-        collections::register(
-            &db,
-            &NewCollection {
-                namespace: "bench".into(),
-                name: "kb".into(),
-                source_uid: unique("uid"),
-                generation: 1,
-                spec,
-            },
-        )
-        .await?
-    };
-    let queue = &worker.context.queue;
-    let mut events = queue
-        .client()
-        .subscribe(queue.topology().progress_wildcard())
-        .await?;
-    reset_peak_rss();
-    let t0 = Instant::now();
-    queue
-        .publish_task(
-            &queue
-                .topology()
-                .task_subject(TaskKind::IndexSync, "bench", "kb"),
-            &Task {
-                task_id: format!("index-sync/{id}/bench"),
-                kind: Some(task::Kind::SyncCollection(SyncCollection {
-                    collection_id: id.to_string(),
-                    trigger: "manual".into(),
-                })),
-            },
-        )
-        .await?;
-    while let Some(msg) = events.next().await {
-        if let Ok(p) = CollectionProgress::decode(msg.payload.as_ref())
-            && p.run_state != "in_progress"
-        {
-            break;
-        }
-    }
-    let seconds = t0.elapsed().as_secs_f64();
-    let run = {
-        let db = worker.context.db.get().await?;
-        collections::latest_run(&db, id).await?.context("a run")?
-    };
-    let peak = peak_rss_mib();
+    let (run, seconds) = stowage_bench::sync_once(&worker, "bench", "kb", spec).await?;
+    let peak = stowage_bench::peak_rss_mib();
     let what = match &dir {
         Some(d) => format!("the {files} files of {}", d.display()),
         None => format!("{docs} Markdown documents"),

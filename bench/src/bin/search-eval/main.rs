@@ -25,13 +25,10 @@ use std::time::Instant;
 use anyhow::{Context as _, bail};
 use clap::Parser;
 use futures::StreamExt;
-use prost::Message as _;
-use stowage_common::queue::TaskKind;
 use stowage_common::spec::index::{Embedding, IndexSpec};
 use stowage_common::state::collections::{self, NewCollection};
 use stowage_common::state::index::{self as store, Generation, Mode, Query, Tuning};
 use stowage_common::testing::{StackEnv, fresh_database, unique};
-use stowage_proto::v1::{CollectionProgress, SyncCollection, Task, task};
 use stowage_worker::index::embed::{BuiltinModel, BuiltinSource, OnnxOptions, Precision};
 
 #[derive(Parser)]
@@ -155,7 +152,7 @@ async fn main() -> anyhow::Result<()> {
         pages.retain(|(name, _)| {
             relevant.contains(name.as_str()) || {
                 other += 1;
-                other % cli.sample_every == 0
+                other.is_multiple_of(cli.sample_every)
             }
         });
         println!(
@@ -267,19 +264,6 @@ fn read_pages(dir: &Path) -> anyhow::Result<Vec<(String, String)>> {
     Ok(pages)
 }
 
-fn peak_rss_mib() -> Option<f64> {
-    let status = std::fs::read_to_string("/proc/self/status").ok()?;
-    let kb: f64 = status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmHWM:"))?
-        .trim()
-        .trim_end_matches("kB")
-        .trim()
-        .parse()
-        .ok()?;
-    Some(kb / 1024.0)
-}
-
 /// Puts the pages in a bucket and indexes them with one sync run of an
 /// in-process worker; returns the database's URL.
 async fn index(
@@ -357,52 +341,7 @@ async fn index(
                    "region": target.region, "credentialsSecretRef": {"name": "eval"},
                    "allowPrivateNetworks": true, "exclude": EXCLUDE},
     }))?;
-    let id = {
-        let db = worker.context.db.get().await?;
-        collections::register(
-            &db,
-            &NewCollection {
-                namespace: NAMESPACE.into(),
-                name: COLLECTION.into(),
-                source_uid: unique("uid"),
-                generation: 1,
-                spec,
-            },
-        )
-        .await?
-    };
-    let queue = &worker.context.queue;
-    let mut events = queue
-        .client()
-        .subscribe(queue.topology().progress_wildcard())
-        .await?;
-    let t0 = Instant::now();
-    queue
-        .publish_task(
-            &queue
-                .topology()
-                .task_subject(TaskKind::IndexSync, NAMESPACE, COLLECTION),
-            &Task {
-                task_id: format!("index-sync/{id}/eval"),
-                kind: Some(task::Kind::SyncCollection(SyncCollection {
-                    collection_id: id.to_string(),
-                    trigger: "manual".into(),
-                })),
-            },
-        )
-        .await?;
-    while let Some(msg) = events.next().await {
-        if let Ok(p) = CollectionProgress::decode(msg.payload.as_ref())
-            && p.run_state != "in_progress"
-        {
-            break;
-        }
-    }
-    let seconds = t0.elapsed().as_secs_f64();
-    let run = {
-        let db = worker.context.db.get().await?;
-        collections::latest_run(&db, id).await?.context("a run")?
-    };
+    let (run, seconds) = stowage_bench::sync_once(&worker, NAMESPACE, COLLECTION, spec).await?;
     println!(
         "indexed from {} ({:.1} MiB) by one sync run, built-in model, capacity {}: state {}, \
          documents {} (failed {}, skipped {}), chunks {}",
@@ -420,7 +359,7 @@ async fn index(
          in-process) {:.0} MiB",
         run.counts.new as f64 / seconds,
         run.counts.chunks_written as f64 / seconds,
-        peak_rss_mib().unwrap_or(f64::NAN)
+        stowage_bench::peak_rss_mib().unwrap_or(f64::NAN)
     );
     println!("database (reuse with --database-url): {database_url}");
     worker.shutdown().await?;
