@@ -1,7 +1,7 @@
 //! Batching across documents for the built-in model. A worker indexes
 //! several documents at once, each of a few chunks; run one by one, each
 //! would make its own small forward pass. Instead their texts queue for one
-//! thread that takes whatever has queued (up to the model's batch size) and
+//! thread that takes whatever has queued (up to [`GATHER_TEXTS`] texts) and
 //! embeds it in one call: while it computes, the next batch gathers, so
 //! batching adds no waiting of its own.
 
@@ -60,6 +60,11 @@ impl Batcher {
     }
 }
 
+/// Texts gathered from concurrent requests for one run of the model, which
+/// sorts them by length and runs them in forward passes of its batch size
+/// (more texts to sort: less padding).
+const GATHER_TEXTS: usize = 32;
+
 fn serve(
     model: &BuiltinModel,
     mut requests: mpsc::UnboundedReceiver<Request>,
@@ -68,7 +73,7 @@ fn serve(
     while let Some(first) = requests.blocking_recv() {
         let mut queued = first.texts.len();
         let mut batch = vec![first];
-        while queued < model.batch_size() {
+        while queued < GATHER_TEXTS.max(model.batch_size()) {
             match requests.try_recv() {
                 Ok(r) => {
                     queued += r.texts.len();
