@@ -13,10 +13,11 @@
 //! - PDF: page by page, less page numbers and the running headers and
 //!   footers repeated on most pages.
 //!
-//! The text is bounded: never longer than the input plus
-//! [`super::html::SLACK`] bytes, nor than [`super::html::MAX_TEXT_BYTES`]
-//! (PDF text, which compressed streams can make larger than the file, is
-//! cut there).
+//! The text is bounded: never longer than [`super::html::MAX_TEXT_BYTES`],
+//! nor — PDF aside, whose compressed streams can hold more text than the
+//! file's size — than the input plus [`super::html::SLACK`] bytes (an HTML
+//! page's invalid bytes, each decoded to a 3-byte replacement character,
+//! included).
 
 use pulldown_cmark::{Event, HeadingLevel, Parser, Tag, TagEnd};
 
@@ -153,7 +154,7 @@ pub fn extract(
             // character, not a reason to lose the page.
             let source =
                 String::from_utf8_lossy(bytes.strip_prefix(b"\xEF\xBB\xBF").unwrap_or(bytes));
-            let page = html::extract(&source);
+            let page = html::extract_decoded(&source, bytes.len());
             out.text = page.text;
             out.title = page.title;
             out.headings = page.headings;
@@ -601,6 +602,23 @@ pub(crate) mod tests {
         )
         .expect_err("nothing to read");
         assert_eq!(e, ExtractError::Empty("html"));
+    }
+
+    #[test]
+    fn invalid_bytes_cannot_make_html_text_longer_than_its_bound() {
+        let mut html = b"<main><p>".to_vec();
+        for _ in 0..30_000 {
+            html.extend(b"a\xFF");
+        }
+        html.extend(b"</p></main>");
+        let doc = extract(Some("text/html"), "p.html", &html, DEFAULT_MAX_BYTES).expect("html");
+        assert!(
+            doc.text.len() <= html.len() + html::SLACK,
+            "{} bytes of text from {}",
+            doc.text.len(),
+            html.len()
+        );
+        assert!(doc.truncated && doc.text.starts_with("a\u{fffd}a"));
     }
 
     #[test]

@@ -79,8 +79,15 @@ pub struct Page {
 
 /// Parses `html` and extracts its main content.
 pub fn extract(html: &str) -> Page {
+    extract_decoded(html, html.len())
+}
+
+/// [`extract`] of a page decoded from `input_bytes` bytes: the text stays
+/// within those plus [`SLACK`] even where decoding made it longer (each
+/// invalid byte becomes a 3-byte replacement character).
+pub fn extract_decoded(html: &str, input_bytes: usize) -> Page {
     let dom = parse(html);
-    let limit = html.len().saturating_add(SLACK).min(MAX_TEXT_BYTES);
+    let limit = input_bytes.saturating_add(SLACK).min(MAX_TEXT_BYTES);
     let mut page = render(&dom, limit);
     page.truncated |= dom.truncated;
     page
@@ -729,7 +736,11 @@ impl Out {
             if word.is_empty() {
                 continue;
             }
+            if self.full {
+                return;
+            }
             if !self.room(word.len().saturating_add(2)) {
+                self.partial(word);
                 return;
             }
             self.flush();
@@ -757,12 +768,32 @@ impl Out {
             if line.is_empty() {
                 continue;
             }
+            if self.full {
+                return;
+            }
             if !self.room(line.len().saturating_add(2)) {
+                self.partial(line);
                 return;
             }
             self.flush();
             self.text.push_str(line);
         }
+    }
+
+    /// What fits of a word or line longer than the room left (a page of
+    /// one giant word still gives its first part); the text is then full.
+    fn partial(&mut self, s: &str) {
+        let left = self.limit.saturating_sub(self.text.len().saturating_add(2));
+        let mut end = left.min(s.len());
+        while !s.is_char_boundary(end) {
+            end -= 1;
+        }
+        if end > 0 {
+            self.full = false;
+            self.flush();
+            self.text.push_str(&s[..end]);
+        }
+        self.full = true;
     }
 
     /// A separator written as is (the cell separator).
