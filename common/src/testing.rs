@@ -142,7 +142,15 @@ impl S3Target {
 /// say anything more useful, and every other test of the binary would fail
 /// the same way (so no panic, no backtrace, no wall of failures).
 pub fn stack_missing(what: &str) -> ! {
-    eprintln!(
+    use std::io::Write as _;
+    // One line, however many tests get here at once: the first holds this
+    // until the process is gone.
+    static EXITING: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    let _first = EXITING.lock();
+    // Straight to the process's stderr: the test harness captures
+    // `eprintln!` and would lose it when the process exits.
+    let _ = writeln!(
+        std::io::stderr(),
         "\nstowage tests: {what}. These tests need the local stack: run `scripts/stack up` \
          (then `eval \"$(scripts/stack env)\"`), or `cargo test --lib` for the tests that need nothing."
     );
