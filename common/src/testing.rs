@@ -210,6 +210,29 @@ pub async fn fresh_schema(env: &StackEnv) -> (crate::db::Pool, crate::locks::Loc
     (pool, locks)
 }
 
+/// A fresh schema with one registered collection (`team-a/kb`, bucket
+/// `docs`, default spec): the pool and the collection's id.
+pub async fn fresh_collection(env: &StackEnv) -> (crate::db::Pool, uuid::Uuid) {
+    use crate::state::collections::{self, NewCollection};
+    let (pool, _) = fresh_schema(env).await;
+    let spec: crate::spec::index::IndexSpec =
+        serde_json::from_value(serde_json::json!({"source": {"bucket": "docs"}})).expect("spec");
+    let db = pool.get().await.expect("db");
+    let id = collections::register(
+        &db,
+        &NewCollection {
+            namespace: "team-a".into(),
+            name: "kb".into(),
+            source_uid: unique("uid"),
+            generation: 1,
+            spec,
+        },
+    )
+    .await
+    .expect("collection");
+    (pool, id)
+}
+
 /// Polls `check` every 100 ms until it holds; fails the test after `within`.
 pub async fn eventually<F, Fut>(what: &str, within: std::time::Duration, mut check: F)
 where

@@ -5,32 +5,15 @@
 //! rows still fills the answer (pgvector's iterative index scan).
 
 use stowage_common::db::{Client, Pool};
-use stowage_common::spec::index::{Embedding, EmbeddingProvider, IndexSpec};
-use stowage_common::state::collections::{self, NewCollection};
+use stowage_common::spec::index::{Embedding, EmbeddingProvider};
 use stowage_common::state::index::{
     self, Hit, MAX_TOP_K, Mode, NewChunk, Query, SearchError, Source, Tuning,
 };
-use stowage_common::testing::{StackEnv, fresh_schema, unique};
+use stowage_common::testing::{StackEnv, fresh_collection};
 use uuid::Uuid;
 
 async fn setup() -> (Pool, Uuid) {
-    let (pool, _) = fresh_schema(&StackEnv::load()).await;
-    let spec: IndexSpec =
-        serde_json::from_value(serde_json::json!({"source": {"bucket": "docs"}})).expect("spec");
-    let db = pool.get().await.expect("db");
-    let id = collections::register(
-        &db,
-        &NewCollection {
-            namespace: "team-a".into(),
-            name: "kb".into(),
-            source_uid: unique("uid"),
-            generation: 1,
-            spec,
-        },
-    )
-    .await
-    .expect("collection");
-    (pool, id)
+    fresh_collection(&StackEnv::load()).await
 }
 
 fn model() -> Embedding {
