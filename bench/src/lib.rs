@@ -2,17 +2,47 @@
 //! timed from the task's publication to the run's end, and the process's
 //! peak resident set.
 
+use std::path::Path;
 use std::time::Instant;
 
 use anyhow::Context as _;
+use clap::Parser as _;
 use futures::StreamExt;
 use prost::Message as _;
 use stowage_common::queue::TaskKind;
 use stowage_common::spec::index::IndexSpec;
 use stowage_common::state::collections::{self, NewCollection, SyncRun};
-use stowage_common::testing::unique;
+use stowage_common::testing::{StackEnv, unique};
 use stowage_proto::v1::{CollectionProgress, SyncCollection, Task, task};
 use stowage_worker::Worker;
+
+/// An in-process worker on the local stack for one benchmark: loopback
+/// servers allowed, no gRPC auth, `capacity` documents at once, and `extra`
+/// flags (the model's).
+pub async fn start_worker(
+    env: &StackEnv,
+    database_url: &str,
+    prefix: &str,
+    credentials_dir: &Path,
+    capacity: usize,
+    extra: &[String],
+) -> anyhow::Result<Worker> {
+    let args = [
+        "stowage-worker".to_string(),
+        format!("--database-url={database_url}"),
+        format!("--nats-url={}", env.nats_url()),
+        format!("--queue-prefix={prefix}"),
+        format!("--credentials-dir={}", credentials_dir.display()),
+        "--grpc-addr=127.0.0.1:0".into(),
+        "--auth-mode=none".into(),
+        "--allow-private-networks=true".into(),
+        "--metrics-addr=127.0.0.1:0".into(),
+        format!("--capacity={capacity}"),
+    ]
+    .into_iter()
+    .chain(extra.iter().cloned());
+    stowage_worker::start(stowage_worker::config::WorkerArgs::parse_from(args), None).await
+}
 
 /// Registers collection `namespace/name` with `spec`, resets the peak RSS,
 /// runs one sync (the worker's own task) and waits for its end. Returns the

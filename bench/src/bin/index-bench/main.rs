@@ -486,21 +486,16 @@ async fn index(
         .into_iter()
         .collect::<Result<Vec<_>, _>>()?;
 
-    let worker = stowage_worker::start(
-        stowage_worker::config::WorkerArgs::parse_from([
-            "stowage-worker".to_string(),
-            format!("--database-url={database_url}"),
-            format!("--nats-url={}", env.nats_url()),
-            format!("--queue-prefix={prefix}"),
-            format!("--credentials-dir={}", creds.path().display()),
-            format!("--embedding-model-dir={}", model_dir(&env)?.display()),
-            "--grpc-addr=127.0.0.1:0".into(),
-            "--auth-mode=none".into(),
-            "--allow-private-networks=true".into(),
-            "--metrics-addr=127.0.0.1:0".into(),
-            format!("--capacity={capacity}"),
-        ]),
-        None,
+    let worker = stowage_bench::start_worker(
+        &env,
+        &database_url,
+        &prefix,
+        creds.path(),
+        capacity,
+        &[format!(
+            "--embedding-model-dir={}",
+            model_dir(&env)?.display()
+        )],
     )
     .await?;
     let spec: IndexSpec = serde_json::from_value(serde_json::json!({

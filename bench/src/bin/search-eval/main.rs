@@ -316,24 +316,13 @@ async fn index(
         .into_iter()
         .collect::<Result<Vec<_>, _>>()?;
 
-    let worker = stowage_worker::start(
-        stowage_worker::config::WorkerArgs::parse_from(
-            [
-                "stowage-worker".to_string(),
-                format!("--database-url={database_url}"),
-                format!("--nats-url={}", env.nats_url()),
-                format!("--queue-prefix={prefix}"),
-                format!("--credentials-dir={}", creds.path().display()),
-                "--grpc-addr=127.0.0.1:0".into(),
-                "--auth-mode=none".into(),
-                "--allow-private-networks=true".into(),
-                "--metrics-addr=127.0.0.1:0".into(),
-                format!("--capacity={}", cli.capacity),
-            ]
-            .into_iter()
-            .chain(model_flags.iter().cloned()),
-        ),
-        None,
+    let worker = stowage_bench::start_worker(
+        env,
+        &database_url,
+        &prefix,
+        creds.path(),
+        cli.capacity,
+        model_flags,
     )
     .await?;
     let spec: IndexSpec = serde_json::from_value(serde_json::json!({
