@@ -10,14 +10,17 @@ usage() {
 Usage: bench/upload.sh [options]
 
 Uploads a 1 GiB file and a folder of 10,000 small files (4-64 KiB) with Stowage
-(worker + stowctl, files served over HTTP by bench's serve-dir), s5cmd and rclone
-(and aws cli v2 with --aws) into one bucket of one S3 server, each to its own key
-prefix, then prints a table: tool, workload, median time, MiB/s or files/s, and
-Stowage's ratio to each peer (stowage/peer: > 1 means Stowage was faster).
+two ways — `stowage`: an upload job (worker + stowctl, files served over HTTP by
+bench's serve-dir); `ingest`: `stowctl upload PATH` streaming the local files to the
+worker's Ingest API — and with s5cmd and rclone (and aws cli v2 with --aws) into one
+bucket of one S3 server, each to its own key prefix, then prints a table: tool,
+workload, median time, MiB/s or files/s, and each Stowage path's ratio to each peer
+(> 1 means Stowage was faster).
 
-Stowage's time runs from `stowctl upload` (submission) until stowctl sees the job
-finished (`--wait`, or `stowctl status` polled each second for the small files); the
-worker is started before and keeps running.
+The job's time runs from `stowctl upload` (submission) until stowctl sees the job
+finished (`--wait`, or `stowctl status` polled each second for the small files);
+ingest's is the `stowctl upload PATH` command's (it ends when every file is stored,
+verified and recorded). The worker is started before and keeps running.
 
 Options:
   --server NAME       garage (default) or localstack
@@ -25,7 +28,7 @@ Options:
   --small-runs N      runs per tool for the small files (default 1)
   --small-count N     number of small files (default 10000)
   --aws               also measure `aws s3 cp` (aws cli v2, /usr/bin/aws)
-  --tools LIST        comma-separated subset of stowage,s5cmd,rclone,aws
+  --tools LIST        comma-separated subset of stowage,ingest,s5cmd,rclone,aws
   --workloads LIST    comma-separated subset of big,small (default both)
   --rss               also upload a 5 GiB file with Stowage on a fresh worker and
                       report the worker's peak RSS (VmHWM) in MiB
@@ -81,10 +84,10 @@ done
 [[ $SERVER == garage || $SERVER == localstack ]] || die "--server: garage or localstack, not '$SERVER'"
 [[ $PIN == split || $PIN == none ]] || die "--pin: split or none, not '$PIN'"
 [[ $SMALL_WAIT == status || $SMALL_WAIT == wait ]] || die "--small-wait: status or wait, not '$SMALL_WAIT'"
-[[ -n $TOOLS ]] || { TOOLS=stowage,s5cmd,rclone; ((WITH_AWS)) && TOOLS+=,aws; }
+[[ -n $TOOLS ]] || { TOOLS=stowage,ingest,s5cmd,rclone; ((WITH_AWS)) && TOOLS+=,aws; }
 IFS=, read -ra TOOL_LIST <<<"$TOOLS"
 IFS=, read -ra WORKLOAD_LIST <<<"$WORKLOADS"
-for t in "${TOOL_LIST[@]}"; do [[ $t =~ ^(stowage|s5cmd|rclone|aws)$ ]] || die "--tools: unknown tool '$t'"; done
+for t in "${TOOL_LIST[@]}"; do [[ $t =~ ^(stowage|ingest|s5cmd|rclone|aws)$ ]] || die "--tools: unknown tool '$t'"; done
 for w in "${WORKLOAD_LIST[@]}"; do [[ $w =~ ^(big|small)$ ]] || die "--workloads: unknown workload '$w'"; done
 has() { local x; for x in "${@:2}"; do [[ $x == "$1" ]] && return 0; done; return 1; }
 
@@ -284,6 +287,7 @@ start_worker() {
   local addr=""
   for _ in $(seq 1 300); do
     addr=$(sed 's/\x1b\[[0-9;]*m//g' "$WORKER_LOG" | grep -o 'http_addr=[0-9.:]*' | head -n1 | cut -d= -f2) || true
+    GRPC=$(sed 's/\x1b\[[0-9;]*m//g' "$WORKER_LOG" | grep -o 'grpc_addr=[0-9.:]*' | head -n1 | cut -d= -f2) || true
     [[ -n $addr ]] && curl -sf "http://$addr/readyz" >/dev/null && return 0
     kill -0 "$WORKER_PID" 2>/dev/null || break
     sleep 0.1
@@ -304,6 +308,8 @@ start_worker
 RESULTS=$LOGS/results.tsv  # tool workload run seconds bytes files status cpu-s: client server pg+nats
 : >"$RESULTS"
 PREFIX=bench/$STAMP
+INGEST_ARGS=(--to-endpoint "$EP" --to-credentials "$SERVER" --region "$REGION" --allow-private-networks)
+INGEST_PARALLEL=16
 STOWAGE_ARGS=(--to-endpoint "$EP" --to-credentials "$SERVER" --region "$REGION"
   --allow-private-networks --part-size $((PART_MIB * MiB)) --concurrency "$CONCURRENCY"
   --checksum crc32c --timeout 7200)
@@ -361,12 +367,14 @@ upload() {
     aws:*) "${CLIENT[@]}" "$STOWAGE_AWS_CLI" --endpoint-url "$EP" s3 cp --only-show-errors \
              "$DATA/$file" "s3://$BUCKET/$dest/$file" ;;
     stowage:*) stowage_upload "$workload" "$dest" "$log" ;;
+    ingest:*) "${CLIENT[@]}" "$BIN/stowctl" upload "$DATA/$file" --to "s3://$BUCKET/$dest/" \
+                "${INGEST_ARGS[@]}" --worker "http://$GRPC" --no-token --parallel "$INGEST_PARALLEL" ;;
   esac >"$log" 2>&1 || rc=$?
   t1=$EPOCHREALTIME
   child_ticks c1; ticks w1 "$WORKER_PID" "$SERVE_PID"; ticks s1 "${SERVER_PIDS[@]}"; infra_pids; ticks i1 "${INFRA_PIDS[@]}"
   # Client CPU: the tool (for Stowage: stowctl + worker + serve-dir); server CPU: the S3 server.
   local secs cpu_client cpu_server cpu_infra
-  [[ $tool == stowage ]] || w1=$w0
+  [[ $tool == stowage || $tool == ingest ]] || w1=$w0
   secs=$(awk -v a="$t0" -v b="$t1" 'BEGIN {printf "%.3f", b - a}')
   cpu_client=$(awk -v t=$((c1 - c0 + w1 - w0)) -v hz="$HZ" 'BEGIN {printf "%.2f", t / hz}')
   cpu_server=$(awk -v t=$((s1 - s0)) -v hz="$HZ" 'BEGIN {printf "%.2f", t / hz}')
@@ -470,7 +478,7 @@ function median(list,   a, n, i, j, t) {
 }
 END {
   fmt = "%-8s %-23s %4s %9s %14s %7s %8s %8s %8s  %s\n"
-  printf "\n" fmt, "tool", "workload", "runs", "median s", "rate", "MiB/s", "cpu cli", "cpu srv", "cpu db+q", "stowage/peer"
+  printf "\n" fmt, "tool", "workload", "runs", "median s", "rate", "MiB/s", "cpu cli", "cpu srv", "cpu db+q", "stowage/peer (job, ingest)"
   for (i = 1; i <= k; i++) {
     key = order[i]; split(key, p, SUBSEP)
     if (t[key] != "") rate[key] = (p[2] == "small" ? small_n : p[2] == "huge" ? huge_mib : big_mib) / median(t[key])
@@ -480,8 +488,10 @@ END {
     w = p[2] == "big" ? "1 GiB file" : p[2] == "huge" ? "5 GiB file" : small_n " files, " small_mib " MiB"
     if (!(key in rate)) { printf fmt, p[1], w, runs[key], "-", "FAILED", "-", "-", "-", "-", bad[key]; continue }
     m = median(t[key]); mib = p[2] == "small" ? small_mib : p[2] == "huge" ? huge_mib : big_mib
-    sk = "stowage" SUBSEP p[2]
-    ratio = p[1] == "stowage" ? "-" : sk in rate ? sprintf("%.2f", rate[sk] / rate[key]) : "n/a"
+    sk = "stowage" SUBSEP p[2]; ik = "ingest" SUBSEP p[2]
+    ratio = p[1] == "stowage" || p[1] == "ingest" ? "-" : \
+      sprintf("job %s, ingest %s", sk in rate ? sprintf("%.2f", rate[sk] / rate[key]) : "n/a",
+              ik in rate ? sprintf("%.2f", rate[ik] / rate[key]) : "n/a")
     printf fmt, p[1], w, runs[key], sprintf("%.2f", m), sprintf("%.1f %s", rate[key], p[2] == "small" ? "files/s" : "MiB/s"),
       sprintf("%.1f", mib / m), sprintf("%.1f", median(cc[key])), sprintf("%.1f", median(cs[key])), sprintf("%.1f", median(ci[key])),
       ratio (bad[key] ? "  (also: " bad[key] ")" : "")

@@ -13,6 +13,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             &[
                 std::path::PathBuf::from("stowage/v1/tasks.proto"),
                 std::path::PathBuf::from("stowage/v1/worker.proto"),
+                std::path::PathBuf::from("stowage/v1/ingest.proto"),
             ],
             &[std::path::PathBuf::from("."), well_known],
         )?;

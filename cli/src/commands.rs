@@ -1,6 +1,7 @@
 //! The commands of stowctl. It talks to PostgreSQL and NATS directly, as the
 //! operator does, so it works with or without Kubernetes.
 
+use std::path::PathBuf;
 use std::time::Duration;
 
 use anyhow::{Context, bail};
@@ -18,6 +19,8 @@ use stowage_common::spec::{
 use stowage_common::state::uploads::{self, NewJob};
 use uuid::Uuid;
 
+use crate::ingest::{IngestOptions, WorkerConnection};
+
 /// stowctl — submit uploads to Stowage workers, follow them, replay dead letters.
 #[derive(Parser)]
 #[command(name = "stowctl", version)]
@@ -33,8 +36,12 @@ pub struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Copy files from a bucket prefix or a list of URLs into a bucket.
+    /// Upload local files and folders through a worker's Ingest API (with
+    /// progress; running it again resumes), or copy a bucket prefix or a
+    /// list of URLs into a bucket (an upload job: --from / --url).
     Upload(Box<UploadArgs>),
+    /// Mirror a local folder into a bucket prefix; --watch keeps following it.
+    Sync(Box<SyncArgs>),
     /// Show a job's state, counters and failed items.
     Status {
         /// Job id printed by `stowctl upload`.
@@ -69,17 +76,8 @@ struct SearchArgs {
     /// Only objects of this content type.
     #[arg(long)]
     content_type: Option<String>,
-    /// A worker's gRPC address (`https://` for a worker serving TLS).
-    #[arg(
-        long,
-        env = "STOWAGE_WORKER_GRPC",
-        default_value = "http://127.0.0.1:50051"
-    )]
-    worker: String,
     #[command(flatten)]
-    tls: crate::grpc::WorkerTls,
-    #[command(flatten)]
-    token: crate::token::TokenArgs,
+    conn: WorkerConnection,
 }
 
 #[derive(Clone, Copy, clap::ValueEnum)]
@@ -103,13 +101,17 @@ enum DeadLetterCommand {
 
 #[derive(Args)]
 struct UploadArgs {
+    /// Local files and folders to upload (a folder's files keep their path
+    /// inside it under the --to prefix).
+    #[arg(conflicts_with_all = ["from", "url"])]
+    paths: Vec<PathBuf>,
     /// Job name (shows in subjects and logs).
     #[arg(long, default_value = "stowctl")]
     name: String,
     #[arg(long, default_value = "default")]
     namespace: String,
     /// Source bucket and prefix: `s3://bucket/prefix`.
-    #[arg(long, conflicts_with = "url", required_unless_present = "url")]
+    #[arg(long, conflicts_with = "url", required_unless_present_any = ["url", "paths"])]
     from: Option<String>,
     /// Source endpoint (S3-compatible URL) when --from is used.
     #[arg(long)]
@@ -156,6 +158,61 @@ struct UploadArgs {
     /// Give up waiting after this many seconds.
     #[arg(long, default_value_t = 3600)]
     timeout: u64,
+    #[command(flatten)]
+    conn: WorkerConnection,
+    #[command(flatten)]
+    ingest: IngestOptions,
+}
+
+#[derive(Args)]
+struct SyncArgs {
+    /// The folder to mirror.
+    dir: PathBuf,
+    /// Destination: `s3://bucket/key-prefix`.
+    #[arg(long)]
+    to: String,
+    #[arg(long, default_value = "default")]
+    namespace: String,
+    /// Destination endpoint (S3-compatible URL); empty means AWS.
+    #[arg(long)]
+    to_endpoint: Option<String>,
+    /// Credentials Secret name (in --namespace) for the destination.
+    #[arg(long)]
+    to_credentials: Option<String>,
+    #[arg(long, default_value = "us-east-1")]
+    region: String,
+    /// Let the destination be a loopback or private address (the workers
+    /// must allow it too).
+    #[arg(long)]
+    allow_private_networks: bool,
+    /// Delete the objects of files that are gone from the folder (never
+    /// when the folder is empty or unreadable, nor under a subfolder that
+    /// cannot be read).
+    #[arg(long)]
+    delete: bool,
+    /// Keep following the folder after the first pass (Ctrl-C stops).
+    #[arg(long)]
+    watch: bool,
+    /// With --watch: how long a file must be quiet (no event, size and time
+    /// unchanged) before it is uploaded.
+    #[arg(long, value_parser = stowage_common::config::parse_duration, default_value = "1s")]
+    debounce: Duration,
+    /// Paths to leave out, as globs on the path inside the folder (repeat
+    /// the flag), besides the defaults (.git/, editor swap and backup files,
+    /// *.tmp).
+    #[arg(long)]
+    ignore: Vec<String>,
+    /// Do not leave out the default ignores.
+    #[arg(long)]
+    no_default_ignores: bool,
+    /// Where the record of what was uploaded is kept (default: a file per
+    /// folder and destination under $XDG_STATE_HOME/stowage/sync/).
+    #[arg(long)]
+    manifest: Option<PathBuf>,
+    #[command(flatten)]
+    conn: WorkerConnection,
+    #[command(flatten)]
+    ingest: IngestOptions,
 }
 
 fn split_s3_url(s: &str) -> anyhow::Result<(String, String)> {
@@ -180,6 +237,7 @@ impl UploadArgs {
             Some(from) => {
                 let (bucket, prefix) = split_s3_url(from)?;
                 UploadSource {
+                    ingest: None,
                     s3: Some(S3Source {
                         bucket,
                         prefix,
@@ -189,6 +247,7 @@ impl UploadArgs {
                 }
             }
             None => UploadSource {
+                ingest: None,
                 s3: None,
                 http: Some(HttpSource {
                     urls: self.url.clone(),
@@ -243,9 +302,11 @@ async fn connect(database_url: Option<&str>) -> anyhow::Result<Pool> {
 
 impl Cli {
     pub async fn run(self) -> anyhow::Result<()> {
-        // Search needs only a worker, not the database or NATS.
+        // Search and direct ingest need only a worker, not the database or NATS.
         let command = match self.command {
             Command::Search(args) => return search(*args).await,
+            Command::Upload(args) if !args.paths.is_empty() => return upload_local(*args).await,
+            Command::Sync(args) => return sync(*args).await,
             other => other,
         };
         let pool = connect(self.database_url.as_deref()).await?;
@@ -253,6 +314,7 @@ impl Cli {
         queue.ensure(&Default::default()).await?;
         match command {
             Command::Search(args) => search(*args).await,
+            Command::Sync(args) => sync(*args).await,
             Command::Upload(args) => upload(&pool, &queue, *args).await,
             Command::Status { job, summary } => {
                 let state = print_status(&pool, job, !summary).await?;
@@ -390,11 +452,55 @@ async fn print_status(pool: &Pool, id: Uuid, items: bool) -> anyhow::Result<Stri
     Ok(job.state)
 }
 
+async fn upload_local(a: UploadArgs) -> anyhow::Result<()> {
+    let dest = crate::ingest::destination(
+        &a.namespace,
+        &a.to,
+        a.to_endpoint.clone(),
+        a.to_credentials.clone(),
+        &a.region,
+        a.allow_private_networks,
+        &a.conflict_policy,
+        a.dedup,
+    )?;
+    let files = crate::ingest::files_of(&a.paths, &dest)?;
+    let client = crate::ingest::connect(&a.conn, dest, &a.ingest).await?;
+    crate::ingest::upload(&client, files, &a.ingest).await
+}
+
+async fn sync(a: SyncArgs) -> anyhow::Result<()> {
+    let dest = crate::ingest::destination(
+        &a.namespace,
+        &a.to,
+        a.to_endpoint.clone(),
+        a.to_credentials.clone(),
+        &a.region,
+        a.allow_private_networks,
+        "overwrite",
+        false,
+    )?;
+    let client = crate::ingest::connect(&a.conn, dest, &a.ingest).await?;
+    crate::ingest::sync(
+        client,
+        crate::ingest::SyncOptions {
+            dir: a.dir,
+            to: a.to,
+            ignore: a.ignore,
+            default_ignores: !a.no_default_ignores,
+            delete: a.delete,
+            watch: a.watch.then_some(a.debounce),
+            manifest: a.manifest,
+        },
+        &a.ingest,
+    )
+    .await
+}
+
 async fn search(a: SearchArgs) -> anyhow::Result<()> {
     use stowage_proto::v1::search_client::SearchClient;
     use stowage_proto::v1::{SearchMode, SearchRequest};
-    let token = a.token.resolve().await?;
-    let mut client = SearchClient::new(crate::grpc::connect(&a.worker, &a.tls).await?);
+    let token = a.conn.token.resolve().await?;
+    let mut client = SearchClient::new(crate::grpc::connect(&a.conn.worker, &a.conn.tls).await?);
     let mode = match a.mode {
         SearchModeArg::Hybrid => SearchMode::Hybrid,
         SearchModeArg::Vector => SearchMode::Vector,
@@ -416,7 +522,7 @@ async fn search(a: SearchArgs) -> anyhow::Result<()> {
         .query(request)
         .await
         .map_err(|s| match stowage_common::tls::find_rustls_error(&s) {
-            Some(_) => a.tls.explain(&a.worker, &s),
+            Some(_) => a.conn.tls.explain(&a.conn.worker, &s),
             None => crate::grpc::refused("search", &s, token.as_ref()),
         })?
         .into_inner()

@@ -139,9 +139,13 @@ pub fn refused(
         ),
         (tonic::Code::Unauthenticated, Some(t)) => format!(" (the token from {})", t.source),
         (tonic::Code::PermissionDenied, Some(t)) => format!(
-            " (the identity of the token from {} needs a Role granting `get` on \
-             indexcollections/search in that namespace)",
-            t.source
+            " (the identity of the token from {} needs a Role granting {} in that namespace)",
+            t.source,
+            if what.starts_with("Ingest") {
+                "`create` on uploadjobs.stowage.dev"
+            } else {
+                "`get` on indexcollections/search"
+            }
         ),
         _ => String::new(),
     };

@@ -3,4 +3,5 @@
 
 pub mod commands;
 pub mod grpc;
+pub mod ingest;
 pub mod token;

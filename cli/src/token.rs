@@ -45,6 +45,7 @@ pub struct TokenArgs {
 }
 
 /// A token and where it came from (for messages; never the token itself).
+#[derive(Clone)]
 pub struct Token {
     pub value: String,
     pub source: String,

@@ -122,7 +122,28 @@ impl Kube {
     /// ServiceAccount with a Role on `indexcollections/search`; on the
     /// emulator, the same grant in its review policy.
     pub fn grant_search(&self, namespace: &str, collection: &str) -> Grant {
-        let account = unique("reader").to_lowercase();
+        self.grant(
+            namespace,
+            "reader",
+            ("get", "indexcollections", "search", Some(collection)),
+        )
+    }
+
+    /// A token of a new identity that may create UploadJobs in `namespace`
+    /// (what the worker's Ingest API asks), and nothing else.
+    pub fn grant_upload(&self, namespace: &str) -> Grant {
+        self.grant(namespace, "uploader", ("create", "uploadjobs", "", None))
+    }
+
+    /// A new identity with one rule: (verb, resource, subresource, name) in
+    /// group `stowage.dev`.
+    fn grant(
+        &self,
+        namespace: &str,
+        who: &str,
+        (verb, resource, subresource, name): (&str, &str, &str, Option<&str>),
+    ) -> Grant {
+        let account = unique(who).to_lowercase();
         match &self.auth_policy {
             Some(path) => {
                 let token = unique("token-");
@@ -135,9 +156,9 @@ impl Kube {
                 });
                 if let Some(rules) = policy["rules"].as_array_mut() {
                     rules.push(serde_json::json!({
-                        "user": user, "verb": "get", "group": "stowage.dev",
-                        "resource": "indexcollections", "subresource": "search",
-                        "namespace": namespace, "names": [collection]
+                        "user": user, "verb": verb, "group": "stowage.dev",
+                        "resource": resource, "subresource": subresource,
+                        "namespace": namespace, "names": name.into_iter().collect::<Vec<_>>()
                     }));
                 }
                 std::fs::write(path, policy.to_string()).expect("write policy");
@@ -148,9 +169,15 @@ impl Kube {
                 }
             }
             None => {
+                let resources = if subresource.is_empty() {
+                    resource.to_string()
+                } else {
+                    format!("{resource}/{subresource}")
+                };
+                let names = name.map_or(String::new(), |n| format!(", resourceNames: [{n}]"));
                 let role = format!(
                     "apiVersion: rbac.authorization.k8s.io/v1\nkind: Role\nmetadata: {{name: {account}, namespace: {namespace}}}\n\
-                     rules: [{{apiGroups: [stowage.dev], resources: [indexcollections/search], resourceNames: [{collection}], verbs: [get]}}]\n"
+                     rules: [{{apiGroups: [stowage.dev], resources: [{resources}]{names}, verbs: [{verb}]}}]\n"
                 );
                 let dir = tempfile::tempdir().expect("tempdir");
                 let file = dir.path().join("role.yaml");

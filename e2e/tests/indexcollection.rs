@@ -104,6 +104,114 @@ fn stowctl_search_sends_the_callers_token(w: &World, grpc: &str, token: &str) {
     );
 }
 
+/// `stowctl sync --watch` on a local folder into the collection's prefix:
+/// an edited file is searchable seconds later. Uploading needs its own
+/// grant (`create` on uploadjobs): none, or a search-only token, is refused.
+async fn stowctl_sync_watch_makes_an_edit_searchable(w: &World, grpc: &str, search_token: &str) {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let folder = dir.path().join("notes");
+    std::fs::create_dir_all(&folder).expect("mkdir");
+    std::fs::write(
+        folder.join("cellar.md"),
+        "# Cellar\n\nThe cellar holds apples.\n",
+    )
+    .expect("write");
+    let token_file = |name: &str, token: &str| {
+        let f = dir.path().join(name);
+        std::fs::write(&f, token).expect("token file");
+        f.to_string_lossy().into_owned()
+    };
+    let sync = |token_args: Vec<String>, watch: bool| {
+        let mut c = std::process::Command::new(env!("CARGO_BIN_EXE_e2e-stowctl"));
+        c.arg("sync")
+            .arg(&folder)
+            .arg(format!("--to=s3://{}/docs/notes", w.bucket))
+            .arg(format!("--to-endpoint={}", w.target.endpoint))
+            .arg(format!("--region={}", w.target.region))
+            .args([
+                "--to-credentials=s3",
+                "--allow-private-networks",
+                "--debounce=300ms",
+            ])
+            .arg(format!("--namespace={}", w.namespace))
+            .arg(format!("--worker=http://{grpc}"))
+            .arg(format!(
+                "--manifest={}",
+                dir.path().join("manifest.json").display()
+            ))
+            .args(token_args)
+            .env_clear()
+            .env("PATH", std::env::var_os("PATH").unwrap_or_default());
+        if watch {
+            c.arg("--watch");
+        }
+        c
+    };
+    let out = sync(vec!["--no-token".into()], false)
+        .output()
+        .expect("stowctl");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && err.contains("bearer token is required"),
+        "{err}"
+    );
+    let reader = token_file("reader", search_token);
+    let out = sync(vec![format!("--token-file={reader}")], false)
+        .output()
+        .expect("stowctl");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && err.contains("uploadjobs"), "{err}");
+
+    let uploader = w.kube.grant_upload(&w.namespace);
+    let file = token_file("uploader", &uploader.token);
+    let mut watching = sync(vec![format!("--token-file={file}")], true)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("stowctl sync --watch");
+    eventually(
+        "the synced folder is searchable",
+        Duration::from_secs(60),
+        || async {
+            keys(
+                grpc,
+                search_token,
+                &w.namespace,
+                "apples in the cellar",
+                SearchMode::Keyword,
+            )
+            .await
+            .first()
+            .is_some_and(|k| k == "docs/notes/cellar.md")
+        },
+    )
+    .await;
+    std::fs::write(
+        folder.join("cellar.md"),
+        "# Cellar\n\nThe cellar holds apples.\n\nA barometer hangs by the door.\n",
+    )
+    .expect("edit");
+    eventually(
+        "the edit is searchable",
+        Duration::from_secs(60),
+        || async {
+            keys(
+                grpc,
+                search_token,
+                &w.namespace,
+                "barometer",
+                SearchMode::Keyword,
+            )
+            .await
+            .first()
+            .is_some_and(|k| k == "docs/notes/cellar.md")
+        },
+    )
+    .await;
+    let _ = watching.kill();
+    let _ = watching.wait();
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_collection_indexes_its_bucket_follows_uploads_and_is_cleaned_up() {
     let w = World::new(Binaries {
@@ -230,6 +338,8 @@ spec:
         runs, 1,
         "indexed by its object event, not by another sync run"
     );
+
+    stowctl_sync_watch_makes_an_edit_searchable(&w, &grpc, &reader.token).await;
 
     w.kube.ok(&[
         "delete",

@@ -5,6 +5,9 @@
 //!
 //! - `Search.Query` on collection `ns/name`: verb `get` on the subresource
 //!   `search` of `indexcollections.stowage.dev` `name` in namespace `ns`;
+//! - `Ingest.Upload` and `Ingest.Status` in namespace `ns`: verb `create` on
+//!   `uploadjobs.stowage.dev` in `ns` — streaming an object is what an
+//!   UploadJob does, so whoever may create UploadJobs there may upload;
 //! - `WorkerStatus.GetStatus`: verb `get` on the non-resource URL
 //!   `/stowage.v1.WorkerStatus/GetStatus`.
 //!
@@ -43,6 +46,8 @@ pub enum AuthMode {
 pub enum Access {
     /// Searching collection `name` of `namespace`.
     Search { namespace: String, name: String },
+    /// Streaming objects into (or asking about uploads of) `namespace`.
+    Ingest { namespace: String },
     /// Reading the worker's status.
     WorkerStatus,
 }
@@ -53,6 +58,7 @@ impl Access {
             Access::Search { namespace, name } => {
                 format!("search indexcollection {namespace}/{name}")
             }
+            Access::Ingest { namespace } => format!("upload into namespace {namespace}"),
             Access::WorkerStatus => "read the worker's status".into(),
         }
     }
@@ -83,7 +89,7 @@ impl Auth {
         if mode == AuthMode::None {
             warn!(
                 "gRPC authentication is OFF (--auth-mode none): anyone who reaches the worker's \
-                 port can search every collection; use it for demos only"
+                 port can search every collection and upload anywhere; use it for demos only"
             );
         }
         Auth {
@@ -229,6 +235,15 @@ impl Auth {
                     resource: Some("indexcollections".into()),
                     subresource: Some("search".into()),
                     name: Some(name.clone()),
+                    ..Default::default()
+                });
+            }
+            Access::Ingest { namespace } => {
+                spec.resource_attributes = Some(ResourceAttributes {
+                    namespace: Some(namespace.clone()),
+                    verb: Some("create".into()),
+                    group: Some("stowage.dev".into()),
+                    resource: Some("uploadjobs".into()),
                     ..Default::default()
                 });
             }

@@ -122,6 +122,10 @@ pub struct WorkerArgs {
           value_parser = clap::value_parser!(u16).range(0..=1024))]
     pub embedding_threads: u16,
 
+    /// Limits of the Ingest API (streamed uploads).
+    #[command(flatten)]
+    pub ingest: IngestArgs,
+
     /// How often the sweeper looks for orphaned multipart uploads.
     #[arg(long, env = "STOWAGE_SWEEP_INTERVAL", value_parser = stowage_common::config::parse_duration, default_value = "10m")]
     pub sweep_interval: Duration,
@@ -275,4 +279,49 @@ mod tests {
             .is_err()
         );
     }
+}
+
+/// Limits and settings of `Ingest.Upload`.
+#[derive(clap::Args, Clone, Debug)]
+pub struct IngestArgs {
+    /// Largest object a client may stream (bytes; at most 5 TiB, S3's limit).
+    #[arg(long = "ingest-max-object-bytes", env = "STOWAGE_INGEST_MAX_OBJECT_BYTES",
+          default_value_t = 100 << 30,
+          value_parser = clap::value_parser!(u64).range(1..=(5u64 << 40)))]
+    pub max_object_bytes: u64,
+
+    /// Largest data message of a stream (bytes).
+    #[arg(long = "ingest-max-message-bytes", env = "STOWAGE_INGEST_MAX_MESSAGE_BYTES",
+          default_value_t = 4 << 20,
+          value_parser = clap::value_parser!(u32).range(1024..=(64 << 20)))]
+    pub max_message_bytes: u32,
+
+    /// Streams one worker takes at once; one more is RESOURCE_EXHAUSTED.
+    #[arg(long = "ingest-max-streams", env = "STOWAGE_INGEST_MAX_STREAMS", default_value_t = 16,
+          value_parser = clap::value_parser!(u32).range(1..=4096))]
+    pub max_streams: u32,
+
+    /// A stream that sends nothing for this long is ended
+    /// (DEADLINE_EXCEEDED); its stored parts are kept for a resume.
+    #[arg(long = "ingest-idle-timeout", env = "STOWAGE_INGEST_IDLE_TIMEOUT",
+          value_parser = stowage_common::config::parse_duration, default_value = "60s")]
+    pub idle_timeout: Duration,
+
+    /// Part size of streamed objects (raised for objects that would need
+    /// more than 10,000 parts).
+    #[arg(long = "ingest-part-size", env = "STOWAGE_INGEST_PART_SIZE", default_value_t = 16 << 20,
+          value_parser = clap::value_parser!(u64).range(stowage_common::spec::MIN_PART_SIZE..=stowage_common::spec::MAX_PART_SIZE))]
+    pub part_size: u64,
+
+    /// Parts of one streamed object sent to the store at once (each holds
+    /// a part in memory).
+    #[arg(long = "ingest-concurrency", env = "STOWAGE_INGEST_CONCURRENCY", default_value_t = 4,
+          value_parser = clap::value_parser!(u32).range(1..=64))]
+    pub concurrency: u32,
+
+    /// An interrupted request nobody resumes for this long is given up:
+    /// its multipart upload is aborted and the request failed.
+    #[arg(long = "ingest-resume-window", env = "STOWAGE_INGEST_RESUME_WINDOW",
+          value_parser = stowage_common::config::parse_duration, default_value = "24h")]
+    pub resume_window: Duration,
 }

@@ -1,4 +1,4 @@
-//! The worker's gRPC server: WorkerStatus, Search, standard health and
+//! The worker's gRPC server: WorkerStatus, Search, Ingest, standard health and
 //! (only without authentication) reflection. Every call but health is
 //! checked by [`crate::auth`].
 
@@ -78,8 +78,18 @@ pub async fn serve(
             ctx: Arc::clone(&ctx),
         }))
         .add_service(stowage_proto::v1::search_server::SearchServer::new(
-            crate::index::search::SearchService { ctx },
-        ));
+            crate::index::search::SearchService {
+                ctx: Arc::clone(&ctx),
+            },
+        ))
+        .add_service(
+            stowage_proto::v1::ingest_server::IngestServer::new(crate::ingest::IngestService::new(
+                Arc::clone(&ctx),
+            ))
+            // A data message of the limit, plus its framing; a header is
+            // far smaller.
+            .max_decoding_message_size(ctx.ingest.max_message_bytes as usize + 1024),
+        );
     let stop = async move {
         let _ = shutdown.wait_for(|s| *s).await;
         health_reporter

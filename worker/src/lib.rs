@@ -5,13 +5,15 @@
 //! - [`upload`]: where uploads happen (sources, multipart transfer, policies).
 //! - [`index`]: IndexCollection sync runs.
 //! - [`sweeper`]: aborts orphaned multipart uploads.
-//! - [`grpc`]: WorkerStatus, health and reflection.
+//! - [`ingest`]: the Ingest gRPC service (clients stream objects in).
+//! - [`grpc`]: the gRPC server: WorkerStatus, Search, Ingest, health, reflection.
 //! - [`tls`]: the gRPC server's TLS (certificate reloaded when its files change).
 
 pub mod auth;
 pub mod config;
 pub mod grpc;
 pub mod index;
+pub mod ingest;
 pub mod metrics;
 pub mod outcome;
 pub mod sweeper;
@@ -63,6 +65,8 @@ pub struct Context {
     pub auth: auth::Auth,
     /// May resources reach private networks where they ask to?
     pub allow_private_networks: bool,
+    /// Limits of the Ingest API.
+    pub ingest: config::IngestArgs,
     /// Attempts of planning, sync and document tasks (`--task-attempts`).
     pub task_attempts: u32,
     /// The slowest a source may send (uploads and documents).
@@ -164,6 +168,7 @@ pub async fn start(args: WorkerArgs, hook: Option<PartHook>) -> anyhow::Result<W
         draining: AtomicBool::new(false),
         sha256_metadata: args.sha256_metadata,
         task_attempts: args.task_attempts,
+        ingest: args.ingest.clone(),
         auth,
         min_rate: upload::source::MinRate {
             bytes_per_sec: args.source_min_rate,
@@ -260,6 +265,9 @@ async fn sweep_periodically(
         tokio::select! {
             _ = tokio::time::sleep(every) => {}
             _ = stop.wait_for(|s| *s) => return,
+        }
+        if let Err(e) = sweeper::expire_ingest(&ctx, ctx.ingest.resume_window).await {
+            warn!(error = %e, "expiring abandoned ingest requests failed");
         }
         match sweeper::sweep_once(&ctx, older_than).await {
             Ok(0) => {}

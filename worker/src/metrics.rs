@@ -19,6 +19,13 @@ const CHUNKS_PER_DOCUMENT_BUCKETS: [f64; 12] = [
     1.0, 2.0, 5.0, 10.0, 20.0, 50.0, 100.0, 200.0, 500.0, 1000.0, 2000.0, 5000.0,
 ];
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct IngestLabels {
+    /// `ok`, `deduplicated`, `skipped`, `replayed` (a finished request asked
+    /// again), `interrupted` (parts kept for a resume), `refused`, `failed`.
+    pub outcome: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct SearchLabels {
     /// `vector`, `keyword`, `hybrid`.
     pub mode: &'static str,
@@ -55,6 +62,12 @@ pub struct WorkerMetrics {
     pub search_seconds: SearchHistograms,
     /// The query's embedding alone (vector and hybrid modes).
     pub query_embedding_seconds: Histogram,
+    /// `Ingest.Upload` calls by outcome.
+    pub ingest_requests: Family<IngestLabels, Counter>,
+    /// Bytes clients streamed (counted as received).
+    pub ingest_received_bytes: Counter,
+    /// Streams open now.
+    pub ingest_streams: Gauge,
 }
 
 impl Default for WorkerMetrics {
@@ -75,6 +88,9 @@ impl Default for WorkerMetrics {
             extractions_truncated: Counter::default(),
             search_seconds: Family::new_with_constructor(search_histogram),
             query_embedding_seconds: search_histogram(),
+            ingest_requests: Family::default(),
+            ingest_received_bytes: Counter::default(),
+            ingest_streams: Gauge::default(),
         }
     }
 }
@@ -154,7 +170,28 @@ impl WorkerMetrics {
             "Time to embed a search query (vector and hybrid modes)",
             m.query_embedding_seconds.clone(),
         );
+        r.register(
+            "ingest_requests",
+            "Ingest.Upload calls by outcome",
+            m.ingest_requests.clone(),
+        );
+        r.register(
+            "ingest_received_bytes",
+            "Bytes clients streamed to Ingest.Upload",
+            m.ingest_received_bytes.clone(),
+        );
+        r.register(
+            "ingest_streams",
+            "Ingest.Upload streams open now",
+            m.ingest_streams.clone(),
+        );
         m
+    }
+
+    pub fn ingest(&self, outcome: &'static str) {
+        self.ingest_requests
+            .get_or_create(&IngestLabels { outcome })
+            .inc();
     }
 
     pub fn search(&self, mode: &'static str, seconds: f64) {

@@ -1,7 +1,8 @@
 //! Aborts orphaned multipart uploads: uploads in a bucket Stowage writes to
 //! that are older than a limit and that no live item owns (a worker died and
 //! its job was deleted or failed before anyone resumed it). One sweeper per
-//! bucket at a time, under a lock.
+//! bucket at a time, under a lock. Also gives up ingest requests that no
+//! client resumed within the resume window ([`expire_ingest`]).
 
 use std::collections::HashSet;
 use std::time::Duration;
@@ -115,4 +116,40 @@ async fn sweep_bucket(
         }
     }
     Ok(aborted)
+}
+
+/// Gives up ingest requests nobody resumed within `window`: their
+/// multipart uploads are aborted and they are failed (a later call with the
+/// same request id starts again from byte 0). Returns how many.
+pub async fn expire_ingest(ctx: &Context, window: Duration) -> Result<u64, UploadError> {
+    let db = ctx.db.get().await?;
+    let stale = stowage_common::state::ingest::abandoned(&db, window).await?;
+    let mut expired = 0;
+    for request in stale {
+        let (job, item) = (&request.job, &request.item);
+        if let Some((rec, _)) = state::get_multipart(&db, item.id).await? {
+            match ctx
+                .s3
+                .client(&job.namespace, &job.spec.destination.endpoint)
+                .await
+            {
+                Ok(client) => crate::upload::multipart::abort(&client, &rec).await,
+                // Its upload is then left to the orphan sweep.
+                Err(e) => {
+                    warn!(key = item.dest_key, error = %e, "no client to abort an abandoned ingest upload")
+                }
+            }
+            state::delete_multipart(&db, item.id).await?;
+        }
+        let why = format!("abandoned: no call resumed it within {}s", window.as_secs());
+        state::fail_item(&db, item, &why, "permanent", false).await?;
+        info!(
+            namespace = job.namespace,
+            request = job.name,
+            key = item.dest_key,
+            "expired an abandoned ingest request"
+        );
+        expired += 1;
+    }
+    Ok(expired)
 }

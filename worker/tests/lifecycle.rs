@@ -17,6 +17,7 @@ const MIB: usize = 1024 * 1024;
 
 fn http(url: String) -> UploadSource {
     UploadSource {
+        ingest: None,
         s3: None,
         http: Some(HttpSource {
             urls: vec![url],

@@ -18,6 +18,7 @@ const MIB: usize = 1024 * 1024;
 
 fn http(urls: Vec<String>) -> UploadSource {
     UploadSource {
+        ingest: None,
         s3: None,
         http: Some(HttpSource {
             urls,
@@ -493,6 +494,7 @@ async fn s3_source_prefix_is_copied(target: &str) {
             .expect("stage source object");
     }
     let source = UploadSource {
+        ingest: None,
         s3: Some(stowage_common::spec::S3Source {
             bucket: h.bucket.clone(),
             prefix: "src/docs/".into(),
@@ -1048,6 +1050,7 @@ async fn an_s3_source_is_read_by_range_only_while_its_etag_holds(target: &str) {
     };
     put(a.clone()).await.expect("stage source object");
     let spec = UploadSource {
+        ingest: None,
         s3: Some(stowage_common::spec::S3Source {
             bucket: h.bucket.clone(),
             prefix: "src/".into(),

@@ -75,6 +75,26 @@ pub struct UploadSource {
     pub s3: Option<S3Source>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub http: Option<HttpSource>,
+    /// Bytes a client streams to a worker (`Ingest.Upload`). Never part of
+    /// the UploadJob resource (not in its schema: the API server drops it,
+    /// and [`UploadJobSpec::validate`] refuses it); the worker registers such
+    /// jobs itself.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[cfg_attr(feature = "schema", schemars(skip))]
+    pub ingest: Option<IngestSource>,
+}
+
+/// One object a client streams: what its `Ingest.Upload` header said.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct IngestSource {
+    pub request_id: String,
+    pub size: u64,
+    /// The client's SHA-256 (hex) of the whole object, if it sent one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sha256: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub content_type: Option<String>,
 }
 
 /// Every object under a prefix of a bucket.
@@ -405,6 +425,12 @@ impl UploadJobSpec {
     /// Everything that can be judged from the spec alone; the message names
     /// the field so it can be shown as an `InvalidSpec` condition.
     pub fn validate(&self) -> Result<(), SpecError> {
+        if self.source.ingest.is_some() {
+            return Err(invalid(
+                "source.ingest",
+                "is set only by a worker's Ingest API, never in an UploadJob",
+            ));
+        }
         let kinds = usize::from(self.source.s3.is_some()) + usize::from(self.source.http.is_some());
         if kinds != 1 {
             return Err(SpecError::SourceKinds(kinds));
@@ -480,7 +506,7 @@ impl UploadJobSpec {
     }
 }
 
-fn validate_endpoint(field: &str, e: &Endpoint) -> Result<(), SpecError> {
+pub fn validate_endpoint(field: &str, e: &Endpoint) -> Result<(), SpecError> {
     if let Some(url) = &e.endpoint {
         let parsed = validate_url(field, url)?;
         if !parsed.username().is_empty() || parsed.password().is_some() {

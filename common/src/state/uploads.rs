@@ -600,6 +600,10 @@ pub struct PartRecord {
     pub etag: String,
     pub checksum: String,
     pub size_bytes: i64,
+    /// The whole object's running SHA-256 after this part (the serialized
+    /// hasher, migration V15), where the transfer keeps it: a stream can
+    /// resume after this part without the bytes before it.
+    pub sha256_state: Option<Vec<u8>>,
 }
 
 pub async fn get_multipart(
@@ -641,7 +645,7 @@ pub async fn get_multipart(
         .query(
             &client
                 .prepare_cached(
-                    "SELECT part_number, etag, checksum, size_bytes FROM upload_parts
+                    "SELECT part_number, etag, checksum, size_bytes, sha256_state FROM upload_parts
              WHERE item_id = $1 ORDER BY part_number",
                 )
                 .await?,
@@ -654,6 +658,7 @@ pub async fn get_multipart(
             etag: r.get(1),
             checksum: r.get(2),
             size_bytes: r.get(3),
+            sha256_state: r.get(4),
         })
         .collect();
     Ok(Some((upload, parts)))
@@ -693,11 +698,13 @@ pub async fn save_part(client: &Client, item_id: i64, part: &PartRecord) -> Resu
         .execute(
             &client
                 .prepare_cached(
-                    "INSERT INTO upload_parts (item_id, part_number, etag, checksum, size_bytes)
-             VALUES ($1, $2, $3, $4, $5)
+                    "INSERT INTO upload_parts (item_id, part_number, etag, checksum, size_bytes,
+                                       sha256_state)
+             VALUES ($1, $2, $3, $4, $5, $6)
              ON CONFLICT (item_id, part_number) DO UPDATE
                SET etag = excluded.etag, checksum = excluded.checksum,
-                   size_bytes = excluded.size_bytes, uploaded_at = now()",
+                   size_bytes = excluded.size_bytes, sha256_state = excluded.sha256_state,
+                   uploaded_at = now()",
                 )
                 .await?,
             &[
@@ -706,6 +713,7 @@ pub async fn save_part(client: &Client, item_id: i64, part: &PartRecord) -> Resu
                 &part.etag,
                 &part.checksum,
                 &part.size_bytes,
+                &part.sha256_state,
             ],
         )
         .await?;
@@ -766,7 +774,7 @@ pub struct ObjectRecord {
     pub size_bytes: i64,
 }
 
-fn object_from_row(r: &Row) -> ObjectRecord {
+pub(crate) fn object_from_row(r: &Row) -> ObjectRecord {
     ObjectRecord {
         bucket: r.get(0),
         object_key: r.get(1),
@@ -876,4 +884,21 @@ pub async fn mark_dead_lettered(client: &Client, item_ids: &[i64]) -> Result<(),
         )
         .await?;
     Ok(())
+}
+
+/// The current object at `bucket`/`key` was deleted: its history keeps
+/// every version, none current. Returns whether one was current.
+pub async fn object_deleted(client: &Client, bucket: &str, key: &str) -> Result<bool, StateError> {
+    let n = client
+        .execute(
+            &client
+                .prepare_cached(
+                    "UPDATE objects SET current = false
+                     WHERE bucket = $1 AND object_key = $2 AND current",
+                )
+                .await?,
+            &[&bucket, &key],
+        )
+        .await?;
+    Ok(n > 0)
 }

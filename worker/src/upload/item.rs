@@ -290,6 +290,7 @@ async fn process(
         bucket: &dest.bucket,
         key: &item.dest_key,
         sse: sse.as_ref(),
+        content_type: None,
     };
     let result = tokio::select! {
         r = transfer(ctx, namespace, item, spec, &target, &lock, progress, resumable) => r,
@@ -306,7 +307,7 @@ async fn process(
 
 /// A server-side copy of `from` (as a HEAD found it) to `to`, then checked
 /// with a fresh HEAD of `to`: an object that does not match is not counted.
-async fn copy(
+pub(crate) async fn copy(
     target: &Target<'_>,
     from: &str,
     found: &StoredObject,
@@ -497,7 +498,7 @@ async fn transfer(
     // size is recorded when it finishes.
     let size = match &input {
         Input::Missing(_) => known.as_ref().map(|k| k.size),
-        Input::Stream(body) => body.size,
+        Input::Stream(body) | Input::After { body, .. } => body.size,
     };
     if let Some(size) = size.filter(|s| *s > spec.part_size_bytes) {
         let db = ctx.db.get().await?;
@@ -535,7 +536,10 @@ async fn transfer(
 /// A HEAD of a dedup candidate: one the job's credentials or encryption
 /// cannot read (another SSE-C key, a KMS key it may not use) is no
 /// candidate, and the file is uploaded.
-async fn usable_twin(target: &Target<'_>, key: &str) -> Result<Option<StoredObject>, UploadError> {
+pub(crate) async fn usable_twin(
+    target: &Target<'_>,
+    key: &str,
+) -> Result<Option<StoredObject>, UploadError> {
     match multipart::head_stored(target, key).await {
         Ok(found) => Ok(found.filter(|f| !f.opaque)),
         Err(UploadError::S3(e)) if e.status.is_some_and(|s| (400..500).contains(&s)) => {
@@ -547,7 +551,7 @@ async fn usable_twin(target: &Target<'_>, key: &str) -> Result<Option<StoredObje
 }
 
 /// Conflict policy `version`: preserve the current object before replacing it.
-async fn archive_if_versioned(
+pub(crate) async fn archive_if_versioned(
     ctx: &Context,
     spec: &UploadJobSpec,
     target: &Target<'_>,
@@ -576,15 +580,15 @@ async fn archive_if_versioned(
 }
 
 /// An object the item wrote: its history row and its object-landed event.
-struct Written<'a> {
-    target: &'a Target<'a>,
-    etag: Option<&'a str>,
+pub(crate) struct Written<'a> {
+    pub target: &'a Target<'a>,
+    pub etag: Option<&'a str>,
     /// Where the previous version was preserved (conflict policy `version`).
-    archived: Option<&'a str>,
+    pub archived: Option<&'a str>,
 }
 
 /// Ends the item, with the object it wrote if it wrote one.
-async fn finish(
+pub(crate) async fn finish(
     ctx: &Context,
     item: &ItemRecord,
     state: ItemState,

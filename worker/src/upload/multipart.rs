@@ -23,7 +23,9 @@ use aws_sdk_s3::types::{
     MetadataDirective, ServerSideEncryption,
 };
 use bytes::Bytes;
-use sha2::{Digest, Sha256};
+use sha2_resumable::Sha256;
+use sha2_resumable::digest::Digest;
+use sha2_resumable::digest::common::hazmat::{SerializableState, SerializedState};
 use stowage_common::db::Pool;
 use stowage_common::errors::{Classify, ErrorClass};
 use stowage_common::locks::SessionLock;
@@ -69,6 +71,8 @@ pub struct Target<'a> {
     pub key: &'a str,
     /// The job's server-side encryption, on every write and read.
     pub sse: Option<&'a Sse>,
+    /// The object's Content-Type, when the writer knows it (ingest).
+    pub content_type: Option<&'a str>,
 }
 
 pub struct Options {
@@ -106,6 +110,17 @@ pub struct Resume {
     pub done: HashMap<i32, PartRecord>,
 }
 
+/// The whole object's SHA-256 as it was after part `after` (recorded with
+/// that part), to go on hashing from there; a fresh one for part 0.
+pub fn hasher_after(done: &HashMap<i32, PartRecord>, after: i32) -> Option<Sha256> {
+    if after == 0 {
+        return Some(Sha256::new());
+    }
+    let state = done.get(&after)?.sha256_state.as_deref()?;
+    let state = <&SerializedState<Sha256>>::try_from(state).ok()?;
+    Sha256::deserialize(state).ok()
+}
+
 impl Resume {
     /// What the upload's hashing pass read, when it was recorded (V12) and
     /// is whole: then a resume needs to read only the parts still to send.
@@ -130,6 +145,15 @@ impl Resume {
 pub enum Input {
     /// The whole source from its first byte.
     Stream(SourceBody),
+    /// The source from the end of an earlier attempt's part `after` on (a
+    /// client stream that resumes): parts `1..=after` are taken as stored,
+    /// and the whole object's SHA-256 goes on from the state recorded with
+    /// part `after` (see [`hasher_after`]).
+    After {
+        body: SourceBody,
+        after: i32,
+        hasher: Box<Sha256>,
+    },
     /// Only the parts a resume still has to send (see [`MissingParts`]).
     Missing(Box<MissingParts>),
 }
@@ -166,7 +190,16 @@ impl Transfer {
     ) -> Result<Uploaded, UploadError> {
         match input {
             Input::Stream(body) => {
-                self.run_stream(item_id, target, opts, resume, body, fence)
+                self.run_stream(item_id, target, opts, resume, body, None, fence)
+                    .await
+            }
+            Input::After {
+                body,
+                after,
+                hasher,
+            } => {
+                let start = (after, *hasher);
+                self.run_stream(item_id, target, opts, resume, body, Some(start), fence)
                     .await
             }
             Input::Missing(missing) => {
@@ -191,7 +224,10 @@ impl Transfer {
 
     /// The whole source, read from its first byte: parts an earlier attempt
     /// stored are compared with what is read, not sent again; the SHA-256 of
-    /// what is read must be the one the upload was created with.
+    /// what is read must be the one the upload was created with. With
+    /// `start` = (part, hasher), `body` begins after that part instead: the
+    /// parts up to it are kept as recorded and hashing goes on from its state.
+    #[allow(clippy::too_many_arguments)]
     async fn run_stream(
         &self,
         item_id: i64,
@@ -199,6 +235,7 @@ impl Transfer {
         opts: &Options,
         mut resume: Option<Resume>,
         body: SourceBody,
+        start: Option<(i32, Sha256)>,
         fence: &SessionLock,
     ) -> Result<Uploaded, UploadError> {
         if let Some(size) = body.size {
@@ -225,6 +262,11 @@ impl Transfer {
             );
             self.forget(item_id, target).await?;
             resume = None;
+            if start.is_some() {
+                return Err(UploadError::Invalid(
+                    "the upload to resume is gone: send the object from its first byte".into(),
+                ));
+            }
         }
         // The source's validator is recorded only when the upload reads the
         // version the hashing pass read (as far as validators tell).
@@ -233,7 +275,12 @@ impl Transfer {
             _ => None,
         };
         let mut reader = PartReader::new(body.stream, part_size);
-        let mut whole = Sha256::new();
+        if start.is_some() && resume.is_none() {
+            return Err(UploadError::Invalid(
+                "internal: a stream resumed without its multipart upload".into(),
+            ));
+        }
+        let (skipped, mut whole) = start.unwrap_or_default();
         let first = reader.next_part().await?.unwrap_or_default();
         whole.update(&first);
         // A source that ends within the first part goes up in one PUT.
@@ -244,6 +291,13 @@ impl Transfer {
         };
         if second.is_none() && resume.is_none() {
             let sha = hex::encode(whole.finalize());
+            if let Some(hashed) = known_sha.filter(|h| **h != sha) {
+                // Not the bytes announced (or hashed before): never stored.
+                return Err(UploadError::SourceChangedDuringUpload {
+                    hashed: hashed.clone(),
+                    read: sha,
+                });
+            }
             return self.put_single(target, opts, first, sha, fence).await;
         }
 
@@ -258,6 +312,14 @@ impl Transfer {
         let mut parts = Parts::new(opts.concurrency);
         let mut total = 0u64;
         let mut number = 0i32;
+        while number < skipped {
+            number += 1;
+            let prev = done.get(&number).ok_or_else(|| {
+                UploadError::Invalid(format!("part {number} to resume after is not stored"))
+            })?;
+            total += u64::try_from(prev.size_bytes).unwrap_or_default();
+            self.keep(&mut parts, prev);
+        }
         let mut pending = Some(first);
         let mut next = second;
         loop {
@@ -284,7 +346,10 @@ impl Transfer {
                     .as_ref()
                     .and_then(|k| k.part_checksums.get(number as usize - 1).cloned())
                     .map_or(Check::None, Check::Hashed);
-                let part = self.part_upload(target, &upload_id, item_id, number, opts, check);
+                let mut part = self.part_upload(target, &upload_id, item_id, number, opts, check);
+                // `whole` has read exactly this part's end (the next part is
+                // hashed only once it becomes pending).
+                part.sha256_state = Some(whole.serialize().to_vec());
                 parts.spawn(part, data, permit);
             }
             // Read ahead only once a slot is free, so memory stays bounded.
@@ -463,6 +528,7 @@ impl Transfer {
             algorithm: opts.algorithm,
             check,
             sse: target.sse.cloned(),
+            sha256_state: None,
         }
     }
 
@@ -586,6 +652,9 @@ impl Transfer {
         if let Some(known) = &opts.known {
             req = req.metadata(SHA256_METADATA, &known.sha256);
         }
+        if let Some(content_type) = target.content_type {
+            req = req.content_type(content_type);
+        }
         let out = req
             .send()
             .await
@@ -659,6 +728,7 @@ impl Transfer {
                     .key(target.key)
                     .content_length(body.len() as i64)
                     .metadata(SHA256_METADATA, &sha)
+                    .set_content_type(target.content_type.map(str::to_string))
                     .body(ByteStream::from(body)),
                 target.sse
             );
@@ -808,7 +878,8 @@ impl Transfer {
                         .key(target.key)
                         .copy_source(copy_source(target.bucket, target.key))
                         .metadata_directive(MetadataDirective::Replace)
-                        .metadata(SHA256_METADATA, sha),
+                        .metadata(SHA256_METADATA, sha)
+                        .set_content_type(target.content_type.map(str::to_string)),
                     target.sse
                 );
                 with_copy_source_key!(copy, target.sse)
@@ -1083,6 +1154,8 @@ struct PartUpload {
     algorithm: ChecksumAlgorithm,
     check: Check,
     sse: Option<Sse>,
+    /// The whole object's running SHA-256 after this part, to record.
+    sha256_state: Option<Vec<u8>>,
 }
 
 /// What a part must match before it is sent: the checksum the hashing pass
@@ -1163,6 +1236,7 @@ impl PartUpload {
             etag,
             checksum,
             size_bytes: size as i64,
+            sha256_state: self.sha256_state,
         };
         let db = self.transfer.db.get().await?;
         state::save_part(&db, self.item_id, &record).await?;

@@ -262,6 +262,7 @@ pub async fn etag(h: &Harness, key: &str) -> String {
 /// carrying `x-amz-meta-sha256`, recorded in the `objects` history.
 pub async fn stowage_upload(h: &Harness, name: &str, src_prefix: &str, dest_prefix: &str) {
     let source = stowage_common::spec::UploadSource {
+        ingest: None,
         s3: Some(stowage_common::spec::S3Source {
             bucket: h.bucket.clone(),
             prefix: src_prefix.into(),
@@ -290,6 +291,7 @@ pub async fn record_stowage_write(
 ) {
     let mut spec = h.spec(
         stowage_common::spec::UploadSource {
+            ingest: None,
             s3: None,
             http: Some(stowage_common::spec::HttpSource {
                 urls: vec!["https://example.com/a.txt".into()],
