@@ -617,3 +617,59 @@ async fn sync_watch_uploads_a_burst_once_and_a_renamed_save_once() {
     watching.join().expect("join").expect("sync --watch");
     worker.shutdown().await.expect("shutdown");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_abandoned_request_is_given_up_and_its_upload_aborted() {
+    let h = Harness::new("localstack").await;
+    let worker = h
+        .worker_with(
+            &[
+                "--ingest-part-size=5242880",
+                "--ingest-resume-window=1s",
+                "--sweep-interval=1s",
+            ],
+            None,
+        )
+        .await;
+    let mut c = client(&worker).await;
+    let data = body(12 * MIB as usize, 11);
+    // A stream that ends after 6 MiB of 12: one part is stored, the request waits.
+    let e = upload(
+        &mut c,
+        header(&h, "gone", "ingest/gone.bin", &data),
+        data[..6 * MIB as usize].to_vec(),
+    )
+    .await
+    .expect_err("short stream");
+    assert_eq!(e.code(), Code::Aborted, "{e:?}");
+    assert!(
+        e.message().contains("6291456 of the 12582912 bytes"),
+        "{}",
+        e.message()
+    );
+    let s = status(&mut c, "gone").await;
+    assert_eq!(s.state, IngestState::Pending as i32);
+    assert_eq!(s.resume_offset, 5 * MIB);
+    let mut failed = s;
+    for _ in 0..100 {
+        if failed.state == IngestState::Failed as i32 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        failed = status(&mut c, "gone").await;
+    }
+    assert_eq!(failed.state, IngestState::Failed as i32, "{failed:?}");
+    assert!(failed.error.contains("abandoned"), "{}", failed.error);
+    assert_eq!(open_multipart_uploads(&h).await, 0, "its upload is aborted");
+    // The same request again starts over and completes.
+    let r = upload(
+        &mut c,
+        header(&h, "gone", "ingest/gone.bin", &data),
+        data.clone(),
+    )
+    .await
+    .expect("again");
+    assert_eq!(r.bytes_resumed, 0);
+    assert_eq!(h.peer_sha256("ingest/gone.bin"), sha(&data));
+    worker.shutdown().await.expect("shutdown");
+}

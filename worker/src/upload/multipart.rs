@@ -274,6 +274,10 @@ impl Transfer {
             (Some(k), Some(v)) if k.validator.as_ref() == Some(v) => Some(v.clone()),
             _ => None,
         };
+        // A source that says it is larger than a part is multipart from the
+        // start: a failure reading its second part finds the first one
+        // stored, and a resume goes on from it.
+        let multipart = resume.is_some() || body.size.is_some_and(|s| s > part_size as u64);
         let mut reader = PartReader::new(body.stream, part_size);
         if start.is_some() && resume.is_none() {
             return Err(UploadError::Invalid(
@@ -283,13 +287,13 @@ impl Transfer {
         let (skipped, mut whole) = start.unwrap_or_default();
         let first = reader.next_part().await?.unwrap_or_default();
         whole.update(&first);
-        // A source that ends within the first part goes up in one PUT.
-        let second = if first.len() == part_size {
+        // Else a source that ends within the first part goes up in one PUT.
+        let second = if first.len() == part_size && !multipart {
             reader.next_part().await?
         } else {
             None
         };
-        if second.is_none() && resume.is_none() {
+        if second.is_none() && !multipart {
             let sha = hex::encode(whole.finalize());
             if let Some(hashed) = known_sha.filter(|h| **h != sha) {
                 // Not the bytes announced (or hashed before): never stored.
