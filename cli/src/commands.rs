@@ -16,7 +16,7 @@ use stowage_common::spec::{
     Backoff, ChecksumAlgorithm, ConflictPolicy, Destination, Endpoint, HttpSource, RetryPolicy,
     S3Source, SecretRef, UploadJobSpec, UploadSource,
 };
-use stowage_common::state::uploads::{self, NewJob};
+use stowage_common::state::uploads::{self, JobState, NewJob};
 use uuid::Uuid;
 
 use crate::ingest::{IngestOptions, WorkerConnection};
@@ -318,7 +318,7 @@ impl Cli {
             Command::Upload(args) => upload(&pool, &queue, *args).await,
             Command::Status { job, summary } => {
                 let state = print_status(&pool, job, !summary).await?;
-                if state == "failed" {
+                if state == JobState::Failed {
                     bail!("job {job} failed");
                 }
                 Ok(())
@@ -392,9 +392,10 @@ async fn upload(pool: &Pool, queue: &Queue, args: UploadArgs) -> anyhow::Result<
             eprintln!("{line}");
             last = line;
         }
-        if state == "succeeded" || state == "failed" {
-            if print_status(pool, id, true).await? != "succeeded" {
-                bail!("job {id} failed");
+        if state.is_finished() {
+            let state = print_status(pool, id, true).await?;
+            if state != JobState::Succeeded {
+                bail!("job {id} {state}");
             }
             return Ok(());
         }
@@ -411,7 +412,7 @@ async fn upload(pool: &Pool, queue: &Queue, args: UploadArgs) -> anyhow::Result<
 }
 
 /// Prints the job and, with `items`, its items; returns the job's state.
-async fn print_status(pool: &Pool, id: Uuid, items: bool) -> anyhow::Result<String> {
+async fn print_status(pool: &Pool, id: Uuid, items: bool) -> anyhow::Result<JobState> {
     let db = pool.get().await?;
     let job = uploads::get_job(&db, id).await?;
     let c = uploads::job_counts(&db, id).await?;

@@ -54,7 +54,11 @@ async fn unfinished(pool: &Pool, id: Uuid) -> i64 {
 
 async fn state(pool: &Pool, id: Uuid) -> String {
     let db = pool.get().await.expect("db");
-    uploads::get_job(&db, id).await.expect("job").state
+    uploads::get_job(&db, id)
+        .await
+        .expect("job")
+        .state
+        .to_string()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -432,7 +432,7 @@ async fn a_resume_whose_files_were_not_queued_is_finished_by_the_next_reconcile(
         .await
         .expect("query")
         .expect("registered");
-    assert_eq!(job.state, "suspended", "registered suspended");
+    assert_eq!(job.state.as_str(), "suspended", "registered suspended");
     let items: Vec<uploads::NewItem> = ["a.txt", "b.txt", "c.txt"]
         .iter()
         .map(|name| uploads::NewItem {
@@ -475,7 +475,11 @@ async fn a_resume_whose_files_were_not_queued_is_finished_by_the_next_reconcile(
     assert_eq!(bodies[2]["reason"], "Resumed");
     assert_eq!(bodies[2]["note"], "3 pending files queued");
     assert_eq!(
-        uploads::get_job(&db, job.id).await.expect("job").state,
+        uploads::get_job(&db, job.id)
+            .await
+            .expect("job")
+            .state
+            .as_str(),
         "pending"
     );
 }

@@ -20,6 +20,10 @@ pub enum StateError {
     Spec(#[from] serde_json::Error),
     #[error("{what} {id} does not exist")]
     NotFound { what: &'static str, id: String },
+    /// A value in a row that this version does not know (a newer version
+    /// wrote it, or the row was edited by hand).
+    #[error("{what} {value:?} is unknown to this version")]
+    Unknown { what: &'static str, value: String },
 }
 
 /// Why no pooled connection was to be had, and what to do about it.

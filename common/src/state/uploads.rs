@@ -51,6 +51,70 @@ impl ItemState {
     }
 }
 
+/// An upload job's state (`upload_jobs.state`), parsed where rows are read.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum JobState {
+    Pending,
+    Running,
+    /// Its UploadJob is suspended: no file starts.
+    Suspended,
+    Succeeded,
+    Failed,
+    Cancelled,
+}
+
+impl JobState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            JobState::Pending => "pending",
+            JobState::Running => "running",
+            JobState::Suspended => "suspended",
+            JobState::Succeeded => "succeeded",
+            JobState::Failed => "failed",
+            JobState::Cancelled => "cancelled",
+        }
+    }
+
+    /// A state no migration wrote is a database this version cannot read.
+    pub fn parse(s: &str) -> Result<Self, StateError> {
+        Ok(match s {
+            "pending" => JobState::Pending,
+            "running" => JobState::Running,
+            "suspended" => JobState::Suspended,
+            "succeeded" => JobState::Succeeded,
+            "failed" => JobState::Failed,
+            "cancelled" => JobState::Cancelled,
+            other => {
+                return Err(StateError::Unknown {
+                    what: "upload job state",
+                    value: other.to_string(),
+                });
+            }
+        })
+    }
+
+    /// Ended: no file of it runs again (short of a replay).
+    pub fn is_finished(self) -> bool {
+        matches!(
+            self,
+            JobState::Succeeded | JobState::Failed | JobState::Cancelled
+        )
+    }
+}
+
+/// `state == "succeeded"`: how logs, tests and people name states.
+impl PartialEq<&str> for JobState {
+    fn eq(&self, other: &&str) -> bool {
+        self.as_str() == *other
+    }
+}
+
+impl std::fmt::Display for JobState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
 pub struct NewJob {
     pub namespace: String,
     pub name: String,
@@ -70,7 +134,7 @@ pub struct JobRecord {
     pub namespace: String,
     pub name: String,
     pub spec: UploadJobSpec,
-    pub state: String,
+    pub state: JobState,
     pub planned: bool,
     pub created_at: DateTime<Utc>,
     pub started_at: Option<DateTime<Utc>>,
@@ -109,8 +173,8 @@ pub async fn register_job(client: &Client, job: &NewJob) -> Result<Uuid, StateEr
 
 /// The job's state alone, cheap to poll: [`get_job`] reads the whole spec,
 /// which lists every URL of the job.
-pub async fn job_state(client: &Client, id: Uuid) -> Result<String, StateError> {
-    client
+pub async fn job_state(client: &Client, id: Uuid) -> Result<JobState, StateError> {
+    let row = client
         .query_opt(
             &client
                 .prepare_cached("SELECT state FROM upload_jobs WHERE id = $1")
@@ -118,11 +182,11 @@ pub async fn job_state(client: &Client, id: Uuid) -> Result<String, StateError> 
             &[&id],
         )
         .await?
-        .map(|r| r.get(0))
         .ok_or_else(|| StateError::NotFound {
             what: "upload job",
             id: id.to_string(),
-        })
+        })?;
+    JobState::parse(row.get(0))
 }
 
 pub async fn get_job(client: &Client, id: Uuid) -> Result<JobRecord, StateError> {
@@ -147,7 +211,7 @@ pub async fn get_job(client: &Client, id: Uuid) -> Result<JobRecord, StateError>
         namespace: row.get(1),
         name: row.get(2),
         spec: serde_json::from_value(row.get(3))?,
-        state: row.get(4),
+        state: JobState::parse(row.get(4))?,
         planned: row.get(5),
         created_at: row.get(6),
         started_at: row.get(7),
@@ -210,7 +274,7 @@ pub async fn add_items(
             &[&job_id],
         )
         .await?;
-    Ok(rows.iter().map(ItemRecord::from_row).collect())
+    rows.iter().map(ItemRecord::from_row).collect()
 }
 
 pub async fn mark_planned(client: &Client, job_id: Uuid) -> Result<(), StateError> {
@@ -244,7 +308,7 @@ pub struct ItemRecord {
     pub dead_lettered: bool,
     /// The state of the item's job: a suspended or cancelled job's files
     /// are not started.
-    pub job_state: String,
+    pub job_state: JobState,
 }
 
 const ITEM_SELECT: &str = "SELECT i.id, i.job_id, i.source_ref, i.dest_key, i.size_bytes, i.state,
@@ -253,8 +317,8 @@ const ITEM_SELECT: &str = "SELECT i.id, i.job_id, i.source_ref, i.dest_key, i.si
         FROM upload_items i JOIN upload_jobs j ON j.id = i.job_id";
 
 impl ItemRecord {
-    fn from_row(row: &Row) -> Self {
-        ItemRecord {
+    fn from_row(row: &Row) -> Result<Self, StateError> {
+        Ok(ItemRecord {
             id: row.get(0),
             job_id: row.get(1),
             source_ref: row.get(2),
@@ -267,8 +331,8 @@ impl ItemRecord {
             last_error: row.get(9),
             error_class: row.get(10),
             dead_lettered: row.get(11),
-            job_state: row.get(12),
-        }
+            job_state: JobState::parse(row.get(12))?,
+        })
     }
 }
 
@@ -282,6 +346,7 @@ pub async fn get_item(client: &Client, item_id: i64) -> Result<ItemRecord, State
         )
         .await?
         .map(|r| ItemRecord::from_row(&r))
+        .transpose()?
         .ok_or_else(|| StateError::NotFound {
             what: "upload item",
             id: item_id.to_string(),
@@ -297,7 +362,7 @@ pub async fn list_items(client: &Client, job_id: Uuid) -> Result<Vec<ItemRecord>
             &[&job_id],
         )
         .await?;
-    Ok(rows.iter().map(ItemRecord::from_row).collect())
+    rows.iter().map(ItemRecord::from_row).collect()
 }
 
 /// Marks the item running (and its job, the first time); true when an

@@ -15,7 +15,7 @@ use stowage_common::db::Client;
 use stowage_common::jobs;
 use stowage_common::queue::TaskKind;
 use stowage_common::state::lifecycle;
-use stowage_common::state::uploads::{self, JobRecord, NewJob};
+use stowage_common::state::uploads::{self, JobRecord, JobState, NewJob};
 use stowage_proto::v1::task;
 use tracing::{info, warn};
 
@@ -247,7 +247,7 @@ fn finished_note(
         .find(|c| c.type_ == crate::status::PROGRESSING)
         .map(|c| c.message.clone())
         .unwrap_or_default();
-    Some(if job.state == "succeeded" {
+    Some(if job.state == JobState::Succeeded {
         Note::normal("Completed", message)
     } else {
         Note::warning("Failed", message)

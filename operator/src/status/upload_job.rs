@@ -2,7 +2,7 @@
 
 use chrono::{DateTime, Duration, Utc};
 use stowage_common::state::lifecycle::ItemError;
-use stowage_common::state::uploads::{JobCounts, JobRecord};
+use stowage_common::state::uploads::{JobCounts, JobRecord, JobState};
 
 use super::{COMPLETE, FAILED, INVALID_SPEC, PROGRESSING, READY, SUSPENDED};
 use crate::crd::condition::{self, Condition};
@@ -24,12 +24,12 @@ pub struct Snapshot<'a> {
 pub fn compute(uj: &UploadJob, snap: &Snapshot<'_>) -> UploadJobStatus {
     let prev = uj.status.clone().unwrap_or_default();
     let c = snap.counts;
-    let phase = match snap.job.state.as_str() {
-        "running" => Phase::Running,
-        "suspended" => Phase::Suspended,
-        "succeeded" => Phase::Succeeded,
-        "failed" | "cancelled" => Phase::Failed,
-        _ => Phase::Pending,
+    let phase = match snap.job.state {
+        JobState::Pending => Phase::Pending,
+        JobState::Running => Phase::Running,
+        JobState::Suspended => Phase::Suspended,
+        JobState::Succeeded => Phase::Succeeded,
+        JobState::Failed | JobState::Cancelled => Phase::Failed,
     };
     // Counts come from PostgreSQL sums; saturating, whatever they hold.
     let skipped = c.skipped_duplicate.saturating_add(c.skipped_exists);
@@ -258,14 +258,14 @@ mod tests {
         }
     }
 
-    fn job(state: &str, last_error: Option<&str>) -> JobRecord {
+    fn job(state: JobState, last_error: Option<&str>) -> JobRecord {
         let uj = resource(serde_json::json!({}));
         JobRecord {
             id: Uuid::nil(),
             namespace: "team-a".into(),
             name: "docs".into(),
             spec: uj.spec.upload,
-            state: state.into(),
+            state,
             planned: true,
             created_at: DateTime::from_timestamp(1_000_000, 0).expect("valid"),
             started_at: None,
@@ -299,7 +299,7 @@ mod tests {
         c.failed = 0;
         c.dead_lettered = 0;
         c.succeeded = 8;
-        let j = job("succeeded", None);
+        let j = job(JobState::Succeeded, None);
         let s = compute(
             &uj,
             &Snapshot {
@@ -334,7 +334,7 @@ mod tests {
                 dead_lettered: true,
             })
             .collect();
-        let j = job("failed", None);
+        let j = job(JobState::Failed, None);
         let s = compute(
             &uj,
             &Snapshot {
@@ -360,7 +360,10 @@ mod tests {
     #[test]
     fn deadline_and_suspension_have_their_own_reasons() {
         let uj = resource(serde_json::json!({"spec": {"activeDeadlineSeconds": 60}}));
-        let j = job("failed", Some("DeadlineExceeded: ran longer than 60 s"));
+        let j = job(
+            JobState::Failed,
+            Some("DeadlineExceeded: ran longer than 60 s"),
+        );
         let s = compute(
             &uj,
             &Snapshot {
@@ -374,7 +377,7 @@ mod tests {
             deadline(&uj, &j),
             Some(j.created_at + Duration::seconds(60))
         );
-        let j = job("suspended", None);
+        let j = job(JobState::Suspended, None);
         let s = compute(
             &uj,
             &Snapshot {

@@ -9,7 +9,7 @@ use stowage_common::jobs;
 use stowage_common::queue::{TaskKind, timestamp_now};
 use stowage_common::spec::{UploadJobSpec, validate_key};
 use stowage_common::state::StateError;
-use stowage_common::state::uploads::{self as state, NewItem};
+use stowage_common::state::uploads::{self as state, JobState, NewItem};
 use stowage_proto::v1::{DeadLetter, Task, UploadFile, task};
 use uuid::Uuid;
 
@@ -24,7 +24,7 @@ pub async fn run(ctx: &Context, job_id: Uuid) -> Result<Option<usize>, UploadErr
     let job = {
         let db = ctx.db.get().await?;
         match state::get_job(&db, job_id).await {
-            Ok(job) if job.state == "cancelled" => return Ok(None),
+            Ok(job) if job.state == JobState::Cancelled => return Ok(None),
             Ok(job) => job,
             Err(StateError::NotFound { .. }) => return Ok(None),
             Err(e) => return Err(e.into()),

@@ -14,7 +14,7 @@ use stowage_common::queue::{ProgressKind, backoff_delay};
 use stowage_common::spec::{ConflictPolicy, MAX_PART_SIZE, UploadJobSpec, validate_key};
 use stowage_common::state::StateError;
 use stowage_common::state::uploads::{
-    self as state, ItemRecord, ItemState, JobRecord, ObjectWrite,
+    self as state, ItemRecord, ItemState, JobRecord, JobState, ObjectWrite,
 };
 use stowage_proto::v1::{JobProgress, ObjectLanded};
 use tokio_util::sync::CancellationToken;
@@ -60,10 +60,10 @@ pub async fn run(
         }
         return Outcome::Done { label: "ok" };
     }
-    match item.job_state.as_str() {
+    match item.job_state {
         // The operator re-publishes the pending files when the job resumes.
-        "suspended" => return Outcome::Done { label: "suspended" },
-        "cancelled" => return Outcome::Done { label: "cancelled" },
+        JobState::Suspended => return Outcome::Done { label: "suspended" },
+        JobState::Cancelled => return Outcome::Done { label: "cancelled" },
         _ => {}
     }
     let started = std::time::Instant::now();
