@@ -189,7 +189,8 @@ proptest! {
             created_at: created,
             started_at: Some(created),
             finished_at: Some(now),
-            last_error: Some("DeadlineExceeded: x".into()),
+            last_error: Some("the job ran longer than activeDeadlineSeconds (1 s)".into()),
+            failure: Some(stowage_common::state::uploads::JobFailure::DeadlineExceeded),
         };
         let c = JobCounts {
             total: counts[0], succeeded: counts[1], skipped_duplicate: counts[2],

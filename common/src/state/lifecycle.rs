@@ -112,18 +112,21 @@ pub async fn resume_queued(client: &Client, job_id: Uuid, round: &str) -> Result
 pub async fn fail_unfinished(
     client: &Client,
     job_id: Uuid,
-    reason: &str,
+    failure: uploads::JobFailure,
+    message: &str,
 ) -> Result<bool, StateError> {
     let stmt = client
         .prepare_cached(
             "WITH items AS (UPDATE upload_items SET state = 'failed', last_error = $2,
                                    error_class = 'permanent', updated_at = now(), finished_at = now()
                             WHERE job_id = $1 AND state = 'pending')
-             UPDATE upload_jobs SET state = 'failed', last_error = $2, finished_at = now()
+             UPDATE upload_jobs SET state = 'failed', last_error = $2, failure_reason = $3,
+                                    finished_at = now()
              WHERE id = $1 AND state IN ('pending', 'running', 'suspended')",
         )
         .await?;
-    Ok(client.execute(&stmt, &[&job_id, &reason]).await? > 0)
+    let reason = failure.as_str();
+    Ok(client.execute(&stmt, &[&job_id, &message, &reason]).await? > 0)
 }
 
 /// Marks the job cancelled: workers drop its tasks from now on.

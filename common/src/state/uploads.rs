@@ -115,6 +115,36 @@ impl std::fmt::Display for JobState {
     }
 }
 
+/// Why a job failed as a whole (`upload_jobs.failure_reason`, V16); a job
+/// whose files failed has none.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum JobFailure {
+    /// Its UploadJob's `activeDeadlineSeconds` passed.
+    DeadlineExceeded,
+    /// Listing its source failed for good.
+    PlanningFailed,
+}
+
+impl JobFailure {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            JobFailure::DeadlineExceeded => "DeadlineExceeded",
+            JobFailure::PlanningFailed => "PlanningFailed",
+        }
+    }
+
+    pub fn parse(s: &str) -> Result<Self, StateError> {
+        match s {
+            "DeadlineExceeded" => Ok(JobFailure::DeadlineExceeded),
+            "PlanningFailed" => Ok(JobFailure::PlanningFailed),
+            other => Err(StateError::Unknown {
+                what: "job failure reason",
+                value: other.to_string(),
+            }),
+        }
+    }
+}
+
 pub struct NewJob {
     pub namespace: String,
     pub name: String,
@@ -141,6 +171,7 @@ pub struct JobRecord {
     pub finished_at: Option<DateTime<Utc>>,
     /// Why the job failed as a whole (planning failed, deadline exceeded).
     pub last_error: Option<String>,
+    pub failure: Option<JobFailure>,
 }
 
 /// Registers a job once per `(source_uid, generation)`; registering it again
@@ -195,7 +226,7 @@ pub async fn get_job(client: &Client, id: Uuid) -> Result<JobRecord, StateError>
             &client
                 .prepare_cached(
                     "SELECT id, namespace, name, spec, state, planned_at IS NOT NULL,
-                    created_at, started_at, finished_at, last_error
+                    created_at, started_at, finished_at, last_error, failure_reason
              FROM upload_jobs WHERE id = $1",
                 )
                 .await?,
@@ -217,6 +248,10 @@ pub async fn get_job(client: &Client, id: Uuid) -> Result<JobRecord, StateError>
         started_at: row.get(7),
         finished_at: row.get(8),
         last_error: row.get(9),
+        failure: row
+            .get::<_, Option<&str>>(10)
+            .map(JobFailure::parse)
+            .transpose()?,
     })
 }
 
@@ -477,7 +512,8 @@ pub async fn hand_back_item(client: &Client, item_id: i64) -> Result<(), StateEr
 pub async fn fail_job(client: &Client, job_id: Uuid, error: &str) -> Result<(), StateError> {
     let stmt = client
         .prepare_cached(
-            "UPDATE upload_jobs SET state = 'failed', last_error = $2, finished_at = now()
+            "UPDATE upload_jobs SET state = 'failed', last_error = $2,
+                    failure_reason = 'PlanningFailed', finished_at = now()
              WHERE id = $1",
         )
         .await?;

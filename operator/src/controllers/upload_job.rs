@@ -15,7 +15,7 @@ use stowage_common::db::Client;
 use stowage_common::jobs;
 use stowage_common::queue::TaskKind;
 use stowage_common::state::lifecycle;
-use stowage_common::state::uploads::{self, JobRecord, JobState, NewJob};
+use stowage_common::state::uploads::{self, JobFailure, JobRecord, JobState, NewJob};
 use stowage_proto::v1::task;
 use tracing::{info, warn};
 
@@ -201,8 +201,9 @@ async fn drive(
         && lifecycle::fail_unfinished(
             db,
             job.id,
+            JobFailure::DeadlineExceeded,
             &format!(
-                "DeadlineExceeded: the job ran longer than activeDeadlineSeconds ({} s)",
+                "the job ran longer than activeDeadlineSeconds ({} s)",
                 uj.spec.active_deadline_seconds.unwrap_or_default()
             ),
         )

@@ -2,7 +2,7 @@
 
 use chrono::{DateTime, Duration, Utc};
 use stowage_common::state::lifecycle::ItemError;
-use stowage_common::state::uploads::{JobCounts, JobRecord, JobState};
+use stowage_common::state::uploads::{JobCounts, JobFailure, JobRecord, JobState};
 
 use super::{COMPLETE, FAILED, INVALID_SPEC, PROGRESSING, READY, SUSPENDED};
 use crate::crd::condition::{self, Condition};
@@ -45,10 +45,10 @@ pub fn compute(uj: &UploadJob, snap: &Snapshot<'_>) -> UploadJobStatus {
             None => summary.clone(),
         },
     };
-    let failed_reason = match &snap.job.last_error {
-        Some(e) if e.starts_with("DeadlineExceeded") => "DeadlineExceeded",
-        Some(_) => "JobFailed",
-        None => "FilesFailed",
+    let failed_reason = match (snap.job.failure, &snap.job.last_error) {
+        (Some(JobFailure::DeadlineExceeded), _) => "DeadlineExceeded",
+        (Some(JobFailure::PlanningFailed), _) | (None, Some(_)) => "JobFailed",
+        (None, None) => "FilesFailed",
     };
     let mut conditions = vec![
         Condition::new(
@@ -271,6 +271,9 @@ mod tests {
             started_at: None,
             finished_at: Some(DateTime::from_timestamp(1_000_100, 0).expect("valid")),
             last_error: last_error.map(str::to_string),
+            failure: last_error
+                .filter(|e| e.starts_with("DeadlineExceeded"))
+                .map(|_| JobFailure::DeadlineExceeded),
         }
     }
 
