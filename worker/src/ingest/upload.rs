@@ -23,7 +23,7 @@ use crate::Context;
 use crate::config::Sha256Metadata;
 use crate::upload::UploadError;
 use crate::upload::encryption::Sse;
-use crate::upload::item::{Written, archive_if_versioned, copy, finish, usable_twin};
+use crate::upload::item::{Written, archive_if_versioned, dedup, finish};
 use crate::upload::multipart::{
     self, Hashed, Input, Options, Target, Transfer, effective_part_size, hasher_after,
 };
@@ -320,38 +320,10 @@ async fn store(
     let size = plan.size;
     if spec.dedup
         && let Some(sha) = plan.source.sha256.as_deref()
+        && let Some(state) =
+            dedup(ctx, item, spec, target, existing.as_ref(), lock, sha, size).await?
     {
-        if existing.as_ref().and_then(|e| e.sha256.as_deref()) == Some(sha) {
-            info!(key = target.key, "destination already holds this content");
-            let state = ItemState::SkippedExists;
-            return Ok(finish(ctx, item, state, sha, size as i64, None).await?);
-        }
-        let twin = {
-            let db = ctx.db.get().await?;
-            uploads::object_with_content(&db, target.bucket, sha).await?
-        };
-        if let Some(twin) = twin
-            .filter(|t| t.object_key != target.key && size <= stowage_common::spec::MAX_PART_SIZE)
-            && let Some(found) = usable_twin(target, &twin.object_key)
-                .await?
-                .filter(|h| h.sha256.as_deref() == Some(sha) && h.size == size as i64)
-        {
-            let archived = archive_if_versioned(ctx, spec, target, existing.as_ref()).await?;
-            lock.ensure_held().map_err(UploadError::from)?;
-            copy(target, &twin.object_key, &found, target.key, Some(sha)).await?;
-            info!(
-                key = target.key,
-                from = twin.object_key,
-                "duplicate content copied server-side"
-            );
-            let written = Written {
-                target,
-                etag: None,
-                archived: archived.as_deref(),
-            };
-            let state = ItemState::SkippedDuplicate;
-            return Ok(finish(ctx, item, state, sha, size as i64, Some(written)).await?);
-        }
+        return Ok(state);
     }
     let part_size = effective_part_size(spec.part_size_bytes);
     let t = Transfer {

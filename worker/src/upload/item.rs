@@ -307,7 +307,7 @@ async fn process(
 
 /// A server-side copy of `from` (as a HEAD found it) to `to`, then checked
 /// with a fresh HEAD of `to`: an object that does not match is not counted.
-pub(crate) async fn copy(
+async fn copy(
     target: &Target<'_>,
     from: &str,
     found: &StoredObject,
@@ -429,41 +429,10 @@ async fn transfer(
             None => hash_source(&source, &item.source_ref, spec).await?,
         };
         let (sha, size) = (hashed.sha256.as_str(), hashed.size);
-        if existing.as_ref().and_then(|e| e.sha256.as_deref()) == Some(sha) {
-            info!(key = target.key, "destination already holds this content");
-            return finish(ctx, item, ItemState::SkippedExists, sha, size as i64, None).await;
-        }
-        let twin = {
-            let db = ctx.db.get().await?;
-            state::object_with_content(&db, target.bucket, sha).await?
-        };
-        if let Some(twin) = twin.filter(|t| t.object_key != target.key && size <= MAX_PART_SIZE)
-            && let Some(found) = usable_twin(target, &twin.object_key)
-                .await?
-                .filter(|h| h.sha256.as_deref() == Some(sha) && h.size == size as i64)
+        if let Some(state) =
+            dedup(ctx, item, spec, target, existing.as_ref(), lock, sha, size).await?
         {
-            let archived = archive_if_versioned(ctx, spec, target, existing.as_ref()).await?;
-            lock.ensure_held()?;
-            copy(target, &twin.object_key, &found, target.key, Some(sha)).await?;
-            info!(
-                key = target.key,
-                from = twin.object_key,
-                "duplicate content copied server-side"
-            );
-            let written = Written {
-                target,
-                etag: None,
-                archived: archived.as_deref(),
-            };
-            return finish(
-                ctx,
-                item,
-                ItemState::SkippedDuplicate,
-                sha,
-                size as i64,
-                Some(written),
-            )
-            .await;
+            return Ok(state);
         }
         known = Some(hashed);
     }
@@ -533,13 +502,61 @@ async fn transfer(
     .await
 }
 
+/// Dedup of content whose SHA-256 is known before any byte is sent: the
+/// destination already holds it (skipped), or another object of the bucket
+/// does and is copied server-side. `None`: it has to be uploaded.
+#[allow(clippy::too_many_arguments)]
+pub(crate) async fn dedup(
+    ctx: &Context,
+    item: &ItemRecord,
+    spec: &UploadJobSpec,
+    target: &Target<'_>,
+    existing: Option<&StoredObject>,
+    lock: &stowage_common::locks::SessionLock,
+    sha: &str,
+    size: u64,
+) -> Result<Option<ItemState>, UploadError> {
+    if existing.and_then(|e| e.sha256.as_deref()) == Some(sha) {
+        info!(key = target.key, "destination already holds this content");
+        let state = finish(ctx, item, ItemState::SkippedExists, sha, size as i64, None).await?;
+        return Ok(Some(state));
+    }
+    let twin = {
+        let db = ctx.db.get().await?;
+        state::object_with_content(&db, target.bucket, sha).await?
+    };
+    let Some(twin) = twin.filter(|t| t.object_key != target.key && size <= MAX_PART_SIZE) else {
+        return Ok(None);
+    };
+    let Some(found) = usable_twin(target, &twin.object_key)
+        .await?
+        .filter(|h| h.sha256.as_deref() == Some(sha) && h.size == size as i64)
+    else {
+        return Ok(None);
+    };
+    let archived = archive_if_versioned(ctx, spec, target, existing).await?;
+    lock.ensure_held()?;
+    copy(target, &twin.object_key, &found, target.key, Some(sha)).await?;
+    info!(
+        key = target.key,
+        from = twin.object_key,
+        "duplicate content copied server-side"
+    );
+    let written = Written {
+        target,
+        etag: None,
+        archived: archived.as_deref(),
+    };
+    let state = ItemState::SkippedDuplicate;
+    Ok(Some(
+        finish(ctx, item, state, sha, size as i64, Some(written)).await?,
+    ))
+}
+
 /// A HEAD of a dedup candidate: one the job's credentials or encryption
 /// cannot read (another SSE-C key, a KMS key it may not use) is no
 /// candidate, and the file is uploaded.
-pub(crate) async fn usable_twin(
-    target: &Target<'_>,
-    key: &str,
-) -> Result<Option<StoredObject>, UploadError> {
+async fn usable_twin(target: &Target<'_>, key: &str) -> Result<Option<StoredObject>, UploadError> {
     match multipart::head_stored(target, key).await {
         Ok(found) => Ok(found.filter(|f| !f.opaque)),
         Err(UploadError::S3(e)) if e.status.is_some_and(|s| (400..500).contains(&s)) => {
