@@ -380,7 +380,25 @@ async fn refusals_store_nothing() {
         let s = messages(hold, Vec::new()).chain(futures::stream::pending());
         let _ = tokio::time::timeout(Duration::from_secs(5), c2.upload(s)).await;
     });
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    // The held stream has its permit once its request runs.
+    let until = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let running = c
+            .status(IngestStatusRequest {
+                namespace: "default".into(),
+                request_id: "hold".into(),
+            })
+            .await
+            .is_ok_and(|s| s.into_inner().state == IngestState::Running as i32);
+        if running {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < until,
+            "the held stream never started"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
     let e = upload(
         &mut c,
         header(&h, "second", "ingest/second.bin", &data[..10]),

@@ -50,39 +50,64 @@ pub struct IngestOptions {
     pub attempts: u32,
 }
 
-/// The destination flags of `upload` and `sync`, as a client's destination.
-#[allow(clippy::too_many_arguments)]
-pub fn destination(
-    namespace: &str,
-    to: &str,
-    endpoint: Option<String>,
-    credentials: Option<String>,
-    region: &str,
-    allow_private_networks: bool,
-    conflict_policy: &str,
-    dedup: bool,
-) -> anyhow::Result<Destination> {
-    let rest = to
+/// An `s3://bucket/prefix` flag as bucket and prefix.
+pub fn split_s3_url<'a>(flag: &str, url: &'a str) -> anyhow::Result<(&'a str, &'a str)> {
+    let rest = url
         .strip_prefix("s3://")
-        .with_context(|| format!("--to {to:?} is not an s3://bucket/prefix URL"))?;
-    let (bucket, prefix) = rest.split_once('/').unwrap_or((rest, ""));
-    let conflict = match conflict_policy {
-        "skip" => IngestConflictPolicy::Skip,
-        "overwrite" => IngestConflictPolicy::Overwrite,
-        "version" => IngestConflictPolicy::Version,
-        other => bail!("--conflict-policy {other:?}: use skip, overwrite or version"),
-    };
-    Ok(Destination {
-        namespace: namespace.to_string(),
-        bucket: bucket.to_string(),
-        prefix: prefix.to_string(),
-        endpoint,
-        credentials,
-        region: region.to_string(),
-        allow_private_networks,
-        conflict,
-        dedup,
-    })
+        .with_context(|| format!("{flag} {url:?} is not an s3://bucket/prefix URL"))?;
+    Ok(rest.split_once('/').unwrap_or((rest, "")))
+}
+
+/// The destination flags of `upload` and `sync`.
+#[derive(Args, Clone, Debug)]
+pub struct DestinationArgs {
+    /// Destination: `s3://bucket/key-prefix`.
+    #[arg(long)]
+    pub to: String,
+    /// The namespace whose destinations and Secrets are used.
+    #[arg(long, default_value = "default")]
+    pub namespace: String,
+    /// Destination endpoint (S3-compatible URL); empty means AWS.
+    #[arg(long)]
+    pub to_endpoint: Option<String>,
+    /// Credentials Secret name (in --namespace) for the destination.
+    #[arg(long)]
+    pub to_credentials: Option<String>,
+    #[arg(long, default_value = "us-east-1")]
+    pub region: String,
+    /// Let the transfer reach loopback and private addresses (the workers
+    /// must be started with --allow-private-networks too).
+    #[arg(long)]
+    pub allow_private_networks: bool,
+}
+
+impl DestinationArgs {
+    /// `--to` as bucket and key prefix.
+    pub fn bucket_and_prefix(&self) -> anyhow::Result<(&str, &str)> {
+        split_s3_url("--to", &self.to)
+    }
+
+    /// The flags as a direct-ingest destination.
+    pub fn ingest(&self, conflict_policy: &str, dedup: bool) -> anyhow::Result<Destination> {
+        let (bucket, prefix) = self.bucket_and_prefix()?;
+        let conflict = match conflict_policy {
+            "skip" => IngestConflictPolicy::Skip,
+            "overwrite" => IngestConflictPolicy::Overwrite,
+            "version" => IngestConflictPolicy::Version,
+            other => bail!("--conflict-policy {other:?}: use skip, overwrite or version"),
+        };
+        Ok(Destination {
+            namespace: self.namespace.clone(),
+            bucket: bucket.to_string(),
+            prefix: prefix.to_string(),
+            endpoint: self.to_endpoint.clone(),
+            credentials: self.to_credentials.clone(),
+            region: self.region.clone(),
+            allow_private_networks: self.allow_private_networks,
+            conflict,
+            dedup,
+        })
+    }
 }
 
 pub async fn connect(
@@ -131,8 +156,8 @@ pub async fn upload(
     opts: &IngestOptions,
 ) -> anyhow::Result<()> {
     use futures::StreamExt;
-    let total: u64 = files.iter().map(|f| f.size).sum();
-    let reporter = Reporter::new(Mode::pick(opts.json), files.len(), total);
+    let reporter = Reporter::new(Mode::pick(opts.json));
+    reporter.add_work(files.len(), files.iter().map(|f| f.size).sum());
     let reporter = &reporter;
     futures::stream::iter(files.iter().map(|f| async move {
         let bar = reporter.file(&f.key, f.size);
@@ -186,7 +211,7 @@ pub async fn sync(client: Client, o: SyncOptions, opts: &IngestOptions) -> anyho
         delete: o.delete,
         parallel: usize::from(opts.parallel),
     };
-    let reporter = Reporter::new(Mode::pick(opts.json), 0, 0);
+    let reporter = Reporter::new(Mode::pick(opts.json));
     let failed = syncer.pass(&reporter).await?;
     if let Some(debounce) = o.watch {
         return syncer.watch(&reporter, debounce).await;

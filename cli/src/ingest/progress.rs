@@ -35,6 +35,8 @@ pub struct Reporter {
     mode: Mode,
     multi: MultiProgress,
     total: Option<ProgressBar>,
+    /// Files announced by [`Reporter::add_work`].
+    files: AtomicU64,
     started: Instant,
     ok: AtomicU64,
     failed: AtomicU64,
@@ -79,27 +81,39 @@ impl FileBar {
 }
 
 impl Reporter {
-    pub fn new(mode: Mode, files: usize, bytes: u64) -> Reporter {
+    /// A reporter with no work yet: [`Reporter::add_work`] says what comes.
+    pub fn new(mode: Mode) -> Reporter {
         let multi = MultiProgress::with_draw_target(if mode == Mode::Bars {
             ProgressDrawTarget::stderr()
         } else {
             ProgressDrawTarget::hidden()
         });
         let total = (mode == Mode::Bars).then(|| {
-            let t = multi.add(ProgressBar::new(bytes));
-            t.set_style(style(&format!(
-                "total {{bytes}}/{{total_bytes}} of {files} file(s) {{bar:30}} {{binary_bytes_per_sec}} ETA {{eta}}"
-            )));
+            let t = multi.add(ProgressBar::new(0));
+            t.set_style(style(
+                "total {bytes}/{total_bytes} of {msg} file(s) {bar:30} {binary_bytes_per_sec} ETA {eta}",
+            ));
             t
         });
         Reporter {
             mode,
             multi,
             total,
+            files: AtomicU64::new(0),
             started: Instant::now(),
             ok: AtomicU64::new(0),
             failed: AtomicU64::new(0),
             bytes: AtomicU64::new(0),
+        }
+    }
+
+    /// More files to send (a sync pass finds its work as it goes): the
+    /// total bar grows by them.
+    pub fn add_work(&self, files: usize, bytes: u64) {
+        let n = self.files.fetch_add(files as u64, Ordering::Relaxed) + files as u64;
+        if let Some(t) = &self.total {
+            t.inc_length(bytes);
+            t.set_message(n.to_string());
         }
     }
 

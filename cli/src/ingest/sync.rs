@@ -277,6 +277,7 @@ impl Syncer {
                 LocalFile::stat(paths.get(rel)?, key).ok()
             })
             .collect();
+        reporter.add_work(files.len(), files.iter().map(|f| f.size).sum());
         let client = &self.client;
         let mut results = futures::stream::iter(files.iter().map(|f| async move {
             let bar = reporter.file(&f.key, f.size);

@@ -11,7 +11,7 @@ use std::sync::atomic::AtomicU64;
 
 use stowage_common::errors::{Classify, ErrorClass};
 use stowage_common::locks::{LockClass, LockKey, SessionLock};
-use stowage_common::spec::{ConflictPolicy, UploadJobSpec};
+use stowage_common::spec::UploadJobSpec;
 use stowage_common::state::ingest::{self as state, Request};
 use stowage_common::state::uploads::{self as uploads, ItemRecord, ItemState, PartRecord};
 use stowage_proto::v1::UploadResponse;
@@ -23,7 +23,7 @@ use crate::Context;
 use crate::config::Sha256Metadata;
 use crate::upload::UploadError;
 use crate::upload::encryption::Sse;
-use crate::upload::item::{Written, archive_if_versioned, dedup, finish};
+use crate::upload::item::{Destination, Written, archive_if_versioned, dedup, destination, finish};
 use crate::upload::multipart::{
     self, Hashed, Input, Options, Target, Transfer, effective_part_size, hasher_after,
 };
@@ -168,7 +168,7 @@ pub async fn run(
         ItemState::Failed => {
             // A new attempt of a request that failed (a wrong SHA-256, say).
             let db = ctx.db.get().await?;
-            uploads::reset_for_replay(&db, request.item.id).await?;
+            uploads::reset_for_replay(&db, &[request.item.id]).await?;
         }
         ItemState::Pending | ItemState::Running => {}
     }
@@ -305,18 +305,10 @@ async fn store(
         let db = ctx.db.get().await?;
         uploads::start_item(&db, item).await?
     };
-    let existing = if spec.conflict_policy == ConflictPolicy::Overwrite && !spec.dedup {
-        None
-    } else {
-        multipart::head_stored(target, target.key).await?
+    let existing = match destination(ctx, item, spec, target).await? {
+        Destination::Skipped(state) => return Ok(state),
+        Destination::Write(existing) => existing,
     };
-    if let Some(e) = &existing
-        && spec.conflict_policy == ConflictPolicy::Skip
-    {
-        info!(key = target.key, "destination exists; conflict policy skip");
-        let sha = e.sha256.as_deref().unwrap_or("");
-        return Ok(finish(ctx, item, ItemState::SkippedExists, sha, e.size, None).await?);
-    }
     let size = plan.size;
     if spec.dedup
         && let Some(sha) = plan.source.sha256.as_deref()
