@@ -16,10 +16,10 @@ use stowage_common::spec::{
     Backoff, ChecksumAlgorithm, ConflictPolicy, Destination, Endpoint, HttpSource, RetryPolicy,
     S3Source, SecretRef, UploadJobSpec, UploadSource,
 };
-use stowage_common::state::uploads::{self, JobState, NewJob};
+use stowage_common::state::uploads::{self, ItemState, JobState, NewJob};
 use uuid::Uuid;
 
-use crate::ingest::{IngestOptions, WorkerConnection};
+use crate::ingest::{DestinationArgs, IngestOptions, WorkerConnection, split_s3_url};
 
 /// stowctl — submit uploads to Stowage workers, follow them, replay dead letters.
 #[derive(Parser)]
@@ -108,8 +108,6 @@ struct UploadArgs {
     /// Job name (shows in subjects and logs).
     #[arg(long, default_value = "stowctl")]
     name: String,
-    #[arg(long, default_value = "default")]
-    namespace: String,
     /// Source bucket and prefix: `s3://bucket/prefix`.
     #[arg(long, conflicts_with = "url", required_unless_present_any = ["url", "paths"])]
     from: Option<String>,
@@ -122,22 +120,8 @@ struct UploadArgs {
     /// HTTP(S) URLs to copy (repeat the flag).
     #[arg(long)]
     url: Vec<String>,
-    /// Let the source and the destination reach loopback and private
-    /// addresses (the workers must be started with
-    /// --allow-private-networks too).
-    #[arg(long)]
-    allow_private_networks: bool,
-    /// Destination: `s3://bucket/key-prefix`.
-    #[arg(long)]
-    to: String,
-    /// Destination endpoint (S3-compatible URL); empty means AWS.
-    #[arg(long)]
-    to_endpoint: Option<String>,
-    /// Credentials Secret name for the destination.
-    #[arg(long)]
-    to_credentials: Option<String>,
-    #[arg(long, default_value = "us-east-1")]
-    region: String,
+    #[command(flatten)]
+    dest: DestinationArgs,
     #[arg(long, default_value_t = 16 * 1024 * 1024)]
     part_size: u64,
     #[arg(long, default_value_t = 4)]
@@ -168,23 +152,8 @@ struct UploadArgs {
 struct SyncArgs {
     /// The folder to mirror.
     dir: PathBuf,
-    /// Destination: `s3://bucket/key-prefix`.
-    #[arg(long)]
-    to: String,
-    #[arg(long, default_value = "default")]
-    namespace: String,
-    /// Destination endpoint (S3-compatible URL); empty means AWS.
-    #[arg(long)]
-    to_endpoint: Option<String>,
-    /// Credentials Secret name (in --namespace) for the destination.
-    #[arg(long)]
-    to_credentials: Option<String>,
-    #[arg(long, default_value = "us-east-1")]
-    region: String,
-    /// Let the destination be a loopback or private address (the workers
-    /// must allow it too).
-    #[arg(long)]
-    allow_private_networks: bool,
+    #[command(flatten)]
+    dest: DestinationArgs,
     /// Delete the objects of files that are gone from the folder (never
     /// when the folder is empty or unreadable, nor under a subfolder that
     /// cannot be read).
@@ -215,32 +184,24 @@ struct SyncArgs {
     ingest: IngestOptions,
 }
 
-fn split_s3_url(s: &str) -> anyhow::Result<(String, String)> {
-    let rest = s
-        .strip_prefix("s3://")
-        .with_context(|| format!("{s:?} is not an s3://bucket/prefix URL"))?;
-    let (bucket, prefix) = rest.split_once('/').unwrap_or((rest, ""));
-    Ok((bucket.to_string(), prefix.to_string()))
-}
-
 impl UploadArgs {
     fn spec(&self) -> anyhow::Result<UploadJobSpec> {
         let endpoint = |url: &Option<String>, creds: &Option<String>| Endpoint {
             endpoint: url.clone(),
-            region: self.region.clone(),
+            region: self.dest.region.clone(),
             force_path_style: true,
             credentials_secret_ref: creds.clone().map(|name| SecretRef { name }),
             use_worker_credentials: false,
-            allow_private_networks: self.allow_private_networks,
+            allow_private_networks: self.dest.allow_private_networks,
         };
         let source = match &self.from {
             Some(from) => {
-                let (bucket, prefix) = split_s3_url(from)?;
+                let (bucket, prefix) = split_s3_url("--from", from)?;
                 UploadSource {
                     ingest: None,
                     s3: Some(S3Source {
-                        bucket,
-                        prefix,
+                        bucket: bucket.to_string(),
+                        prefix: prefix.to_string(),
                         endpoint: endpoint(&self.from_endpoint, &self.from_credentials),
                     }),
                     http: None,
@@ -251,11 +212,11 @@ impl UploadArgs {
                 s3: None,
                 http: Some(HttpSource {
                     urls: self.url.clone(),
-                    allow_private_networks: self.allow_private_networks,
+                    allow_private_networks: self.dest.allow_private_networks,
                 }),
             },
         };
-        let (bucket, key_prefix) = split_s3_url(&self.to)?;
+        let (bucket, key_prefix) = self.dest.bucket_and_prefix()?;
         let conflict_policy = match self.conflict_policy.as_str() {
             "skip" => ConflictPolicy::Skip,
             "overwrite" => ConflictPolicy::Overwrite,
@@ -270,9 +231,9 @@ impl UploadArgs {
         let spec = UploadJobSpec {
             source,
             destination: Destination {
-                bucket,
-                key_prefix,
-                endpoint: endpoint(&self.to_endpoint, &self.to_credentials),
+                bucket: bucket.to_string(),
+                key_prefix: key_prefix.to_string(),
+                endpoint: endpoint(&self.dest.to_endpoint, &self.dest.to_credentials),
                 encryption: None,
             },
             part_size_bytes: self.part_size,
@@ -355,7 +316,7 @@ async fn upload(pool: &Pool, queue: &Queue, args: UploadArgs) -> anyhow::Result<
         &db,
         queue,
         &NewJob {
-            namespace: args.namespace.clone(),
+            namespace: args.dest.namespace.clone(),
             name: args.name.clone(),
             source_uid: format!("stowctl-{}", Uuid::new_v4()),
             generation: 1,
@@ -445,7 +406,7 @@ async fn print_status(pool: &Pool, id: Uuid, items: bool) -> anyhow::Result<JobS
         if let Some(e) = item
             .last_error
             .as_deref()
-            .filter(|_| item.state.as_str() == "failed")
+            .filter(|_| item.state == ItemState::Failed)
         {
             println!("    error: {e}");
         }
@@ -454,38 +415,20 @@ async fn print_status(pool: &Pool, id: Uuid, items: bool) -> anyhow::Result<JobS
 }
 
 async fn upload_local(a: UploadArgs) -> anyhow::Result<()> {
-    let dest = crate::ingest::destination(
-        &a.namespace,
-        &a.to,
-        a.to_endpoint.clone(),
-        a.to_credentials.clone(),
-        &a.region,
-        a.allow_private_networks,
-        &a.conflict_policy,
-        a.dedup,
-    )?;
+    let dest = a.dest.ingest(&a.conflict_policy, a.dedup)?;
     let files = crate::ingest::files_of(&a.paths, &dest)?;
     let client = crate::ingest::connect(&a.conn, dest, &a.ingest).await?;
     crate::ingest::upload(&client, files, &a.ingest).await
 }
 
 async fn sync(a: SyncArgs) -> anyhow::Result<()> {
-    let dest = crate::ingest::destination(
-        &a.namespace,
-        &a.to,
-        a.to_endpoint.clone(),
-        a.to_credentials.clone(),
-        &a.region,
-        a.allow_private_networks,
-        "overwrite",
-        false,
-    )?;
+    let dest = a.dest.ingest("overwrite", false)?;
     let client = crate::ingest::connect(&a.conn, dest, &a.ingest).await?;
     crate::ingest::sync(
         client,
         crate::ingest::SyncOptions {
             dir: a.dir,
-            to: a.to,
+            to: a.dest.to,
             ignore: a.ignore,
             default_ignores: !a.no_default_ignores,
             delete: a.delete,

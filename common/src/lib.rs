@@ -25,6 +25,7 @@ pub mod redact;
 pub mod secrets;
 pub mod spec;
 pub mod state;
+#[cfg(feature = "s3")]
 pub mod storage;
 pub mod telemetry;
 pub mod tls;

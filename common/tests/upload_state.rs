@@ -4,7 +4,6 @@
 
 use stowage_common::db::Pool;
 use stowage_common::spec::UploadJobSpec;
-use stowage_common::state::lifecycle;
 use stowage_common::state::uploads::{self, ItemRecord, ItemState, NewItem, NewJob};
 use stowage_common::testing::{StackEnv, fresh_schema, unique};
 use uuid::Uuid;
@@ -119,11 +118,9 @@ async fn a_job_ends_when_its_last_item_does_and_a_replay_reopens_it() {
 
     // Replaying the failed items reopens the job; finishing them ends it
     // again, succeeded this time.
-    for item in &failing {
-        uploads::reset_for_replay(&db, item.id)
-            .await
-            .expect("replay");
-    }
+    // A batch's replay names its succeeded files too: they stay done.
+    let ids: Vec<i64> = items.iter().map(|i| i.id).collect();
+    uploads::reset_for_replay(&db, &ids).await.expect("replay");
     assert_eq!(unfinished(&pool, id).await, failing.len() as i64);
     assert_eq!(state(&pool, id).await, "running");
     for item in &failing {
@@ -179,13 +176,13 @@ async fn a_suspended_job_ends_only_when_resumed() {
     assert_eq!(state(&pool, id).await, "suspended");
     // Resuming with nothing left to do ends it.
     assert!(
-        lifecycle::set_suspended(&db, id, false)
+        uploads::set_suspended(&db, id, false)
             .await
             .expect("resume")
     );
     assert_eq!(state(&pool, id).await, "succeeded");
     assert!(
-        !lifecycle::set_suspended(&db, id, true)
+        !uploads::set_suspended(&db, id, true)
             .await
             .expect("suspend")
     );

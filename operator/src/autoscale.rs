@@ -27,9 +27,20 @@ use kube::runtime::events::{Event, EventType};
 use kube::{Api, ResourceExt};
 use prost::Message as _;
 use stowage_proto::v1::WorkerHeartbeat;
+use tokio_util::task::AbortOnDropHandle;
 use tracing::{info, warn};
 
-use crate::controllers::{AbortOnDrop, Context};
+use crate::metrics::AutoscaleMetrics;
+
+/// What the autoscaler works with: the API, the queue's backlog and the
+/// workers' heartbeats, events on the Deployment, its metrics.
+#[derive(Clone)]
+pub struct Fleet {
+    pub client: kube::Client,
+    pub queue: stowage_common::queue::Queue,
+    pub recorder: kube::runtime::events::Recorder,
+    pub metrics: AutoscaleMetrics,
+}
 
 /// What the autoscaler is told (flags `--autoscale-*`).
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -145,10 +156,10 @@ type Loads = Arc<Mutex<HashMap<String, (u32, Instant)>>>;
 const STALE_HEARTBEAT: Duration = Duration::from_secs(30);
 
 /// Runs until the future is dropped (leadership lost, shutdown).
-pub async fn run(ctx: Arc<Context>, s: Settings) {
+pub async fn run(ctx: Fleet, s: Settings) {
     let loads = Loads::default();
-    let _listener = AbortOnDrop(tokio::spawn(follow_heartbeats(
-        ctx.clone(),
+    let _listener = AbortOnDropHandle::new(tokio::spawn(follow_heartbeats(
+        ctx.queue.clone(),
         Arc::clone(&loads),
     )));
     let deployments: Api<Deployment> = Api::namespaced(ctx.client.clone(), &s.namespace);
@@ -166,7 +177,7 @@ pub async fn run(ctx: Arc<Context>, s: Settings) {
     );
     loop {
         tick.tick().await;
-        let m = &ctx.metrics.autoscale;
+        let m = &ctx.metrics;
         let backlog = match ctx.queue.backlog().await {
             Ok(b) => {
                 m.backlog.set(i64::try_from(b).unwrap_or(i64::MAX));
@@ -255,9 +266,9 @@ pub async fn run(ctx: Arc<Context>, s: Settings) {
 }
 
 /// Keeps the latest heartbeat of every worker.
-async fn follow_heartbeats(ctx: Arc<Context>, loads: Loads) {
-    let subject = ctx.queue.topology().worker_wildcard();
-    let mut sub = match ctx.queue.client().subscribe(subject).await {
+async fn follow_heartbeats(queue: stowage_common::queue::Queue, loads: Loads) {
+    let subject = queue.topology().worker_wildcard();
+    let mut sub = match queue.client().subscribe(subject).await {
         Ok(s) => s,
         Err(e) => {
             warn!(error = %e, "cannot follow worker heartbeats; scale-in picks pods blindly");
@@ -302,7 +313,7 @@ async fn mark_idle_pods(pods: &Api<Pod>, selector: &str, loads: &Loads) -> Resul
 }
 
 /// An event about the worker Deployment.
-async fn event(ctx: &Context, s: &Settings, type_: EventType, reason: &str, note: String) {
+async fn event(ctx: &Fleet, s: &Settings, type_: EventType, reason: &str, note: String) {
     let regarding = ObjectReference {
         api_version: Some("apps/v1".into()),
         kind: Some("Deployment".into()),

@@ -2,12 +2,78 @@
 //! into prompt reconciles of the resource they are about, so that status
 //! follows the work without polling.
 
+use std::collections::HashMap;
+
+use kube::runtime::reflector::ObjectRef;
 use prost::Message as _;
 use stowage_common::queue::{ProgressKind, Queue};
 use stowage_proto::v1::{CollectionProgress, JobProgress};
+use tokio::sync::mpsc;
 use tracing::{debug, warn};
 
-use crate::controllers::Triggers;
+use crate::crd::{IndexCollection, Raw, UploadJob};
+
+/// Senders of reconcile requests that progress events turn into, per
+/// watched namespace (`None`: the controllers of every namespace).
+#[derive(Default)]
+pub struct Triggers {
+    uploads: HashMap<Option<String>, mpsc::UnboundedSender<ObjectRef<Raw<UploadJob>>>>,
+    collections: HashMap<Option<String>, mpsc::UnboundedSender<ObjectRef<Raw<IndexCollection>>>>,
+}
+
+impl Triggers {
+    /// Where the reconcile requests of the UploadJobs of `scope` go.
+    pub fn follow_uploads(
+        &mut self,
+        scope: Option<String>,
+        tx: mpsc::UnboundedSender<ObjectRef<Raw<UploadJob>>>,
+    ) {
+        self.uploads.insert(scope, tx);
+    }
+
+    /// Where the reconcile requests of the IndexCollections of `scope` go.
+    pub fn follow_collections(
+        &mut self,
+        scope: Option<String>,
+        tx: mpsc::UnboundedSender<ObjectRef<Raw<IndexCollection>>>,
+    ) {
+        self.collections.insert(scope, tx);
+    }
+
+    /// Asks for a reconcile of UploadJob `namespace/name`; false once
+    /// nobody listens any more.
+    pub fn upload(&self, namespace: &str, name: &str) -> bool {
+        send(
+            &self.uploads,
+            namespace,
+            ObjectRef::new(name).within(namespace),
+        )
+    }
+
+    /// Asks for a reconcile of IndexCollection `namespace/name`.
+    pub fn collection(&self, namespace: &str, name: &str) -> bool {
+        send(
+            &self.collections,
+            namespace,
+            ObjectRef::new(name).within(namespace),
+        )
+    }
+}
+
+fn send<T>(
+    senders: &HashMap<Option<String>, mpsc::UnboundedSender<T>>,
+    namespace: &str,
+    what: T,
+) -> bool {
+    match senders
+        .get(&Some(namespace.to_string()))
+        .or_else(|| senders.get(&None))
+    {
+        Some(tx) => tx.send(what).is_ok(),
+        // Not a namespace this operator watches: nothing to do, but go on.
+        None => !senders.is_empty(),
+    }
+}
 
 /// Forwards events until the subscription or both receivers close.
 pub async fn forward(queue: Queue, triggers: Triggers) {

@@ -7,8 +7,7 @@ use proptest::prelude::*;
 use serde_json::{Value, json};
 use stowage_common::state::collections::{RunCounts, RunState, SyncRun};
 use stowage_common::state::index::IndexCounts;
-use stowage_common::state::lifecycle::ItemError;
-use stowage_common::state::uploads::{JobCounts, JobRecord};
+use stowage_common::state::uploads::{ItemError, JobCounts, JobRecord};
 use stowage_operator::crd::{IndexCollection, Raw, UploadJob, judge};
 use stowage_operator::status::{index_collection, upload_job};
 

@@ -15,7 +15,7 @@ use serde_json::{Value, json};
 use stowage_common::db;
 use stowage_common::locks::{LockManager, LockMetrics};
 use stowage_common::queue::{NatsSettings, Queue, TaskKind};
-use stowage_common::state::{collections, lifecycle, uploads};
+use stowage_common::state::{collections, uploads};
 use stowage_common::storage::S3Clients;
 use stowage_common::testing::{StackEnv, fresh_database, unique};
 use stowage_operator::controllers::{Context, concurrency_for_pool, reconcile};
@@ -234,10 +234,7 @@ async fn an_invalid_spec_becomes_a_condition_without_requeue() {
     assert_eq!(bodies[0]["status"]["phase"], "Failed");
     let db = f.ctx.db.get().await.expect("db");
     assert!(
-        lifecycle::find_job(&db, &uid)
-            .await
-            .expect("query")
-            .is_none(),
+        uploads::find_job(&db, &uid).await.expect("query").is_none(),
         "nothing registered"
     );
 }
@@ -264,7 +261,7 @@ async fn a_valid_job_is_registered_once_and_planned_once() {
     let bodies = api.await.expect("mock");
 
     let db = f.ctx.db.get().await.expect("db");
-    let job = lifecycle::find_job(&db, &uid)
+    let job = uploads::find_job(&db, &uid)
         .await
         .expect("query")
         .expect("registered");
@@ -329,7 +326,7 @@ async fn deleting_a_job_drops_its_tasks_and_rows_then_the_finalizer() {
     reconcile(uj, Arc::clone(&f.ctx)).await.expect("register");
     let job = {
         let db = f.ctx.db.get().await.expect("db");
-        lifecycle::find_job(&db, &uid)
+        uploads::find_job(&db, &uid)
             .await
             .expect("query")
             .expect("registered")
@@ -428,7 +425,7 @@ async fn a_resume_whose_files_were_not_queued_is_finished_by_the_next_reconcile(
     let uj = raw::<UploadJob>(suspended);
     reconcile(uj, Arc::clone(&f.ctx)).await.expect("register");
     let db = f.ctx.db.get().await.expect("db");
-    let job = lifecycle::find_job(&db, &uid)
+    let job = uploads::find_job(&db, &uid)
         .await
         .expect("query")
         .expect("registered");
@@ -454,7 +451,7 @@ async fn a_resume_whose_files_were_not_queued_is_finished_by_the_next_reconcile(
 
     // An operator resumed the job and died before queuing its files.
     assert!(
-        lifecycle::set_suspended(&db, job.id, false)
+        uploads::set_suspended(&db, job.id, false)
             .await
             .expect("resume")
     );
@@ -1073,10 +1070,7 @@ async fn a_burst_of_reconciles_does_not_starve_the_pool() {
     let db = f.ctx.db.get().await.expect("db");
     for uid in &uids {
         assert!(
-            lifecycle::find_job(&db, uid)
-                .await
-                .expect("query")
-                .is_some(),
+            uploads::find_job(&db, uid).await.expect("query").is_some(),
             "{uid} registered"
         );
     }

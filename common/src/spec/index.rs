@@ -172,6 +172,15 @@ impl Embedding {
 
 impl IndexSpec {
     /// The fields of this spec that ask for private networks.
+    /// The fields that ask for the processes' own S3 credentials.
+    pub fn worker_credentials(&self) -> Vec<&'static str> {
+        if self.source.endpoint.use_worker_credentials {
+            vec!["source.useWorkerCredentials"]
+        } else {
+            Vec::new()
+        }
+    }
+
     pub fn private_networks(&self) -> Vec<&'static str> {
         let mut out = Vec::new();
         if self.source.endpoint.allow_private_networks {

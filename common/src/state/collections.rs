@@ -8,7 +8,8 @@ use deadpool_postgres::ClientWrapper as Client;
 use tokio_postgres::Row;
 use uuid::Uuid;
 
-use super::{StateError, index};
+use super::StateError;
+use super::index::{self, DocumentState};
 use crate::spec::index::IndexSpec;
 
 pub struct NewCollection {
@@ -167,14 +168,20 @@ impl RunState {
         }
     }
 
-    pub fn parse(s: &str) -> Option<Self> {
-        Some(match s {
+    /// A state no migration wrote is a database this version cannot read.
+    pub fn parse(s: &str) -> Result<Self, StateError> {
+        Ok(match s {
             "in_progress" => RunState::InProgress,
             "completed" => RunState::Completed,
             "completed_with_errors" => RunState::CompletedWithErrors,
             "failed" => RunState::Failed,
             "abandoned" => RunState::Abandoned,
-            _ => return None,
+            other => {
+                return Err(StateError::Unknown {
+                    what: "sync run state",
+                    value: other.to_string(),
+                });
+            }
         })
     }
 }
@@ -208,11 +215,11 @@ const RUN_SELECT: &str = "SELECT id, collection_id, state, trigger, generation, 
     finished_at, seen, new, changed, deleted, failed, skipped, chunks_written, error FROM sync_runs";
 
 impl SyncRun {
-    fn from_row(r: &Row) -> Self {
-        SyncRun {
+    fn from_row(r: &Row) -> Result<Self, StateError> {
+        Ok(SyncRun {
             id: r.get(0),
             collection_id: r.get(1),
-            state: RunState::parse(r.get(2)).unwrap_or(RunState::Failed),
+            state: RunState::parse(r.get(2))?,
             trigger: r.get(3),
             generation: r.get(4),
             started_at: r.get(5),
@@ -227,7 +234,7 @@ impl SyncRun {
                 chunks_written: r.get(13),
             },
             error: r.get(14),
-        }
+        })
     }
 }
 
@@ -245,7 +252,7 @@ pub async fn latest_run(
             &[&collection_id],
         )
         .await?;
-    Ok(row.as_ref().map(SyncRun::from_row))
+    row.as_ref().map(SyncRun::from_row).transpose()
 }
 
 /// The collection's run in progress, if any, and whether it is alive.
@@ -442,8 +449,8 @@ pub struct RunDocument {
     pub run_state: RunState,
     pub generation_id: Option<i64>,
     pub document: PlannedDocument,
-    /// `pending` until a worker finished it.
-    pub state: String,
+    /// `Pending` until a worker finished it.
+    pub state: DocumentState,
     pub attempts: i32,
 }
 
@@ -467,18 +474,21 @@ pub async fn run_document(
             &[&run_id, &key, &collection_id],
         )
         .await?;
-    Ok(row.map(|r| RunDocument {
-        run_state: RunState::parse(r.get(0)).unwrap_or(RunState::Failed),
-        generation_id: r.get(1),
-        document: PlannedDocument {
-            key: key.to_string(),
-            etag: r.get(2),
-            size: r.get(3),
-            new: r.get::<_, &str>(4) == "new",
-        },
-        state: r.get(5),
-        attempts: r.get(6),
-    }))
+    row.map(|r| {
+        Ok(RunDocument {
+            run_state: RunState::parse(r.get(0))?,
+            generation_id: r.get(1),
+            document: PlannedDocument {
+                key: key.to_string(),
+                etag: r.get(2),
+                size: r.get(3),
+                new: r.get::<_, &str>(4) == "new",
+            },
+            state: DocumentState::parse(r.get(5))?,
+            attempts: r.get(6),
+        })
+    })
+    .transpose()
 }
 
 /// A document of the run started: a sign of life, so that a run of slow
@@ -529,9 +539,9 @@ pub async fn finish_document(
     worker: &str,
 ) -> Result<(), StateError> {
     let (state, chunks, reason) = match end {
-        DocumentEnd::Indexed { chunks } => ("indexed", *chunks, None),
-        DocumentEnd::Skipped { reason } => ("skipped", 0, Some(reason.as_str())),
-        DocumentEnd::Failed { reason } => ("failed", 0, Some(reason.as_str())),
+        DocumentEnd::Indexed { chunks } => (DocumentState::Indexed, *chunks, None),
+        DocumentEnd::Skipped { reason } => (DocumentState::Skipped, 0, Some(reason.as_str())),
+        DocumentEnd::Failed { reason } => (DocumentState::Failed, 0, Some(reason.as_str())),
     };
     client
         .execute(
@@ -546,7 +556,7 @@ pub async fn finish_document(
                      UPDATE sync_runs SET updated_at = now() WHERE id IN (SELECT run_id FROM done)",
                 )
                 .await?,
-            &[&run_id, &key, &state, &chunks, &reason, &worker],
+            &[&run_id, &key, &state.as_str(), &chunks, &reason, &worker],
         )
         .await?;
     Ok(())
@@ -595,7 +605,7 @@ pub async fn run_progress(client: &Client, run_id: i64) -> Result<RunProgress, S
             id: run_id.to_string(),
         })?;
     Ok(RunProgress {
-        state: RunState::parse(row.get(0)).unwrap_or(RunState::Failed),
+        state: RunState::parse(row.get(0))?,
         dispatched: row.get(1),
         generation_id: row.get(2),
         pending: row.get(5),

@@ -21,6 +21,44 @@ pub use search::{
     search_generation,
 };
 
+/// A document's state, in a generation (`documents.state`) and in a sync
+/// run (`sync_run_documents.state`, where it starts `pending`); parsed where
+/// rows are read.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DocumentState {
+    Pending,
+    Indexed,
+    Skipped,
+    Failed,
+}
+
+impl DocumentState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            DocumentState::Pending => "pending",
+            DocumentState::Indexed => "indexed",
+            DocumentState::Skipped => "skipped",
+            DocumentState::Failed => "failed",
+        }
+    }
+
+    /// A state no migration wrote is a database this version cannot read.
+    pub fn parse(s: &str) -> Result<Self, StateError> {
+        Ok(match s {
+            "pending" => DocumentState::Pending,
+            "indexed" => DocumentState::Indexed,
+            "skipped" => DocumentState::Skipped,
+            "failed" => DocumentState::Failed,
+            other => {
+                return Err(StateError::Unknown {
+                    what: "document state",
+                    value: other.to_string(),
+                });
+            }
+        })
+    }
+}
+
 #[derive(Clone, Debug, PartialEq)]
 pub struct Generation {
     pub id: i64,
@@ -748,7 +786,7 @@ pub async fn write_titled_document(
         &tx,
         generation_id,
         source,
-        "indexed",
+        DocumentState::Indexed,
         None,
         chunks.len() as i32,
         title,
@@ -764,7 +802,7 @@ pub async fn record_unindexed(
     client: &mut Client,
     generation_id: i64,
     source: &Source,
-    state: &str,
+    state: DocumentState,
     reason: &str,
 ) -> Result<(), StateError> {
     let tx = client.transaction().await?;
@@ -782,7 +820,7 @@ async fn upsert_document(
     tx: &tokio_postgres::Transaction<'_>,
     generation_id: i64,
     s: &Source,
-    state: &str,
+    state: DocumentState,
     reason: Option<&str>,
     chunks: i32,
     title: Option<&str>,
@@ -802,7 +840,7 @@ async fn upsert_document(
             &s.sha256_hex,
             &s.content_type,
             &s.size_bytes,
-            &state,
+            &state.as_str(),
             &reason,
             &chunks,
             &title,
@@ -846,10 +884,9 @@ pub async fn documents(
             &[&generation_id],
         )
         .await?;
-    Ok(rows
-        .iter()
-        .map(|r| (r.get(0), indexed_document(r, 1)))
-        .collect())
+    rows.iter()
+        .map(|r| Ok((r.get(0), indexed_document(r, 1)?)))
+        .collect()
 }
 
 /// What a generation holds for one object key, if it has the document.
@@ -858,7 +895,7 @@ pub async fn document(
     generation_id: i64,
     object_key: &str,
 ) -> Result<Option<IndexedDocument>, StateError> {
-    Ok(client
+    client
         .query_opt(
             &format!(
                 "SELECT {DOCUMENT_COLUMNS} FROM documents WHERE generation_id = $1 AND object_key = $2"
@@ -866,33 +903,31 @@ pub async fn document(
             &[&generation_id, &object_key],
         )
         .await?
-        .map(|r| indexed_document(&r, 0)))
+        .map(|r| indexed_document(&r, 0))
+        .transpose()
 }
 
 const DOCUMENT_COLUMNS: &str = "etag, sha256_hex, content_type, state";
 
-fn indexed_document(r: &tokio_postgres::Row, first: usize) -> IndexedDocument {
-    let state: &str = r.get(first + 3);
-    IndexedDocument {
+fn indexed_document(r: &tokio_postgres::Row, first: usize) -> Result<IndexedDocument, StateError> {
+    Ok(IndexedDocument {
         etag: r.get(first),
         sha256_hex: r.get(first + 1),
         content_type: r.get(first + 2),
-        failed: state == "failed",
-        indexed: state == "indexed",
-    }
+        state: DocumentState::parse(r.get(first + 3))?,
+    })
 }
 
 /// What a generation holds for one object key.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub struct IndexedDocument {
     pub etag: Option<String>,
     pub sha256_hex: Option<String>,
     /// The object's content type when it was indexed.
     pub content_type: Option<String>,
-    /// Its last indexing failed (recorded with the reason).
-    pub failed: bool,
-    /// Its last indexing stored chunks (neither skipped nor failed).
-    pub indexed: bool,
+    /// How its last indexing ended: indexed (chunks stored), skipped or
+    /// failed (recorded with the reason).
+    pub state: DocumentState,
 }
 
 /// A document whose object was written again with the same content: its

@@ -6,7 +6,6 @@ use deadpool_postgres::ClientWrapper as Client;
 use uuid::Uuid;
 
 use super::StateError;
-use super::lifecycle;
 use super::uploads::{self, ItemRecord, JobRecord, NewItem, NewJob, ObjectRecord};
 use crate::spec::{IngestSource, UploadJobSpec};
 
@@ -61,7 +60,7 @@ pub async fn find(
     namespace: &str,
     request_id: &str,
 ) -> Result<Option<Request>, StateError> {
-    match lifecycle::find_job(client, &source_uid(namespace, request_id)).await? {
+    match uploads::find_job(client, &source_uid(namespace, request_id)).await? {
         Some(job) => Ok(Some(request_of(client, job).await?)),
         None => Ok(None),
     }
@@ -89,11 +88,10 @@ pub async fn written_object(
     Ok(client
         .query_opt(
             &client
-                .prepare_cached(
-                    "SELECT bucket, object_key, version, sha256_hex, size_bytes FROM objects
-                     WHERE job_id = $1 AND bucket = $2 AND object_key = $3
-                     ORDER BY version DESC LIMIT 1",
-                )
+                .prepare_cached(uploads::select_objects!(
+                    "WHERE job_id = $1 AND bucket = $2 AND object_key = $3
+                     ORDER BY version DESC LIMIT 1"
+                ))
                 .await?,
             &[&job_id, &bucket, &key],
         )

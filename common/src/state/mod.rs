@@ -5,7 +5,6 @@
 pub mod collections;
 pub mod index;
 pub mod ingest;
-pub mod lifecycle;
 pub mod tasks;
 pub mod uploads;
 

@@ -21,7 +21,8 @@ use uuid::Uuid;
 
 use super::{Context, Error, Note, Reconciler, apply_status, publish_event, publish_notes};
 use crate::crd::condition::Condition;
-use crate::crd::{IndexCollection, RawIndexCollection, judge};
+use crate::crd::judge::validate;
+use crate::crd::{IndexCollection, RawIndexCollection};
 use crate::status::index_collection::{self as status, Snapshot};
 use crate::status::upload_job::until;
 
@@ -46,26 +47,11 @@ async fn apply(raw: &RawIndexCollection, ctx: &Context) -> Result<Action, Error>
     let ns = raw.namespace().ok_or(Error::Metadata("namespace"))?;
     let name = raw.name_any();
     let api: Api<RawIndexCollection> = Api::namespaced(ctx.client.clone(), &ns);
-    // Judge (pure).
-    let ic = match judge::<IndexCollection>(raw) {
+    // Validate (pure).
+    let ic = match validate::<IndexCollection>(raw, ctx.allowed()) {
         Ok(ic) => ic,
         Err(why) => return refuse(raw, &api, ctx, &why).await,
     };
-    if let Some(field) = ic.spec.index.private_networks().first()
-        && !ctx.allow_private_networks
-    {
-        let why = format!(
-            "spec.{field}: this installation does not let resources reach private networks \
-             (--allow-private-networks)"
-        );
-        return refuse(raw, &api, ctx, &why).await;
-    }
-    if ic.spec.index.source.endpoint.use_worker_credentials && !ctx.allow_worker_credentials {
-        let why = "spec.source.useWorkerCredentials: this installation does not let resources \
-                   use the workers' own credentials (--allow-worker-credentials): name a Secret \
-                   in credentialsSecretRef";
-        return refuse(raw, &api, ctx, why).await;
-    }
     let interval =
         status::parse_interval(&ic.spec.resync_interval).unwrap_or(chrono::Duration::minutes(10));
     let generation = ic.metadata.generation.unwrap_or(1);

@@ -38,11 +38,13 @@ use stowage_common::queue::{Queue, QueueError};
 use stowage_common::state::StateError;
 use stowage_common::storage::{ClientError, S3Clients};
 use tokio::sync::mpsc;
+use tokio_util::task::AbortOnDropHandle;
 use tracing::{error, info, warn};
 
 use crate::crd::condition::{self, Condition};
 use crate::crd::{FINALIZER, IndexCollection, Judged, Raw, UploadJob};
 use crate::metrics::{ControllerLabel, ErrorLabels, Metrics, ReconcileLabels};
+use crate::triggers::Triggers;
 
 /// The field manager of every server-side apply the operator makes.
 pub const MANAGER: &str = "stowage-operator";
@@ -70,6 +72,16 @@ pub struct Context {
     pub autoscale: Option<crate::autoscale::Settings>,
     /// Consecutive failed reconciles per resource, for the backoff.
     pub failures: Failures,
+}
+
+impl Context {
+    /// What resources may ask for here.
+    pub fn allowed(&self) -> crate::crd::judge::Allowed {
+        crate::crd::judge::Allowed {
+            private_networks: self.allow_private_networks,
+            worker_credentials: self.allow_worker_credentials,
+        }
+    }
 }
 
 /// How many reconciles each of the two controllers may run at once with a
@@ -397,50 +409,6 @@ where
     }
 }
 
-/// Senders of reconcile requests that progress events turn into, per
-/// watched namespace (`None`: the controllers of every namespace).
-#[derive(Default)]
-pub struct Triggers {
-    uploads: HashMap<Option<String>, mpsc::UnboundedSender<ObjectRef<Raw<UploadJob>>>>,
-    collections: HashMap<Option<String>, mpsc::UnboundedSender<ObjectRef<Raw<IndexCollection>>>>,
-}
-
-impl Triggers {
-    /// Asks for a reconcile of UploadJob `namespace/name`; false once
-    /// nobody listens any more.
-    pub fn upload(&self, namespace: &str, name: &str) -> bool {
-        send(
-            &self.uploads,
-            namespace,
-            ObjectRef::new(name).within(namespace),
-        )
-    }
-
-    /// Asks for a reconcile of IndexCollection `namespace/name`.
-    pub fn collection(&self, namespace: &str, name: &str) -> bool {
-        send(
-            &self.collections,
-            namespace,
-            ObjectRef::new(name).within(namespace),
-        )
-    }
-}
-
-fn send<T>(
-    senders: &HashMap<Option<String>, mpsc::UnboundedSender<T>>,
-    namespace: &str,
-    what: T,
-) -> bool {
-    match senders
-        .get(&Some(namespace.to_string()))
-        .or_else(|| senders.get(&None))
-    {
-        Some(tx) => tx.send(what).is_ok(),
-        // Not a namespace this operator watches: nothing to do, but go on.
-        None => !senders.is_empty(),
-    }
-}
-
 /// Runs both controllers for `namespaces` (empty: all of them) until they
 /// end (shutdown) or the future is dropped.
 pub async fn run(ctx: Arc<Context>, namespaces: Vec<String>) {
@@ -453,40 +421,36 @@ pub async fn run(ctx: Arc<Context>, namespaces: Vec<String>) {
     let mut controllers = Vec::new();
     for scope in &scopes {
         let (tx, rx) = mpsc::unbounded_channel();
-        triggers.uploads.insert(scope.clone(), tx);
+        triggers.follow_uploads(scope.clone(), tx);
         controllers.push(run_one::<UploadJob>(Arc::clone(&ctx), scope.as_deref(), rx).boxed());
         let (tx, rx) = mpsc::unbounded_channel();
-        triggers.collections.insert(scope.clone(), tx);
+        triggers.follow_collections(scope.clone(), tx);
         controllers
             .push(run_one::<IndexCollection>(Arc::clone(&ctx), scope.as_deref(), rx).boxed());
     }
     // Tied to this future: a leader that loses its lock drops it, and with
     // it every task it started.
-    let _events = AbortOnDrop(tokio::spawn(crate::triggers::forward(
+    let _events = AbortOnDropHandle::new(tokio::spawn(crate::triggers::forward(
         ctx.queue.clone(),
         triggers,
     )));
-    let _routing = AbortOnDrop(tokio::spawn(crate::watch_uploads::run(
+    let _routing = AbortOnDropHandle::new(tokio::spawn(crate::watch_uploads::run(
         ctx.db.clone(),
         ctx.queue.clone(),
         namespaces,
         ctx.debounce,
     )));
-    let _scaling = ctx
-        .autoscale
-        .clone()
-        .map(|s| AbortOnDrop(tokio::spawn(crate::autoscale::run(Arc::clone(&ctx), s))));
+    let _scaling = ctx.autoscale.clone().map(|s| {
+        let fleet = crate::autoscale::Fleet {
+            client: ctx.client.clone(),
+            queue: ctx.queue.clone(),
+            recorder: ctx.recorder.clone(),
+            metrics: ctx.metrics.autoscale.clone(),
+        };
+        AbortOnDropHandle::new(tokio::spawn(crate::autoscale::run(fleet, s)))
+    });
     info!(concurrency = ctx.concurrency, "controllers running");
     futures::future::join_all(controllers).await;
-}
-
-/// Ends a spawned task with the future that owns this guard.
-pub(crate) struct AbortOnDrop(pub tokio::task::JoinHandle<()>);
-
-impl Drop for AbortOnDrop {
-    fn drop(&mut self) {
-        self.0.abort();
-    }
 }
 
 /// One controller of kind `K` over one namespace (or all).

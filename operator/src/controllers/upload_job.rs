@@ -14,14 +14,14 @@ use kube::{Api, ResourceExt};
 use stowage_common::db::Client;
 use stowage_common::jobs;
 use stowage_common::queue::TaskKind;
-use stowage_common::state::lifecycle;
 use stowage_common::state::uploads::{self, JobFailure, JobRecord, JobState, NewJob};
 use stowage_proto::v1::task;
 use tracing::{info, warn};
 
 use super::{Context, Error, Note, Reconciler, apply_status, publish_event, publish_notes};
 use crate::crd::condition::Condition;
-use crate::crd::{RawUploadJob, UploadJob, judge};
+use crate::crd::judge::validate;
+use crate::crd::{RawUploadJob, UploadJob};
 use crate::status::upload_job::{self as status, Next, Snapshot};
 
 impl Reconciler for UploadJob {
@@ -60,29 +60,12 @@ impl Ids {
 async fn apply(raw: &RawUploadJob, ctx: &Context) -> Result<Action, Error> {
     let ids = Ids::of(raw)?;
     let api: Api<RawUploadJob> = Api::namespaced(ctx.client.clone(), &ids.ns);
-    // Judge (pure): the schema, the types, the spec's own rules.
-    let uj = match judge::<UploadJob>(raw) {
+    // Validate (pure): the schema, the types, the spec's own rules, what
+    // this installation allows.
+    let uj = match validate::<UploadJob>(raw, ctx.allowed()) {
         Ok(uj) => uj,
         Err(why) => return refuse(raw, &api, ctx, &why).await,
     };
-    if let Some(field) = uj.spec.upload.private_networks().first()
-        && !ctx.allow_private_networks
-    {
-        let why = format!(
-            "spec.{field}: this installation does not let resources reach private networks \
-             (--allow-private-networks)"
-        );
-        return refuse(raw, &api, ctx, &why).await;
-    }
-    if let Some(field) = uj.spec.upload.worker_credentials().first()
-        && !ctx.allow_worker_credentials
-    {
-        let why = format!(
-            "spec.{field}: this installation does not let resources use the workers' own \
-             credentials (--allow-worker-credentials): name a Secret in credentialsSecretRef"
-        );
-        return refuse(raw, &api, ctx, &why).await;
-    }
     let now = Utc::now();
     let mut notes = Vec::new();
     // One pooled connection for all the database steps, given back before
@@ -98,7 +81,7 @@ async fn apply(raw: &RawUploadJob, ctx: &Context) -> Result<Action, Error> {
         };
         let (job, replayed) = drive(&uj, job, &db, ctx, now, &mut notes).await?;
         let counts = uploads::job_counts(&db, job.id).await?;
-        let errors = lifecycle::recent_errors(&db, job.id, status::MAX_ERRORS as i64).await?;
+        let errors = uploads::recent_errors(&db, job.id, status::MAX_ERRORS as i64).await?;
         (job, counts, errors, replayed)
     };
     let current = uj.status.as_ref();
@@ -144,7 +127,7 @@ async fn register(
     ctx: &Context,
     notes: &mut Vec<Note>,
 ) -> Result<Result<JobRecord, &'static str>, Error> {
-    match lifecycle::find_job(db, &ids.uid).await? {
+    match uploads::find_job(db, &ids.uid).await? {
         Some(j) if j.spec != uj.spec.upload => Ok(Err(
             "source, destination and upload settings cannot change once the job started: \
              create a new UploadJob",
@@ -198,7 +181,7 @@ async fn drive(
     let mut job = suspend_or_resume(uj, job, db, ctx, notes).await?;
     if let Some(deadline) = status::deadline(uj, &job)
         && now >= deadline
-        && lifecycle::fail_unfinished(
+        && uploads::fail_unfinished(
             db,
             job.id,
             JobFailure::DeadlineExceeded,
@@ -296,14 +279,14 @@ async fn suspend_or_resume(
     ctx: &Context,
     notes: &mut Vec<Note>,
 ) -> Result<JobRecord, Error> {
-    let changed = lifecycle::set_suspended(db, job.id, uj.spec.suspend).await?;
+    let changed = uploads::set_suspended(db, job.id, uj.spec.suspend).await?;
     if changed && uj.spec.suspend {
         info!(job = %job.id, "job suspended");
         notes.push(Note::normal("Suspended", "no new files are started"));
     }
-    if let Some((round, pending)) = lifecycle::resume_owed(db, job.id).await? {
+    if let Some((round, pending)) = uploads::resume_owed(db, job.id).await? {
         jobs::publish_items(&ctx.queue, &job, &pending, Some(&round)).await?;
-        lifecycle::resume_queued(db, job.id, &round).await?;
+        uploads::resume_queued(db, job.id, &round).await?;
         info!(job = %job.id, files = pending.len(), %round, "job resumed");
         notes.push(Note::normal(
             "Resumed",
@@ -355,16 +338,16 @@ async fn cleanup(raw: &RawUploadJob, ctx: &Context) -> Result<Action, Error> {
     let ids = Ids::of(raw)?;
     let (job, dropped, aborted) = {
         let mut db = ctx.db.get().await?;
-        let Some(job) = lifecycle::find_job(&db, &ids.uid).await? else {
+        let Some(job) = uploads::find_job(&db, &ids.uid).await? else {
             return Ok(Action::await_change());
         };
-        lifecycle::cancel(&db, job.id).await?;
+        uploads::cancel(&db, job.id).await?;
         let dropped = drop_tasks(ctx, &ids.ns, &ids.name).await?;
         let tx = db
             .transaction()
             .await
             .map_err(stowage_common::state::StateError::from)?;
-        let open = lifecycle::lock_for_delete(&tx, job.id).await?;
+        let open = uploads::lock_for_delete(&tx, job.id).await?;
         if !open.is_empty() {
             let client = ctx
                 .s3
@@ -389,7 +372,7 @@ async fn cleanup(raw: &RawUploadJob, ctx: &Context) -> Result<Action, Error> {
                 })?;
             }
         }
-        lifecycle::delete(&tx, job.id).await?;
+        uploads::delete(&tx, job.id).await?;
         tx.commit()
             .await
             .map_err(stowage_common::state::StateError::from)?;

@@ -121,6 +121,47 @@ pub trait Judged:
 
     /// The spec's schema, from the generated CRD (computed once).
     fn spec_schema() -> &'static Value;
+
+    /// The fields that ask to reach private networks.
+    fn private_networks(&self) -> Vec<&'static str> {
+        Vec::new()
+    }
+
+    /// The fields that ask for the workers' own credentials.
+    fn worker_credentials(&self) -> Vec<&'static str> {
+        Vec::new()
+    }
+}
+
+/// What this installation lets a resource ask for (the operator's
+/// `--allow-*` flags).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Allowed {
+    pub private_networks: bool,
+    pub worker_credentials: bool,
+}
+
+/// The first step of a reconcile, pure: [`judge`], then what the
+/// installation allows. `Err` is the message of the InvalidSpec condition.
+pub fn validate<K: Judged>(raw: &Raw<K>, allowed: Allowed) -> Result<K, String> {
+    let k = judge::<K>(raw)?;
+    if let Some(field) = k.private_networks().first()
+        && !allowed.private_networks
+    {
+        return Err(format!(
+            "spec.{field}: this installation does not let resources reach private networks \
+             (--allow-private-networks)"
+        ));
+    }
+    if let Some(field) = k.worker_credentials().first()
+        && !allowed.worker_credentials
+    {
+        return Err(format!(
+            "spec.{field}: this installation does not let resources use the workers' own \
+             credentials (--allow-worker-credentials): name a Secret in credentialsSecretRef"
+        ));
+    }
+    Ok(k)
 }
 
 /// The typed resource, or why it is refused: the spec is checked against
@@ -186,6 +227,14 @@ impl Judged for UploadJob {
         static SCHEMA: OnceLock<Value> = OnceLock::new();
         SCHEMA.get_or_init(spec_schema_of::<UploadJob>)
     }
+
+    fn private_networks(&self) -> Vec<&'static str> {
+        self.spec.upload.private_networks()
+    }
+
+    fn worker_credentials(&self) -> Vec<&'static str> {
+        self.spec.upload.worker_credentials()
+    }
 }
 
 impl Judged for IndexCollection {
@@ -205,5 +254,85 @@ impl Judged for IndexCollection {
     fn spec_schema() -> &'static Value {
         static SCHEMA: OnceLock<Value> = OnceLock::new();
         SCHEMA.get_or_init(spec_schema_of::<IndexCollection>)
+    }
+
+    fn private_networks(&self) -> Vec<&'static str> {
+        self.spec.index.private_networks()
+    }
+
+    fn worker_credentials(&self) -> Vec<&'static str> {
+        self.spec.index.worker_credentials()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::crd::{IndexCollection, UploadJob};
+    use serde_json::json;
+
+    fn raw<K>(kind: &str, spec: Value) -> Raw<K> {
+        serde_json::from_value(json!({
+            "apiVersion": "stowage.dev/v1alpha1",
+            "kind": kind,
+            "metadata": {"name": "x", "namespace": "team-a", "uid": "u", "generation": 1},
+            "spec": spec,
+        }))
+        .expect("a raw resource")
+    }
+
+    fn upload(source: Value) -> Raw<UploadJob> {
+        raw(
+            "UploadJob",
+            json!({
+                "source": source,
+                "destination": {"bucket": "archive", "credentialsSecretRef": {"name": "w"}},
+            }),
+        )
+    }
+
+    const ALL: Allowed = Allowed {
+        private_networks: true,
+        worker_credentials: true,
+    };
+
+    #[test]
+    fn what_the_installation_forbids_is_refused_with_the_field_named() {
+        let private = upload(json!({"http": {"urls": ["http://10.0.0.1/a"],
+                                             "allowPrivateNetworks": true}}));
+        let e = validate(&private, Allowed::default()).expect_err("private networks");
+        assert!(
+            e.starts_with("spec.source.http.allowPrivateNetworks: ")
+                && e.contains("--allow-private-networks"),
+            "{e}"
+        );
+        assert!(validate(&private, ALL).is_ok());
+
+        let own = upload(json!({"s3": {"bucket": "incoming", "useWorkerCredentials": true}}));
+        let e = validate(&own, Allowed::default()).expect_err("worker credentials");
+        assert!(
+            e.starts_with("spec.source.s3.useWorkerCredentials: "),
+            "{e}"
+        );
+        assert!(validate(&own, ALL).is_ok());
+
+        let collection: Raw<IndexCollection> = raw(
+            "IndexCollection",
+            json!({
+                "source": {"bucket": "docs", "useWorkerCredentials": true},
+                "embedding": {"provider": "builtin"},
+            }),
+        );
+        let e = validate(&collection, Allowed::default()).expect_err("worker credentials");
+        assert!(e.starts_with("spec.source.useWorkerCredentials: "), "{e}");
+        assert!(validate(&collection, ALL).is_ok());
+    }
+
+    #[test]
+    fn a_spec_the_schema_refuses_is_refused_before_the_installation_is_asked() {
+        let bad = upload(json!({"s3": {"bucket": "incoming"}, "http": {"urls": ["https://x/a"]}}));
+        assert!(validate(&bad, ALL).is_err());
+        let fine = upload(json!({"http": {"urls": ["https://example.com/a"]}}));
+        assert!(validate(&fine, Allowed::default()).is_ok());
     }
 }

@@ -1,8 +1,7 @@
 //! UploadJob status from the job's state in PostgreSQL.
 
 use chrono::{DateTime, Duration, Utc};
-use stowage_common::state::lifecycle::ItemError;
-use stowage_common::state::uploads::{JobCounts, JobFailure, JobRecord, JobState};
+use stowage_common::state::uploads::{ItemError, JobCounts, JobFailure, JobRecord, JobState};
 
 use super::{COMPLETE, FAILED, INVALID_SPEC, PROGRESSING, READY, SUSPENDED};
 use crate::crd::condition::{self, Condition};

@@ -22,7 +22,7 @@ use stowage_common::queue::backoff_delay;
 use stowage_common::spec::select::Selector;
 use stowage_common::state::StateError;
 use stowage_common::state::collections::{self, CollectionRecord, DocumentEnd, RunState};
-use stowage_common::state::index as store;
+use stowage_common::state::index::{self as store, DocumentState};
 use tracing::{info, warn};
 use uuid::Uuid;
 
@@ -93,12 +93,12 @@ async fn index_in_run(
     let Some(planned) = collections::run_document(&db, collection.id, run_id, key).await? else {
         return Ok("run-ended");
     };
-    match (planned.run_state, planned.state.as_str()) {
-        (RunState::InProgress, "pending") => {}
+    match (planned.run_state, planned.state) {
+        (RunState::InProgress, DocumentState::Pending) => {}
         (RunState::InProgress, _) => return Ok("duplicate"),
         // A dead letter replayed after its run: bring the document up to
         // date as an object event would.
-        (_, "failed") => {
+        (_, DocumentState::Failed) => {
             drop(db);
             return index(ctx, collection, key).await;
         }

@@ -27,7 +27,7 @@ use stowage_common::spec::select::Selector;
 use stowage_common::state::collections::{
     self, CollectionRecord, DocumentEnd, PlannedDocument, RunCounts, RunState,
 };
-use stowage_common::state::index::{self as store, NewChunk, Source};
+use stowage_common::state::index::{self as store, DocumentState, NewChunk, Source};
 use tracing::{debug, info, warn};
 
 use super::chunk::{Chunk, chunk_document, context};
@@ -266,7 +266,7 @@ pub(crate) fn as_indexed(d: store::IndexedDocument) -> Indexed {
         etag: d.etag,
         sha256_hex: d.sha256_hex,
         content_type: d.content_type,
-        failed: d.failed,
+        failed: d.state == DocumentState::Failed,
     }
 }
 
@@ -458,12 +458,26 @@ pub(crate) async fn document(
             }
         }
         Ok(Prepared::Skipped(reason)) => {
-            store::record_unindexed(&mut db, generation_id, &source, "skipped", &reason).await?;
+            store::record_unindexed(
+                &mut db,
+                generation_id,
+                &source,
+                DocumentState::Skipped,
+                &reason,
+            )
+            .await?;
             DocumentEnd::Skipped { reason }
         }
         Err(reason) => {
             warn!(key = object.key, error = %reason, "document failed");
-            store::record_unindexed(&mut db, generation_id, &source, "failed", &reason).await?;
+            store::record_unindexed(
+                &mut db,
+                generation_id,
+                &source,
+                DocumentState::Failed,
+                &reason,
+            )
+            .await?;
             DocumentEnd::Failed { reason }
         }
     };
@@ -526,7 +540,7 @@ async fn fetch_and_index(
     // Written again as it was (a new ETag nobody could vouch for before
     // reading it): the chunks stored are those these bytes make.
     if existing.is_some_and(|d| {
-        d.indexed
+        d.state == DocumentState::Indexed
             && d.sha256_hex.as_deref() == Some(sha256_hex.as_str())
             && plan::same_content_type(d.content_type.as_deref(), source.content_type.as_deref())
     }) {
