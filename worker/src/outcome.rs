@@ -6,6 +6,7 @@ use std::fmt::Display;
 use std::time::Duration;
 
 use stowage_common::errors::{Classify, ErrorClass};
+use stowage_proto::v1::{DeadLetter, Task};
 
 #[derive(Debug, Clone, PartialEq)]
 pub enum Outcome {
@@ -51,5 +52,24 @@ impl Outcome {
             class: ErrorClass::Permanent,
             attempts: 1,
         }
+    }
+}
+
+/// The dead letter of `task` (which came on `subject`) for an
+/// [`Outcome::Dead`].
+pub fn dead_letter(
+    task: &Task,
+    subject: &str,
+    error: &str,
+    class: ErrorClass,
+    attempts: u32,
+) -> DeadLetter {
+    DeadLetter {
+        task: Some(task.clone()),
+        subject: subject.to_string(),
+        error: error.to_string(),
+        error_class: class.as_str().into(),
+        attempts,
+        failed_at: Some(stowage_common::queue::timestamp_now()),
     }
 }

@@ -1193,3 +1193,110 @@ async fn a_resume_reads_the_holes_between_stored_parts(target: &str) {
     );
 }
 on_each_s3!(a_resume_reads_the_holes_between_stored_parts);
+
+/// 200 small files share tasks (a batch per few files), yet each keeps its
+/// own outcome: a 404 and an always-503 file fail alone, each with its own
+/// dead letter (a one-file task), a flaky file succeeds on a later
+/// delivery of its batch, and the rest land once with the right bytes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn small_files_share_tasks_and_keep_their_own_outcomes() {
+    use stowage_proto::v1::task;
+    let h = Harness::new("localstack").await;
+    let src = SourceServer::start().await;
+    let mut urls = Vec::new();
+    let mut expected = std::collections::HashMap::new();
+    for i in 0..200u64 {
+        let name = format!("small/{i:03}.txt");
+        let body = data(1024 + i as usize, i);
+        expected.insert(name.clone(), sha256_hex(&body));
+        match i {
+            17 => {}
+            42 => src.put(
+                &name,
+                FileBehaviour {
+                    always: Some(503),
+                    ..Default::default()
+                },
+            ),
+            99 => src.put(
+                &name,
+                FileBehaviour {
+                    data: body,
+                    fail_first: 1,
+                    ..Default::default()
+                },
+            ),
+            _ => src.serve(&name, body),
+        }
+        urls.push(src.url(&name));
+    }
+    let worker = h.worker(None).await;
+    let mut spec = h.spec(http(urls), "");
+    spec.retry.max_attempts = 2;
+    spec.retry.backoff.base_millis = 100;
+    let job = h.submit("batched", spec).await;
+    assert_eq!(
+        h.wait_job(job, Duration::from_secs(180)).await.state,
+        "failed"
+    );
+    let items = h.items(job).await;
+    let failed: Vec<&str> = items
+        .iter()
+        .filter(|i| i.state == ItemState::Failed)
+        .map(|i| i.dest_key.as_str())
+        .collect();
+    assert_eq!(failed, ["small/017.txt", "small/042.txt"]);
+    for i in items.iter().filter(|i| i.state != ItemState::Failed) {
+        assert_eq!(i.state, ItemState::Succeeded, "{i:?}");
+        assert_eq!(i.sha256_hex.as_ref(), expected.get(&i.dest_key), "{i:?}");
+    }
+    assert_eq!(
+        src.hits("small/099.txt"),
+        2,
+        "the flaky file was tried again"
+    );
+    assert_eq!(
+        src.hits("small/000.txt"),
+        1,
+        "a done file is not sent again"
+    );
+
+    // Far fewer tasks than files: 200 files in batches of 3.
+    let m = &worker.context.metrics;
+    let settled = |outcome| {
+        m.tasks
+            .get_or_create(&stowage_worker::metrics::TaskLabels {
+                kind: "upload",
+                outcome,
+            })
+            .get()
+    };
+    assert_eq!(settled("ok"), 200u64.div_ceil(3), "one ack per batch");
+    assert_eq!(settled("dead_letter"), 2);
+
+    // Each failed file has a dead letter of its own, naming it alone.
+    let letters = h.queue.dead_letters().await.expect("dead letters");
+    assert_eq!(letters.len(), 2, "{letters:?}");
+    let mut lettered: Vec<i64> = letters
+        .iter()
+        .map(
+            |(_, l)| match l.task.as_ref().and_then(|t| t.kind.as_ref()) {
+                Some(task::Kind::UploadFile(u)) => {
+                    let ids = stowage_common::jobs::items_of(u);
+                    assert_eq!(ids.len(), 1, "{l:?}");
+                    ids[0]
+                }
+                other => panic!("not an upload task: {other:?}"),
+            },
+        )
+        .collect();
+    lettered.sort_unstable();
+    let mut failed_ids: Vec<i64> = items
+        .iter()
+        .filter(|i| i.state == ItemState::Failed)
+        .map(|i| i.id)
+        .collect();
+    failed_ids.sort_unstable();
+    assert_eq!(lettered, failed_ids);
+    worker.shutdown().await.expect("shutdown");
+}

@@ -17,9 +17,10 @@ use std::time::{Duration, Instant};
 
 use futures::{FutureExt, StreamExt};
 use stowage_common::errors::ErrorClass;
+use stowage_common::jobs;
 use stowage_common::queue::{AckKind, Message, TaskKind, decode_task};
 use stowage_common::state::tasks as attempts;
-use stowage_proto::v1::{DeadLetter, Task, task};
+use stowage_proto::v1::{Task, task};
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tracing::{error, info, warn};
@@ -27,6 +28,7 @@ use uuid::Uuid;
 
 use crate::Context;
 pub use crate::outcome::Outcome;
+use crate::outcome::dead_letter;
 use crate::upload;
 
 /// The kind of a task, from its payload.
@@ -247,9 +249,15 @@ async fn account(ctx: &Context, task: &Task, outcome: &Outcome) {
 /// covers panics and exhausted attempts.
 async fn record_failure(ctx: &Context, task: &Task, error: &str, class: ErrorClass) {
     let result: Result<(), String> = match &task.kind {
-        Some(task::Kind::UploadFile(u)) => upload::item::fail_dead(ctx, u.item_id, error, class)
-            .await
-            .map_err(|e| e.to_string()),
+        Some(task::Kind::UploadFile(u)) => {
+            let mut result = Ok(());
+            for item_id in jobs::items_of(u) {
+                if let Err(e) = upload::item::fail_dead(ctx, item_id, error, class).await {
+                    result = Err(e.to_string());
+                }
+            }
+            result
+        }
         Some(task::Kind::PlanUpload(p)) => match Uuid::parse_str(&p.job_id) {
             Ok(job_id) => match ctx.db.get().await {
                 Ok(db) => stowage_common::state::uploads::fail_job(&db, job_id, error)
@@ -306,7 +314,10 @@ async fn run_task(
             let Ok(job_id) = Uuid::parse_str(&u.job_id) else {
                 return Outcome::invalid(format!("job id {:?} is not a UUID", u.job_id));
             };
-            upload::item::run(ctx, job_id, u.item_id, cancel, progress).await
+            match jobs::items_of(u).as_slice() {
+                [item_id] => upload::item::run(ctx, job_id, *item_id, cancel, progress).await,
+                items => upload::batch::run(ctx, job_id, items, cancel, progress).await,
+            }
         }
         Some(task::Kind::SyncCollection(s)) => {
             let Ok(collection_id) = Uuid::parse_str(&s.collection_id) else {
@@ -358,14 +369,7 @@ async fn settle(ctx: &Context, msg: &Message, task: &Task, kind: &'static str, o
             attempts,
         } => {
             ctx.metrics.task(kind, "dead_letter");
-            let letter = DeadLetter {
-                task: Some(task.clone()),
-                subject: msg.subject.to_string(),
-                error: error.clone(),
-                error_class: class.as_str().into(),
-                attempts: *attempts,
-                failed_at: Some(stowage_common::queue::timestamp_now()),
-            };
+            let letter = dead_letter(task, &msg.subject, error, *class, *attempts);
             match ctx.queue.dead_letter(&letter).await {
                 Ok(seq) => {
                     warn!(task = task.task_id, seq, error, "task dead-lettered");

@@ -6,14 +6,14 @@
 
 use stowage_common::errors::ErrorClass;
 use stowage_common::jobs;
-use stowage_common::queue::{TaskKind, timestamp_now};
+use stowage_common::queue::TaskKind;
 use stowage_common::spec::{UploadJobSpec, validate_key};
 use stowage_common::state::StateError;
-use stowage_common::state::uploads::{self as state, JobState, NewItem};
-use stowage_proto::v1::{DeadLetter, Task, UploadFile, task};
+use stowage_common::state::uploads::{self as state, ItemRecord, JobState, NewItem};
 use uuid::Uuid;
 
 use crate::Context;
+use crate::outcome::dead_letter;
 use crate::upload::UploadError;
 use crate::upload::encryption::{self, Sse};
 use stowage_common::storage::s3_error;
@@ -43,8 +43,8 @@ pub async fn run(ctx: &Context, job_id: Uuid) -> Result<Option<usize>, UploadErr
     if !refused.is_empty() {
         dead_letter_refused(ctx, &job, &refused).await?;
     }
-    let ids: Vec<i64> = todo.iter().map(|item| item.id).collect();
-    jobs::publish_items(&ctx.queue, &job, &ids, None)
+    let files: Vec<_> = todo.iter().map(ItemRecord::queued).collect();
+    jobs::publish_items(&ctx.queue, &job, &files, None)
         .await
         .map_err(|e| UploadError::Queue(e.to_string()))?;
     let db = ctx.db.get().await?;
@@ -77,20 +77,8 @@ async fn dead_letter_refused(
         .topology()
         .task_subject(TaskKind::Upload, &job.namespace, &job.name);
     for (item_id, error) in refused {
-        let letter = DeadLetter {
-            task: Some(Task {
-                task_id: format!("upload/{}/{item_id}", job.id),
-                kind: Some(task::Kind::UploadFile(UploadFile {
-                    job_id: job.id.to_string(),
-                    item_id: *item_id,
-                })),
-            }),
-            subject: subject.clone(),
-            error: error.clone(),
-            error_class: ErrorClass::Permanent.as_str().into(),
-            attempts: 0,
-            failed_at: Some(timestamp_now()),
-        };
+        let task = jobs::upload_task(job.id, &[*item_id], None);
+        let letter = dead_letter(&task, &subject, error, ErrorClass::Permanent, 0);
         ctx.queue
             .dead_letter(&letter)
             .await

@@ -40,11 +40,49 @@ pub async fn run(
     cancel: &CancellationToken,
     progress: Arc<AtomicU64>,
 ) -> Outcome {
+    let ran = attempt(ctx, job_id, item_id, cancel, progress).await;
+    if let Some(end) = &ran.ended {
+        announce(ctx, end).await;
+    }
+    ran.outcome
+}
+
+/// What an attempt at an item came to.
+pub(crate) struct Ran {
+    pub outcome: Outcome,
+    /// The item reached its end in this attempt.
+    pub ended: Option<Ended>,
+}
+
+pub(crate) struct Ended {
+    pub job: Arc<CachedJob>,
+    pub item_id: i64,
+    pub state: ItemState,
+}
+
+impl From<Outcome> for Ran {
+    fn from(outcome: Outcome) -> Ran {
+        Ran {
+            outcome,
+            ended: None,
+        }
+    }
+}
+
+/// One attempt at the item: what happens to its task, and its end if it
+/// reached one (for [`announce`]).
+pub(crate) async fn attempt(
+    ctx: &Context,
+    job_id: Uuid,
+    item_id: i64,
+    cancel: &CancellationToken,
+    progress: Arc<AtomicU64>,
+) -> Ran {
     let (item, job) = match load(ctx, job_id, item_id).await {
         Ok(v) => v,
         // The job was deleted (its UploadJob is gone): nothing to do.
-        Err(StateError::NotFound { .. }) => return Outcome::Done { label: "cancelled" },
-        Err(e) => return retry_later(&e, 1),
+        Err(StateError::NotFound { .. }) => return Outcome::Done { label: "cancelled" }.into(),
+        Err(e) => return retry_later(&e, 1).into(),
     };
     if item.state.is_terminal() {
         // A duplicate delivery of finished work — or a task whose worker
@@ -56,14 +94,15 @@ pub async fn run(
             return Outcome::Retry {
                 delay: Duration::from_secs(5),
                 error: format!("object-landed event not published: {e}"),
-            };
+            }
+            .into();
         }
-        return Outcome::Done { label: "ok" };
+        return Outcome::Done { label: "ok" }.into();
     }
     match item.job_state {
         // The operator re-publishes the pending files when the job resumes.
-        JobState::Suspended => return Outcome::Done { label: "suspended" },
-        JobState::Cancelled => return Outcome::Done { label: "cancelled" },
+        JobState::Suspended => return Outcome::Done { label: "suspended" }.into(),
+        JobState::Cancelled => return Outcome::Done { label: "cancelled" }.into(),
         _ => {}
     }
     let started = std::time::Instant::now();
@@ -81,14 +120,16 @@ pub async fn run(
             return Outcome::Wait {
                 delay: backoff_delay(1, Duration::from_secs(2), Duration::from_secs(2)),
                 reason: format!("destination {key} is being written by another worker"),
-            };
+            }
+            .into();
         }
         Err(UploadError::EventOwed(e)) => {
             // The item is done; only its event is missing.
             return Outcome::Retry {
                 delay: Duration::from_secs(5),
                 error: format!("object-landed event not published: {e}"),
-            };
+            }
+            .into();
         }
         Err(UploadError::Cancelled) => {
             // Hand the task back at once; the parts stored so far stay.
@@ -100,28 +141,40 @@ pub async fn run(
             return Outcome::Wait {
                 delay: Duration::ZERO,
                 reason: "worker shutting down".into(),
-            };
+            }
+            .into();
         }
         Err(e) => match fail(ctx, &item, &job.record, &e).await {
             Ok(outcome @ Outcome::Dead { .. }) => (outcome, ItemState::Failed),
-            Ok(outcome) => return outcome,
-            Err(state_err) => return retry_later(&state_err, item.attempts as u32 + 1),
+            Ok(outcome) => return outcome.into(),
+            Err(state_err) => return retry_later(&state_err, item.attempts as u32 + 1).into(),
         },
     };
-    // The item reached its end: tell whoever follows the job (the operator
-    // reconciles on it, stowctl --wait wakes up).
+    Ran {
+        outcome,
+        ended: Some(Ended {
+            job,
+            item_id: item.id,
+            state,
+        }),
+    }
+}
+
+/// Tells whoever follows the job that an item ended (the operator
+/// reconciles on it, stowctl --wait wakes up).
+pub(crate) async fn announce(ctx: &Context, end: &Ended) {
+    let job = &end.job.record;
     let event = JobProgress {
-        job_id: job.record.id.to_string(),
-        item_id: item.id,
-        item_state: state.as_str().into(),
-        namespace: job.record.namespace.clone(),
-        name: job.record.name.clone(),
+        job_id: job.id.to_string(),
+        item_id: end.item_id,
+        item_state: end.state.as_str().into(),
+        namespace: job.namespace.clone(),
+        name: job.name.clone(),
     };
-    let subject = ctx.queue.topology().progress_subject(
-        ProgressKind::Upload,
-        &job.record.namespace,
-        &job.record.name,
-    );
+    let subject =
+        ctx.queue
+            .topology()
+            .progress_subject(ProgressKind::Upload, &job.namespace, &job.name);
     if let Err(e) = ctx
         .queue
         .publish_event(subject, event.encode_to_vec())
@@ -129,7 +182,6 @@ pub async fn run(
     {
         warn!(error = %e, "progress event not published");
     }
-    outcome
 }
 
 fn retry_later(e: &dyn std::fmt::Display, attempt: u32) -> Outcome {
@@ -348,26 +400,10 @@ async fn transfer(
     progress: Arc<AtomicU64>,
     resumable: bool,
 ) -> Result<ItemState, UploadError> {
-    // Only the policies that care about what is already there pay a HEAD.
-    let existing = if spec.conflict_policy == ConflictPolicy::Overwrite && !spec.dedup {
-        None
-    } else {
-        multipart::head_stored(target, target.key).await?
+    let existing = match destination(ctx, item, spec, target).await? {
+        Destination::Skipped(state) => return Ok(state),
+        Destination::Write(existing) => existing,
     };
-    if let Some(e) = &existing
-        && spec.conflict_policy == ConflictPolicy::Skip
-    {
-        info!(key = target.key, "destination exists; conflict policy skip");
-        return finish(
-            ctx,
-            item,
-            ItemState::SkippedExists,
-            e.sha256.as_deref().unwrap_or(""),
-            e.size,
-            None,
-        )
-        .await;
-    }
     let source = Source::new(namespace, &spec.source, &ctx.s3, &ctx.http, ctx.min_rate).await?;
     let t = Transfer {
         db: ctx.db.clone(),
@@ -500,6 +536,38 @@ async fn transfer(
         Some(written),
     )
     .await
+}
+
+/// What the destination holds before anything is written.
+pub(crate) enum Destination {
+    /// Conflict policy `skip` found an object there; the item is ended.
+    Skipped(ItemState),
+    /// Go on writing; the object already there, when the policy or dedup
+    /// needs to know it.
+    Write(Option<StoredObject>),
+}
+
+/// Applies the conflict policy before any byte is sent. Only the policies
+/// that care about what is already there (and dedup) pay a HEAD.
+pub(crate) async fn destination(
+    ctx: &Context,
+    item: &ItemRecord,
+    spec: &UploadJobSpec,
+    target: &Target<'_>,
+) -> Result<Destination, UploadError> {
+    if spec.conflict_policy == ConflictPolicy::Overwrite && !spec.dedup {
+        return Ok(Destination::Write(None));
+    }
+    let existing = multipart::head_stored(target, target.key).await?;
+    match existing {
+        Some(e) if spec.conflict_policy == ConflictPolicy::Skip => {
+            info!(key = target.key, "destination exists; conflict policy skip");
+            let sha = e.sha256.as_deref().unwrap_or("");
+            let state = finish(ctx, item, ItemState::SkippedExists, sha, e.size, None).await?;
+            Ok(Destination::Skipped(state))
+        }
+        existing => Ok(Destination::Write(existing)),
+    }
 }
 
 /// Dedup of content whose SHA-256 is known before any byte is sent: the

@@ -4,6 +4,7 @@
 //! per-file flow around it — key lock, conflict policy, dedup, object
 //! history ([`item`]).
 
+pub mod batch;
 pub mod checksum;
 pub mod encryption;
 pub mod item;
