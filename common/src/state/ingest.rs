@@ -6,7 +6,7 @@ use deadpool_postgres::ClientWrapper as Client;
 use uuid::Uuid;
 
 use super::StateError;
-use super::uploads::{self, ItemRecord, JobRecord, NewItem, NewJob, ObjectRecord};
+use super::uploads::{self, ItemRecord, JobRecord, ObjectRecord};
 use crate::spec::{IngestSource, UploadJobSpec};
 
 /// The job's `source_uid`: request ids are unique per namespace.
@@ -22,7 +22,10 @@ pub struct Request {
 }
 
 /// Registers the request, or finds it when an earlier call did: the caller
-/// compares `job.spec` with what it was asked now.
+/// compares `job.spec` with what it was asked now. One statement writes the
+/// job (planned: its one file is known) and its item; a request registered
+/// before is left as it is (a retry that names another key gets no second
+/// item: it is told the request id was used for another upload).
 pub async fn register(
     client: &Client,
     namespace: &str,
@@ -30,28 +33,39 @@ pub async fn register(
     spec: &UploadJobSpec,
     key: &str,
 ) -> Result<Request, StateError> {
-    let job_id = uploads::register_job(
-        client,
-        &NewJob {
-            namespace: namespace.to_string(),
-            name: source.request_id.clone(),
-            source_uid: source_uid(namespace, &source.request_id),
-            generation: 1,
-            spec: spec.clone(),
-            suspended: false,
-        },
-    )
-    .await?;
-    let item = NewItem {
-        source_ref: format!("ingest:{}", source.request_id),
-        dest_key: key.to_string(),
-        size_bytes: i64::try_from(source.size).ok(),
-        invalid: None,
-    };
-    uploads::add_items(client, job_id, std::slice::from_ref(&item)).await?;
-    uploads::mark_planned(client, job_id).await?;
-    let job = uploads::get_job(client, job_id).await?;
-    request_of(client, job).await
+    let spec_json = serde_json::to_value(spec)?;
+    client
+        .execute(
+            &client
+                .prepare_cached(
+                    "WITH job AS (
+                         INSERT INTO upload_jobs (id, namespace, name, source_uid, generation,
+                                                  spec, state, planned_at)
+                         VALUES ($1, $2, $3, $4, 1, $5, 'pending', now())
+                         ON CONFLICT (source_uid, generation) DO UPDATE SET name = upload_jobs.name
+                         RETURNING id, xmax = 0 AS inserted)
+                     INSERT INTO upload_items (job_id, source_ref, dest_key, size_bytes, state)
+                     SELECT id, $6, $7, $8, 'pending' FROM job WHERE inserted",
+                )
+                .await?,
+            &[
+                &Uuid::new_v4(),
+                &namespace,
+                &source.request_id,
+                &source_uid(namespace, &source.request_id),
+                &spec_json,
+                &format!("ingest:{}", source.request_id),
+                &key,
+                &i64::try_from(source.size).ok(),
+            ],
+        )
+        .await?;
+    find(client, namespace, &source.request_id)
+        .await?
+        .ok_or_else(|| StateError::NotFound {
+            what: "ingest request",
+            id: source.request_id.clone(),
+        })
 }
 
 /// The request `request_id` of `namespace`, if one was registered.

@@ -1,8 +1,9 @@
-//! Where uploads happen: sources ([`source`]), the address policy for HTTP
-//! sources ([`net`]), checksums ([`checksum`]), the resumable multipart
-//! transfer ([`multipart`]), server-side encryption ([`encryption`]) and the
-//! per-file flow around it — key lock, conflict policy, dedup, object
-//! history ([`item`]).
+//! Where uploads happen: planning a job ([`plan`]), sources ([`source`]),
+//! the address policy for HTTP sources ([`net`]), checksums ([`checksum`]),
+//! the resumable multipart transfer ([`multipart`]), server-side encryption
+//! ([`encryption`]), the per-file flow around it — key lock, conflict
+//! policy, dedup, object history ([`item`]) — and tasks of many small files
+//! ([`batch`]).
 
 pub mod batch;
 pub mod checksum;
@@ -10,6 +11,7 @@ pub mod encryption;
 pub mod item;
 pub mod multipart;
 pub mod net;
+pub mod plan;
 pub mod source;
 
 use stowage_common::errors::{Classify, ErrorClass};

@@ -8,8 +8,6 @@
 //! shutdown: stop pulling, let in-flight tasks finish for the drain timeout,
 //! then stop them and NAK them so another worker resumes them.
 
-pub mod plan;
-
 use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -295,7 +293,7 @@ async fn run_task(
             let Ok(job_id) = Uuid::parse_str(&p.job_id) else {
                 return Outcome::invalid(format!("job id {:?} is not a UUID", p.job_id));
             };
-            match plan::run(ctx, job_id).await {
+            match upload::plan::run(ctx, job_id).await {
                 Ok(Some(n)) => {
                     info!(%job_id, items = n, "job planned");
                     Outcome::Done { label: "ok" }

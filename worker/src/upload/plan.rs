@@ -1,8 +1,9 @@
 //! PlanUpload: list the job's source, register one item per file (keyed by
-//! destination key, so planning twice adds nothing), publish one UploadFile
-//! task per item still to do, and a dead letter for each file refused at
-//! planning (an unsafe destination key, say), so that it can be replayed
-//! like any other failure.
+//! destination key, so planning twice adds nothing), publish the UploadFile
+//! tasks of the items still to do (small files in batches,
+//! [`stowage_common::jobs::batches`]), and a dead letter for each file
+//! refused at planning (an unsafe destination key, say), so that it can be
+//! replayed like any other failure.
 
 use stowage_common::errors::ErrorClass;
 use stowage_common::jobs;
@@ -10,13 +11,13 @@ use stowage_common::queue::TaskKind;
 use stowage_common::spec::{UploadJobSpec, validate_key};
 use stowage_common::state::StateError;
 use stowage_common::state::uploads::{self as state, ItemRecord, JobState, NewItem};
+use stowage_common::storage::s3_error;
 use uuid::Uuid;
 
+use super::UploadError;
+use super::encryption::{self, Sse};
 use crate::Context;
 use crate::outcome::dead_letter;
-use crate::upload::UploadError;
-use crate::upload::encryption::{self, Sse};
-use stowage_common::storage::s3_error;
 
 /// Returns how many files are to do, or `None` when the job was cancelled
 /// or deleted meanwhile (nothing to plan).
