@@ -1271,6 +1271,11 @@ async fn small_files_share_tasks_and_keep_their_own_outcomes() {
             })
             .get()
     };
+    // The job ends with its last file; its batch is acked just after.
+    let acked = tokio::time::Instant::now() + Duration::from_secs(30);
+    while settled("ok") < 200u64.div_ceil(3) && tokio::time::Instant::now() < acked {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
     assert_eq!(settled("ok"), 200u64.div_ceil(3), "one ack per batch");
     assert_eq!(settled("dead_letter"), 2);
 
