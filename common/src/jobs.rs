@@ -57,12 +57,12 @@ pub const BATCH_FILES: usize = 32;
 /// share it.
 const SPREAD_TASKS: usize = 64;
 
-/// Groups a job's files into tasks, in order. A file larger than a part (a
-/// multipart upload, whose parts already run in parallel) has a task of its
-/// own; the others share tasks of up to [`BATCH_FILES`], no more per task
-/// than spreads them over [`SPREAD_TASKS`] tasks. A batch saves per file
-/// the task's publish, delivery and ack, its item's read and its progress
-/// event; each file keeps its own attempts, outcome and dead letter.
+/// Groups a job's files into tasks. A file larger than a part (a multipart
+/// upload, whose parts already run in parallel) has a task of its own; the
+/// others share tasks of up to [`BATCH_FILES`], in listing order, no more
+/// per task than spreads them over [`SPREAD_TASKS`] tasks. A batch saves per
+/// file the task's publish, delivery and ack and its progress event; each
+/// file keeps its own attempts, outcome and dead letter.
 pub fn batches(files: &[QueuedFile], part_size: u64) -> Vec<Vec<i64>> {
     let large = |f: &QueuedFile| {
         f.size
